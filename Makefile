@@ -1,0 +1,29 @@
+# Set-up and main entry points. `make bench` and `make test` each create .venv and install everything
+# they need on a fresh machine; torch==2.13.0 is installed first so pip does not pull a CUDA build.
+PYTHON_SYSTEM ?= python3
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+INVARBENCH := $(VENV)/bin/invarbench
+STAMP := $(VENV)/.installed
+BENCH_N ?= 100
+
+.PHONY: install bench test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON_SYSTEM) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+bench: $(STAMP)
+	$(INVARBENCH) data fetch mnist
+	$(INVARBENCH) bench --n $(BENCH_N)
+
+test: $(STAMP)
+	$(INVARBENCH) data fetch mnist
+	$(PYTHON) -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""invarbench.attacks: perturbation attacks (PGD, AutoAttack, minimum-norm) and invariance attacks."""

@@ -1,0 +1,51 @@
+"""The quick benchmark behind ``make bench``: clean and PGD robust accuracy of the zoo on a subset."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from invarbench.attacks.pgd import pgd
+from invarbench.datasets import Dataset, load_dataset
+from invarbench.evaluation import clean_accuracy
+from invarbench.models import get_card, list_models, load_model
+
+# The field's headline threat models per data set; each model is also attacked at the one it was trained against.
+HEADLINE_THREATS = {"mnist": [("linf", 0.3), ("l2", 2.0)], "spheres": [("linf", 0.025)]}
+
+
+@dataclass(frozen=True)
+class QuickRow:
+    model: str
+    dataset: str
+    n: int
+    clean_accuracy: float
+    threat: str
+    robust_accuracy: float
+
+
+def threats_for(card) -> list[tuple[str, float]]:
+    threats = list(HEADLINE_THREATS.get(card.dataset, []))
+    own = (card.threat_model["norm"], float(card.threat_model["eps"]))
+    if own[0] != "none" and own not in threats:
+        threats.append(own)
+    return threats
+
+
+def quick_benchmark(*, models: list[str] | None = None, n: int = 100, seed: int = 0, progress: bool = True) -> list[QuickRow]:
+    datasets: dict[tuple, Dataset] = {}
+    rows = []
+    for name in models or list_models():
+        card = get_card(name)
+        key = (card.dataset, tuple(sorted(card.dataset_options.items())))
+        if key not in datasets:
+            datasets[key] = load_dataset(card.dataset, **card.dataset_options)
+        images, labels = datasets[key].evaluation_subset(n)
+        model = load_model(name)
+        clean = clean_accuracy(model, images, labels)
+        for norm, eps in threats_for(card):
+            result = pgd(model, images, labels, norm=norm, epsilons=[eps], seed=seed)
+            rows.append(QuickRow(name, card.dataset, n, clean, f"PGD {norm} {eps:g}", result.robust_accuracy()[0]))
+            if progress:
+                print(f"  {name}: clean {100 * clean:.1f}%, PGD {norm} {eps:g} robust {100 * rows[-1].robust_accuracy:.1f}%", file=sys.stderr)
+    return rows

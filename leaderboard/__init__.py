@@ -1,0 +1,1 @@
+"""invarbench.leaderboard: aggregation of stored results into tables, plots and a static page."""
