@@ -21,6 +21,12 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str
     return "\n".join(lines)
 
 
+def format_markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(str(value) for value in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def _data_fetch(args: argparse.Namespace) -> int:
     from invarbench.datasets import fetch_mnist
 
@@ -35,12 +41,14 @@ def _models_list(args: argparse.Namespace) -> int:
     if args.architectures:
         print("\n".join(sorted(ARCHITECTURES)))
         return EXIT_OK
+    header = ["model", "dataset", "architecture", "recipe", "trained against", "clean accuracy", "PGD robust accuracy", "invertible"]
     rows = []
     for name in list_models():
         card = get_card(name)
-        threat = "none" if card.threat_model["norm"] == "none" else f"{card.threat_model['norm']} {card.threat_model['eps']}"
-        rows.append([name, card.dataset, card.architecture, card.training["recipe"], threat, f"{100 * card.clean_accuracy:.2f}% (n={card.clean_accuracy_n})", "yes" if card.invertible else "no"])
-    print(format_table(["model", "dataset", "architecture", "recipe", "trained against", "clean accuracy", "invertible"], rows))
+        threat = "none" if card.threat_model["norm"] == "none" else f"{card.threat_model['norm']} {card.threat_model['eps']:g}"
+        robust = ", ".join(f"{100 * entry['value']:.1f}% ({entry['attack']} x{entry['restarts']}, {entry['norm']} {entry['eps']:g}, n={entry['n']})" for entry in card.robust_accuracy) or "-"
+        rows.append([name, card.dataset, card.architecture, card.training["recipe"], threat, f"{100 * card.clean_accuracy:.1f}% (n={card.clean_accuracy_n})", robust, "yes" if card.invertible else "no"])
+    print(format_markdown_table(header, rows) if args.markdown else format_table(header, rows))
     return EXIT_OK
 
 
@@ -58,6 +66,21 @@ def _models_train(args: argparse.Namespace) -> int:
     report = train(get_card(args.name), progress=not args.no_progress)
     card = report.card
     print(f"{card.name}: clean accuracy {100 * report.clean_accuracy:.2f}% on the first {report.n} test points; checkpoint {card.checkpoint_path} sha256 {card.checkpoint_sha256}; card updated ({report.seconds:.0f} s)")
+    return EXIT_OK
+
+
+def _models_evaluate(args: argparse.Namespace) -> int:
+    from invarbench.models import get_card
+    from invarbench.models.measure import measure_card
+
+    card = get_card(args.name)
+    measured = measure_card(card, restarts=args.restarts, seed=args.seed)
+    print(f"{card.name}: clean accuracy {100 * measured.clean_accuracy:.2f}% on the first {measured.clean_accuracy_n} test points (card: {100 * card.clean_accuracy:.2f}%)")
+    for entry in measured.robust_accuracy:
+        print(f"{card.name}: {entry['attack']} {entry['norm']} eps {entry['eps']:g}, {entry['restarts']} restarts: robust accuracy {100 * entry['value']:.2f}% (n={entry['n']})")
+    if args.update_card:
+        measured.save()
+        print(f"updated {measured.path}")
     return EXIT_OK
 
 
@@ -85,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     listing = model_commands.add_parser("list", help="table of registered models", description="Table of registered models with their cards' key facts.")
     listing.add_argument("--architectures", action="store_true", help="list registered architectures instead")
+    listing.add_argument("--markdown", action="store_true", help="print a Markdown table (the README's zoo table)")
     listing.set_defaults(handler=_models_list)
     show = model_commands.add_parser("show", help="print a model card", description="Print a model's card (TOML).")
     show.add_argument("name", help="registered model name")
@@ -93,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("name", help="registered model name")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(handler=_models_train)
+
+    evaluate = model_commands.add_parser("evaluate", help="re-measure a card's figures", description="Measure clean accuracy and PGD robust accuracy at the card's threat model on the card's N test points.")
+    evaluate.add_argument("name", help="registered model name")
+    evaluate.add_argument("--restarts", type=int, default=5, help="PGD random restarts (default 5)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the first restart (default 0)")
+    evaluate.add_argument("--update-card", action="store_true", help="write the measured figures into the card")
+    evaluate.set_defaults(handler=_models_evaluate)
 
     bench = commands.add_parser("bench", help="quick benchmark of the reference zoo", description="Clean and PGD robust accuracy of zoo models on the first N test points, printed as a table.")
     bench.add_argument("models", nargs="*", help="registered model names (default: the whole zoo)")
@@ -111,6 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvarbenchError as error:
         print(f"invarbench: error: {error}", file=sys.stderr)
         return EXIT_FAILURE
+    except BrokenPipeError:
+        # Output piped into a command that stopped reading (e.g. `| head`): not an error.
+        sys.stderr.close()
+        return EXIT_OK
     except KeyboardInterrupt:
         print("invarbench: interrupted", file=sys.stderr)
         return 130

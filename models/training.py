@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from invarbench.datasets import load_dataset
 from invarbench.errors import ConfigError
-from invarbench.evaluation import clean_accuracy
+from invarbench.models.measure import measure_card
 from invarbench.models.registry import ModelCard, build_network, save_state_dict, wrap
 
 RECIPES = ("standard", "pgd")
@@ -68,11 +68,11 @@ def _option(training: dict[str, Any], key: str, card: ModelCard):
     return training[key]
 
 
-def train(card: ModelCard, *, progress: bool = True) -> TrainingReport:
+def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = True) -> TrainingReport:
     """Train the model a card describes, write its checkpoint atomically and update the card.
 
-    The card's sha256 and clean accuracy (on the first ``clean_accuracy.n`` test points) are
-    replaced by the values measured here.
+    The card's sha256, clean accuracy and, for robust recipes, PGD robust accuracy (on the first
+    ``clean_accuracy.n`` test points, see :func:`measure_card`) are replaced by the values measured here.
     """
     training = card.training
     recipe = training["recipe"]
@@ -119,13 +119,11 @@ def train(card: ModelCard, *, progress: bool = True) -> TrainingReport:
         bar.close()
         model.eval()
         checkpoint_sha256 = save_state_dict(network, card.checkpoint_path)
-        test_x, test_y = dataset.evaluation_subset(card.clean_accuracy_n)
-        accuracy = clean_accuracy(model, test_x, test_y)
+        updated = measure_card(replace(card, checkpoint_sha256=checkpoint_sha256), model=model, dataset=dataset, robust=measure_robustness)
     finally:
         torch.set_num_threads(previous_threads)
-    updated = replace(card, checkpoint_sha256=checkpoint_sha256, clean_accuracy=round(accuracy, 6))
     updated.save()
-    return TrainingReport(updated, accuracy, card.clean_accuracy_n, time.perf_counter() - started)
+    return TrainingReport(updated, updated.clean_accuracy, card.clean_accuracy_n, time.perf_counter() - started)
 
 
 def _adversarial_batch(model, images, labels, card: ModelCard, progress_in_epochs: float, generator) -> torch.Tensor:

@@ -12,7 +12,7 @@ def run(*args):
     return subprocess.run([*INVARBENCH, *args], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("args", [[], ["data"], ["data", "fetch"], ["models"], ["models", "list"], ["models", "show"], ["models", "train"], ["bench"]])
+@pytest.mark.parametrize("args", [[], ["data"], ["data", "fetch"], ["models"], ["models", "list"], ["models", "show"], ["models", "train"], ["models", "evaluate"], ["bench"]])
 def test_help_everywhere(args):
     completed = run(*args, "--help")
     assert completed.returncode == EXIT_OK
