@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from invarbench.attacks.pgd import pgd
+from invarbench.attacks import create_attack
 from invarbench.datasets import Dataset, load_dataset
 from invarbench.evaluation import clean_accuracy
 from invarbench.models import get_card, list_models, load_model
@@ -44,7 +44,7 @@ def quick_benchmark(*, models: list[str] | None = None, n: int = 100, seed: int 
         model = load_model(name)
         clean = clean_accuracy(model, images, labels)
         for norm, eps in threats_for(card):
-            result = pgd(model, images, labels, norm=norm, epsilons=[eps], seed=seed)
+            result = create_attack("pgd")(model, images, labels, norm=norm, epsilons=(eps,), seed=seed)
             rows.append(QuickRow(name, card.dataset, n, clean, f"PGD {norm} {eps:g}", result.robust_accuracy()[0]))
             if progress:
                 print(f"  {name}: clean {100 * clean:.1f}%, PGD {norm} {eps:g} robust {100 * rows[-1].robust_accuracy:.1f}%", file=sys.stderr)

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import torch
 
-from invarbench.attacks.pgd import pgd
+from invarbench.attacks import create_attack
 from invarbench.datasets import Dataset, load_dataset
 from invarbench.evaluation import clean_accuracy
 from invarbench.models.registry import ModelCard, load_model
@@ -26,7 +26,7 @@ def measure_card(card: ModelCard, *, model: torch.nn.Module | None = None, resta
     norm = card.threat_model["norm"]
     if robust and norm != "none":
         eps = float(card.threat_model["eps"])
-        result = pgd(model, images, labels, norm=norm, epsilons=[eps], restarts=restarts, seed=seed)
+        result = create_attack("pgd", restarts=restarts)(model, images, labels, norm=norm, epsilons=(eps,), seed=seed)
         entries.append(
             {
                 "attack": f"PGD-{result.options['steps']}",

@@ -1,0 +1,123 @@
+"""AutoAttack (Croce & Hein) through the official implementation, ``pyautoattack``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyautoattack
+import torch
+from pyautoattack.state import EvaluationState
+
+from invarbench.attacks.base import Attack, PerturbationResult, perturbation_norm, project, register_attack
+from invarbench.errors import ConfigError
+
+VERSIONS = ("standard", "plus", "rand", "custom")
+SUB_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+NORM_NAMES = {"linf": "Linf", "l2": "L2"}
+# The DLR loss compares the largest logits: untargeted DLR needs 3 classes, targeted DLR 4.
+MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
+
+
+@register_attack
+class AutoAttack(Attack):
+    """The AutoAttack ensemble, one eps at a time, on the points still robust at that eps.
+
+    ``version`` is standard, plus, rand or custom (then ``attacks`` lists the sub-attacks). The number
+    of target classes of APGD-T and FAB-T is derived from the model's number of classes, and
+    sub-attacks whose loss needs more classes than the model has are left out (recorded in the
+    results). With a ``workspace`` the official state file is kept there, so an interrupted
+    evaluation resumes after the sub-attacks it completed.
+    """
+
+    name = "autoattack"
+    deterministic = False
+
+    def __init__(self, *, version: str = "standard", attacks: list[str] | None = None, batch_size: int = 500):
+        if version not in VERSIONS:
+            raise ConfigError(f"autoattack: unknown version {version!r}; use one of {', '.join(VERSIONS)}")
+        if (version == "custom") != (attacks is not None):
+            raise ConfigError("autoattack: give a list of attacks exactly when version='custom' (e.g. attacks=['apgd-ce', 'square'])")
+        unknown = sorted(set(attacks or ()) - set(SUB_ATTACKS))
+        if unknown:
+            raise ConfigError(f"autoattack: unknown sub-attacks {unknown}; choose from {', '.join(SUB_ATTACKS)}")
+        self.version, self.attacks, self.batch_size = version, list(attacks) if attacks else None, batch_size
+        self.workspace: Path | None = None
+
+    def _ensemble(self, model, *, norm: str, eps: float, seed: int) -> tuple[pyautoattack.AutoAttack, dict]:
+        device = next(model.parameters()).device
+        num_classes = model.num_classes
+        ensemble = pyautoattack.AutoAttack(UnitBox(model), norm=NORM_NAMES[norm], eps=eps, version=self.version, attacks=self.attacks, seed=seed, device=device)
+        ensemble.logger.setLevel(logging.WARNING)
+        targets = min(9, num_classes - 1)
+        ensemble.apgd_targeted.n_target_classes = targets
+        ensemble.fab.n_target_classes = targets
+        left_out = [attack for attack in ensemble.attacks_to_run if num_classes < MIN_CLASSES.get(attack, 0)]
+        ensemble.attacks_to_run = [attack for attack in ensemble.attacks_to_run if attack not in left_out]
+        if not ensemble.attacks_to_run:
+            raise ConfigError(f"autoattack: none of the sub-attacks {left_out} works with {num_classes} classes; choose version='custom' with apgd-ce, fab or square")
+        details = {"sub_attacks": list(ensemble.attacks_to_run), "left_out_for_num_classes": left_out, "n_target_classes": targets}
+        return ensemble, details
+
+    def run(self, model, images, labels, *, norm, epsilons, seed, active):
+        success = torch.ones(len(epsilons), len(labels), dtype=torch.bool)
+        norms = torch.full((len(epsilons), len(labels)), float("nan"))
+        predictions = torch.full((len(epsilons), len(labels)), -1, dtype=torch.long)
+        details: dict = {}
+        for index, eps in enumerate(epsilons):
+            points = active[index].nonzero().flatten()
+            if len(points) == 0:
+                continue
+            low, high = model.bounds
+            # pyautoattack clips to [0, 1]: attack in unit-box coordinates, where eps scales by 1/(high - low).
+            ensemble, details = self._ensemble(model, norm=norm, eps=eps / (high - low), seed=seed)
+            state_path = self.workspace / f"autoattack-{norm}-{eps:g}.json" if self.workspace is not None else None
+            still_robust, resumed = self._resume(ensemble, state_path, len(points))
+            attacked = points[still_robust]
+            if len(attacked) and ensemble.attacks_to_run:
+                x, y = images[attacked], labels[attacked]
+                unit_x = (x - low) / (high - low)
+                # A resumed evaluation runs without a state file: pyautoattack 0.2.0 cannot restore its own
+                # state mid-run (its adversarial labels are only initialised on a fresh start).
+                unit_adversarial, _ = ensemble.run_standard_evaluation(unit_x, y, batch_size=self.batch_size, state_path=None if resumed else state_path)
+                adversarial = project(x, low + unit_adversarial * (high - low), norm=norm, eps=eps, bounds=model.bounds)
+                with torch.no_grad():
+                    adversarial_labels = torch.cat([model(adversarial[batch]).argmax(1) for batch in _batches(len(adversarial), self.batch_size)]).cpu()
+                success[index, attacked] = adversarial_labels != y.cpu()
+                norms[index, attacked] = perturbation_norm((adversarial - x).cpu(), norm)
+                predictions[index, attacked] = adversarial_labels
+        return PerturbationResult(self.name, norm, epsilons, success, norms, predictions, {**self.options(), **details, "implementation": f"pyautoattack {pyautoattack.__version__}"})
+
+    @staticmethod
+    def _resume(ensemble, state_path: Path | None, count: int) -> tuple[torch.Tensor, bool]:
+        """Points still to attack: all of them, or those an interrupted run's state file left robust.
+
+        Sub-attacks the state file records as completed are dropped from ``ensemble``. Points broken
+        before the interruption keep success=True with unknown adversarial label (-1) and norm (NaN):
+        the official state file stores robustness flags, not adversarial examples.
+        """
+        if state_path is None or not state_path.exists():
+            return torch.ones(count, dtype=torch.bool), False
+        state = EvaluationState.from_disk(state_path)
+        if state.robust_flags is None or len(state.robust_flags) != count:
+            state_path.unlink()
+            return torch.ones(count, dtype=torch.bool), False
+        ensemble.attacks_to_run = [attack for attack in ensemble.attacks_to_run if attack not in state.run_attacks]
+        return state.robust_flags.clone(), True
+
+
+class UnitBox(torch.nn.Module):
+    """``model`` seen through inputs rescaled to [0, 1], the only input domain pyautoattack supports."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.low, self.high = model.bounds
+
+    def forward(self, unit_x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.low + unit_x * (self.high - self.low))
+
+
+def _batches(count: int, batch_size: int):
+    for start in range(0, count, batch_size):
+        yield slice(start, min(start + batch_size, count))

@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from invarbench.attacks import ATTACKS, ThreatModel, create_attack
+from invarbench.errors import ConfigError
+from invarbench.models import BenchmarkModel, load_model
+
+DUAL = {"linf": 1, "l2": 2}
+
+
+def linear_model(dim=30, seed=0):
+    """Two logits [0, w.x + b]: the decision function is linear, so the smallest adversarial
+    perturbation is known in closed form: |w.x + b| / ||w||_1 for l_inf and / ||w||_2 for l_2."""
+    torch.manual_seed(seed)
+    w = torch.randn(dim)
+    layer = torch.nn.Linear(dim, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.stack([torch.zeros(dim), w]))
+        layer.bias.copy_(torch.tensor([0.0, 0.3]))
+    # Wide bounds keep the optimum interior, where the closed form holds.
+    return BenchmarkModel(layer, bounds=(-10.0, 10.0), num_classes=2).eval(), w
+
+
+def linear_problem(norm, count=6):
+    model, w = linear_model()
+    x = torch.randn(count, 30) * 0.2
+    with torch.no_grad():
+        logits = model(x)
+    return model, x, logits.argmax(1), logits[:, 1].abs() / w.norm(p=DUAL[norm])
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("attack,options", [("fgsm", {}), ("pgd", {"steps": 100, "rel_stepsize": 0.05}), ("autoattack", {"version": "custom", "attacks": ["apgd-ce", "fab"]})])
+def test_attack_reaches_the_closed_form_optimum_on_a_linear_model(norm, attack, options):
+    model, x, labels, minimal = linear_problem(norm)
+    for point in range(len(labels)):
+        eps = (0.97 * minimal[point].item(), 1.03 * minimal[point].item())
+        result = create_attack(attack, **options)(model, x[point : point + 1], labels[point : point + 1], norm=norm, epsilons=eps)
+        assert result.success[:, 0].tolist() == [False, True], (attack, norm, point)
+        assert result.norms[1, 0] <= eps[1] * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fmn_finds_the_closed_form_minimal_norm(norm):
+    model, x, labels, minimal = linear_problem(norm, count=20)
+    attack = create_attack("fmn", steps=200)
+    found, _ = attack.minimal_norms(model, x, labels, norm=norm)
+    assert (found >= minimal * (1 - 1e-4)).all(), "no attack can beat the closed-form optimum"
+    assert (found <= minimal * 1.02).all()
+    result = attack(model, x, labels, norm=norm, epsilons=(0.5 * minimal.median().item(), 2 * minimal.max().item()))
+    assert result.success[1].all() and not result.success[0].all()
+
+
+def test_autoattack_with_two_classes_leaves_out_dlr_attacks():
+    model, x, labels, minimal = linear_problem("linf", count=8)
+    result = create_attack("autoattack")(model, x, labels, norm="linf", epsilons=(1.05 * minimal.max().item(),))
+    assert result.success.all()
+    assert result.options["left_out_for_num_classes"] == ["apgd-t"] and result.options["n_target_classes"] == 1
+    assert "apgd-ce" in result.options["sub_attacks"]
+
+
+def test_pgd_restarts_only_add_successes_and_runs_repeat():
+    model, _ = linear_model(seed=1)
+    x = torch.randn(60, 30) * 0.2
+    labels = model(x).argmax(1).detach()
+    single = create_attack("pgd", steps=5)(model, x, labels, norm="linf", epsilons=(0.01, 0.02), seed=3)
+    repeated = create_attack("pgd", steps=5)(model, x, labels, norm="linf", epsilons=(0.01, 0.02), seed=3)
+    assert torch.equal(single.success, repeated.success)
+    several = create_attack("pgd", steps=5, restarts=3)(model, x, labels, norm="linf", epsilons=(0.01, 0.02), seed=3)
+    assert (several.success | ~single.success).all()
+    assert single.robust_accuracy()[0] >= single.robust_accuracy()[1]
+    assert several.options["restarts"] == 3 and several.options["steps"] == 5 and "foolbox" in several.options["implementation"]
+
+
+def test_threat_specifications():
+    assert ThreatModel.parse("linf:0.3,0.1") == ThreatModel("linf", (0.1, 0.3))
+    assert str(ThreatModel.parse("L2:2")) == "l2:2"
+    for spec, message in [("linf", "no eps values"), ("l1:0.3", "unknown norm 'l1'"), ("linf:0.1,abc", "numbers separated by commas"), ("linf:-0.1", "positive"), ("linf:0.1,0.1", "repeats")]:
+        with pytest.raises(ConfigError, match=message):
+            ThreatModel.parse(spec)
+    with pytest.raises(ConfigError, match="eps 1.5 for linf is out of range"):
+        ThreatModel.parse("linf:1.5").check_against_bounds((0.0, 1.0), 784)
+    ThreatModel.parse("l2:2").check_against_bounds((0.0, 1.0), 784)
+
+
+def test_unknown_attack_and_bad_options():
+    assert {"fgsm", "pgd", "fmn", "autoattack"} <= set(ATTACKS)
+    with pytest.raises(ConfigError, match="Did you mean pgd"):
+        create_attack("pgdd")
+    with pytest.raises(ConfigError, match="does not accept the options"):
+        create_attack("pgd", step=3)
+    with pytest.raises(ConfigError, match="restarts=0"):
+        create_attack("pgd", restarts=0)
+    with pytest.raises(ConfigError, match="unknown version"):
+        create_attack("autoattack", version="fast")
+    with pytest.raises(ConfigError, match="unknown sub-attacks"):
+        create_attack("autoattack", version="custom", attacks=["apgd-xx"])
+    model, x, labels, _ = linear_problem("linf")
+    with pytest.raises(ConfigError, match="does not support norm 'l1'"):
+        create_attack("pgd")(model, x, labels, norm="l1", epsilons=(0.1,))
+
+
+def test_standard_mnist_model_is_not_robust_at_eps_03(mnist):
+    images, labels = mnist.evaluation_subset(100)
+    result = create_attack("pgd")(load_model("mnist-cnn-standard"), images, labels, norm="linf", epsilons=(0.3,))
+    assert result.robust_accuracy()[0] <= 0.05
+    assert (result.norms <= 0.3 + 1e-6).all()
+
+
+def test_foolbox_pgd_and_autoattack_agree_on_the_robust_zoo_model(mnist):
+    images, labels = mnist.evaluation_subset(50)
+    model = load_model("mnist-cnn-pgd-linf-0.3")
+    pgd = create_attack("pgd", restarts=2)(model, images, labels, norm="linf", epsilons=(0.3,))
+    autoattack = create_attack("autoattack", version="custom", attacks=["apgd-ce", "apgd-t"])(model, images, labels, norm="linf", epsilons=(0.3,))
+    assert abs(pgd.robust_accuracy()[0] - autoattack.robust_accuracy()[0]) <= 0.06
+    assert autoattack.robust_accuracy()[0] >= 0.7
