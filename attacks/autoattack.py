@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pyautoattack
 import torch
+
+from invarbench.evaluation import model_device
 from pyautoattack.state import EvaluationState
 
 from invarbench.attacks.base import Attack, PerturbationResult, perturbation_norm, project, register_attack
@@ -44,10 +46,10 @@ class AutoAttack(Attack):
         self.version, self.attacks, self.batch_size = version, list(attacks) if attacks else None, batch_size
         self.workspace: Path | None = None
 
-    def _ensemble(self, model, *, norm: str, eps: float, seed: int) -> tuple[pyautoattack.AutoAttack, dict]:
-        device = next(model.parameters()).device
+    def _ensemble(self, model, *, norm: str, eps: float, seed: int, input_shape: tuple[int, ...]) -> tuple[pyautoattack.AutoAttack, dict]:
+        device = model_device(model)
         num_classes = model.num_classes
-        ensemble = pyautoattack.AutoAttack(UnitBox(model), norm=NORM_NAMES[norm], eps=eps, version=self.version, attacks=self.attacks, seed=seed, device=device)
+        ensemble = pyautoattack.AutoAttack(UnitBox(model, input_shape), norm=NORM_NAMES[norm], eps=eps, version=self.version, attacks=self.attacks, seed=seed, device=device)
         ensemble.logger.setLevel(logging.WARNING)
         targets = min(9, num_classes - 1)
         ensemble.apgd_targeted.n_target_classes = targets
@@ -70,17 +72,18 @@ class AutoAttack(Attack):
                 continue
             low, high = model.bounds
             # pyautoattack clips to [0, 1]: attack in unit-box coordinates, where eps scales by 1/(high - low).
-            ensemble, details = self._ensemble(model, norm=norm, eps=eps / (high - low), seed=seed)
+            ensemble, details = self._ensemble(model, norm=norm, eps=eps / (high - low), seed=seed, input_shape=tuple(images.shape[1:]))
             state_path = self.workspace / f"autoattack-{norm}-{eps:g}.json" if self.workspace is not None else None
             still_robust, resumed = self._resume(ensemble, state_path, len(points))
             attacked = points[still_robust]
             if len(attacked) and ensemble.attacks_to_run:
                 x, y = images[attacked], labels[attacked]
-                unit_x = (x - low) / (high - low)
+                # Square expects images (C, H, W): flat inputs are shown to it as (D, 1, 1).
+                unit_x = ((x - low) / (high - low)).reshape(len(x), *image_shape(x.shape[1:]))
                 # A resumed evaluation runs without a state file: pyautoattack 0.2.0 cannot restore its own
                 # state mid-run (its adversarial labels are only initialised on a fresh start).
                 unit_adversarial, _ = ensemble.run_standard_evaluation(unit_x, y, batch_size=self.batch_size, state_path=None if resumed else state_path)
-                adversarial = project(x, low + unit_adversarial * (high - low), norm=norm, eps=eps, bounds=model.bounds)
+                adversarial = project(x, low + unit_adversarial.reshape(x.shape) * (high - low), norm=norm, eps=eps, bounds=model.bounds)
                 with torch.no_grad():
                     adversarial_labels = torch.cat([model(adversarial[batch]).argmax(1) for batch in _batches(len(adversarial), self.batch_size)]).cpu()
                 success[index, attacked] = adversarial_labels != y.cpu()
@@ -109,13 +112,18 @@ class AutoAttack(Attack):
 class UnitBox(torch.nn.Module):
     """``model`` seen through inputs rescaled to [0, 1], the only input domain pyautoattack supports."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, input_shape: tuple[int, ...]):
         super().__init__()
         self.model = model
+        self.input_shape = tuple(input_shape)
         self.low, self.high = model.bounds
 
     def forward(self, unit_x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.low + unit_x * (self.high - self.low))
+        return self.model(self.low + unit_x.reshape(len(unit_x), *self.input_shape) * (self.high - self.low))
+
+
+def image_shape(shape: torch.Size) -> tuple[int, ...]:
+    return tuple(shape) if len(shape) == 3 else (int(torch.tensor(shape).prod()), 1, 1)
 
 
 def _batches(count: int, batch_size: int):

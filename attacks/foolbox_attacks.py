@@ -5,6 +5,8 @@ from __future__ import annotations
 import eagerpy as ep
 import foolbox
 import torch
+
+from invarbench.evaluation import model_device
 from foolbox.devutils import atleast_kd, flatten
 
 from invarbench.attacks.base import Attack, PerturbationResult, perturbation_norm, register_attack
@@ -12,7 +14,7 @@ from invarbench.errors import ConfigError
 
 
 def foolbox_model(model: torch.nn.Module) -> foolbox.PyTorchModel:
-    device = next(model.parameters()).device
+    device = model_device(model)
     return foolbox.PyTorchModel(model, bounds=model.bounds, device=device)
 
 
@@ -38,7 +40,7 @@ class _FoolboxFixedEpsilon(Attack):
     def run(self, model, images, labels, *, norm, epsilons, seed, active):
         attack = self._foolbox_attack(norm)
         fmodel = foolbox_model(model)
-        device = next(model.parameters()).device
+        device = model_device(model)
         success = torch.zeros(len(epsilons), len(labels), dtype=torch.bool)
         norms = torch.zeros(len(epsilons), len(labels))
         predictions = torch.zeros(len(epsilons), len(labels), dtype=torch.long)
@@ -137,7 +139,7 @@ class FMN(Attack):
     def minimal_norms(self, model, images, labels, *, norm: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         attack = (foolbox.attacks.LInfFMNAttack if norm == "linf" else _L2FMNProjected)(steps=self.steps)
         fmodel = foolbox_model(model)
-        device = next(model.parameters()).device
+        device = model_device(model)
         torch.manual_seed(seed)
         minimal = torch.full((len(labels),), float("inf"))
         predictions = torch.zeros(len(labels), dtype=torch.long)

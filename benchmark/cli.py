@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from invarbench import __version__
 from invarbench.errors import InvarbenchError
@@ -84,6 +85,38 @@ def _models_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run(args: argparse.Namespace) -> int:
+    import json
+
+    from invarbench.attacks import ThreatModel
+    from invarbench.runner import AttackSpec, ModelSpec, RunConfig, default_threats, merge_threats, run_benchmark
+    from invarbench.models import get_card, list_models
+
+    try:
+        architecture_args = tuple(sorted(json.loads(args.architecture_args).items())) if args.architecture_args else ()
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise InvarbenchError(f"--architecture-args {args.architecture_args!r} is not a JSON object ({error}); write e.g. '{{\"hidden\": [256, 256]}}'") from error
+    registered = set(list_models())
+    specs = tuple(ModelSpec(model, get_card(model).dataset if model in registered else args.dataset, None if model in registered else args.architecture, () if model in registered else architecture_args) for model in args.models)
+    threats = merge_threats([ThreatModel.parse(spec) for spec in args.threat]) if args.threat else default_threats(specs)
+    attacks = tuple(AttackSpec.parse(spec) for spec in (args.attack or ["pgd"]))
+    config = RunConfig(specs, threats, attacks, n=args.n, seed=args.seed, shard_size=args.shard_size, cascade=not args.no_cascade)
+    outcome = run_benchmark(config, args.out, name=args.name, device=args.device, progress=not args.no_progress, data_source=args.data)
+    rows = []
+    for model, entry in outcome.summary["models"].items():
+        for norm, per_eps in entry["threats"].items():
+            for eps, result in per_eps.items():
+                cells = [f"{100 * attack['robust_accuracy']:.1f}%" for attack in result["attacks"].values()]
+                rows.append([model, f"{100 * entry['clean_accuracy']:.1f}%", f"{norm} {eps}", *cells, f"{100 * result['worst_case']['robust_accuracy']:.1f}%", "yes" if entry["warnings"] else "no"])
+    header = ["model", "clean", "threat", *[f"after {attack.label()}" for attack in attacks], "worst case", "check warnings"]
+    print(format_table(header, rows))
+    for model, entry in outcome.summary["models"].items():
+        for warning in entry["warnings"]:
+            print(f"warning: {model}: {warning}", file=sys.stderr)
+    print(f"\n{outcome.jobs_run} jobs run, {outcome.jobs_resumed} resumed from disk; results in {outcome.run_dir} (n={config.n}, seed={config.seed})")
+    return EXIT_OK
+
+
 def _bench(args: argparse.Namespace) -> int:
     from invarbench.quick import quick_benchmark
 
@@ -124,6 +157,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the first restart (default 0)")
     evaluate.add_argument("--update-card", action="store_true", help="write the measured figures into the card")
     evaluate.set_defaults(handler=_models_evaluate)
+
+    run = commands.add_parser(
+        "run",
+        help="evaluate models against attacks (resumable)",
+        description="Evaluate models against perturbation attacks on the first N test points and store per-sample results. "
+        "Re-running the same command resumes an interrupted run.",
+    )
+    run.add_argument("models", nargs="+", metavar="MODEL", help="registered model name or checkpoint path (TorchScript, or a state_dict with --architecture)")
+    run.add_argument("--threat", action="append", metavar="NORM:EPS[,EPS...]", help="threat model, e.g. linf:0.1,0.2,0.3 or l2:2.0; repeatable (default: the model's training threat model, else its data set's headline one)")
+    run.add_argument("--attack", action="append", metavar="NAME[:KEY=VALUE,...]", help="attack in cascade order, e.g. pgd, pgd:restarts=5, autoattack:version=plus, fmn; repeatable (default: pgd)")
+    run.add_argument("--n", type=int, default=1000, help="number of test points, the first N in fixed order (default 1000)")
+    run.add_argument("--seed", type=int, default=0, help="base seed; each job derives its own (default 0)")
+    run.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run directories (default runs/)")
+    run.add_argument("--name", help="run directory name (default: derived from the configuration, so the same command resumes)")
+    run.add_argument("--shard-size", type=int, default=100, help="points per job, the granularity of resumption (default 100)")
+    run.add_argument("--no-cascade", action="store_true", help="run every attack on every correctly classified point instead of only on points still robust")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default auto)")
+    run.add_argument("--dataset", default="mnist", help="data set of checkpoint-path models (registered models use their card's; default mnist)")
+    run.add_argument("--data", help="user data path: MNIST IDX folder, mnist.npz or mnist.pkl.gz; CIFAR-10 batches folder")
+    run.add_argument("--architecture", help="registered architecture of a state_dict checkpoint (see `invarbench models list --architectures`)")
+    run.add_argument("--architecture-args", help="JSON object of the architecture's constructor arguments")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.set_defaults(handler=_run)
 
     bench = commands.add_parser("bench", help="quick benchmark of the reference zoo", description="Clean and PGD robust accuracy of zoo models on the first N test points, printed as a table.")
     bench.add_argument("models", nargs="*", help="registered model names (default: the whole zoo)")

@@ -6,10 +6,17 @@ import torch
 from torch import nn
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 500) -> torch.Tensor:
     """Predicted labels for ``images``, computed in batches on the model's device."""
-    device = next(iter(model.parameters()), torch.empty(0)).device
+    device = model_device(model)
     predictions = [model(images[start : start + batch_size].to(device)).argmax(dim=1).cpu() for start in range(0, len(images), batch_size)]
     return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
 

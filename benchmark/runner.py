@@ -1,0 +1,420 @@
+"""The runner: plan models x threat models x attacks x shards into jobs, run them, store the records.
+
+Jobs are pure: a job's records depend only on the job (with its derived seed), the model, the shard's
+points and, in the cascade, the records of the cheaper attacks on the same shard. So finished jobs can
+be skipped on resume, and a distributed executor could run the same jobs elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from invarbench import __version__
+from invarbench.attacks import ThreatModel, create_attack
+from invarbench.checks import CHECKS, check_model
+from invarbench.datasets import load_dataset
+from invarbench.errors import ConfigError
+from invarbench.evaluation import predict
+from invarbench.io import sha256_file
+from invarbench.models import BenchmarkModel, get_card, list_models, load_model
+from invarbench.store import RunLock, RunStore, as_records, read_json, write_json
+
+HEADLINE_THREATS = {"mnist": "linf:0.3", "spheres": "linf:0.025", "digits": "linf:0.1", "cifar10": "linf:0.031"}
+PACKAGES = ("torch", "numpy", "foolbox", "pyautoattack", "pandas", "pyarrow")
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> AttackSpec:
+        """``NAME`` or ``NAME:key=value,key=value``; list values are joined with ``+``."""
+        name, _, rest = spec.partition(":")
+        options = []
+        for item in filter(None, rest.split(",")):
+            key, separator, value = item.partition("=")
+            if not separator or not key:
+                raise ConfigError(f"attack specification {spec!r}: options are key=value pairs, e.g. pgd:restarts=5,steps=100")
+            options.append((key.strip(), _parse_value(value.strip())))
+        attack = cls(name.strip(), tuple(options))
+        attack.create()
+        return attack
+
+    def create(self):
+        return create_attack(self.name, **dict(self.options))
+
+    def label(self) -> str:
+        return self.name if not self.options else f"{self.name}:{','.join(f'{key}={value}' for key, value in self.options)}"
+
+
+def _parse_value(text: str) -> Any:
+    if "+" in text:
+        return [_parse_value(part) for part in text.split("+")]
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to evaluate: a registry name, or a checkpoint path with what is needed to load it."""
+
+    reference: str
+    dataset: str
+    architecture: str | None = None
+    architecture_args: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def key(self) -> str:
+        return self.reference if self.is_registered else Path(self.reference).stem
+
+    @property
+    def is_registered(self) -> bool:
+        return self.reference in list_models()
+
+    def load(self, num_classes: int, bounds: tuple[float, float]) -> BenchmarkModel:
+        if self.is_registered:
+            return load_model(self.reference)
+        args = dict(self.architecture_args)
+        return load_model(self.reference, architecture=self.architecture, architecture_args=args, num_classes=num_classes, bounds=bounds)
+
+    def checkpoint_sha256(self) -> str:
+        return get_card(self.reference).checkpoint_sha256 if self.is_registered else sha256_file(self.reference)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    models: tuple[ModelSpec, ...]
+    threats: tuple[ThreatModel, ...]
+    attacks: tuple[AttackSpec, ...]
+    n: int = 1000
+    seed: int = 0
+    shard_size: int = 100
+    cascade: bool = True
+
+    def __post_init__(self):
+        if not self.models:
+            raise ConfigError("no model given; name a registered model (see `invarbench models list`) or a checkpoint path")
+        if not self.attacks:
+            raise ConfigError("no attack given; pass --attack NAME (e.g. --attack pgd)")
+        if self.n < 1 or self.shard_size < 1:
+            raise ConfigError(f"--n ({self.n}) and --shard-size ({self.shard_size}) must be positive")
+        keys = [model.key for model in self.models]
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"models {keys} repeat a name; list each model once")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "models": [{"reference": model.reference, "key": model.key, "dataset": model.dataset, "architecture": model.architecture, "architecture_args": dict(model.architecture_args)} for model in self.models],
+            "threats": [str(threat) for threat in self.threats],
+            "attacks": [{"name": attack.name, "options": dict(attack.options)} for attack in self.attacks],
+            "n": self.n,
+            "seed": self.seed,
+            "shard_size": self.shard_size,
+            "cascade": self.cascade,
+        }
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def default_name(self) -> str:
+        first = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.models[0].key)
+        more = f"+{len(self.models) - 1}" if len(self.models) > 1 else ""
+        return f"{first}{more}-{self.digest()[:10]}"
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    threat: ThreatModel
+    attack_index: int
+    attack: AttackSpec
+    shard: int
+    start: int
+    stop: int
+    seed: int
+
+    @property
+    def id(self) -> str:
+        model = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.model)
+        return f"{model}__{self.threat.norm}__{self.attack_index:02d}-{self.attack.name}__shard{self.shard:05d}"
+
+
+def derive_seed(*parts: object) -> int:
+    """A seed that depends only on the job, never on the order jobs run in."""
+    return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:8], 16) % 2**31
+
+
+def plan(config: RunConfig) -> list[Job]:
+    jobs = []
+    for model in config.models:
+        for threat in config.threats:
+            for attack_index, attack in enumerate(config.attacks):
+                for shard, start in enumerate(range(0, config.n, config.shard_size)):
+                    seed = derive_seed(config.seed, model.key, threat, attack_index, attack.label(), shard)
+                    jobs.append(Job(model.key, threat, attack_index, attack, shard, start, min(start + config.shard_size, config.n), seed))
+    return jobs
+
+
+def execute_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, clean_predictions: torch.Tensor, earlier: pd.DataFrame | None, *, cascade: bool, workspace: Path | None = None) -> pd.DataFrame:
+    """Run one job on its shard and return its per-sample records (one row per point and eps).
+
+    ``images``, ``labels`` and ``clean_predictions`` are the shard's; ``earlier`` holds the records of
+    the cheaper attacks on the same shard and threat model (used by the cascade).
+    """
+    epsilons = job.threat.epsilons
+    count = len(labels)
+    active = (clean_predictions == labels).unsqueeze(0).repeat(len(epsilons), 1)
+    if cascade and earlier is not None and len(earlier):
+        broken = earlier[earlier["success"].fillna(False).astype(bool)]
+        for eps_index, eps in enumerate(epsilons):
+            positions = broken.loc[broken["eps"] == eps, "index"].to_numpy() - job.start
+            active[eps_index, torch.as_tensor(positions, dtype=torch.long)] = False
+    success = torch.zeros(len(epsilons), count, dtype=torch.bool)
+    norms = torch.full((len(epsilons), count), float("nan"))
+    predictions = torch.full((len(epsilons), count), -1, dtype=torch.long)
+    points = active.any(dim=0).nonzero().flatten()
+    if len(points):
+        attack = job.attack.create()
+        if workspace is not None and hasattr(attack, "workspace"):
+            workspace.mkdir(parents=True, exist_ok=True)
+            attack.workspace = workspace
+        result = attack(model, images[points], labels[points], norm=job.threat.norm, epsilons=epsilons, seed=job.seed, active=active[:, points])
+        success[:, points], norms[:, points], predictions[:, points] = result.success, result.norms, result.adversarial_predictions
+    rows = []
+    for eps_index, eps in enumerate(epsilons):
+        ran = active[eps_index]
+        rows.append(
+            pd.DataFrame(
+                {
+                    "model": job.model,
+                    "index": torch.arange(job.start, job.stop).numpy(),
+                    "label": labels.numpy(),
+                    "clean_prediction": clean_predictions.numpy(),
+                    "norm": job.threat.norm,
+                    "eps": eps,
+                    "attack": job.attack.name,
+                    "attack_index": job.attack_index,
+                    "ran": ran.numpy(),
+                    "success": pd.array([bool(value) if flag else None for value, flag in zip(success[eps_index].tolist(), ran.tolist())], dtype="boolean"),
+                    "adversarial_prediction": pd.array([value if flag else None for value, flag in zip(predictions[eps_index].tolist(), ran.tolist())], dtype="Int64"),
+                    "perturbation_norm": torch.where(ran, norms[eps_index], torch.tensor(float("nan"))).numpy(),
+                }
+            )
+        )
+    return as_records(pd.concat(rows, ignore_index=True))
+
+
+def summarize(records: pd.DataFrame, config: RunConfig, models: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Clean accuracy, cumulative robust accuracy after each attack (in cascade order), worst case."""
+    summary: dict[str, Any] = {"n": config.n, "seed": config.seed, "cascade": config.cascade, "attack_order": [attack.label() for attack in config.attacks], "models": {}}
+    for model, info in models.items():
+        model_records = records[records["model"] == model]
+        clean_correct = info["clean_correct"]
+        entry = {**info, "clean_accuracy": clean_correct / config.n, "threats": {}}
+        for threat in config.threats:
+            per_eps = {}
+            for eps in threat.epsilons:
+                selected = model_records[(model_records["norm"] == threat.norm) & (model_records["eps"] == eps)]
+                broken = set()
+                attacks = {}
+                for attack_index, attack in enumerate(config.attacks):
+                    rows = selected[selected["attack_index"] == attack_index]
+                    newly = set(rows.loc[rows["success"].fillna(False).astype(bool), "index"].tolist())
+                    attacked = int(rows["ran"].sum())
+                    broken |= newly
+                    robust = clean_correct - len(broken)
+                    attacks[attack.label()] = {
+                        "attacked": attacked,
+                        "broken": len(newly),
+                        "robust": robust,
+                        "robust_accuracy": robust / config.n,
+                        "attack_success_rate": len(newly) / attacked if attacked else 0.0,
+                    }
+                robust = clean_correct - len(broken)
+                per_eps[f"{eps:g}"] = {"attacks": attacks, "worst_case": {"robust": robust, "robust_accuracy": robust / config.n}}
+            entry["threats"][threat.norm] = per_eps
+        summary["models"][model] = entry
+    return summary
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0], "invarbench": __version__}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    summary: dict[str, Any]
+    jobs_run: int = 0
+    jobs_resumed: int = 0
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, device: str = "auto", progress: bool = True, data_source: str | None = None) -> RunOutcome:
+    """Run (or resume) the configured evaluation into ``out/NAME`` and return its summary."""
+    run_dir = Path(out) / (name or config.default_name())
+    store = RunStore(run_dir)
+    torch_device = resolve_device(device)
+    with RunLock(run_dir):
+        if store.manifest_path.exists():
+            previous = read_json(store.manifest_path)
+            if previous.get("config") != config.to_dict():
+                raise ConfigError(f"{run_dir} holds a run with a different configuration; re-run with the options recorded in {store.manifest_path} to resume it, or pass another --out/--name")
+        manifest = {
+            "config": config.to_dict(),
+            "config_sha256": config.digest(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "status": "running",
+            "versions": package_versions(),
+            "device": str(torch_device),
+            "threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "command": " ".join(sys.argv),
+        }
+        if store.manifest_path.exists():
+            manifest["created"] = read_json(store.manifest_path).get("created", manifest["created"])
+        write_json(store.manifest_path, manifest)
+
+        jobs = plan(config)
+        outcome = RunOutcome(run_dir, {})
+        all_records: list[pd.DataFrame] = []
+        model_info: dict[str, dict[str, Any]] = {}
+        datasets: dict[tuple, Any] = {}
+        bar = tqdm(total=sum(job.stop - job.start for job in jobs), desc="invarbench run", unit="pt", disable=not progress, dynamic_ncols=True)
+        for spec in config.models:
+            card = get_card(spec.reference) if spec.is_registered else None
+            dataset_options = card.dataset_options if card else {}
+            key = (spec.dataset, tuple(sorted(dataset_options.items())))
+            if key not in datasets:
+                datasets[key] = load_dataset(spec.dataset, source=data_source, **dataset_options) if spec.dataset in ("mnist", "cifar10") else load_dataset(spec.dataset, **dataset_options)
+            dataset = datasets[key]
+            images, labels = dataset.evaluation_subset(config.n)
+            model = spec.load(dataset.num_classes, dataset.bounds).to(torch_device).eval()
+            input_size = images[0].numel()
+            for threat in config.threats:
+                threat.check_against_bounds(model.bounds, input_size, source=spec.key)
+            flags = check_model(model, images[: min(100, config.n)], labels[: min(100, config.n)], num_classes=dataset.num_classes, source=spec.reference)
+            clean_predictions = predict(model, images)
+            model_info[spec.key] = {
+                "reference": spec.reference,
+                "dataset": spec.dataset,
+                "checkpoint_sha256": spec.checkpoint_sha256(),
+                "clean_correct": int((clean_predictions == labels).sum()),
+                "checks": flags,
+                "warnings": [CHECKS[check] for check, raised in flags.items() if raised],
+            }
+            timings: dict[str, float] = {}
+            shard_records: dict[tuple, list[pd.DataFrame]] = {}
+            for job in (job for job in jobs if job.model == spec.key):
+                shard_key = (str(job.threat), job.shard)
+                if store.job_done(job.id):
+                    records, seconds = store.read_job(job.id)
+                    outcome.jobs_resumed += 1
+                else:
+                    earlier = pd.concat(shard_records[shard_key]) if shard_records.get(shard_key) else None
+                    started = time.perf_counter()
+                    window = slice(job.start, job.stop)
+                    records = execute_job(job, model, images[window], labels[window], clean_predictions[window], earlier, cascade=config.cascade, workspace=run_dir / "state" / job.id)
+                    seconds = time.perf_counter() - started
+                    store.write_job(job.id, records, seconds=seconds)
+                    outcome.jobs_run += 1
+                shard_records.setdefault(shard_key, []).append(records)
+                all_records.append(records)
+                timings[job.attack.label()] = timings.get(job.attack.label(), 0.0) + seconds
+                robust_so_far = _robust_so_far(shard_records, job)
+                bar.set_postfix_str(f"{spec.key} {job.threat.norm} {job.attack.name} robust {robust_so_far}", refresh=False)
+                bar.update(job.stop - job.start)
+            outcome.timings[spec.key] = timings
+        bar.close()
+
+        records = as_records(pd.concat(all_records, ignore_index=True)).sort_values(["model", "norm", "eps", "attack_index", "index"], kind="stable")
+        store.write_results(records)
+        outcome.summary = summarize(records, config, model_info)
+        write_json(store.summary_path, outcome.summary)
+        manifest.update(status="complete", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), timings_seconds=outcome.timings, checkpoint_sha256={key: info["checkpoint_sha256"] for key, info in model_info.items()})
+        write_json(store.manifest_path, manifest)
+    return outcome
+
+
+def _robust_so_far(shard_records: dict[tuple, list[pd.DataFrame]], job: Job) -> str:
+    """Share of the points attacked so far by this job's attack (largest eps) that withstood it."""
+    largest = job.threat.epsilons[-1]
+    frames = [frame for (threat, _), frames in shard_records.items() if threat == str(job.threat) for frame in frames]
+    rows = pd.concat(frames)
+    rows = rows[(rows["attack_index"] == job.attack_index) & (rows["eps"] == largest) & rows["ran"]]
+    if not len(rows):
+        return "-"
+    return f"{1 - rows['success'].astype(bool).mean():.1%} of {len(rows)}"
+
+
+def default_threats(specs: tuple[ModelSpec, ...]) -> tuple[ThreatModel, ...]:
+    """The threat models a model was trained against, else its data set's headline threat model."""
+    threats = []
+    for spec in specs:
+        card = get_card(spec.reference) if spec.is_registered else None
+        if card and card.threat_model["norm"] != "none":
+            candidate = ThreatModel(card.threat_model["norm"], (float(card.threat_model["eps"]),))
+        else:
+            candidate = ThreatModel.parse(HEADLINE_THREATS.get(spec.dataset, "linf:0.3"))
+        merged = next((threat for threat in threats if threat.norm == candidate.norm), None)
+        if merged is None:
+            threats.append(candidate)
+        else:
+            threats[threats.index(merged)] = ThreatModel(merged.norm, tuple(sorted(set(merged.epsilons) | set(candidate.epsilons))))
+    return tuple(threats)
+
+
+def merge_threats(threats: list[ThreatModel]) -> tuple[ThreatModel, ...]:
+    """One threat model per norm: ``--threat linf:0.1 --threat linf:0.3`` is ``linf:0.1,0.3``."""
+    merged: dict[str, set[float]] = {}
+    for threat in threats:
+        merged.setdefault(threat.norm, set()).update(threat.epsilons)
+    return tuple(ThreatModel(norm, tuple(sorted(epsilons))) for norm, epsilons in merged.items())
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a :class:`RunConfig` from a manifest's ``config`` (used by checks and the leaderboard)."""
+    models = tuple(ModelSpec(entry["reference"], entry["dataset"], entry.get("architecture"), tuple(sorted(entry.get("architecture_args", {}).items()))) for entry in data["models"])
+    attacks = tuple(AttackSpec(entry["name"], tuple(entry.get("options", {}).items())) for entry in data["attacks"])
+    return RunConfig(models, tuple(ThreatModel.parse(spec) for spec in data["threats"]), attacks, data["n"], data["seed"], data["shard_size"], data["cascade"])
+
+
+__all__ = ["AttackSpec", "Job", "ModelSpec", "RunConfig", "config_from_dict", "default_threats", "execute_job", "merge_threats", "plan", "run_benchmark", "summarize"]

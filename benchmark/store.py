@@ -1,0 +1,145 @@
+"""The results store: one run directory per configuration.
+
+::
+
+    RUN_DIR/
+      manifest.json      config, seeds, versions, device, checkpoint sha256, timings, status
+      jobs/*.parquet     per-sample records of each finished job (the unit of resumption)
+      results.parquet    all records merged, written when the run completes
+      summary.json       clean accuracy, robust accuracy per attack and eps, worst case, counts, flags
+      run.lock           present while a process writes into the directory
+
+Every file is written atomically (temporary file + rename), so a killed run leaves only complete
+files behind and re-running the same command resumes at job granularity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from invarbench.errors import ConfigError
+from invarbench.io import atomic_write, atomic_write_text
+
+RECORD_COLUMNS = {
+    "model": "string",
+    "index": "int64",
+    "label": "int64",
+    "clean_prediction": "int64",
+    "norm": "string",
+    "eps": "float64",
+    "attack": "string",
+    "attack_index": "int64",
+    "ran": "bool",
+    "success": "boolean",
+    "adversarial_prediction": "Int64",
+    "perturbation_norm": "float64",
+}
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path} cannot be read as JSON ({error}); it was not written by invarbench, remove it or choose another --out") from error
+
+
+class RunLock:
+    """An exclusive lock on a run directory, so two runs cannot write into it at once.
+
+    A lock left by a process that no longer exists (killed) is taken over.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "run.lock"
+        self.held = False
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and _alive(owner):
+                    raise ConfigError(f"another invarbench run (pid {owner}) is writing into {self.path.parent}; wait for it to finish or pass another --out") from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(handle, "w") as lock_file:
+                lock_file.write(f"{os.getpid()} {socket.gethostname()}\n")
+            self.held = True
+            return self
+        raise ConfigError(f"could not take the lock {self.path}; remove it if no invarbench run is using {self.path.parent}")
+
+    def _owner(self) -> int | None:
+        try:
+            return int(self.path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def __exit__(self, *exc_info) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunStore:
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.jobs_dir = self.run_dir / "jobs"
+        self.manifest_path = self.run_dir / "manifest.json"
+        self.summary_path = self.run_dir / "summary.json"
+        self.results_path = self.run_dir / "results.parquet"
+
+    def job_path(self, job_id: str) -> Path:
+        return self.jobs_dir / f"{job_id}.parquet"
+
+    def job_done(self, job_id: str) -> bool:
+        return self.job_path(job_id).exists()
+
+    def write_job(self, job_id: str, records: pd.DataFrame, *, seconds: float) -> None:
+        table = pa.Table.from_pandas(as_records(records), preserve_index=False)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"invarbench.seconds": str(seconds).encode()})
+        atomic_write(self.job_path(job_id), lambda tmp: pq.write_table(table, tmp))
+
+    def read_job(self, job_id: str) -> tuple[pd.DataFrame, float]:
+        table = pq.read_table(self.job_path(job_id))
+        seconds = float((table.schema.metadata or {}).get(b"invarbench.seconds", b"0"))
+        return as_records(table.to_pandas()), seconds
+
+    def write_results(self, records: pd.DataFrame) -> None:
+        atomic_write(self.results_path, lambda tmp: as_records(records).to_parquet(tmp, index=False))
+
+    def read_results(self) -> pd.DataFrame:
+        if not self.results_path.exists():
+            raise ConfigError(f"{self.results_path} does not exist: the run is incomplete; re-run the same `invarbench run` command to finish it")
+        return as_records(pd.read_parquet(self.results_path))
+
+
+def as_records(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with exactly the record columns, in order, with their declared dtypes."""
+    missing = [column for column in RECORD_COLUMNS if column not in frame]
+    if missing:
+        raise ConfigError(f"per-sample records lack the columns {missing}; the file was not written by this version of invarbench")
+    return frame[list(RECORD_COLUMNS)].astype(RECORD_COLUMNS).reset_index(drop=True)
