@@ -7,12 +7,10 @@ from pathlib import Path
 
 import pyautoattack
 import torch
-
-from invarbench.evaluation import model_device
-from pyautoattack.state import EvaluationState
-
 from invarbench.attacks.base import Attack, PerturbationResult, perturbation_norm, project, register_attack
 from invarbench.errors import ConfigError
+from invarbench.evaluation import model_device
+from pyautoattack.state import EvaluationState
 
 VERSIONS = ("standard", "plus", "rand", "custom")
 SUB_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")

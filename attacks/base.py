@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-
 from invarbench.errors import ConfigError
 
 NORMS = ("linf", "l2")

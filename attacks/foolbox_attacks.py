@@ -5,12 +5,10 @@ from __future__ import annotations
 import eagerpy as ep
 import foolbox
 import torch
-
-from invarbench.evaluation import model_device
 from foolbox.devutils import atleast_kd, flatten
-
 from invarbench.attacks.base import Attack, PerturbationResult, perturbation_norm, register_attack
 from invarbench.errors import ConfigError
+from invarbench.evaluation import model_device
 
 
 def foolbox_model(model: torch.nn.Module) -> foolbox.PyTorchModel:

@@ -7,11 +7,9 @@ is randomised, returns probabilities or has vanishing gradients can overstate it
 from __future__ import annotations
 
 import torch
-
-from invarbench.evaluation import model_device
 import torch.nn.functional as F
-
 from invarbench.errors import ModelError
+from invarbench.evaluation import model_device
 
 CHECKS = {
     "train_mode": "the model (or a submodule) is in train mode; call model.eval() so batch norm and dropout do not change outputs",

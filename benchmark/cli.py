@@ -89,8 +89,8 @@ def _run(args: argparse.Namespace) -> int:
     import json
 
     from invarbench.attacks import ThreatModel
-    from invarbench.runner import AttackSpec, ModelSpec, RunConfig, default_threats, merge_threats, run_benchmark
     from invarbench.models import get_card, list_models
+    from invarbench.runner import AttackSpec, ModelSpec, RunConfig, default_threats, merge_threats, run_benchmark
 
     try:
         architecture_args = tuple(sorted(json.loads(args.architecture_args).items())) if args.architecture_args else ()

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from invarbench.errors import DataError
 from invarbench.io import atomic_write_bytes, sha256_file
 

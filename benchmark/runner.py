@@ -14,15 +14,13 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
-
 from invarbench import __version__
 from invarbench.attacks import ThreatModel, create_attack
 from invarbench.checks import CHECKS, check_model
@@ -32,6 +30,7 @@ from invarbench.evaluation import predict
 from invarbench.io import sha256_file
 from invarbench.models import BenchmarkModel, get_card, list_models, load_model
 from invarbench.store import RunLock, RunStore, as_records, read_json, write_json
+from tqdm.auto import tqdm
 
 HEADLINE_THREATS = {"mnist": "linf:0.3", "spheres": "linf:0.025", "digits": "linf:0.1", "cifar10": "linf:0.031"}
 PACKAGES = ("torch", "numpy", "foolbox", "pyautoattack", "pandas", "pyarrow")
@@ -301,7 +300,7 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
         manifest = {
             "config": config.to_dict(),
             "config_sha256": config.digest(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "status": "running",
             "versions": package_versions(),
             "device": str(torch_device),
@@ -369,7 +368,7 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
         store.write_results(records)
         outcome.summary = summarize(records, config, model_info)
         write_json(store.summary_path, outcome.summary)
-        manifest.update(status="complete", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), timings_seconds=outcome.timings, checkpoint_sha256={key: info["checkpoint_sha256"] for key, info in model_info.items()})
+        manifest.update(status="complete", finished=datetime.now(UTC).isoformat(timespec="seconds"), timings_seconds=outcome.timings, checkpoint_sha256={key: info["checkpoint_sha256"] for key, info in model_info.items()})
         write_json(store.manifest_path, manifest)
     return outcome
 

@@ -24,7 +24,6 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from invarbench.errors import ConfigError
 from invarbench.io import atomic_write, atomic_write_text
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Sequence
 
-from torch import nn
-
 from invarbench.errors import ModelError
+from torch import nn
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
 

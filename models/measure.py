@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-
 from invarbench.attacks import create_attack
 from invarbench.datasets import Dataset, load_dataset
 from invarbench.evaluation import clean_accuracy

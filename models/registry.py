@@ -13,12 +13,11 @@ from typing import Any
 
 import tomli_w
 import torch
-from torch import nn
-
 from invarbench.errors import ModelError
 from invarbench.io import atomic_write_bytes, atomic_write_text, sha256_file
 from invarbench.models.architectures import build_architecture
 from invarbench.models.wrapper import BenchmarkModel
+from torch import nn
 
 CARDS_DIR = Path(__file__).parent / "cards"
 CHECKPOINTS_DIR = Path(__file__).parent / "checkpoints"

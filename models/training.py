@@ -12,12 +12,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 from invarbench.datasets import load_dataset
 from invarbench.errors import ConfigError
 from invarbench.models.measure import measure_card
 from invarbench.models.registry import ModelCard, build_network, save_state_dict, wrap
+from tqdm.auto import tqdm
 
 RECIPES = ("standard", "pgd")
 

@@ -1,7 +1,6 @@
 import shutil
 
 import pytest
-
 from invarbench.datasets import fetch_mnist, load_dataset
 from invarbench.models import registry
 

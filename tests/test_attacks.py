@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from invarbench.attacks import ATTACKS, ThreatModel, create_attack
 from invarbench.errors import ConfigError
 from invarbench.models import BenchmarkModel, load_model

@@ -2,7 +2,6 @@ import subprocess
 import sys
 
 import pytest
-
 from invarbench.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, format_table, main
 
 INVARBENCH = [sys.executable, "-m", "invarbench.cli"]

@@ -6,7 +6,6 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-
 from invarbench import datasets
 from invarbench.datasets import extract_mnist_from_wheel, load_dataset, load_mnist, sample_spheres, spheres_label
 from invarbench.errors import DataError

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from invarbench.datasets import load_dataset
 from invarbench.errors import ModelError
 from invarbench.evaluation import clean_accuracy

@@ -7,7 +7,6 @@ import time
 import pandas as pd
 import pytest
 import torch
-
 from invarbench.attacks import ThreatModel
 from invarbench.cli import EXIT_FAILURE, main
 from invarbench.errors import ConfigError, ModelError
