@@ -113,3 +113,21 @@ def test_foolbox_pgd_and_autoattack_agree_on_the_robust_zoo_model(mnist):
     autoattack = create_attack("autoattack", version="custom", attacks=["apgd-ce", "apgd-t"])(model, images, labels, norm="linf", epsilons=(0.3,))
     assert abs(pgd.robust_accuracy()[0] - autoattack.robust_accuracy()[0]) <= 0.06
     assert autoattack.robust_accuracy()[0] >= 0.7
+
+
+def test_autoattack_resumes_from_the_official_state_file(tmp_path):
+    from pyautoattack.state import EvaluationState
+
+    model, x, labels, minimal = linear_problem("linf", count=6)
+    eps = 1.05 * minimal.max().item()
+    attack = create_attack("autoattack", version="custom", attacks=["apgd-ce", "fab"])
+    attack.workspace = tmp_path
+    # What pyautoattack leaves behind when killed after APGD-CE: flags of the points still robust.
+    state = EvaluationState({"apgd-ce", "fab"}, path=tmp_path / f"autoattack-linf-{eps:g}.json")
+    state.robust_flags = torch.tensor([False, True, True, True, True, True])
+    state.add_run_attack("apgd-ce")
+    state.to_disk(force=True)
+    result = attack(model, x, labels, norm="linf", epsilons=(eps,))
+    assert result.success.all()
+    assert result.adversarial_predictions[0, 0] == -1 and torch.isnan(result.norms[0, 0]), "broken before the interruption: label and norm unknown"
+    assert (result.adversarial_predictions[0, 1:] != labels[1:]).all() and (result.norms[0, 1:] <= eps * (1 + 1e-5)).all()
