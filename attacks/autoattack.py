@@ -64,6 +64,7 @@ class AutoAttack(Attack):
         norms = torch.full((len(epsilons), len(labels)), float("nan"))
         predictions = torch.full((len(epsilons), len(labels)), -1, dtype=torch.long)
         details: dict = {}
+        device = model_device(model)
         for index, eps in enumerate(epsilons):
             points = active[index].nonzero().flatten()
             if len(points) == 0:
@@ -83,7 +84,7 @@ class AutoAttack(Attack):
                 unit_adversarial, _ = ensemble.run_standard_evaluation(unit_x, y, batch_size=self.batch_size, state_path=None if resumed else state_path)
                 adversarial = project(x, low + unit_adversarial.reshape(x.shape) * (high - low), norm=norm, eps=eps, bounds=model.bounds)
                 with torch.no_grad():
-                    adversarial_labels = torch.cat([model(adversarial[batch]).argmax(1) for batch in _batches(len(adversarial), self.batch_size)]).cpu()
+                    adversarial_labels = torch.cat([model(adversarial[batch].to(device)).argmax(1) for batch in _batches(len(adversarial), self.batch_size)]).cpu()
                 success[index, attacked] = adversarial_labels != y.cpu()
                 norms[index, attacked] = perturbation_norm((adversarial - x).cpu(), norm)
                 predictions[index, attacked] = adversarial_labels

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from invarbench.errors import ConfigError
+from invarbench.errors import ConfigError, did_you_mean
 
 NORMS = ("linf", "l2")
 
@@ -143,9 +142,7 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
 def create_attack(name: str, **options) -> Attack:
     """Instantiate a registered attack by name, with close-match suggestions for typos."""
     if name not in ATTACKS:
-        close = difflib.get_close_matches(name, ATTACKS, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown attack {name!r}; registered attacks: {', '.join(sorted(ATTACKS))}.{hint}")
+        raise ConfigError(f"unknown attack {name!r}; registered attacks: {', '.join(sorted(ATTACKS))}.{did_you_mean(name, ATTACKS)}")
     try:
         return ATTACKS[name](**options)
     except TypeError as error:

@@ -15,3 +15,11 @@ class ModelError(InvarbenchError):
 
 class ConfigError(InvarbenchError):
     """An option or specification (threat model, attack name, eps, ...) is invalid."""
+
+
+def did_you_mean(name: str, choices, *, cutoff: float = 0.6) -> str:
+    """`` Did you mean a, b?`` for the choices close to ``name``, or an empty string."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=cutoff)
+    return f" Did you mean {', '.join(close)}?" if close else ""

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Sequence
 
-from invarbench.errors import ModelError
+from invarbench.errors import ModelError, did_you_mean
 from torch import nn
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
@@ -21,9 +20,7 @@ def register_architecture(name: str):
 
 def build_architecture(name: str, **arguments) -> nn.Module:
     if name not in ARCHITECTURES:
-        close = difflib.get_close_matches(name, ARCHITECTURES, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ModelError(f"unknown architecture {name!r}; registered: {', '.join(sorted(ARCHITECTURES))}.{hint}")
+        raise ModelError(f"unknown architecture {name!r}; registered: {', '.join(sorted(ARCHITECTURES))}.{did_you_mean(name, ARCHITECTURES)}")
     try:
         return ARCHITECTURES[name](**arguments)
     except TypeError as error:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import io
 import os
@@ -13,7 +12,7 @@ from typing import Any
 
 import tomli_w
 import torch
-from invarbench.errors import ModelError
+from invarbench.errors import ModelError, did_you_mean
 from invarbench.io import atomic_write_bytes, atomic_write_text, sha256_file
 from invarbench.models.architectures import build_architecture
 from invarbench.models.wrapper import BenchmarkModel
@@ -142,9 +141,7 @@ def get_card(name: str) -> ModelCard:
 
 
 def _unknown_model_message(name: str) -> str:
-    close = difflib.get_close_matches(name, list_models(), n=3, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    return f"unknown model {name!r}.{hint} `invarbench models list` shows the registry; a checkpoint path must point to an existing file"
+    return f"unknown model {name!r}.{did_you_mean(name, list_models(), cutoff=0.5)} `invarbench models list` shows the registry; a checkpoint path must point to an existing file"
 
 
 def build_network(card: ModelCard) -> nn.Module:

@@ -45,7 +45,7 @@ def test_models_show_prints_the_card(capsys):
 def test_unknown_model_exits_1_with_suggestion():
     completed = run("models", "show", "mnist-cnn-standrd")
     assert completed.returncode == EXIT_FAILURE
-    assert "Did you mean: mnist-cnn-standard" in completed.stderr
+    assert "Did you mean mnist-cnn-standard" in completed.stderr
     assert "Traceback" not in completed.stderr
 
 

@@ -33,7 +33,7 @@ def test_load_model_reproduces_card_clean_accuracy(name, request):
 
 
 def test_unknown_name_suggests_close_matches():
-    with pytest.raises(ModelError, match="Did you mean: mnist-cnn-standard"):
+    with pytest.raises(ModelError, match="Did you mean mnist-cnn-standard"):
         load_model("mnist-cnn-standart")
 
 
