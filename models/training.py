@@ -55,8 +55,9 @@ def pgd_training_examples(model, images, labels, *, norm: str, eps: float, steps
                 shape = (-1, *[1] * (images.dim() - 1))
                 adversarial = adversarial + step_size * gradient / gradient.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
                 delta = adversarial - images
-                delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp_min(eps)).view(shape)
-                adversarial = images + delta
+                # Scale down only the perturbations outside the ball; safe for eps = 0 (start of the eps ramp).
+                factor = (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+                adversarial = images + delta * factor.view(shape)
             adversarial = adversarial.clamp(low, high)
     return adversarial.detach()
 

@@ -163,6 +163,7 @@ batch_size = 64
 learning_rate = 0.01
 pgd_steps = 3
 pgd_step_size = 0.05
+eps_warmup_epochs = 1
 
 [threat_model]
 norm = "{norm}"
