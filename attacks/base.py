@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -91,6 +92,24 @@ def project(images: torch.Tensor, adversarial: torch.Tensor, *, norm: str, eps: 
     return (images + delta).clamp(*bounds)
 
 
+@contextmanager
+def frozen_parameters(model: torch.nn.Module):
+    """Turn off gradients of the model's parameters while attacking.
+
+    Foolbox (through eagerpy) and pyautoattack call ``loss.backward()``, which would otherwise also
+    compute (and accumulate) a gradient for every weight: wasted time, since attacks need only the
+    gradient with respect to the input.
+    """
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+
+
 class Attack(ABC):
     """An attack: a registered name, typed keyword-only options, per-sample results.
 
@@ -123,8 +142,8 @@ class Attack(ABC):
         epsilons = tuple(float(eps) for eps in epsilons)
         if active is None:
             active = torch.ones(len(epsilons), len(labels), dtype=torch.bool)
-        result = self.run(model, images, labels, norm=norm, epsilons=epsilons, seed=seed, active=active)
-        return result
+        with frozen_parameters(model):
+            return self.run(model, images, labels, norm=norm, epsilons=epsilons, seed=seed, active=active)
 
     @abstractmethod
     def run(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, norm: str, epsilons: tuple[float, ...], seed: int, active: torch.Tensor) -> PerturbationResult:
