@@ -5,13 +5,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from invarbench.attacks import create_attack
+from invarbench.attacks import ThreatModel, create_attack
 from invarbench.datasets import Dataset, load_dataset
 from invarbench.evaluation import clean_accuracy
 from invarbench.models import get_card, list_models, load_model
-
-# The field's headline threat models per data set; each model is also attacked at the one it was trained against.
-HEADLINE_THREATS = {"mnist": [("linf", 0.3), ("l2", 2.0)], "spheres": [("linf", 0.025)]}
+from invarbench.runner import HEADLINE_THREATS
 
 
 @dataclass(frozen=True)
@@ -25,7 +23,8 @@ class QuickRow:
 
 
 def threats_for(card) -> list[tuple[str, float]]:
-    threats = list(HEADLINE_THREATS.get(card.dataset, []))
+    """The data set's headline threat models, and the one the model was trained against."""
+    threats = [(threat.norm, eps) for threat in map(ThreatModel.parse, HEADLINE_THREATS.get(card.dataset, ())) for eps in threat.epsilons]
     own = (card.threat_model["norm"], float(card.threat_model["eps"]))
     if own[0] != "none" and own not in threats:
         threats.append(own)
