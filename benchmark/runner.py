@@ -11,6 +11,7 @@ import hashlib
 import json
 import platform
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -353,9 +354,12 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
                     earlier = pd.concat(shard_records[shard_key]) if shard_records.get(shard_key) else None
                     started = time.perf_counter()
                     window = slice(job.start, job.stop)
-                    records = execute_job(job, model, images[window], labels[window], clean_predictions[window], earlier, cascade=config.cascade, workspace=run_dir / "state" / job.id)
+                    workspace = run_dir / "state" / job.id
+                    records = execute_job(job, model, images[window], labels[window], clean_predictions[window], earlier, cascade=config.cascade, workspace=workspace)
                     seconds = time.perf_counter() - started
                     store.write_job(job.id, records, seconds=seconds)
+                    # An attack's resume state is only needed until its job's records are on disk.
+                    shutil.rmtree(workspace, ignore_errors=True)
                     outcome.jobs_run += 1
                 shard_records.setdefault(shard_key, []).append(records)
                 all_records.append(records)

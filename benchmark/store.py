@@ -7,6 +7,7 @@
       jobs/*.parquet     per-sample records of each finished job (the unit of resumption)
       results.parquet    all records merged, written when the run completes
       summary.json       clean accuracy, robust accuracy per attack and eps, worst case, counts, flags
+      state/JOB/         an unfinished job's resume state (AutoAttack's state file), removed when it finishes
       run.lock           present while a process writes into the directory
 
 Every file is written atomically (temporary file + rename), so a killed run leaves only complete

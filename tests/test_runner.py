@@ -28,6 +28,7 @@ def test_run_writes_manifest_records_and_a_consistent_summary(tmp_path):
     run_dir = tmp_path / "run"
     assert {path.name for path in run_dir.iterdir()} >= {"manifest.json", "results.parquet", "summary.json", "jobs"}
     assert not (run_dir / "run.lock").exists()
+    assert not list(run_dir.glob("state/*")), "finished jobs leave no resume state behind"
     records = pd.read_parquet(run_dir / "results.parquet")
     assert len(records) == 60 * 2 * 2  # points x eps x attacks
     model = outcome.summary["models"]["spheres-mlp-standard"]
