@@ -295,6 +295,7 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
     store = RunStore(run_dir)
     torch_device = resolve_device(device)
     with RunLock(run_dir):
+        store.remove_stale_temporaries()
         if store.manifest_path.exists():
             previous = read_json(store.manifest_path)
             if previous.get("config") != config.to_dict():

@@ -112,6 +112,11 @@ class RunStore:
         self.summary_path = self.run_dir / "summary.json"
         self.results_path = self.run_dir / "results.parquet"
 
+    def remove_stale_temporaries(self) -> None:
+        """Delete temporary files a killed writer left behind; call only while holding the run lock."""
+        for leftover in self.run_dir.rglob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+
     def job_path(self, job_id: str) -> Path:
         return self.jobs_dir / f"{job_id}.parquet"
 
