@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ class ModelSpec:
     def key(self) -> str:
         return self.reference if self.is_registered else Path(self.reference).stem
 
-    @property
+    @cached_property
     def is_registered(self) -> bool:
         return self.reference in list_models()
 
@@ -415,11 +416,4 @@ def merge_threats(threats: list[ThreatModel]) -> tuple[ThreatModel, ...]:
     return tuple(ThreatModel(norm, tuple(sorted(epsilons))) for norm, epsilons in merged.items())
 
 
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Rebuild a :class:`RunConfig` from a manifest's ``config`` (used by checks and the leaderboard)."""
-    models = tuple(ModelSpec(entry["reference"], entry["dataset"], entry.get("architecture"), tuple(sorted(entry.get("architecture_args", {}).items()))) for entry in data["models"])
-    attacks = tuple(AttackSpec(entry["name"], tuple(entry.get("options", {}).items())) for entry in data["attacks"])
-    return RunConfig(models, tuple(ThreatModel.parse(spec) for spec in data["threats"]), attacks, data["n"], data["seed"], data["shard_size"], data["cascade"])
-
-
-__all__ = ["AttackSpec", "Job", "ModelSpec", "RunConfig", "config_from_dict", "default_threats", "execute_job", "merge_threats", "plan", "run_benchmark", "summarize"]
+__all__ = ["AttackSpec", "Job", "ModelSpec", "RunConfig", "default_threats", "execute_job", "merge_threats", "plan", "run_benchmark", "summarize"]

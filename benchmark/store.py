@@ -136,11 +136,6 @@ class RunStore:
     def write_results(self, records: pd.DataFrame) -> None:
         atomic_write(self.results_path, lambda tmp: as_records(records).to_parquet(tmp, index=False))
 
-    def read_results(self) -> pd.DataFrame:
-        if not self.results_path.exists():
-            raise ConfigError(f"{self.results_path} does not exist: the run is incomplete; re-run the same `invarbench run` command to finish it")
-        return as_records(pd.read_parquet(self.results_path))
-
 
 def as_records(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with exactly the record columns, in order, with their declared dtypes."""

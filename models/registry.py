@@ -188,7 +188,7 @@ def load_model(
                 arguments.setdefault("num_classes", num_classes)
             network = build_architecture(architecture, **arguments)
             _load_state_dict(network, path, hint="check --architecture and its arguments")
-        classes = num_classes if num_classes is not None else int(architecture_args.get("num_classes", 10) if architecture_args else 10)
+        classes = num_classes if num_classes is not None else int((architecture_args or {}).get("num_classes", 10))
         model = BenchmarkModel(network, bounds=bounds, num_classes=classes, mean=mean, std=std, name=path.stem)
     return model.to(device).eval()
 
