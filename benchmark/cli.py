@@ -44,7 +44,7 @@ def _models_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     header = ["model", "dataset", "architecture", "recipe", "trained against", "clean accuracy", "PGD robust accuracy", "invertible"]
     rows = []
-    for name in list_models():
+    for name in list_models(role="oracle" if args.oracles else "benchmark"):
         card = get_card(name)
         threat = "none" if card.threat_model["norm"] == "none" else f"{card.threat_model['norm']} {card.threat_model['eps']:g}"
         robust = ", ".join(f"{100 * entry['value']:.1f}% ({entry['attack']} x{entry['restarts']}, {entry['norm']} {entry['eps']:g}, n={entry['n']})" for entry in card.robust_accuracy) or "-"
@@ -85,6 +85,33 @@ def _models_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _models_nuisance(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from invarbench.datasets import load_dataset
+    from invarbench.models import get_card, load_model
+    from invarbench.models.measure import nuisance_classifier_error
+
+    card = get_card(args.name)
+    if not card.invertible:
+        raise InvarbenchError(f"model {args.name!r} is not invertible (its card says invertible = false); the nuisance classifier needs a fi-revnet model")
+    result = nuisance_classifier_error(load_model(args.name), load_dataset(card.dataset, **card.dataset_options), epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+    result["command"] = f"invarbench models nuisance {args.name} --update-card"
+    print(f"{card.name}: a classifier trained on the nuisance z_n has {100 * result['error']:.2f}% test error (n={result['n_test']}; 90% = no label information)")
+    if args.update_card:
+        replace(card, nuisance_classifier=result).save()
+        print(f"updated {card.path}")
+    return EXIT_OK
+
+
+def _gallery(args: argparse.Namespace) -> int:
+    from invarbench.gallery import invariance_gallery
+
+    path = invariance_gallery(args.run_dir, args.out, model=args.model, attack=args.attack, count=args.count)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
 def _run(args: argparse.Namespace) -> int:
     import json
 
@@ -96,11 +123,21 @@ def _run(args: argparse.Namespace) -> int:
         architecture_args = tuple(sorted(json.loads(args.architecture_args).items())) if args.architecture_args else ()
     except (json.JSONDecodeError, AttributeError) as error:
         raise InvarbenchError(f"--architecture-args {args.architecture_args!r} is not a JSON object ({error}); write e.g. '{{\"hidden\": [256, 256]}}'") from error
-    registered = set(list_models())
+    registered = set(list_models(role=None))
     specs = tuple(ModelSpec(model, get_card(model).dataset if model in registered else args.dataset, None if model in registered else args.architecture, () if model in registered else architecture_args) for model in args.models)
     threats = merge_threats([ThreatModel.parse(spec) for spec in args.threat]) if args.threat else default_threats(specs)
-    attacks = tuple(AttackSpec.parse(spec) for spec in (args.attack or ["pgd"]))
-    config = RunConfig(specs, threats, attacks, n=args.n, seed=args.seed, shard_size=args.shard_size, cascade=not args.no_cascade)
+    attack_specs = list(args.attack or ([] if args.invariance_set else ["pgd"]))
+    n = args.n
+    if args.invariance_set:
+        from invarbench.attacks.oracles import load_invariance_sets
+
+        directory = str(Path(args.invariance_set).resolve())
+        largest = max(int(item.original_indices.max()) for item in load_invariance_sets(directory))
+        attack_specs.append(f"invariance-set:directory={directory}")
+        n = n if n is not None else largest + 1
+    attacks = tuple(AttackSpec.parse(spec) for spec in attack_specs)
+    n = n if n is not None else 1000
+    config = RunConfig(specs, threats, attacks, n=n, seed=args.seed, shard_size=args.shard_size, cascade=not args.no_cascade)
     outcome = run_benchmark(config, args.out, name=args.name, device=args.device, progress=not args.no_progress, data_source=args.data)
     rows = []
     for model, entry in outcome.summary["models"].items():
@@ -108,8 +145,24 @@ def _run(args: argparse.Namespace) -> int:
             for eps, result in per_eps.items():
                 cells = [f"{100 * attack['robust_accuracy']:.1f}%" for attack in result["attacks"].values()]
                 rows.append([model, f"{100 * entry['clean_accuracy']:.1f}%", f"{norm} {eps}", *cells, f"{100 * result['worst_case']['robust_accuracy']:.1f}%", "yes" if entry["warnings"] else "no"])
-    header = ["model", "clean", "threat", *[f"after {attack.label()}" for attack in attacks], "worst case", "check warnings"]
-    print(format_table(header, rows))
+    perturbation = [attack for attack in attacks if attack.kind != "invariance"]
+    if rows:
+        header = ["model", "clean", "threat", *[f"after {attack.label()}" for attack in perturbation], "worst case", "check warnings"]
+        print(format_table(header, rows))
+    invariance_rows = []
+    for model, entry in outcome.summary["models"].items():
+        for attack, per_eps in entry.get("invariance", {}).items():
+            for setting, metrics in per_eps.items():
+                accuracy, low_high = metrics["invariance_accuracy"], metrics["invariance_accuracy_ci95"]
+                excessive, excessive_interval = metrics["excessive_invariance_rate"], metrics["excessive_invariance_rate_ci95"]
+                invariance_rows.append([
+                    model, attack, setting, ",".join(metrics["oracle"]), f"{metrics['label_changed']}/{metrics['candidates']} ({metrics['abstained']} abstained)",
+                    "-" if accuracy is None else f"{100 * accuracy:.1f}% [{100 * low_high[0]:.1f}, {100 * low_high[1]:.1f}]",
+                    "-" if excessive is None else f"{100 * excessive:.1f}% [{100 * excessive_interval[0]:.1f}, {100 * excessive_interval[1]:.1f}]",
+                ])
+    if invariance_rows:
+        print()
+        print(format_table(["model", "invariance attack", "setting", "oracle", "label changed", "invariance accuracy [95% CI]", "excessive invariance [95% CI]"], invariance_rows))
     for model, entry in outcome.summary["models"].items():
         for warning in entry["warnings"]:
             print(f"warning: {model}: {warning}", file=sys.stderr)
@@ -142,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = model_commands.add_parser("list", help="table of registered models", description="Table of registered models with their cards' key facts.")
     listing.add_argument("--architectures", action="store_true", help="list registered architectures instead")
     listing.add_argument("--markdown", action="store_true", help="print a Markdown table (the README's zoo table)")
+    listing.add_argument("--oracles", action="store_true", help="list the proxy oracle's member models instead of the benchmark zoo")
     listing.set_defaults(handler=_models_list)
     show = model_commands.add_parser("show", help="print a model card", description="Print a model's card (TOML).")
     show.add_argument("name", help="registered model name")
@@ -158,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--update-card", action="store_true", help="write the measured figures into the card")
     evaluate.set_defaults(handler=_models_evaluate)
 
+    nuisance = model_commands.add_parser("nuisance", help="measure the label information in an invertible model's nuisance", description="Train a classifier on z_n of the training images after the fact and report its test error (Jacobsen et al.).")
+    nuisance.add_argument("name", help="registered invertible model name")
+    nuisance.add_argument("--epochs", type=int, default=5, help="epochs of the nuisance classifier (default 5)")
+    nuisance.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    nuisance.add_argument("--update-card", action="store_true", help="write the measured error into the card")
+    nuisance.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    nuisance.set_defaults(handler=_models_nuisance)
+
     run = commands.add_parser(
         "run",
         help="evaluate models against attacks (resumable)",
@@ -167,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("models", nargs="+", metavar="MODEL", help="registered model name or checkpoint path (TorchScript, or a state_dict with --architecture)")
     run.add_argument("--threat", action="append", metavar="NORM:EPS[,EPS...]", help="threat model, e.g. linf:0.1,0.2,0.3 or l2:2.0; repeatable (default: the model's training threat model, else its data set's headline one)")
     run.add_argument("--attack", action="append", metavar="NAME[:KEY=VALUE,...]", help="attack in cascade order, e.g. pgd, pgd:restarts=5, autoattack:version=plus, fmn; repeatable (default: pgd)")
-    run.add_argument("--n", type=int, default=1000, help="number of test points, the first N in fixed order (default 1000)")
+    run.add_argument("--n", type=int, default=None, help="number of test points, the first N in fixed order (default 1000; with --invariance-set, up to the largest index in the set)")
+    run.add_argument("--invariance-set", metavar="DIR", help="evaluate on a fixed set of changed images with people's labels (NAME.npy + NAME_labels.npy + indexs.npy, Tramèr et al.'s format), judged by those labels")
     run.add_argument("--seed", type=int, default=0, help="base seed; each job derives its own (default 0)")
     run.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run directories (default runs/)")
     run.add_argument("--name", help="run directory name (default: derived from the configuration, so the same command resumes)")
@@ -180,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--architecture-args", help="JSON object of the architecture's constructor arguments")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.set_defaults(handler=_run)
+
+    gallery = commands.add_parser("gallery", help="draw invariance candidates of a run", description="Draw the test image, the candidate's source and the candidate, with the model's and the oracle's labels, for candidates whose label the oracle says changed.")
+    gallery.add_argument("run_dir", type=Path, help="a finished run directory with invariance attacks")
+    gallery.add_argument("--out", type=Path, required=True, help="PNG or SVG file to write")
+    gallery.add_argument("--model", help="model key in the run (default: the first with records)")
+    gallery.add_argument("--attack", help="invariance attack name, e.g. metameric")
+    gallery.add_argument("--count", type=int, default=8, help="number of candidates (default 8)")
+    gallery.set_defaults(handler=_gallery)
 
     bench = commands.add_parser("bench", help="quick benchmark of the reference zoo", description="Clean and PGD robust accuracy of zoo models on the first N test points, printed as a table.")
     bench.add_argument("models", nargs="*", help="registered model names (default: the whole zoo)")

@@ -24,14 +24,16 @@ from typing import Any
 import pandas as pd
 import torch
 from invarbench import __version__
-from invarbench.attacks import ThreatModel, create_attack
+from invarbench.attacks import ATTACKS, ThreatModel, create_attack
+from invarbench.attacks.invariance import InvarianceContext
+from invarbench.attacks.oracles import ABSTAIN, default_oracle
 from invarbench.checks import CHECKS, check_model
-from invarbench.datasets import load_dataset
+from invarbench.datasets import invarbench_home, load_dataset
 from invarbench.errors import ConfigError
 from invarbench.evaluation import predict
 from invarbench.io import sha256_file
 from invarbench.models import BenchmarkModel, get_card, list_models, load_model
-from invarbench.store import RunLock, RunStore, as_records, read_json, write_json
+from invarbench.store import RECORD_COLUMNS, RunLock, RunStore, as_records, read_json, write_json
 from tqdm.auto import tqdm
 
 # The field's headline threat models per data set, the first being the default of `invarbench run`.
@@ -60,6 +62,10 @@ class AttackSpec:
 
     def create(self):
         return create_attack(self.name, **dict(self.options))
+
+    @property
+    def kind(self) -> str:
+        return ATTACKS[self.name].kind
 
     def label(self) -> str:
         return self.name if not self.options else f"{self.name}:{','.join(f'{key}={value}' for key, value in self.options)}"
@@ -93,13 +99,17 @@ class ModelSpec:
 
     @cached_property
     def is_registered(self) -> bool:
-        return self.reference in list_models()
+        return self.reference in list_models(role=None)
 
     def load(self, num_classes: int, bounds: tuple[float, float]) -> BenchmarkModel:
         if self.is_registered:
             return load_model(self.reference)
         args = dict(self.architecture_args)
         return load_model(self.reference, architecture=self.architecture, architecture_args=args, num_classes=num_classes, bounds=bounds)
+
+    @property
+    def invertible(self) -> bool:
+        return get_card(self.reference).invertible if self.is_registered else self.architecture == "fi-revnet"
 
     def checkpoint_sha256(self) -> str:
         return get_card(self.reference).checkpoint_sha256 if self.is_registered else sha256_file(self.reference)
@@ -168,15 +178,50 @@ def derive_seed(*parts: object) -> int:
     return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:8], 16) % 2**31
 
 
+def attack_threats(attack: AttackSpec, threats: tuple[ThreatModel, ...], invertible: bool) -> list[ThreatModel]:
+    """The threat models an attack runs under: perturbation attacks under every configured one;
+    invariance attacks under those their norm allows (exact metamers and l_0 budgets once, as their own
+    pseudo-norm)."""
+    if attack.kind != "invariance":
+        return list(threats)
+    instance = attack.create()
+    selected: list[ThreatModel] = []
+    for threat in threats:
+        norm = instance.threat_norm(threat.norm, invertible)
+        if norm is None:
+            continue
+        candidate = ThreatModel(norm, threat.epsilons) if norm == threat.norm else ThreatModel(norm, instance.budgets())
+        if candidate not in selected:
+            selected.append(candidate)
+    return selected
+
+
 def plan(config: RunConfig) -> list[Job]:
     jobs = []
     for model in config.models:
-        for threat in config.threats:
-            for attack_index, attack in enumerate(config.attacks):
+        for attack_index, attack in enumerate(config.attacks):
+            for threat in attack_threats(attack, config.threats, model.invertible):
                 for shard, start in enumerate(range(0, config.n, config.shard_size)):
                     seed = derive_seed(config.seed, model.key, threat, attack_index, attack.label(), shard)
                     jobs.append(Job(model.key, threat, attack_index, attack, shard, start, min(start + config.shard_size, config.n), seed))
-    return jobs
+    # Threat-major order within a model, as before invariance attacks existed: the cascade needs the
+    # cheaper attacks of a shard first, which attack order within a threat gives.
+    order = {(model.key, str(threat)): position for position, (model, threat) in enumerate((m, t) for m in config.models for t in config.threats)}
+    return sorted(jobs, key=lambda job: (order.get((job.model, str(job.threat)), len(order)), job.model, job.attack_index, job.shard))
+
+
+def _point_columns(job: Job, labels: torch.Tensor, clean_predictions: torch.Tensor, norm: str, eps: float) -> dict[str, Any]:
+    """The columns every record starts with: which model, point, threat and attack it belongs to."""
+    return {
+        "model": job.model,
+        "index": torch.arange(job.start, job.stop).numpy(),
+        "label": labels.numpy(),
+        "clean_prediction": clean_predictions.numpy(),
+        "norm": norm,
+        "eps": eps,
+        "attack": job.attack.name,
+        "attack_index": job.attack_index,
+    }
 
 
 def execute_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, clean_predictions: torch.Tensor, earlier: pd.DataFrame | None, *, cascade: bool, workspace: Path | None = None) -> pd.DataFrame:
@@ -210,14 +255,7 @@ def execute_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: 
         rows.append(
             pd.DataFrame(
                 {
-                    "model": job.model,
-                    "index": torch.arange(job.start, job.stop).numpy(),
-                    "label": labels.numpy(),
-                    "clean_prediction": clean_predictions.numpy(),
-                    "norm": job.threat.norm,
-                    "eps": eps,
-                    "attack": job.attack.name,
-                    "attack_index": job.attack_index,
+                    **_point_columns(job, labels, clean_predictions, job.threat.norm, eps),
                     "ran": ran.numpy(),
                     "success": pd.arrays.BooleanArray(success[eps_index].numpy(), ~ran.numpy()),
                     "adversarial_prediction": pd.arrays.IntegerArray(predictions[eps_index].numpy(), ~ran.numpy()),
@@ -228,20 +266,102 @@ def execute_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: 
     return as_records(pd.concat(rows, ignore_index=True))
 
 
-def summarize(records: pd.DataFrame, config: RunConfig, models: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Clean accuracy, cumulative robust accuracy after each attack (in cascade order), worst case."""
-    summary: dict[str, Any] = {"n": config.n, "seed": config.seed, "cascade": config.cascade, "attack_order": [attack.label() for attack in config.attacks], "models": {}}
+def execute_invariance_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, clean_predictions: torch.Tensor, context: InvarianceContext) -> tuple[pd.DataFrame, torch.Tensor]:
+    """Run one invariance job on its shard: per-candidate records and the candidate images."""
+    attack = job.attack.create()
+    attack.context = context
+    result = attack(model, images, labels, norm=job.threat.norm, epsilons=job.threat.epsilons, seed=job.seed)
+    rows = []
+    for eps_index, eps in enumerate(result.epsilons):
+        oracle_labels = result.oracle_labels[eps_index].numpy()
+        rows.append(
+            pd.DataFrame(
+                {
+                    **_point_columns(job, labels, clean_predictions, result.norm, eps),
+                    "ran": True if result.ran is None else result.ran[eps_index].numpy(),
+                    "target_class": pd.arrays.IntegerArray(result.target_classes[eps_index].numpy(), result.target_classes[eps_index].numpy() < 0),
+                    "source_index": pd.arrays.IntegerArray(result.source_indices[eps_index].numpy(), result.source_indices[eps_index].numpy() < 0),
+                    "oracle": result.oracle if result.oracles is None else result.oracles[eps_index],
+                    "oracle_label": pd.arrays.IntegerArray(oracle_labels, oracle_labels == ABSTAIN),
+                    "model_prediction": pd.arrays.IntegerArray(result.model_predictions[eps_index].numpy(), result.model_predictions[eps_index].numpy() < 0),
+                    "perturbation_norm": result.perturbation_norms[eps_index].numpy(),
+                    "logit_error": result.logit_errors[eps_index].numpy(),
+                }
+            )
+        )
+    return as_records(pd.concat(rows, ignore_index=True)), result.candidates
+
+
+def oracle_report(oracle, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """The oracle on the unchanged evaluation points: how often it abstains, and how often it agrees
+    with the data set's labels when it decides (the trust one can place in its invariance judgments)."""
+    decided = oracle.label(images)
+    judged = decided != ABSTAIN
+    correct = int((decided[judged] == labels[judged]).sum())
+    return {
+        **oracle.describe(),
+        "n": len(labels),
+        "abstention_rate": 1 - int(judged.sum()) / len(labels),
+        "accuracy_when_deciding": correct / int(judged.sum()) if judged.any() else None,
+        "accuracy_when_deciding_ci95": wilson_interval(correct, int(judged.sum())),
+    }
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a binomial rate (sensible at 0 and 1, unlike the normal one)."""
+    if trials == 0:
+        return [0.0, 1.0]
+    rate = successes / trials
+    denominator = 1 + z**2 / trials
+    centre = (rate + z**2 / (2 * trials)) / denominator
+    half = z * ((rate * (1 - rate) / trials + z**2 / (4 * trials**2)) ** 0.5) / denominator
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def invariance_metrics(rows: pd.DataFrame) -> dict[str, Any]:
+    """Invariance accuracy and excessive-invariance rate over the candidates whose label the oracle
+    says changed, with counts and 95% Wilson intervals."""
+    rows = rows[rows["ran"]]
+    judged = rows[rows["oracle_label"].notna()]
+    changed = judged[judged["oracle_label"] != judged["label"]]
+    agrees = int((changed["model_prediction"] == changed["oracle_label"]).sum())
+    keeps = int((changed["model_prediction"] == changed["label"]).sum())
+    logit_errors = rows["logit_error"].dropna()
+    metrics = {
+        "oracle": sorted(set(rows["oracle"].dropna())),
+        "candidates": len(rows),
+        "abstained": len(rows) - len(judged),
+        "label_changed": len(changed),
+        "label_changed_rate": len(changed) / len(judged) if len(judged) else 0.0,
+        "model_agrees_with_oracle": agrees,
+        "invariance_accuracy": agrees / len(changed) if len(changed) else None,
+        "invariance_accuracy_ci95": wilson_interval(agrees, len(changed)),
+        "model_keeps_original_label": keeps,
+        "excessive_invariance_rate": keeps / len(changed) if len(changed) else None,
+        "excessive_invariance_rate_ci95": wilson_interval(keeps, len(changed)),
+        "median_perturbation_norm": float(rows["perturbation_norm"].median()) if len(rows) else None,
+    }
+    if len(logit_errors):
+        metrics["max_logit_error"] = float(logit_errors.max())
+    return metrics
+
+
+def summarize(records: pd.DataFrame, config: RunConfig, models: dict[str, dict[str, Any]], invariance: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Clean accuracy, cumulative robust accuracy after each perturbation attack (in cascade order),
+    worst case; invariance metrics per invariance attack and eps."""
+    perturbation = [(index, attack) for index, attack in enumerate(config.attacks) if attack.kind != "invariance"]
+    summary: dict[str, Any] = {"n": config.n, "seed": config.seed, "cascade": config.cascade, "attack_order": [attack.label() for _, attack in perturbation], "models": {}}
     for model, info in models.items():
         model_records = records[records["model"] == model]
         clean_correct = info["clean_correct"]
         entry = {**info, "clean_accuracy": clean_correct / config.n, "threats": {}}
-        for threat in config.threats:
+        for threat in config.threats if perturbation else ():
             per_eps = {}
             for eps in threat.epsilons:
                 selected = model_records[(model_records["norm"] == threat.norm) & (model_records["eps"] == eps)]
                 broken = set()
                 attacks = {}
-                for attack_index, attack in enumerate(config.attacks):
+                for attack_index, attack in perturbation:
                     rows = selected[selected["attack_index"] == attack_index]
                     newly = set(rows.loc[rows["success"].fillna(False).astype(bool), "index"].tolist())
                     attacked = int(rows["ran"].sum())
@@ -257,6 +377,13 @@ def summarize(records: pd.DataFrame, config: RunConfig, models: dict[str, dict[s
                 robust = clean_correct - len(broken)
                 per_eps[f"{eps:g}"] = {"attacks": attacks, "worst_case": {"robust": robust, "robust_accuracy": robust / config.n}}
             entry["threats"][threat.norm] = per_eps
+        if invariance is not None and len(invariance):
+            model_rows = invariance[invariance["model"] == model]
+            entry["invariance"] = {}
+            for attack_index, attack in enumerate(config.attacks):
+                rows = model_rows[model_rows["attack_index"] == attack_index]
+                if len(rows):
+                    entry["invariance"][attack.label()] = {f"{norm}:{eps:g}": invariance_metrics(group) for (norm, eps), group in rows.groupby(["norm", "eps"], sort=True)}
         summary["models"][model] = entry
     return summary
 
@@ -290,8 +417,11 @@ class RunOutcome:
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, device: str = "auto", progress: bool = True, data_source: str | None = None) -> RunOutcome:
-    """Run (or resume) the configured evaluation into ``out/NAME`` and return its summary."""
+def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, device: str = "auto", progress: bool = True, data_source: str | None = None, oracle=None) -> RunOutcome:
+    """Run (or resume) the configured evaluation into ``out/NAME`` and return its summary.
+
+    ``oracle`` judges invariance candidates; by default the data set's own (see ``default_oracle``).
+    """
     run_dir = Path(out) / (name or config.default_name())
     store = RunStore(run_dir)
     torch_device = resolve_device(device)
@@ -319,6 +449,9 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
         jobs = plan(config)
         outcome = RunOutcome(run_dir, {})
         all_records: list[pd.DataFrame] = []
+        invariance_records: list[pd.DataFrame] = []
+        oracles: dict[tuple, Any] = {}
+        oracle_reports: dict[str, dict[str, Any]] = {}
         model_info: dict[str, dict[str, Any]] = {}
         datasets: dict[tuple, Any] = {}
         tallies: dict[tuple, list[int]] = {}
@@ -345,6 +478,9 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
                 "checks": flags,
                 "warnings": [CHECKS[check] for check, raised in flags.items() if raised],
             }
+            if key not in oracles and any(attack.kind == "invariance" and ATTACKS[attack.name].needs_oracle for attack in config.attacks):
+                oracles[key] = oracle or default_oracle(dataset)
+                oracle_reports[oracles[key].name] = oracle_report(oracles[key], images, labels)
             timings: dict[str, float] = {}
             shard_records: dict[tuple, list[pd.DataFrame]] = {}
             for job in (job for job in jobs if job.model == spec.key):
@@ -352,6 +488,15 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
                 if store.job_done(job.id):
                     records, seconds = store.read_job(job.id)
                     outcome.jobs_resumed += 1
+                elif job.attack.kind == "invariance":
+                    started = time.perf_counter()
+                    window = slice(job.start, job.stop)
+                    context = InvarianceContext(dataset, oracles.get(key), torch.arange(job.start, job.stop), cache_dir=invarbench_home() / "cache" / "invariance")
+                    records, candidates = execute_invariance_job(job, model, images[window], labels[window], clean_predictions[window], context)
+                    seconds = time.perf_counter() - started
+                    store.write_candidates(job.id, candidates)
+                    store.write_job(job.id, records, seconds=seconds)
+                    outcome.jobs_run += 1
                 else:
                     earlier = pd.concat(shard_records[shard_key]) if shard_records.get(shard_key) else None
                     started = time.perf_counter()
@@ -363,18 +508,29 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
                     # An attack's resume state is only needed until its job's records are on disk.
                     shutil.rmtree(workspace, ignore_errors=True)
                     outcome.jobs_run += 1
+                timings[job.attack.label()] = timings.get(job.attack.label(), 0.0) + seconds
+                bar.update(job.stop - job.start)
+                if job.attack.kind == "invariance":
+                    invariance_records.append(records)
+                    judged = records[records["oracle_label"].notna() & (records["oracle_label"] != records["label"])]
+                    bar.set_postfix_str(f"{spec.key} {job.attack.name} label changed {len(judged)}/{len(records)}", refresh=False)
+                    continue
                 shard_records.setdefault(shard_key, []).append(records)
                 all_records.append(records)
-                timings[job.attack.label()] = timings.get(job.attack.label(), 0.0) + seconds
                 robust_so_far = _tally(tallies, job, records)
                 bar.set_postfix_str(f"{spec.key} {job.threat.norm} {job.attack.name} robust {robust_so_far}", refresh=False)
-                bar.update(job.stop - job.start)
             outcome.timings[spec.key] = timings
         bar.close()
 
-        records = as_records(pd.concat(all_records, ignore_index=True)).sort_values(["model", "norm", "eps", "attack_index", "index"], kind="stable")
-        store.write_results(records)
-        outcome.summary = summarize(records, config, model_info)
+        records = as_records(pd.concat(all_records, ignore_index=True)) if all_records else as_records(pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in RECORD_COLUMNS.items()}))
+        records = records.sort_values(["model", "norm", "eps", "attack_index", "index"], kind="stable")
+        invariance = None
+        if invariance_records:
+            invariance = as_records(pd.concat(invariance_records, ignore_index=True)).sort_values(["model", "attack_index", "norm", "eps", "index"], kind="stable")
+        store.write_results(records, invariance)
+        outcome.summary = summarize(records, config, model_info, invariance)
+        if oracle_reports:
+            outcome.summary["oracles"] = oracle_reports
         write_json(store.summary_path, outcome.summary)
         manifest.update(status="complete", finished=datetime.now(UTC).isoformat(timespec="seconds"), timings_seconds=outcome.timings, checkpoint_sha256={key: info["checkpoint_sha256"] for key, info in model_info.items()})
         write_json(store.manifest_path, manifest)

@@ -5,7 +5,9 @@
     RUN_DIR/
       manifest.json      config, seeds, versions, device, checkpoint sha256, timings, status
       jobs/*.parquet     per-sample records of each finished job (the unit of resumption)
-      results.parquet    all records merged, written when the run completes
+      results.parquet    all perturbation records merged, written when the run completes
+      invariance.parquet all invariance records merged (oracle label, model prediction, target class)
+      candidates/*.npz   an invariance job's candidate images, (eps, points, ...) float32
       summary.json       clean accuracy, robust accuracy per attack and eps, worst case, counts, flags
       state/JOB/         an unfinished job's resume state (AutoAttack's state file), removed when it finishes
       run.lock           present while a process writes into the directory
@@ -28,7 +30,8 @@ import pyarrow.parquet as pq
 from invarbench.errors import ConfigError
 from invarbench.io import atomic_write, atomic_write_text
 
-RECORD_COLUMNS = {
+# The columns every record starts with: model, point and the attack under its threat model.
+POINT_COLUMNS = {
     "model": "string",
     "index": "int64",
     "label": "int64",
@@ -38,9 +41,26 @@ RECORD_COLUMNS = {
     "attack": "string",
     "attack_index": "int64",
     "ran": "bool",
+}
+
+# Per-sample records of perturbation attacks (one row per point and eps).
+RECORD_COLUMNS = {
+    **POINT_COLUMNS,
     "success": "boolean",
     "adversarial_prediction": "Int64",
     "perturbation_norm": "float64",
+}
+
+# Per-candidate records of invariance attacks (one row per point and eps or budget).
+INVARIANCE_COLUMNS = {
+    **POINT_COLUMNS,
+    "target_class": "Int64",
+    "source_index": "Int64",
+    "oracle": "string",
+    "oracle_label": "Int64",
+    "model_prediction": "Int64",
+    "perturbation_norm": "float64",
+    "logit_error": "float64",
 }
 
 
@@ -111,6 +131,8 @@ class RunStore:
         self.manifest_path = self.run_dir / "manifest.json"
         self.summary_path = self.run_dir / "summary.json"
         self.results_path = self.run_dir / "results.parquet"
+        self.invariance_path = self.run_dir / "invariance.parquet"
+        self.candidates_dir = self.run_dir / "candidates"
 
     def remove_stale_temporaries(self) -> None:
         """Delete temporary files a killed writer left behind; call only while holding the run lock."""
@@ -123,6 +145,17 @@ class RunStore:
     def job_done(self, job_id: str) -> bool:
         return self.job_path(job_id).exists()
 
+    def write_candidates(self, job_id: str, candidates) -> None:
+        """Candidate images of an invariance job; written before its records, which mark it done."""
+        import numpy as np
+
+        def write(tmp: Path) -> None:
+            # Through a file object: given a path, numpy would append ".npz" to the temporary name.
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, candidates=np.asarray(candidates, dtype=np.float32))
+
+        atomic_write(self.candidates_dir / f"{job_id}.npz", write)
+
     def write_job(self, job_id: str, records: pd.DataFrame, *, seconds: float) -> None:
         table = pa.Table.from_pandas(as_records(records), preserve_index=False)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"invarbench.seconds": str(seconds).encode()})
@@ -133,13 +166,17 @@ class RunStore:
         seconds = float((table.schema.metadata or {}).get(b"invarbench.seconds", b"0"))
         return as_records(table.to_pandas()), seconds
 
-    def write_results(self, records: pd.DataFrame) -> None:
+    def write_results(self, records: pd.DataFrame, invariance: pd.DataFrame | None = None) -> None:
         atomic_write(self.results_path, lambda tmp: as_records(records).to_parquet(tmp, index=False))
+        if invariance is not None:
+            atomic_write(self.invariance_path, lambda tmp: as_records(invariance).to_parquet(tmp, index=False))
 
 
 def as_records(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with exactly the record columns, in order, with their declared dtypes."""
-    missing = [column for column in RECORD_COLUMNS if column not in frame]
+    """``frame`` with exactly the record columns (perturbation or invariance, told apart by the
+    ``oracle`` column), in order, with their declared dtypes."""
+    columns = INVARIANCE_COLUMNS if "oracle" in frame else RECORD_COLUMNS
+    missing = [column for column in columns if column not in frame]
     if missing:
         raise ConfigError(f"per-sample records lack the columns {missing}; the file was not written by this version of invarbench")
-    return frame[list(RECORD_COLUMNS)].astype(RECORD_COLUMNS).reset_index(drop=True)
+    return frame[list(columns)].astype(columns).reset_index(drop=True)

@@ -55,6 +55,10 @@ class ModelCard:
     clean_accuracy_n: int
     dataset_options: dict[str, Any] = field(default_factory=dict)
     robust_accuracy: tuple[dict[str, Any], ...] = ()
+    #: "benchmark" for leaderboard models; "oracle" for the proxy oracle's members, which are never ranked.
+    role: str = "benchmark"
+    #: Invertible models: error of a classifier trained after the fact on the nuisance z_n.
+    nuisance_classifier: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
     @property
@@ -98,6 +102,8 @@ class ModelCard:
             clean_accuracy_n=int(data["clean_accuracy"]["n"]),
             dataset_options=dict(data.get("dataset_options", {})),
             robust_accuracy=tuple(data.get("robust_accuracy", ())),
+            role=str(data.get("role", "benchmark")),
+            nuisance_classifier=dict(data.get("nuisance_classifier", {})),
             path=path,
         )
 
@@ -109,6 +115,8 @@ class ModelCard:
             "invertible": self.invertible,
             "notes": self.notes,
         }
+        if self.role != "benchmark":
+            data["role"] = self.role
         if self.dataset_options:
             data["dataset_options"] = self.dataset_options
         data["architecture"] = {"name": self.architecture, "args": self.architecture_args}
@@ -119,6 +127,8 @@ class ModelCard:
         data["clean_accuracy"] = {"value": self.clean_accuracy, "n": self.clean_accuracy_n}
         if self.robust_accuracy:
             data["robust_accuracy"] = list(self.robust_accuracy)
+        if self.nuisance_classifier:
+            data["nuisance_classifier"] = self.nuisance_classifier
         return tomli_w.dumps(data, multiline_strings=True)
 
     def save(self, path: Path | None = None) -> Path:
@@ -126,8 +136,12 @@ class ModelCard:
         return atomic_write_text(target, self.to_toml())
 
 
-def list_models() -> list[str]:
-    return sorted(path.stem for path in CARDS_DIR.glob("*.toml"))
+def list_models(role: str | None = "benchmark") -> list[str]:
+    """Registered model names with the given card role ("benchmark", "oracle"), or all for None."""
+    names = sorted(path.stem for path in CARDS_DIR.glob("*.toml"))
+    if role is None:
+        return names
+    return [name for name in names if tomllib.loads((CARDS_DIR / f"{name}.toml").read_text(encoding="utf-8")).get("role", "benchmark") == role]
 
 
 def get_card(name: str) -> ModelCard:
@@ -141,7 +155,7 @@ def get_card(name: str) -> ModelCard:
 
 
 def _unknown_model_message(name: str) -> str:
-    return f"unknown model {name!r}.{did_you_mean(name, list_models(), cutoff=0.5)} `invarbench models list` shows the registry; a checkpoint path must point to an existing file"
+    return f"unknown model {name!r}.{did_you_mean(name, list_models(role=None), cutoff=0.5)} `invarbench models list` shows the registry; a checkpoint path must point to an existing file"
 
 
 def build_network(card: ModelCard) -> nn.Module:

@@ -24,12 +24,36 @@ class BenchmarkModel(nn.Module):
         self.register_buffer("mean", _channel_tensor(mean), persistent=False)
         self.register_buffer("std", _channel_tensor(std), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _statistics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mean.numel() > 1 and x.dim() == 4:
-            mean, std = self.mean.view(1, -1, 1, 1), self.std.view(1, -1, 1, 1)
-        else:
-            mean, std = self.mean, self.std
+            return self.mean.view(1, -1, 1, 1), self.std.view(1, -1, 1, 1)
+        return self.mean, self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._statistics(x)
         return self.network((x - mean) / std)
+
+    @property
+    def invertible(self) -> bool:
+        return hasattr(self.network, "encode") and hasattr(self.network, "decode")
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z = F(x) of an invertible network (normalisation included) and log|det| per sample, up to
+        the normalisation's constant."""
+        self._require_invertible()
+        mean, std = self._statistics(x)
+        return self.network.encode((x - mean) / std)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """x = F^-1(z), in input space (not clipped to the bounds: the inverse is exact)."""
+        self._require_invertible()
+        x = self.network.decode(z)
+        mean, std = self._statistics(x)
+        return x * std + mean
+
+    def _require_invertible(self) -> None:
+        if not self.invertible:
+            raise TypeError(f"model {self.name!r} is not invertible: its network has no encode/decode (use the fi-revnet architecture)")
 
 
 def _channel_tensor(values: Sequence[float]) -> torch.Tensor:

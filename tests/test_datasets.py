@@ -171,3 +171,22 @@ def test_unknown_dataset_and_subset_bounds():
     dataset = load_dataset("digits")
     with pytest.raises(DataError, match="n=501"):
         dataset.evaluation_subset(501)
+
+
+def test_decoded_mnist_copy_is_bit_exact_and_rebuilt_when_damaged(mnist, tmp_path, monkeypatch):
+    cache = datasets.mnist_cache_path()
+    monkeypatch.setenv("INVARBENCH_HOME", str(tmp_path))
+    copy = datasets.mnist_cache_path()
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(cache.read_bytes())
+    reference = datasets._load_mnist_pickle(copy)
+    first = load_mnist()
+    decoded = list(copy.parent.glob("mnist-decoded-*.npz"))
+    assert len(decoded) == 1
+    second = load_mnist()
+    for loaded in (first, second):
+        assert torch.equal(loaded.train_images, reference.train_images) and torch.equal(loaded.test_images, reference.test_images)
+        assert torch.equal(loaded.test_labels, reference.test_labels) and loaded.source == reference.source
+    decoded[0].write_bytes(b"not an npz")
+    assert torch.equal(load_mnist().test_images, reference.test_images)
+    assert np.load(decoded[0])["test_x"].dtype == np.uint8

@@ -1,0 +1,92 @@
+"""Galleries of invariance candidates from a run directory: the test image, where the candidate's
+content came from (for metamers the partner x_b) and the candidate, with the model's and the oracle's
+labels under each."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from invarbench.errors import ConfigError
+from invarbench.io import atomic_write
+from invarbench.store import RunStore, read_json
+
+
+def candidate_image(run_dir: Path, record: pd.Series, shard_size: int) -> np.ndarray:
+    """The stored candidate image of one invariance record."""
+    store = RunStore(run_dir)
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "_", record["model"])
+    shard = int(record["index"]) // shard_size
+    job_id = f"{model}__{record['norm']}__{int(record['attack_index']):02d}-{record['attack']}__shard{shard:05d}"
+    path = store.candidates_dir / f"{job_id}.npz"
+    if not path.exists():
+        raise ConfigError(f"{path} is missing; the run in {run_dir} is incomplete or was not written by this version of invarbench")
+    candidates = np.load(path)["candidates"]
+    job = store.read_job(job_id)[0]
+    epsilons = sorted(job["eps"].unique())
+    return candidates[epsilons.index(record["eps"]), int(record["index"]) - shard * shard_size]
+
+
+def invariance_gallery(run_dir: str | Path, out: str | Path, *, model: str | None = None, attack: str | None = None, count: int = 8, title: str | None = None) -> Path:
+    """Draw up to ``count`` candidates whose label the oracle says changed (all candidates if none did)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from invarbench.datasets import load_dataset
+
+    run_dir = Path(run_dir)
+    store = RunStore(run_dir)
+    if not store.invariance_path.exists():
+        raise ConfigError(f"{run_dir} has no invariance.parquet; run invariance attacks first (e.g. --attack invariance-linf) and let the run finish")
+    manifest = read_json(store.manifest_path)
+    records = pd.read_parquet(store.invariance_path)
+    records = records[records["ran"]]
+    if model:
+        records = records[records["model"] == model]
+    if attack:
+        records = records[records["attack"] == attack]
+    if records.empty:
+        raise ConfigError(f"no invariance records in {run_dir} for model={model!r} attack={attack!r}; check the names in its summary.json")
+    changed = records[records["oracle_label"].notna() & (records["oracle_label"] != records["label"])]
+    chosen = (changed if len(changed) else records).head(count)
+    dataset_name = next(entry["dataset"] for entry in manifest["config"]["models"] if entry["key"] == chosen.iloc[0]["model"])
+    dataset = load_dataset(dataset_name)
+    shard_size = manifest["config"]["shard_size"]
+    columns = 3
+    figure, axes = plt.subplots(len(chosen), columns, figsize=(columns * 1.9, len(chosen) * 2.0), squeeze=False)
+    for row, (_, record) in enumerate(chosen.iterrows()):
+        original = dataset.test_images[int(record["index"])].numpy()
+        source_index = record["source_index"]
+        if pd.isna(source_index):
+            source, source_title = None, "no source"
+        elif record["attack"] == "metameric":
+            source, source_title = dataset.test_images[int(source_index)].numpy(), f"x_b: test {int(source_index)}\nlabel {int(record['target_class'])}"
+        elif record["attack"] == "invariance-set":
+            source, source_title = None, "fixed set"
+        else:
+            source, source_title = dataset.train_images[int(source_index)].numpy(), f"train {int(source_index)}\nclass {int(record['target_class'])}"
+        candidate = candidate_image(run_dir, record, shard_size)
+        oracle = "abstains" if pd.isna(record["oracle_label"]) else str(int(record["oracle_label"]))
+        panels = [
+            (original, f"test {int(record['index'])}\nlabel {int(record['label'])}, model {int(record['clean_prediction'])}"),
+            (source, source_title),
+            (candidate, f"{record['attack']} {record['norm']} {record['eps']:g}\nmodel {int(record['model_prediction'])}, oracle {oracle}"),
+        ]
+        for column, (image, caption) in enumerate(panels):
+            axis = axes[row, column]
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if image is not None:
+                axis.imshow(np.asarray(image).reshape(28, 28) if np.asarray(image).size == 784 else np.asarray(image).reshape(1, -1), cmap="gray", vmin=0, vmax=1)
+            axis.set_title(caption, fontsize=7)
+    figure.suptitle(title or f"{chosen.iloc[0]['model']}: oracle {chosen.iloc[0]['oracle']}", fontsize=8)
+    figure.tight_layout()
+    out = Path(out)
+    suffix = out.suffix.lstrip(".") or "png"
+    # Fixed metadata so that the same records always give the same bytes.
+    atomic_write(out, lambda tmp: figure.savefig(tmp, format=suffix, dpi=100, metadata={"Software": None} if suffix == "png" else {"Creator": None, "Date": None}))
+    plt.close(figure)
+    return out
