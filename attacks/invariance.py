@@ -16,6 +16,7 @@ steps that do not depend on the model (nearest neighbours) are cached per data s
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import math
@@ -99,7 +100,7 @@ class InvarianceAttack(Attack):
         if len(images) != len(labels):
             raise ConfigError(f"attack {self.name!r} got {len(images)} images but {len(labels)} labels")
         with frozen_parameters(model):
-            return self.run(model, images, labels, norm=norm, epsilons=tuple(float(eps) for eps in epsilons), seed=seed, active=active)
+            return self.run(_on_cpu_tensors(model), images, labels, norm=norm, epsilons=tuple(float(eps) for eps in epsilons), seed=seed, active=active)
 
     def _judge(self, model, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = candidates.reshape(-1, *candidates.shape[2:])
@@ -107,6 +108,35 @@ class InvarianceAttack(Attack):
             predictions = torch.cat([model(flat[start : start + 500]).argmax(1) for start in range(0, len(flat), 500)]) if len(flat) else torch.zeros(0, dtype=torch.long)
         oracle_labels = self.context.oracle.label(flat) if len(flat) else torch.zeros(0, dtype=torch.long)
         return oracle_labels.view(candidates.shape[:2]), predictions.cpu().view(candidates.shape[:2])
+
+
+class _DeviceBridge(torch.nn.Module):
+    """A model on an accelerator seen through CPU tensors: the searches, oracles and candidate images
+    stay on the CPU, only the attacked model's passes run on its device (gradients flow through)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.model = model
+        self.device = device
+        self.bounds, self.num_classes, self.name = model.bounds, model.num_classes, getattr(model, "name", "model")
+        self.invertible = getattr(model, "invertible", False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.device)).cpu()
+
+    def encode(self, x: torch.Tensor):
+        z, log_det = self.model.encode(x.to(self.device))
+        return z.cpu(), log_det.cpu()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(z.to(self.device)).cpu()
+
+
+def _on_cpu_tensors(model: torch.nn.Module) -> torch.nn.Module:
+    from invarbench.evaluation import model_device
+
+    device = model_device(model)
+    return model if device.type == "cpu" else _DeviceBridge(model, device)
 
 
 # ---------------------------------------------------------------------------- transforms of images
@@ -254,7 +284,11 @@ class InvarianceLinf(InvarianceAttack):
             ink = torch.where(allowed, ink, torch.full_like(ink, float("inf")))
             targets[eps_index] = ink.argmin(dim=1)
             candidates[eps_index] = projected[torch.arange(count), targets[eps_index]]
-        sources = found["index"].gather(1, targets.T).T
+        # A point with no allowed target that has training images keeps itself as its candidate.
+        stranded = ~allowed.any(dim=1)
+        candidates[:, stranded] = images[stranded]
+        sources = torch.where(stranded, -1, found["index"].gather(1, targets.T).T)
+        targets[:, stranded] = -1
         return self._finish(model, images, labels, candidates, epsilons, targets, sources, norm="linf")
 
     def _oracle_gradient(self, model, images, labels, epsilons, margin):
@@ -302,8 +336,9 @@ def metamer_partners(labels: torch.Tensor) -> torch.Tensor:
 class Metameric(InvarianceAttack):
     """Metamers: inputs on which the model's logits equal those of x_a while the content is x_b's.
 
-    Invertible models (fi-RevNet): the exact metamer F^-1(z_s(x_a), z_n(x_b)) (Jacobsen et al.); its
-    logits match x_a's up to float error and it is clipped to the input bounds only for judging.
+    Invertible models (fi-RevNet): the exact metamer F^-1(z_s(x_a), z_n(x_b)) (Jacobsen et al.),
+    computed in float64 so that its logits match x_a's to ~1e-10; it is clipped to the input bounds
+    only for judging (the oracle and the model's recorded prediction see the clipped image).
     Other models: a gradient metamer, x_b changed inside the eps-ball around it (sign-gradient steps
     on the squared logit difference) so that the model's logits approach those of x_a.
     """
@@ -333,15 +368,18 @@ class Metameric(InvarianceAttack):
         if norm == "metamer":
             if not getattr(model, "invertible", False):
                 raise ConfigError(f"exact metamers need an invertible model; {getattr(model, 'name', 'this model')} is not (gradient metamers run with --threat linf:EPS)")
+            # In float64: the inverse of a mix of two codes can leave the input range by orders of
+            # magnitude, where float32 rounding alone would blur the logits by ~1e-3.
+            exact = copy.deepcopy(model).double()
             with torch.no_grad():
-                z_a, _ = model.encode(images)
-                z_b, _ = model.encode(images[partner_positions])
+                z_a, _ = exact.encode(images.double())
+                z_b, _ = exact.encode(images[partner_positions].double())
                 classes = model.num_classes
-                metamers = model.decode(torch.cat([z_a[:, :classes], z_b[:, classes:]], dim=1))
-                logit_errors = (model(metamers) - wanted_logits).abs().amax(1)
-            candidates = metamers.clamp(low, high).unsqueeze(0)
+                metamers = exact.decode(torch.cat([z_a[:, :classes], z_b[:, classes:]], dim=1))
+                logit_errors = (exact(metamers) - exact(images.double())).abs().amax(1).float()
+            candidates = metamers.clamp(low, high).float().unsqueeze(0)
             epsilons = (0.0,)
-            norms = (metamers - images[partner_positions]).flatten(1).abs().amax(1).unsqueeze(0)
+            norms = (metamers - images[partner_positions].double()).flatten(1).abs().amax(1).float().unsqueeze(0)
         else:
             starts = images[partner_positions]
             candidates = torch.empty(len(epsilons), *images.shape)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from invarbench.datasets import load_dataset
 from invarbench.errors import ConfigError
 from invarbench.models.measure import measure_card
-from invarbench.models.registry import ModelCard, build_network, save_state_dict, wrap
+from invarbench.models.registry import ModelCard, build_network, load_model, save_state_dict, wrap
 from tqdm.auto import tqdm
 
 RECIPES = ("standard", "pgd", "ice")
@@ -135,6 +135,12 @@ def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = 
     try:
         dataset = load_dataset(card.dataset, **card.dataset_options)
         network = build_network(card)
+        if "initialize_from" in training:
+            # Fine-tuning recipe: start from another registered model's weights (checksum verified).
+            source = load_model(str(training["initialize_from"]))
+            if type(source.network) is not type(network):
+                raise ConfigError(f"model card {card.path}: initialize_from {training['initialize_from']!r} has architecture {type(source.network).__name__}, not {type(network).__name__}")
+            network.load_state_dict(source.network.state_dict())
         model = wrap(network, card)
         optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)

@@ -279,3 +279,63 @@ def test_cli_evaluates_a_fixed_invariance_set(tmp_path, mnist, capsys):
     with torch.no_grad():
         expected = model(torch.from_numpy((images * 255).round() / 255).float().unsqueeze(1)).argmax(1)
     assert judged["model_prediction"].tolist() == expected.tolist()
+
+
+def test_zoo_fi_revnets_invert_exactly_and_oracle_members_are_not_ranked(mnist):
+    from invarbench.models import get_card, list_models
+
+    images, _ = mnist.evaluation_subset(16)
+    for name in ("mnist-firevnet-ce", "mnist-firevnet-ice"):
+        model = load_model(name)
+        assert model.invertible and get_card(name).invertible
+        with torch.no_grad():
+            z, _ = model.encode(images)
+            assert torch.equal(model(images), z[:, :10])
+            assert (model.decode(z) - images).abs().max() < 1e-2, "float32: the trained couplings amplify rounding (about 2e-4 measured)"
+            exact = model.double()
+            assert (exact.decode(exact.encode(images.double())[0]) - images.double()).abs().max() < 1e-4, "exact inverse (float64, as metamers are computed)"
+    members = list_models(role="oracle")
+    assert members and not set(members) & set(list_models())
+    assert all(get_card(name).role == "oracle" for name in members)
+
+
+def test_ice_objective_trains_the_nuisance_classifier_and_penalises_label_information():
+    from invarbench.models.training import IndependenceCrossEntropy
+
+    torch.manual_seed(0)
+    network = build_architecture("fi-revnet", blocks=(1, 1), hidden=(8, 8), dense_blocks=1, dense_hidden=32)
+    model = BenchmarkModel(network, bounds=(0, 1), num_classes=10)
+    objective = IndependenceCrossEntropy(model, num_classes=10, nuisance_weight=1.0, likelihood_weight=0.1, hidden=32, learning_rate=1e-2)
+    images, labels = torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    before = [parameter.clone() for parameter in objective.nuisance_classifier.parameters()]
+    loss, logits = objective(images, labels, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and logits.shape == (32, 10)
+    assert any(not torch.equal(old, new) for old, new in zip(before, objective.nuisance_classifier.parameters())), "the nuisance classifier took its own step"
+    loss.backward()
+    assert any(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in network.parameters()), "the network gets the iCE gradient"
+    ramped, _ = objective(images, labels, torch.Generator().manual_seed(0), ramp=0.0)
+    plain = torch.nn.functional.cross_entropy(model(((images + 0).clamp(0, 1))), labels)
+    assert abs(ramped.item() - plain.item()) < 0.05, "with the ramp at 0 only the cross-entropy remains (up to dequantisation noise)"
+
+
+def test_planning_gives_invariance_attacks_their_own_threats():
+    from invarbench.runner import attack_threats
+
+    threats = (ThreatModel("linf", (0.3, 0.4)), ThreatModel("l2", (2.0,)))
+    assert attack_threats(AttackSpec("pgd"), threats, False) == list(threats)
+    assert attack_threats(AttackSpec("invariance-linf"), threats, False) == [threats[0]]
+    assert attack_threats(AttackSpec("metameric"), threats, True) == [ThreatModel("metamer", (0.0,))], "exact metamers: one job whatever the balls"
+    assert attack_threats(AttackSpec("metameric"), threats, False) == list(threats), "gradient metamers in each ball"
+    assert attack_threats(AttackSpec("invariance-l0", (("pixels", 12),)), threats, False) == [ThreatModel("l0", (12.0,))]
+
+
+def test_gallery_draws_a_run_and_is_reproducible(tmp_path):
+    from invarbench.gallery import invariance_gallery
+
+    config = RunConfig((ModelSpec("spheres-mlp-pgd-linf", "spheres"),), (ThreatModel("linf", (0.025,)),), (AttackSpec("invariance-linf"),), n=60, shard_size=30)
+    run_benchmark(config, tmp_path, name="run", progress=False)
+    first = invariance_gallery(tmp_path / "run", tmp_path / "a.png", count=3)
+    second = invariance_gallery(tmp_path / "run", tmp_path / "b.png", count=3)
+    assert first.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and first.read_bytes() == second.read_bytes()
+    with pytest.raises(ConfigError, match="no invariance records"):
+        invariance_gallery(tmp_path / "run", tmp_path / "c.png", attack="metameric")
