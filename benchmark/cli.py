@@ -104,6 +104,25 @@ def _models_nuisance(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _leaderboard_add(args: argparse.Namespace) -> int:
+    from invarbench.leaderboard.entries import add_run
+
+    for path in add_run(args.run_dir, args.entries, replace=args.replace, regression_points=args.regression_points):
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _leaderboard_build(args: argparse.Namespace) -> int:
+    from invarbench.leaderboard.tables import build_tables
+
+    written = build_tables(args.entries, args.out)
+    if not written:
+        raise InvarbenchError(f"no leaderboard entries in {args.entries}; add finished runs with `invarbench leaderboard add RUN_DIR`")
+    for path in written:
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
 def _gallery(args: argparse.Namespace) -> int:
     from invarbench.gallery import invariance_gallery
 
@@ -243,6 +262,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--architecture-args", help="JSON object of the architecture's constructor arguments")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.set_defaults(handler=_run)
+
+    from invarbench.leaderboard.entries import ENTRIES_DIR
+    from invarbench.leaderboard.tables import OUTPUT_DIR
+
+    leaderboard = commands.add_parser("leaderboard", help="stored entries and tables", description="Leaderboard entries (from finished runs only) and the tables built from them.")
+    leaderboard_commands = leaderboard.add_subparsers(dest="leaderboard_command", required=True, metavar="COMMAND")
+    add = leaderboard_commands.add_parser("add", help="store a finished run's results as entries", description="Write one entry per model, data set and track of a finished run, with the per-sample records of the regression subset.")
+    add.add_argument("run_dir", type=Path, help="a finished run directory")
+    add.add_argument("--entries", type=Path, default=ENTRIES_DIR, help="entries folder (default: leaderboard/entries)")
+    add.add_argument("--replace", action="store_true", help="overwrite entries made with other settings or another checkpoint")
+    add.add_argument("--regression-points", type=int, default=200, help="records of the first N points kept for regression checks (default 200)")
+    add.set_defaults(handler=_leaderboard_add)
+    build = leaderboard_commands.add_parser("build", help="build the tables from the entries", description="Markdown, CSV, LaTeX and HTML tables per data set and track, from the stored entries only.")
+    build.add_argument("--entries", type=Path, default=ENTRIES_DIR, help="entries folder (default: leaderboard/entries)")
+    build.add_argument("--out", type=Path, default=OUTPUT_DIR, help="output folder (default: leaderboard/output)")
+    build.set_defaults(handler=_leaderboard_build)
 
     gallery = commands.add_parser("gallery", help="draw invariance candidates of a run", description="Draw the test image, the candidate's source and the candidate, with the model's and the oracle's labels, for candidates whose label the oracle says changed.")
     gallery.add_argument("run_dir", type=Path, help="a finished run directory with invariance attacks")

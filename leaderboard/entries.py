@@ -1,0 +1,122 @@
+"""Leaderboard entries: one JSON per model, data set and track, written only from a finished run.
+
+``invarbench leaderboard add RUN_DIR`` turns a run's manifest, summary and per-sample records into
+``leaderboard/entries/MODEL__DATASET__TRACK.json`` (numbers plus the settings that produced them:
+attacks and options, eps, N, seed, checkpoint sha256, package versions, date) and the records of the
+regression subset (the first ``regression_points`` points) beside it as Parquet. An entry for the
+same model, data set and track made with other settings is refused unless replacing is asked for.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from invarbench.errors import ConfigError
+from invarbench.io import atomic_write
+from invarbench.store import RunStore, as_records, read_json, write_json
+
+ENTRIES_DIR = Path(__file__).parent / "entries"
+SCHEMA = 1
+TRACKS = ("perturbation", "invariance")
+REQUIRED = ("schema", "model", "dataset", "track", "checkpoint_sha256", "settings", "versions", "date", "results", "regression")
+
+
+def entry_stem(model: str, dataset: str, track: str) -> str:
+    return "__".join(re.sub(r"[^A-Za-z0-9_.-]+", "_", part) for part in (model, dataset, track))
+
+
+def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+    """The entries a finished run gives: (entry, regression records) per model and track present."""
+    from invarbench.attacks import ATTACKS
+    from invarbench.models import get_card, list_models
+
+    run_dir = Path(run_dir)
+    store = RunStore(run_dir)
+    for path in (store.manifest_path, store.summary_path, store.results_path):
+        if not path.exists():
+            raise ConfigError(f"{run_dir} is not a finished invarbench run ({path.name} is missing); finish it by re-running its command, then add it")
+    manifest = read_json(store.manifest_path)
+    if manifest.get("status") != "complete":
+        raise ConfigError(f"the run in {run_dir} has status {manifest.get('status')!r}, not 'complete'; re-run its command to finish it, then add it")
+    summary = read_json(store.summary_path)
+    config = manifest["config"]
+    perturbation_records = as_records(pd.read_parquet(store.results_path))
+    invariance_records = as_records(pd.read_parquet(store.invariance_path)) if store.invariance_path.exists() else None
+    registered = set(list_models(role=None))
+    entries = []
+    for model_config in config["models"]:
+        key = model_config["key"]
+        model_summary = summary["models"][key]
+        card = get_card(model_config["reference"]) if model_config["reference"] in registered else None
+        description = {"architecture": card.architecture if card else model_config.get("architecture") or "user checkpoint", "recipe": card.training["recipe"] if card else "unknown", "trained_against": "none" if not card or card.threat_model["norm"] == "none" else f"{card.threat_model['norm']} {card.threat_model['eps']:g}", "invertible": bool(card.invertible) if card else False}
+        for track in TRACKS:
+            attacks = [attack for attack in config["attacks"] if (ATTACKS[attack["name"]].kind == "invariance") == (track == "invariance")]
+            if not attacks:
+                continue
+            records = invariance_records if track == "invariance" else perturbation_records
+            if records is None:
+                raise ConfigError(f"the run in {run_dir} configured invariance attacks but has no invariance.parquet; it was not written by this version of invarbench")
+            results = {"clean_accuracy": model_summary["clean_accuracy"], "clean_correct": model_summary["clean_correct"], "checks": model_summary["checks"], "warnings": model_summary["warnings"]}
+            if track == "perturbation":
+                results.update(threats=model_summary["threats"], attack_order=summary["attack_order"])
+            else:
+                results.update(invariance=model_summary.get("invariance", {}), oracles=summary.get("oracles", {}))
+            subset = records[(records["model"] == key) & (records["index"] < regression_points)]
+            stem = entry_stem(key, model_config["dataset"], track)
+            entry = {
+                "schema": SCHEMA,
+                "model": key,
+                "reference": model_config["reference"],
+                "dataset": model_config["dataset"],
+                "track": track,
+                "checkpoint_sha256": model_summary["checkpoint_sha256"],
+                "model_card": description,
+                "settings": {"n": config["n"], "seed": config["seed"], "cascade": config["cascade"], "shard_size": config["shard_size"], "threats": config["threats"], "attacks": attacks},
+                "versions": manifest["versions"],
+                "date": manifest.get("finished", manifest["created"]),
+                "device": manifest["device"],
+                "results": results,
+                "regression": {"file": f"{stem}.parquet", "points": min(regression_points, config["n"])},
+            }
+            entries.append((entry, subset))
+    return entries
+
+
+def add_run(run_dir: str | Path, entries_dir: str | Path = ENTRIES_DIR, *, replace: bool = False, regression_points: int = 200) -> list[Path]:
+    """Write the run's entries; refuse conflicting ones (other settings or checkpoint) unless ``replace``."""
+    entries_dir = Path(entries_dir)
+    found = entries_from_run(run_dir, regression_points=regression_points)
+    for entry, _ in found:
+        path = entries_dir / f"{entry_stem(entry['model'], entry['dataset'], entry['track'])}.json"
+        if path.exists() and not replace:
+            existing = read_entry(path)
+            for field in ("settings", "checkpoint_sha256"):
+                if existing[field] != entry[field]:
+                    raise ConfigError(f"{path} holds {entry['model']} ({entry['track']}) with other {field} than the run in {run_dir}; pass --replace to overwrite it, or evaluate with the stored settings")
+    written = []
+    for entry, subset in found:
+        stem = entry_stem(entry["model"], entry["dataset"], entry["track"])
+        atomic_write(entries_dir / f"{stem}.parquet", lambda tmp, subset=subset: as_records(subset).to_parquet(tmp, index=False))
+        path = entries_dir / f"{stem}.json"
+        write_json(path, entry)
+        written.append(path)
+    return written
+
+
+def read_entry(path: Path) -> dict[str, Any]:
+    entry = read_json(path)
+    missing = [field for field in REQUIRED if field not in entry]
+    if missing:
+        raise ConfigError(f"leaderboard entry {path} lacks {', '.join(missing)}; entries are written by `invarbench leaderboard add RUN_DIR`, never by hand: re-add its run")
+    if entry["schema"] != SCHEMA:
+        raise ConfigError(f"leaderboard entry {path} has schema {entry['schema']}, this invarbench reads {SCHEMA}; re-add its run")
+    if entry["track"] not in TRACKS:
+        raise ConfigError(f"leaderboard entry {path} has track {entry['track']!r}; expected one of {', '.join(TRACKS)}")
+    return entry
+
+
+def load_entries(entries_dir: str | Path = ENTRIES_DIR) -> list[dict[str, Any]]:
+    return [read_entry(path) for path in sorted(Path(entries_dir).glob("*.json"))]

@@ -1,0 +1,156 @@
+"""Leaderboard tables from stored entries: one per data set and track, as Markdown, CSV, LaTeX and HTML.
+
+Built only from ``leaderboard/entries/``; building twice from the same entries gives the same bytes.
+Perturbation tables are ranked by worst-case robust accuracy at the data set's first headline threat
+model; invariance tables list every invariance attack and setting with its oracle, counts and 95%
+intervals.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from invarbench.io import atomic_write_text
+from invarbench.leaderboard.entries import ENTRIES_DIR, load_entries
+
+OUTPUT_DIR = Path(__file__).parent / "output"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _headline(dataset: str) -> list[tuple[str, str]]:
+    from invarbench.runner import HEADLINE_THREATS
+
+    pairs = []
+    for spec in HEADLINE_THREATS.get(dataset, ()):
+        norm, _, values = spec.partition(":")
+        pairs += [(norm, f"{float(value):g}") for value in values.split(",")]
+    return pairs
+
+
+def perturbation_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
+    """One row per model: clean accuracy, robust accuracy after each attack and worst case at every
+    stored threat (eps), ranked by worst case at the headline threat."""
+    selected = [entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "perturbation"]
+    invariance = {entry["model"]: entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "invariance"}
+    headline = _headline(dataset)
+    settings = sorted({(norm, eps) for entry in selected for norm, per_eps in entry["results"]["threats"].items() for eps in per_eps}, key=lambda pair: (pair[0], float(pair[1])))
+    settings.sort(key=lambda pair: pair not in headline)
+    rows = []
+    for entry in selected:
+        results = entry["results"]
+        row: dict[str, Any] = {
+            "model": entry["model"],
+            "architecture": entry["model_card"]["architecture"],
+            "recipe": entry["model_card"]["recipe"],
+            "trained against": entry["model_card"]["trained_against"],
+            "n": entry["settings"]["n"],
+            "clean": results["clean_accuracy"],
+        }
+        for norm, eps in settings:
+            result = results["threats"].get(norm, {}).get(eps)
+            for attack, outcome in (result or {}).get("attacks", {}).items():
+                row[f"{norm} {eps} after {attack}"] = outcome["robust_accuracy"]
+            row[f"{norm} {eps} worst case"] = result["worst_case"]["robust_accuracy"] if result else None
+        linf = invariance.get(entry["model"], {}).get("results", {}).get("invariance", {}).get("invariance-linf", {})
+        for setting, metrics in sorted(linf.items()):
+            row[f"invariance accuracy {setting}"] = metrics["invariance_accuracy"]
+        row["check warnings"] = "yes" if results["warnings"] else "no"
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    rank_by = next((f"{norm} {eps} worst case" for norm, eps in headline if f"{norm} {eps} worst case" in frame), None)
+    frame = frame.sort_values([rank_by, "model"] if rank_by else ["model"], ascending=[False, True] if rank_by else [True], na_position="last", kind="stable").reset_index(drop=True)
+    frame.insert(0, "rank", range(1, len(frame) + 1))
+    return frame
+
+
+def invariance_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
+    rows = []
+    for entry in entries:
+        if entry["dataset"] != dataset or entry["track"] != "invariance":
+            continue
+        for attack, per_setting in sorted(entry["results"]["invariance"].items()):
+            for setting, metrics in sorted(per_setting.items()):
+                rows.append({
+                    "model": entry["model"],
+                    "architecture": entry["model_card"]["architecture"],
+                    "recipe": entry["model_card"]["recipe"],
+                    "attack": attack,
+                    "setting": setting,
+                    "oracle": ",".join(metrics["oracle"]),
+                    "candidates": metrics["candidates"],
+                    "abstained": metrics["abstained"],
+                    "label changed": metrics["label_changed"],
+                    "invariance accuracy": metrics["invariance_accuracy"],
+                    "invariance accuracy ci95": metrics["invariance_accuracy_ci95"],
+                    "excessive invariance": metrics["excessive_invariance_rate"],
+                    "excessive invariance ci95": metrics["excessive_invariance_rate_ci95"],
+                })
+    frame = pd.DataFrame(rows)
+    return frame.sort_values(["attack", "setting", "model"], kind="stable").reset_index(drop=True) if len(frame) else frame
+
+
+def _display(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rates as percentages with their intervals folded in, for Markdown, LaTeX and HTML."""
+    shown = frame.copy()
+    for column in list(shown.columns):
+        if column.endswith(" ci95"):
+            base = column[: -len(" ci95")]
+            shown[base] = [f"{_percent(value)} [{100 * low:.1f}, {100 * high:.1f}]" if value is not None and not pd.isna(value) else "-" for value, (low, high) in zip(frame[base], frame[column])]
+            shown = shown.drop(columns=column)
+        elif shown[column].dtype.kind == "f" or column in ("clean",) or "worst case" in column or " after " in column or column.startswith("invariance accuracy"):
+            shown[column] = [value if isinstance(value, str) else _percent(None if pd.isna(value) else value) for value in shown[column]]
+    return shown.fillna("-")
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    shown = _display(frame)
+    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
+    lines += ["| " + " | ".join(str(value) for value in row) + " |" for row in shown.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def latex(frame: pd.DataFrame) -> str:
+    shown = _display(frame)
+
+    def escape(value: object) -> str:
+        return str(value).replace("\\", r"\textbackslash{}").replace("&", r"\&").replace("%", r"\%").replace("_", r"\_").replace("#", r"\#")
+
+    lines = [r"\begin{tabular}{" + "l" * len(shown.columns) + "}", r"\hline", " & ".join(escape(column) for column in shown.columns) + r" \\", r"\hline"]
+    lines += [" & ".join(escape(value) for value in row) + r" \\" for row in shown.itertuples(index=False)]
+    lines += [r"\hline", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def html_table(frame: pd.DataFrame, *, table_id: str) -> str:
+    shown = _display(frame)
+    head = "".join(f'<th data-column="{position}">{html.escape(str(column))}</th>' for position, column in enumerate(shown.columns))
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(value))}</td>" for value in row) + "</tr>\n" for row in shown.itertuples(index=False))
+    return f'<table id="{table_id}" class="leaderboard">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n'
+
+
+def build_tables(entries_dir: str | Path = ENTRIES_DIR, out_dir: str | Path = OUTPUT_DIR) -> list[Path]:
+    """Write every table in every format; returns the files written."""
+    entries = load_entries(entries_dir)
+    out_dir = Path(out_dir)
+    written = []
+    for dataset in sorted({entry["dataset"] for entry in entries}):
+        for track, frame in (("perturbation", perturbation_table(entries, dataset)), ("invariance", invariance_table(entries, dataset))):
+            if frame.empty:
+                continue
+            stem = out_dir / f"{dataset}-{track}"
+            written.append(atomic_write_text(stem.with_suffix(".md"), markdown(frame)))
+            csv = frame.copy()
+            for column in [column for column in csv.columns if column.endswith(" ci95")]:
+                csv[column] = [f"{low:.6f};{high:.6f}" for low, high in csv[column]]
+            written.append(atomic_write_text(stem.with_suffix(".csv"), csv.to_csv(index=False, float_format="%.6f", lineterminator="\n")))
+            written.append(atomic_write_text(stem.with_suffix(".tex"), latex(frame)))
+            written.append(atomic_write_text(stem.with_suffix(".html"), html_table(frame, table_id=f"{dataset}-{track}")))
+    return written

@@ -1,0 +1,68 @@
+import json
+
+import pandas as pd
+import pytest
+from invarbench.attacks import ThreatModel
+from invarbench.cli import main
+from invarbench.errors import ConfigError
+from invarbench.leaderboard.entries import add_run, load_entries
+from invarbench.leaderboard.tables import build_tables, perturbation_table
+from invarbench.runner import AttackSpec, ModelSpec, RunConfig, run_benchmark
+
+
+@pytest.fixture(scope="module")
+def spheres_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    config = RunConfig((ModelSpec("spheres-mlp-standard", "spheres"), ModelSpec("spheres-mlp-pgd-linf", "spheres")), (ThreatModel("linf", (0.025,)),), (AttackSpec("fgsm"), AttackSpec("pgd", (("steps", 10),)), AttackSpec("invariance-linf")), n=40, shard_size=20)
+    run_benchmark(config, out, name="run", progress=False)
+    return out / "run"
+
+
+def test_add_writes_entries_with_settings_and_regression_records(spheres_run, tmp_path):
+    written = add_run(spheres_run, tmp_path, regression_points=25)
+    assert sorted(path.name for path in written) == ["spheres-mlp-pgd-linf__spheres__invariance.json", "spheres-mlp-pgd-linf__spheres__perturbation.json", "spheres-mlp-standard__spheres__invariance.json", "spheres-mlp-standard__spheres__perturbation.json"]
+    entry = json.loads((tmp_path / "spheres-mlp-pgd-linf__spheres__perturbation.json").read_text())
+    summary = json.loads((spheres_run / "summary.json").read_text())
+    assert entry["results"]["threats"] == summary["models"]["spheres-mlp-pgd-linf"]["threats"]
+    assert entry["settings"]["n"] == 40 and [attack["name"] for attack in entry["settings"]["attacks"]] == ["fgsm", "pgd"]
+    assert entry["checkpoint_sha256"] == summary["models"]["spheres-mlp-pgd-linf"]["checkpoint_sha256"]
+    records = pd.read_parquet(tmp_path / entry["regression"]["file"])
+    assert set(records["index"]) == set(range(25)) and set(records["model"]) == {"spheres-mlp-pgd-linf"}
+    assert "oracle_label" in pd.read_parquet(tmp_path / "spheres-mlp-pgd-linf__spheres__invariance.parquet")
+
+
+def test_conflicting_incomplete_and_hand_edited_entries_are_refused(spheres_run, tmp_path):
+    add_run(spheres_run, tmp_path)
+    path = tmp_path / "spheres-mlp-standard__spheres__perturbation.json"
+    entry = json.loads(path.read_text())
+    entry["settings"]["n"] = 1000
+    path.write_text(json.dumps(entry))
+    with pytest.raises(ConfigError, match="--replace"):
+        add_run(spheres_run, tmp_path)
+    add_run(spheres_run, tmp_path, replace=True)
+    del entry["results"]
+    path.write_text(json.dumps(entry))
+    with pytest.raises(ConfigError, match="lacks results"):
+        load_entries(tmp_path)
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    with pytest.raises(ConfigError, match="not a finished invarbench run"):
+        add_run(unfinished, tmp_path)
+
+
+def test_tables_rank_by_worst_case_and_rebuild_byte_identically(spheres_run, tmp_path):
+    entries_dir, out = tmp_path / "entries", tmp_path / "out"
+    assert main(["leaderboard", "add", str(spheres_run), "--entries", str(entries_dir)]) == 0
+    assert main(["leaderboard", "build", "--entries", str(entries_dir), "--out", str(out)]) == 0
+    names = sorted(path.name for path in out.iterdir())
+    assert names == sorted(f"spheres-{track}.{suffix}" for track in ("perturbation", "invariance") for suffix in ("md", "csv", "tex", "html"))
+    first = {name: (out / name).read_bytes() for name in names}
+    build_tables(entries_dir, out)
+    assert first == {name: (out / name).read_bytes() for name in names}
+    table = perturbation_table(load_entries(entries_dir), "spheres")
+    worst = table["linf 0.025 worst case"].tolist()
+    assert worst == sorted(worst, reverse=True) and table["rank"].tolist() == [1, 2]
+    assert "invariance accuracy linf:0.025" in table
+    markdown = (out / "spheres-perturbation.md").read_text()
+    assert "spheres-mlp-pgd-linf" in markdown and "%" in markdown
+    assert main(["leaderboard", "build", "--entries", str(tmp_path / "none"), "--out", str(out)]) == 1
