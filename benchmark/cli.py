@@ -123,6 +123,28 @@ def _leaderboard_build(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check(args: argparse.Namespace) -> int:
+    from invarbench.leaderboard.check import check_entries
+
+    results = check_entries(args.entries, names=args.names, points=args.points, update=args.update, progress=not args.no_progress)
+    if not results:
+        raise InvarbenchError(f"no leaderboard entries in {args.entries}; add finished runs with `invarbench leaderboard add RUN_DIR`")
+    failed = [result for result in results if not result.passed]
+    for result in results:
+        print(f"{'ok  ' if result.passed else 'FAIL'} {result.entry}" + ("" if result.passed else f" ({len(result.differences)} differences)"))
+        for line in result.differences[:50]:
+            print(f"     {line}")
+        if len(result.differences) > 50:
+            print(f"     ... and {len(result.differences) - 50} more")
+    if failed and args.update:
+        print(f"rewrote the regression records of {len(failed)} entries (--update)")
+        return EXIT_OK
+    if failed:
+        print(f"{len(failed)} of {len(results)} entries regressed; if the change is intended, re-run with --update", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 def _gallery(args: argparse.Namespace) -> int:
     from invarbench.gallery import invariance_gallery
 
@@ -278,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--entries", type=Path, default=ENTRIES_DIR, help="entries folder (default: leaderboard/entries)")
     build.add_argument("--out", type=Path, default=OUTPUT_DIR, help="output folder (default: leaderboard/output)")
     build.set_defaults(handler=_leaderboard_build)
+
+    check = commands.add_parser("check", help="regression check of stored entries", description="Re-evaluate stored leaderboard entries on their regression subset with the stored settings and seeds and compare per sample; exits 1 on a regression.")
+    check.add_argument("names", nargs="*", help="entry stems (MODEL__DATASET__TRACK) or model names (default: every entry)")
+    check.add_argument("--entries", type=Path, default=ENTRIES_DIR, help="entries folder (default: leaderboard/entries)")
+    check.add_argument("--points", type=int, help="check only the first N points (rounded up to whole shards; default: every stored point)")
+    check.add_argument("--update", action="store_true", help="rewrite the stored regression records from the new evaluation")
+    check.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    check.set_defaults(handler=_check)
 
     gallery = commands.add_parser("gallery", help="draw invariance candidates of a run", description="Draw the test image, the candidate's source and the candidate, with the model's and the oracle's labels, for candidates whose label the oracle says changed.")
     gallery.add_argument("run_dir", type=Path, help="a finished run directory with invariance attacks")

@@ -64,7 +64,11 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
                 results.update(threats=model_summary["threats"], attack_order=summary["attack_order"])
             else:
                 results.update(invariance=model_summary.get("invariance", {}), oracles=summary.get("oracles", {}))
-            subset = records[(records["model"] == key) & (records["index"] < regression_points)]
+            # Whole shards only: a job's seed and batch are those of its shard, so a re-run of the same
+            # shards reproduces deterministic attacks exactly.
+            shard_size = config["shard_size"]
+            points = min(config["n"], -(-regression_points // shard_size) * shard_size)
+            subset = records[(records["model"] == key) & (records["index"] < points)]
             stem = entry_stem(key, model_config["dataset"], track)
             entry = {
                 "schema": SCHEMA,
@@ -79,7 +83,7 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
                 "date": manifest.get("finished", manifest["created"]),
                 "device": manifest["device"],
                 "results": results,
-                "regression": {"file": f"{stem}.parquet", "points": min(regression_points, config["n"])},
+                "regression": {"file": f"{stem}.parquet", "points": points},
             }
             entries.append((entry, subset))
     return entries

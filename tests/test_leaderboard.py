@@ -27,7 +27,8 @@ def test_add_writes_entries_with_settings_and_regression_records(spheres_run, tm
     assert entry["settings"]["n"] == 40 and [attack["name"] for attack in entry["settings"]["attacks"]] == ["fgsm", "pgd"]
     assert entry["checkpoint_sha256"] == summary["models"]["spheres-mlp-pgd-linf"]["checkpoint_sha256"]
     records = pd.read_parquet(tmp_path / entry["regression"]["file"])
-    assert set(records["index"]) == set(range(25)) and set(records["model"]) == {"spheres-mlp-pgd-linf"}
+    assert entry["regression"]["points"] == 40, "25 points rounded up to whole shards of 20"
+    assert set(records["index"]) == set(range(40)) and set(records["model"]) == {"spheres-mlp-pgd-linf"}
     assert "oracle_label" in pd.read_parquet(tmp_path / "spheres-mlp-pgd-linf__spheres__invariance.parquet")
 
 
@@ -66,3 +67,38 @@ def test_tables_rank_by_worst_case_and_rebuild_byte_identically(spheres_run, tmp
     markdown = (out / "spheres-perturbation.md").read_text()
     assert "spheres-mlp-pgd-linf" in markdown and "%" in markdown
     assert main(["leaderboard", "build", "--entries", str(tmp_path / "none"), "--out", str(out)]) == 1
+
+
+def test_check_passes_then_fails_with_a_diff_when_pgd_is_weakened(tmp_path, monkeypatch, capsys, mnist):
+    from invarbench.attacks import foolbox_attacks
+
+    config = RunConfig((ModelSpec("mnist-cnn-standard", "mnist"),), (ThreatModel("linf", (0.3,)),), (AttackSpec("pgd"),), n=40, shard_size=20)
+    run_benchmark(config, tmp_path, name="run", progress=False)
+    entries_dir = tmp_path / "entries"
+    add_run(tmp_path / "run", entries_dir)
+    assert main(["check", "mnist-cnn-standard__mnist__perturbation", "--entries", str(entries_dir), "--no-progress"]) == 0
+    assert "ok   mnist-cnn-standard__mnist__perturbation" in capsys.readouterr().out
+    original = foolbox_attacks.PGD._foolbox_attack
+
+    def weakened(self, norm):
+        attack = original(self, norm)
+        attack.steps = 1
+        return attack
+
+    monkeypatch.setattr(foolbox_attacks.PGD, "_foolbox_attack", weakened)
+    assert main(["check", "mnist-cnn-standard__mnist__perturbation", "--entries", str(entries_dir), "--no-progress"]) == 1
+    output = capsys.readouterr().out
+    assert "FAIL mnist-cnn-standard__mnist__perturbation" in output and "pgd linf 0.3 point" in output and "success True -> False" in output
+    monkeypatch.setattr(foolbox_attacks.PGD, "_foolbox_attack", original)
+    assert main(["check", "mnist-cnn-standard", "--entries", str(entries_dir), "--no-progress"]) == 0
+
+
+def test_check_fails_when_the_checkpoint_no_longer_matches(spheres_run, tmp_path, capsys):
+    entries_dir = tmp_path / "entries"
+    add_run(spheres_run, entries_dir)
+    path = entries_dir / "spheres-mlp-pgd-linf__spheres__perturbation.json"
+    entry = json.loads(path.read_text())
+    entry["checkpoint_sha256"] = "0" * 64
+    path.write_text(json.dumps(entry))
+    assert main(["check", "spheres-mlp-pgd-linf__spheres__perturbation", "--entries", str(entries_dir), "--no-progress"]) == 1
+    assert "checkpoint sha256" in capsys.readouterr().out
