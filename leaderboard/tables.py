@@ -1,4 +1,5 @@
-"""Leaderboard tables from stored entries: one per data set and track, as Markdown, CSV, LaTeX and HTML.
+"""Leaderboard tables from stored entries: one per data set and track, as Markdown, CSV, LaTeX and HTML
+(plus the plots of ``plots.py``).
 
 Built only from ``leaderboard/entries/``; building twice from the same entries gives the same bytes.
 Perturbation tables are ranked by worst-case robust accuracy at the data set's first headline threat
@@ -153,4 +154,7 @@ def build_tables(entries_dir: str | Path = ENTRIES_DIR, out_dir: str | Path = OU
             written.append(atomic_write_text(stem.with_suffix(".csv"), csv.to_csv(index=False, float_format="%.6f", lineterminator="\n")))
             written.append(atomic_write_text(stem.with_suffix(".tex"), latex(frame)))
             written.append(atomic_write_text(stem.with_suffix(".html"), html_table(frame, table_id=f"{dataset}-{track}")))
+    from invarbench.leaderboard.plots import build_plots
+
+    written += build_plots(entries, out_dir)
     return written

@@ -56,7 +56,9 @@ def test_tables_rank_by_worst_case_and_rebuild_byte_identically(spheres_run, tmp
     assert main(["leaderboard", "add", str(spheres_run), "--entries", str(entries_dir)]) == 0
     assert main(["leaderboard", "build", "--entries", str(entries_dir), "--out", str(out)]) == 0
     names = sorted(path.name for path in out.iterdir())
-    assert names == sorted(f"spheres-{track}.{suffix}" for track in ("perturbation", "invariance") for suffix in ("md", "csv", "tex", "html"))
+    tables = [f"spheres-{track}.{suffix}" for track in ("perturbation", "invariance") for suffix in ("md", "csv", "tex", "html")]
+    plots = [f"spheres-{kind}.{suffix}" for kind in ("robustness-linf", "tradeoff-linf-0.025") for suffix in ("png", "svg")]
+    assert names == sorted(tables + plots)
     first = {name: (out / name).read_bytes() for name in names}
     build_tables(entries_dir, out)
     assert first == {name: (out / name).read_bytes() for name in names}
