@@ -7,7 +7,9 @@ INVARBENCH := $(VENV)/bin/invarbench
 STAMP := $(VENV)/.installed
 BENCH_N ?= 100
 
-.PHONY: install bench test clean
+CHROMIUM := /usr/bin/chromium
+
+.PHONY: install bench test clean browser
 
 install: $(STAMP)
 
@@ -21,7 +23,12 @@ bench: $(STAMP)
 	$(INVARBENCH) data fetch mnist
 	$(INVARBENCH) bench --n $(BENCH_N)
 
-test: $(STAMP)
+# Debian's chromium for the browser test (Playwright is pointed at it and never downloads a browser).
+browser:
+	@test -x $(CHROMIUM) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) || \
+		echo "warning: could not install chromium with apt-get (not root?); the browser test will be skipped"
+
+test: $(STAMP) browser
 	$(INVARBENCH) data fetch mnist
 	$(PYTHON) -m pytest
 

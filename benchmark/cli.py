@@ -113,9 +113,12 @@ def _leaderboard_add(args: argparse.Namespace) -> int:
 
 
 def _leaderboard_build(args: argparse.Namespace) -> int:
+    from invarbench.leaderboard.site import build_site
     from invarbench.leaderboard.tables import build_tables
 
     written = build_tables(args.entries, args.out)
+    if written:
+        written += build_site(args.entries, args.site)
     if not written:
         raise InvarbenchError(f"no leaderboard entries in {args.entries}; add finished runs with `invarbench leaderboard add RUN_DIR`")
     for path in written:
@@ -286,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
 
     from invarbench.leaderboard.entries import ENTRIES_DIR
+    from invarbench.leaderboard.site import SITE_DIR
     from invarbench.leaderboard.tables import OUTPUT_DIR
 
     leaderboard = commands.add_parser("leaderboard", help="stored entries and tables", description="Leaderboard entries (from finished runs only) and the tables built from them.")
@@ -298,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.set_defaults(handler=_leaderboard_add)
     build = leaderboard_commands.add_parser("build", help="build the tables from the entries", description="Markdown, CSV, LaTeX and HTML tables per data set and track, from the stored entries only.")
     build.add_argument("--entries", type=Path, default=ENTRIES_DIR, help="entries folder (default: leaderboard/entries)")
-    build.add_argument("--out", type=Path, default=OUTPUT_DIR, help="output folder (default: leaderboard/output)")
+    build.add_argument("--out", type=Path, default=OUTPUT_DIR, help="output folder of tables and plots (default: leaderboard/output)")
+    build.add_argument("--site", type=Path, default=SITE_DIR, help="static site folder (default: leaderboard/site)")
     build.set_defaults(handler=_leaderboard_build)
 
     check = commands.add_parser("check", help="regression check of stored entries", description="Re-evaluate stored leaderboard entries on their regression subset with the stored settings and seeds and compare per sample; exits 1 on a regression.")

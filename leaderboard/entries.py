@@ -103,6 +103,15 @@ def add_run(run_dir: str | Path, entries_dir: str | Path = ENTRIES_DIR, *, repla
     written = []
     for entry, subset in found:
         stem = entry_stem(entry["model"], entry["dataset"], entry["track"])
+        if entry["track"] == "invariance":
+            from invarbench.gallery import invariance_gallery
+
+            # Galleries need the candidate images, which only the run directory holds.
+            for attack in sorted({attack["name"] for attack in entry["settings"]["attacks"]}):
+                try:
+                    written.append(invariance_gallery(run_dir, entries_dir / f"{stem}__{attack}.gallery.png", model=entry["model"], attack=attack, count=6))
+                except ConfigError:
+                    pass
         atomic_write(entries_dir / f"{stem}.parquet", lambda tmp, subset=subset: as_records(subset).to_parquet(tmp, index=False))
         path = entries_dir / f"{stem}.json"
         write_json(path, entry)

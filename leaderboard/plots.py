@@ -44,7 +44,8 @@ def build_plots(entries: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             axis.set_ylabel("worst-case robust accuracy")
             axis.set_ylim(0, 1.02)
             axis.set_title(f"{dataset}: robust accuracy versus {norm} eps (n={perturbation[0]['settings']['n'] if perturbation else '-'})", fontsize=9)
-            axis.legend(fontsize=7)
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend(fontsize=7)
             figure.tight_layout()
             written += _save(figure, out_dir / f"{dataset}-robustness-{norm}")
             plt.close(figure)
@@ -64,7 +65,8 @@ def build_plots(entries: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             axis.set_xlim(-0.02, 1.02)
             axis.set_ylim(-0.02, 1.02)
             axis.set_title(f"{dataset}: sensitivity against invariance at linf {eps} (95% intervals)", fontsize=9)
-            axis.legend(fontsize=7)
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend(fontsize=7)
             figure.tight_layout()
             written += _save(figure, out_dir / f"{dataset}-tradeoff-linf-{eps}")
             plt.close(figure)
