@@ -158,3 +158,26 @@ def build_tables(entries_dir: str | Path = ENTRIES_DIR, out_dir: str | Path = OU
 
     written += build_plots(entries, out_dir)
     return written
+
+
+def sync_readme(readme: str | Path, out_dir: str | Path = OUTPUT_DIR) -> list[str]:
+    """Replace every block between ``<!-- leaderboard:NAME -->`` and ``<!-- /leaderboard:NAME -->`` in
+    ``readme`` with the built table ``out_dir/NAME.md``; returns the names replaced."""
+    import re
+
+    readme, out_dir = Path(readme), Path(out_dir)
+    text = readme.read_text(encoding="utf-8")
+    replaced = []
+
+    def replace(match: re.Match) -> str:
+        name = match.group(1)
+        table = out_dir / f"{name}.md"
+        if not table.exists():
+            raise FileNotFoundError(f"{readme} asks for the table {name!r} but {table} was not built; build the leaderboard first or remove the markers")
+        replaced.append(name)
+        return f"<!-- leaderboard:{name} -->\n{table.read_text(encoding='utf-8')}<!-- /leaderboard:{name} -->"
+
+    updated = re.sub(r"<!-- leaderboard:([A-Za-z0-9_.-]+) -->\n.*?<!-- /leaderboard:\1 -->", replace, text, flags=re.DOTALL)
+    if updated != text:
+        atomic_write_text(readme, updated)
+    return replaced

@@ -104,3 +104,18 @@ def test_check_fails_when_the_checkpoint_no_longer_matches(spheres_run, tmp_path
     path.write_text(json.dumps(entry))
     assert main(["check", "spheres-mlp-pgd-linf__spheres__perturbation", "--entries", str(entries_dir), "--no-progress"]) == 1
     assert "checkpoint sha256" in capsys.readouterr().out
+
+
+def test_readme_blocks_are_replaced_by_the_built_tables(spheres_run, tmp_path):
+    from invarbench.leaderboard.tables import sync_readme
+
+    add_run(spheres_run, tmp_path / "entries")
+    build_tables(tmp_path / "entries", tmp_path / "out")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- leaderboard:spheres-perturbation -->\nstale\n<!-- /leaderboard:spheres-perturbation -->\nend\n")
+    assert sync_readme(readme, tmp_path / "out") == ["spheres-perturbation"]
+    text = readme.read_text()
+    assert "stale" not in text and (tmp_path / "out" / "spheres-perturbation.md").read_text() in text and text.endswith("end\n")
+    readme.write_text("<!-- leaderboard:cifar10-perturbation -->\n<!-- /leaderboard:cifar10-perturbation -->\n")
+    with pytest.raises(FileNotFoundError, match="was not built"):
+        sync_readme(readme, tmp_path / "out")
