@@ -31,6 +31,8 @@ browser:
 test: $(STAMP) browser
 	$(INVARBENCH) data fetch mnist
 	$(PYTHON) -m pytest
+	# Regression check on a small subset: the first 100 points of a stored entry, with its settings and seeds.
+	$(INVARBENCH) check mnist-cnn-standard__mnist__perturbation --points 100 --no-progress
 
 clean:
 	rm -rf $(VENV) build *.egg-info

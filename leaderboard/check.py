@@ -61,7 +61,9 @@ def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, up
     stored = stored[stored["index"] < points]
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            run_benchmark(_config(entry, points), Path(scratch), name="check", progress=progress)
+            # On the entry's device: floating-point paths differ between devices, and exact comparisons need the same one.
+            device = "cuda" if str(entry.get("device", "cpu")).startswith("cuda") else "cpu"
+            run_benchmark(_config(entry, points), Path(scratch), name="check", progress=progress, device=device)
         except InvarbenchError as error:
             return CheckResult(name, False, [f"re-evaluation failed: {error}"])
         run = Path(scratch) / "check"

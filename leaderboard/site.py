@@ -14,7 +14,8 @@ from invarbench.leaderboard.plots import build_plots
 from invarbench.leaderboard.tables import html_table, invariance_table, perturbation_table
 
 SITE_DIR = Path(__file__).parent / "site"
-TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"), autoescape=jinja2.select_autoescape(["html", "j2"]), keep_trailing_newline=True)
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=jinja2.select_autoescape(["html", "j2"]), keep_trailing_newline=True)
 
 
 def build_site(entries_dir: str | Path = ENTRIES_DIR, site_dir: str | Path = SITE_DIR) -> list[Path]:
@@ -27,6 +28,8 @@ def build_site(entries_dir: str | Path = ENTRIES_DIR, site_dir: str | Path = SIT
         shutil.rmtree(assets)
     assets.mkdir(parents=True)
     written = build_plots(entries, assets)
+    for name in ("site.css", "site.js"):
+        written.append(atomic_write_bytes(assets / name, (TEMPLATES_DIR / name).read_bytes()))
     galleries = {}
     for gallery in sorted(entries_dir.glob("*.gallery.png")):
         target = assets / gallery.name
@@ -40,7 +43,7 @@ def build_site(entries_dir: str | Path = ENTRIES_DIR, site_dir: str | Path = SIT
                 tables.append({"id": table_id, "title": f"{dataset}: {track} track", "html": jinja2.utils.markupsafe.Markup(html_table(frame, table_id=table_id))})
     plots = [f"assets/{path.name}" for path in written if path.suffix == ".png" and not path.name.endswith(".gallery.png")]
     models = sorted({entry["model"] for entry in entries})
-    index = TEMPLATES.get_template("index.html.j2").render(title="invarbench leaderboard", tables=tables, plots=plots, models=models, entry_count=len(entries))
+    index = TEMPLATES.get_template("index.html.j2").render(title="invarbench leaderboard", root="", tables=tables, plots=plots, models=models, entry_count=len(entries))
     written.append(atomic_write_text(site_dir / "index.html", index))
     registered = set(list_models(role=None))
     for model in models:
@@ -49,6 +52,6 @@ def build_site(entries_dir: str | Path = ENTRIES_DIR, site_dir: str | Path = SIT
         images = [plot for plot in plots if plot.split("/")[-1].split("-")[0] in datasets] + galleries.get(model, [])
         reference = model_entries[0]["reference"]
         card = get_card(reference).to_toml() if reference in registered else None
-        page = TEMPLATES.get_template("model.html.j2").render(title=f"{model} - invarbench", model=model, entries=model_entries, images=images, card=card)
+        page = TEMPLATES.get_template("model.html.j2").render(title=f"{model} - invarbench", root="../", model=model, entries=model_entries, images=images, card=card)
         written.append(atomic_write_text(site_dir / "models" / f"{model}.html", page))
     return written

@@ -37,11 +37,11 @@ def pgd_training_examples(model, images, labels, *, norm: str, eps: float, steps
     """
     low, high = bounds
     if norm == "linf":
-        delta = (torch.rand(images.shape, generator=generator) * 2 - 1) * eps
+        delta = ((torch.rand(images.shape, generator=generator) * 2 - 1) * eps).to(images.device)
     else:
-        direction = torch.randn(images.shape, generator=generator)
+        direction = torch.randn(images.shape, generator=generator).to(images.device)
         direction /= direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (images.dim() - 1))
-        delta = direction * eps * torch.rand(len(images), generator=generator).view(-1, *[1] * (images.dim() - 1))
+        delta = direction * eps * torch.rand(len(images), generator=generator).to(images.device).view(-1, *[1] * (images.dim() - 1))
     adversarial = (images + delta).clamp(low, high)
     for _ in range(steps):
         adversarial.requires_grad_(True)
@@ -90,7 +90,7 @@ class IndependenceCrossEntropy:
         """The network's loss on a batch (the nuisance classifier takes its own step inside); ``ramp``
         in [0, 1] scales the nuisance and likelihood terms during the warm-up."""
         low, high = self.model.bounds
-        dequantised = (images + torch.rand(images.shape, generator=generator) * (high - low) / 256).clamp(low, high)
+        dequantised = (images + torch.rand(images.shape, generator=generator).to(images.device) * (high - low) / 256).clamp(low, high)
         z, log_det = self.model.encode(dequantised)
         logits, nuisance = z[:, : self.num_classes], z[:, self.num_classes :]
         # The nuisance classifier's own step, on z_n detached from the network.
@@ -98,7 +98,7 @@ class IndependenceCrossEntropy:
         self.optimizer.zero_grad(set_to_none=True)
         nuisance_loss.backward()
         self.optimizer.step()
-        chance = torch.log(torch.tensor(float(self.num_classes)))
+        chance = torch.log(torch.tensor(float(self.num_classes), device=images.device))
         fooled = torch.minimum(F.cross_entropy(self.nuisance_classifier(nuisance), labels), chance)
         negative_log_likelihood = (0.5 * z.pow(2).sum(1) - log_det).mean() / self.dimension
         loss = F.cross_entropy(logits, labels) + ramp * (self.likelihood_weight * negative_log_likelihood - self.nuisance_weight * fooled)
@@ -141,7 +141,10 @@ def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = 
             if type(source.network) is not type(network):
                 raise ConfigError(f"model card {card.path}: initialize_from {training['initialize_from']!r} has architecture {type(source.network).__name__}, not {type(network).__name__}")
             network.load_state_dict(source.network.state_dict())
-        model = wrap(network, card)
+        # Training runs on the card's device (default cpu, where it is deterministic for a seed and a
+        # thread count); the checkpoint is always saved from the CPU.
+        device = torch.device(str(training.get("device", "cpu")))
+        model = wrap(network, card).to(device)
         optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
         images, labels = dataset.train_images, dataset.train_labels
@@ -157,6 +160,7 @@ def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = 
                 hidden=int(training.get("nuisance_hidden", 256)),
                 learning_rate=learning_rate,
             )
+            independence.nuisance_classifier.to(device)
         batches_per_epoch = (len(labels) + batch_size - 1) // batch_size
         bar = tqdm(total=epochs * batches_per_epoch, desc=f"train {card.name}", disable=not progress, unit="batch")
         for epoch in range(epochs):
@@ -164,7 +168,7 @@ def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = 
             correct = seen = 0
             for batch_index in range(batches_per_epoch):
                 index = order[batch_index * batch_size : (batch_index + 1) * batch_size]
-                batch_x, batch_y = images[index], labels[index]
+                batch_x, batch_y = images[index].to(device), labels[index].to(device)
                 if recipe == "pgd":
                     batch_x = _adversarial_batch(model, batch_x, batch_y, card, epoch + batch_index / batches_per_epoch, generator)
                 if independence is not None:
@@ -184,7 +188,7 @@ def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = 
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", train_acc=f"{correct / seen:.3f}")
             scheduler.step()
         bar.close()
-        model.eval()
+        model.eval().cpu()
         checkpoint_sha256 = save_state_dict(network, card.checkpoint_path)
         updated = measure_card(replace(card, checkpoint_sha256=checkpoint_sha256), model=model, dataset=dataset, robust=measure_robustness)
     finally:

@@ -20,12 +20,13 @@ def spheres_run(tmp_path_factory):
 
 def test_add_writes_entries_with_settings_and_regression_records(spheres_run, tmp_path):
     written = add_run(spheres_run, tmp_path, regression_points=25)
-    assert sorted(path.name for path in written) == ["spheres-mlp-pgd-linf__spheres__invariance.json", "spheres-mlp-pgd-linf__spheres__perturbation.json", "spheres-mlp-standard__spheres__invariance.json", "spheres-mlp-standard__spheres__perturbation.json"]
+    assert sorted(path.name for path in written if path.suffix == ".json") == ["spheres-mlp-pgd-linf__spheres__invariance.json", "spheres-mlp-pgd-linf__spheres__perturbation.json", "spheres-mlp-standard__spheres__invariance.json", "spheres-mlp-standard__spheres__perturbation.json"]
     entry = json.loads((tmp_path / "spheres-mlp-pgd-linf__spheres__perturbation.json").read_text())
     summary = json.loads((spheres_run / "summary.json").read_text())
     assert entry["results"]["threats"] == summary["models"]["spheres-mlp-pgd-linf"]["threats"]
     assert entry["settings"]["n"] == 40 and [attack["name"] for attack in entry["settings"]["attacks"]] == ["fgsm", "pgd"]
     assert entry["checkpoint_sha256"] == summary["models"]["spheres-mlp-pgd-linf"]["checkpoint_sha256"]
+    assert (tmp_path / "spheres-mlp-pgd-linf__spheres__invariance__invariance-linf.gallery.png").exists()
     records = pd.read_parquet(tmp_path / entry["regression"]["file"])
     assert entry["regression"]["points"] == 40, "25 points rounded up to whole shards of 20"
     assert set(records["index"]) == set(range(40)) and set(records["model"]) == {"spheres-mlp-pgd-linf"}
