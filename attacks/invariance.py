@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from invarbench.attacks.base import ATTACKS, Attack, frozen_parameters, register_attack
+from invarbench.attacks.base import Attack, frozen_parameters, register_attack
 from invarbench.attacks.neighbours import nearest_per_class
 from invarbench.attacks.oracles import ABSTAIN, Oracle
 from invarbench.errors import ConfigError
@@ -407,7 +407,6 @@ class Metameric(InvarianceAttack):
             delta = (candidates - starts.unsqueeze(0)).flatten(2)
             norms = delta.abs().amax(2) if norm == "linf" else delta.norm(dim=2)
         oracle_labels, predictions = self._judge(model, candidates)
-        count = len(labels)
         # Points without a partner get no metamer: the oracle label counts as an abstention.
         oracle_labels[:, ~has_partner] = ABSTAIN
         return InvarianceResult(self.name, norm, epsilons, candidates, targets.repeat(len(epsilons), 1), sources.repeat(len(epsilons), 1), self.context.oracle.name, oracle_labels, predictions, norms, logit_errors, self.options())

@@ -56,7 +56,7 @@ class FullyInvertibleRevNet(nn.Module):
         np.random.seed(permutation_seed)
         try:
             flow = freia_framework.SequenceINN(*self.input_shape)
-            for scale, (count, width) in enumerate(zip(blocks, hidden)):
+            for count, width in zip(blocks, hidden):
                 flow.append(freia_modules.IRevNetDownsampling)
                 for _ in range(count):
                     flow.append(freia_modules.AllInOneBlock, subnet_constructor=_conv_subnet(width), affine_clamping=affine_clamping, permute_soft=False)
