@@ -36,6 +36,11 @@ from invarbench.models import BenchmarkModel, get_card, list_models, load_model
 from invarbench.store import RECORD_COLUMNS, RunLock, RunStore, as_records, read_json, write_json
 from tqdm.auto import tqdm
 
+# Options the runner reads itself and does not pass to the attack: ``eps`` restricts an attack to some
+# of the configured eps values (e.g. AutoAttack only at the headline ones), ``cascade=false`` runs it on
+# every correctly classified point whatever the attacks before it found (a full minimum-norm curve).
+RUNNER_OPTIONS = ("eps", "cascade")
+
 # The field's headline threat models per data set, the first being the default of `invarbench run`.
 HEADLINE_THREATS = {"mnist": ("linf:0.3", "l2:2.0"), "spheres": ("linf:0.025",), "digits": ("linf:0.1",), "cifar10": ("linf:0.031",)}
 PACKAGES = ("torch", "numpy", "foolbox", "pyautoattack", "pandas", "pyarrow")
@@ -61,7 +66,24 @@ class AttackSpec:
         return attack
 
     def create(self):
-        return create_attack(self.name, **dict(self.options))
+        return create_attack(self.name, **{key: value for key, value in self.options if key not in RUNNER_OPTIONS})
+
+    @property
+    def only_epsilons(self) -> tuple[float, ...] | None:
+        """The eps values this attack is restricted to (``eps=0.3+2.0``), or None for every configured one."""
+        for key, value in self.options:
+            if key == "eps":
+                values = value if isinstance(value, list) else [value]
+                try:
+                    return tuple(float(item) for item in values)
+                except (TypeError, ValueError) as error:
+                    raise ConfigError(f"attack {self.label()!r}: eps= takes numbers joined by '+', e.g. autoattack:eps=0.3+2.0") from error
+        return None
+
+    @property
+    def cascades(self) -> bool:
+        """False for ``cascade=false``: the attack runs on every correctly classified point."""
+        return dict(self.options).get("cascade", True) is not False
 
     @property
     def kind(self) -> str:
@@ -183,7 +205,14 @@ def attack_threats(attack: AttackSpec, threats: tuple[ThreatModel, ...], inverti
     invariance attacks under those their norm allows (exact metamers and l_0 budgets once, as their own
     pseudo-norm)."""
     if attack.kind != "invariance":
-        return list(threats)
+        only = attack.only_epsilons
+        if only is None:
+            return list(threats)
+        restricted = [ThreatModel(threat.norm, tuple(eps for eps in threat.epsilons if any(abs(eps - wanted) < 1e-12 for wanted in only))) for threat in threats]
+        unknown = [eps for eps in only if not any(abs(eps - value) < 1e-12 for threat in threats for value in threat.epsilons)]
+        if unknown:
+            raise ConfigError(f"attack {attack.label()!r} asks for eps {unknown}, which no --threat configures; add them to a --threat or drop them from eps=")
+        return [threat for threat in restricted if threat.epsilons]
     instance = attack.create()
     selected: list[ThreatModel] = []
     for threat in threats:
@@ -206,8 +235,8 @@ def plan(config: RunConfig) -> list[Job]:
                     jobs.append(Job(model.key, threat, attack_index, attack, shard, start, min(start + config.shard_size, config.n), seed))
     # Threat-major order within a model, as before invariance attacks existed: the cascade needs the
     # cheaper attacks of a shard first, which attack order within a threat gives.
-    order = {(model.key, str(threat)): position for position, (model, threat) in enumerate((m, t) for m in config.models for t in config.threats)}
-    return sorted(jobs, key=lambda job: (order.get((job.model, str(job.threat)), len(order)), job.model, job.attack_index, job.shard))
+    order = {(model.key, threat.norm): position for position, (model, threat) in enumerate((m, t) for m in config.models for t in config.threats)}
+    return sorted(jobs, key=lambda job: (order.get((job.model, job.threat.norm), len(order)), job.model, job.attack_index, job.shard))
 
 
 def _point_columns(job: Job, labels: torch.Tensor, clean_predictions: torch.Tensor, norm: str, eps: float) -> dict[str, Any]:
@@ -233,7 +262,7 @@ def execute_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: 
     epsilons = job.threat.epsilons
     count = len(labels)
     active = (clean_predictions == labels).unsqueeze(0).repeat(len(epsilons), 1)
-    if cascade and earlier is not None and len(earlier):
+    if cascade and job.attack.cascades and earlier is not None and len(earlier):
         broken = earlier[earlier["success"].fillna(False).astype(bool)]
         for eps_index, eps in enumerate(epsilons):
             positions = broken.loc[broken["eps"] == eps, "index"].to_numpy() - job.start
@@ -362,6 +391,9 @@ def summarize(records: pd.DataFrame, config: RunConfig, models: dict[str, dict[s
                 broken = set()
                 attacks = {}
                 for attack_index, attack in perturbation:
+                    only = attack.only_epsilons
+                    if only is not None and not any(abs(eps - wanted) < 1e-12 for wanted in only):
+                        continue
                     rows = selected[selected["attack_index"] == attack_index]
                     newly = set(rows.loc[rows["success"].fillna(False).astype(bool), "index"].tolist())
                     attacked = int(rows["ran"].sum())
@@ -484,7 +516,9 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
             timings: dict[str, float] = {}
             shard_records: dict[tuple, list[pd.DataFrame]] = {}
             for job in (job for job in jobs if job.model == spec.key):
-                shard_key = (str(job.threat), job.shard)
+                # Per norm, not per threat: an attack restricted to some eps (eps=...) still sees what the
+                # attacks before it found at those eps.
+                shard_key = (job.threat.norm, job.shard)
                 if store.job_done(job.id):
                     records, seconds = store.read_job(job.id)
                     outcome.jobs_resumed += 1

@@ -176,3 +176,27 @@ def test_model_checks_are_reported_as_flags(tmp_path, mnist):
     flags = outcome.summary["models"]["softmax"]["checks"]
     assert flags["probability_outputs"] and not flags["randomised_outputs"] and not flags["non_finite_outputs"]
     assert any("probabilities" in warning for warning in outcome.summary["models"]["softmax"]["warnings"])
+
+
+def test_an_attack_can_be_restricted_to_some_eps_and_keep_the_cascade(tmp_path):
+    config = small_config(attacks=(AttackSpec("fgsm"), AttackSpec.parse("pgd:steps=10,eps=0.025")))
+    outcome = run_benchmark(config, tmp_path, name="run", progress=False)
+    records = pd.read_parquet(tmp_path / "run" / "results.parquet")
+    pgd = records[records["attack"] == "pgd"]
+    assert set(pgd["eps"]) == {0.025}, "PGD ran only at the eps it was restricted to"
+    fgsm = records[(records["attack"] == "fgsm") & (records["eps"] == 0.025)]
+    still_robust = int((fgsm["ran"] & ~fgsm["success"].fillna(False).astype(bool)).sum())
+    assert int(pgd["ran"].sum()) == still_robust, "the cascade still spares PGD the points FGSM broke at that eps"
+    threats = outcome.summary["models"]["spheres-mlp-standard"]["threats"]["linf"]
+    assert list(threats["0.02"]["attacks"]) == ["fgsm"] and list(threats["0.025"]["attacks"]) == ["fgsm", "pgd:steps=10,eps=0.025"]
+    with pytest.raises(ConfigError, match="no --threat configures"):
+        run_benchmark(small_config(attacks=(AttackSpec.parse("pgd:eps=0.3"),)), tmp_path, name="other", progress=False)
+
+
+def test_cascade_false_runs_an_attack_on_every_correct_point(tmp_path):
+    config = small_config(attacks=(AttackSpec("fgsm"), AttackSpec.parse("pgd:steps=10,cascade=false")))
+    outcome = run_benchmark(config, tmp_path, name="run", progress=False)
+    records = pd.read_parquet(tmp_path / "run" / "results.parquet")
+    pgd = records[records["attack"] == "pgd"]
+    clean_correct = outcome.summary["models"]["spheres-mlp-standard"]["clean_correct"]
+    assert int(pgd[pgd["eps"] == 0.025]["ran"].sum()) == clean_correct
