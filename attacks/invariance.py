@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from invarbench.attacks.base import Attack, frozen_parameters, register_attack
-from invarbench.attacks.neighbours import nearest_per_class
+from invarbench.attacks.neighbours import ClassIndex, nearest_per_class
 from invarbench.attacks.oracles import ABSTAIN, Oracle
 from invarbench.errors import ConfigError
 from invarbench.io import atomic_write
@@ -213,12 +213,13 @@ def search_neighbours(images: torch.Tensor, train_images: torch.Tensor, train_la
     best_distance = torch.empty(count, num_classes)
     best_index = torch.empty(count, num_classes, dtype=torch.long)
     best_transform = torch.empty(count, num_classes, dtype=torch.long)
-    references = train_images.flatten(1)
+    # Sorted and normed once: re-doing it per chunk copied the whole training set 125 times for 500 points.
+    index = ClassIndex(train_images, train_labels, num_classes)
     for start in range(0, count, points_per_chunk):
         chunk = images[start : start + points_per_chunk]
         repeated = chunk.repeat_interleave(count_transforms, dim=0)
-        queries = warp(repeated, matrices.repeat(len(chunk), 1, 1)).flatten(1)
-        distances, indices = nearest_per_class(queries, references, train_labels, num_classes, chunk_size=4096)
+        queries = warp(repeated, matrices.repeat(len(chunk), 1, 1))
+        distances, indices = index.nearest(queries, chunk_size=4096)
         distances = distances.view(len(chunk), count_transforms, num_classes)
         indices = indices.view(len(chunk), count_transforms, num_classes)
         value, transform = distances.min(dim=1)

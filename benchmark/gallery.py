@@ -14,18 +14,19 @@ from invarbench.io import atomic_write
 from invarbench.store import RunStore, read_json
 
 
-def candidate_image(run_dir: Path, record: pd.Series, shard_size: int) -> np.ndarray:
-    """The stored candidate image of one invariance record."""
+def candidate_image(run_dir: Path, record: pd.Series, shard_size: int, _jobs: dict | None = None) -> np.ndarray:
+    """The stored candidate image of one invariance record (``_jobs`` keeps each job's arrays read once)."""
     store = RunStore(run_dir)
     model = re.sub(r"[^A-Za-z0-9_.-]+", "_", record["model"])
     shard = int(record["index"]) // shard_size
     job_id = f"{model}__{record['norm']}__{int(record['attack_index']):02d}-{record['attack']}__shard{shard:05d}"
-    path = store.candidates_dir / f"{job_id}.npz"
-    if not path.exists():
-        raise ConfigError(f"{path} is missing; the run in {run_dir} is incomplete or was not written by this version of invarbench")
-    candidates = np.load(path)["candidates"]
-    job = store.read_job(job_id)[0]
-    epsilons = sorted(job["eps"].unique())
+    jobs = {} if _jobs is None else _jobs
+    if job_id not in jobs:
+        path = store.candidates_dir / f"{job_id}.npz"
+        if not path.exists():
+            raise ConfigError(f"{path} is missing; the run in {run_dir} is incomplete or was not written by this version of invarbench")
+        jobs[job_id] = (np.load(path)["candidates"], sorted(store.read_job(job_id)[0]["eps"].unique()))
+    candidates, epsilons = jobs[job_id]
     return candidates[epsilons.index(record["eps"]), int(record["index"]) - shard * shard_size]
 
 
@@ -57,6 +58,7 @@ def invariance_gallery(run_dir: str | Path, out: str | Path, *, model: str | Non
     shard_size = manifest["config"]["shard_size"]
     columns = 3
     figure, axes = plt.subplots(len(chosen), columns, figsize=(columns * 1.9, len(chosen) * 2.0), squeeze=False)
+    jobs: dict = {}
     for row, (_, record) in enumerate(chosen.iterrows()):
         original = dataset.test_images[int(record["index"])].numpy()
         source_index = record["source_index"]
@@ -68,7 +70,7 @@ def invariance_gallery(run_dir: str | Path, out: str | Path, *, model: str | Non
             source, source_title = None, "fixed set"
         else:
             source, source_title = dataset.train_images[int(source_index)].numpy(), f"train {int(source_index)}\nclass {int(record['target_class'])}"
-        candidate = candidate_image(run_dir, record, shard_size)
+        candidate = candidate_image(run_dir, record, shard_size, jobs)
         oracle = "abstains" if pd.isna(record["oracle_label"]) else str(int(record["oracle_label"]))
         panels = [
             (original, f"test {int(record['index'])}\nlabel {int(record['label'])}, model {int(record['clean_prediction'])}"),

@@ -24,6 +24,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -147,7 +148,6 @@ class RunStore:
 
     def write_candidates(self, job_id: str, candidates) -> None:
         """Candidate images of an invariance job; written before its records, which mark it done."""
-        import numpy as np
 
         def write(tmp: Path) -> None:
             # Through a file object: given a path, numpy would append ".npz" to the temporary name.
