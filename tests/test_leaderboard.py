@@ -55,7 +55,8 @@ def test_conflicting_incomplete_and_hand_edited_entries_are_refused(spheres_run,
 def test_tables_rank_by_worst_case_and_rebuild_byte_identically(spheres_run, tmp_path):
     entries_dir, out = tmp_path / "entries", tmp_path / "out"
     assert main(["leaderboard", "add", str(spheres_run), "--entries", str(entries_dir)]) == 0
-    assert main(["leaderboard", "build", "--entries", str(entries_dir), "--out", str(out)]) == 0
+    assert main(["leaderboard", "build", "--entries", str(entries_dir), "--out", str(out), "--site", str(tmp_path / "site")]) == 0
+    assert (tmp_path / "site" / "index.html").exists()
     names = sorted(path.name for path in out.iterdir())
     tables = [f"spheres-{track}.{suffix}" for track in ("perturbation", "invariance") for suffix in ("md", "csv", "tex", "html")]
     plots = [f"spheres-{kind}.{suffix}" for kind in ("robustness-linf", "tradeoff-linf-0.025") for suffix in ("png", "svg")]
@@ -69,7 +70,7 @@ def test_tables_rank_by_worst_case_and_rebuild_byte_identically(spheres_run, tmp
     assert "invariance accuracy linf:0.025" in table
     markdown = (out / "spheres-perturbation.md").read_text()
     assert "spheres-mlp-pgd-linf" in markdown and "%" in markdown
-    assert main(["leaderboard", "build", "--entries", str(tmp_path / "none"), "--out", str(out)]) == 1
+    assert main(["leaderboard", "build", "--entries", str(tmp_path / "none"), "--out", str(out), "--site", str(tmp_path / "site")]) == 1
 
 
 def test_check_passes_then_fails_with_a_diff_when_pgd_is_weakened(tmp_path, monkeypatch, capsys, mnist):
