@@ -192,12 +192,13 @@ def _run(args: argparse.Namespace) -> int:
     config = RunConfig(specs, threats, attacks, n=n, seed=args.seed, shard_size=args.shard_size, cascade=not args.no_cascade)
     outcome = run_benchmark(config, args.out, name=args.name, device=args.device, progress=not args.no_progress, data_source=args.data)
     rows = []
+    perturbation = [attack for attack in attacks if attack.kind != "invariance"]
     for model, entry in outcome.summary["models"].items():
         for norm, per_eps in entry["threats"].items():
             for eps, result in per_eps.items():
-                cells = [f"{100 * attack['robust_accuracy']:.1f}%" for attack in result["attacks"].values()]
+                # In cascade order, "-" where an attack did not run at this eps (e.g. autoattack:eps=0.3).
+                cells = [f"{100 * result['attacks'][attack.label()]['robust_accuracy']:.1f}%" if attack.label() in result["attacks"] else "-" for attack in perturbation]
                 rows.append([model, f"{100 * entry['clean_accuracy']:.1f}%", f"{norm} {eps}", *cells, f"{100 * result['worst_case']['robust_accuracy']:.1f}%", "yes" if entry["warnings"] else "no"])
-    perturbation = [attack for attack in attacks if attack.kind != "invariance"]
     if rows:
         header = ["model", "clean", "threat", *[f"after {attack.label()}" for attack in perturbation], "worst case", "check warnings"]
         print(format_table(header, rows))

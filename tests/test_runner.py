@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -200,3 +201,18 @@ def test_cascade_false_runs_an_attack_on_every_correct_point(tmp_path):
     pgd = records[records["attack"] == "pgd"]
     clean_correct = outcome.summary["models"]["spheres-mlp-standard"]["clean_correct"]
     assert int(pgd[pgd["eps"] == 0.025]["ran"].sum()) == clean_correct
+
+
+def test_cli_table_shows_each_attack_in_its_own_column_and_a_dash_where_it_did_not_run(tmp_path, capsys):
+    from invarbench.cli import main
+
+    code = main(["run", "spheres-mlp-standard", "--threat", "linf:0.02,0.025", "--attack", "pgd:steps=10,eps=0.025", "--attack", "fgsm", "--n", "40", "--shard-size", "20", "--out", str(tmp_path), "--name", "r", "--no-progress"])
+    assert code == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("model", "spheres-mlp-standard"))]
+    header, rows = lines[0], {row[3]: row for row in lines[1:]}
+    assert header[:8] == ["model", "clean", "threat", "after", "pgd:steps=10,eps=0.025", "after", "fgsm", "worst"]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())["models"]["spheres-mlp-standard"]["threats"]["linf"]
+    assert rows["0.02"][4] == "-", "PGD did not run at 0.02: a dash, not FGSM's figure shifted left"
+    assert rows["0.02"][5] == f"{100 * summary['0.02']['attacks']['fgsm']['robust_accuracy']:.1f}%"
+    assert rows["0.025"][4] == f"{100 * summary['0.025']['attacks']['pgd:steps=10,eps=0.025']['robust_accuracy']:.1f}%"
+    assert rows["0.025"][5] == f"{100 * summary['0.025']['attacks']['fgsm']['robust_accuracy']:.1f}%"
