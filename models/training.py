@@ -62,6 +62,19 @@ def pgd_training_examples(model, images, labels, *, norm: str, eps: float, steps
     return adversarial.detach()
 
 
+def nuisance_penalty(scores: torch.Tensor, labels: torch.Tensor, objective: str) -> torch.Tensor:
+    """What the network minimises against the nuisance classifier's ``scores`` (see
+    :class:`IndependenceCrossEntropy`): ``"uniform"``, the cross-entropy of its prediction against the
+    uniform distribution (log C at the uniform prediction, larger for any other, right or wrong);
+    ``"capped-ce"``, minus its cross-entropy with the labels, capped at chance (-log C)."""
+    if objective == "uniform":
+        return -F.log_softmax(scores, dim=1).mean(1).mean()
+    if objective == "capped-ce":
+        chance = torch.log(torch.tensor(float(scores.shape[1]), device=scores.device))
+        return -torch.minimum(F.cross_entropy(scores, labels), chance)
+    raise ValueError(f"nuisance objective {objective!r} is not one of capped-ce, uniform")
+
+
 class IndependenceCrossEntropy:
     """The iCE objective of Jacobsen et al. for an invertible network with logits z_s and nuisance z_n.
 
@@ -74,9 +87,27 @@ class IndependenceCrossEntropy:
     without bound and the term has no minimum (seen in a first attempt: loss below -2 within an epoch).
     Pixels are dequantised with uniform noise of one grey level (MNIST stores k/256) so that the
     likelihood of the discrete images is bounded too.
+
+    ``objective`` chooses what the network does against the nuisance classifier: ``"capped-ce"``
+    maximises its cross-entropy up to chance (the form above); ``"uniform"`` pulls its prediction to
+    the uniform distribution (cross-entropy against a uniform target, minimal only there). With the
+    capped form a nuisance classifier that is confidently *wrong* costs the network nothing although it
+    still reads the label (a permuted answer is as informative as the right one); the uniform form
+    leaves no such way out. ``steps`` is the number of the nuisance classifier's own steps per batch
+    (a stronger adversary). ``nuisance_accuracy`` is the classifier's accuracy on the last batch,
+    before its steps: a diagnostic shown during training.
     """
 
-    def __init__(self, model, *, num_classes: int, nuisance_weight: float, likelihood_weight: float, hidden: int, learning_rate: float):
+    OBJECTIVES = ("capped-ce", "uniform")
+
+    def __init__(self, model, *, num_classes: int, nuisance_weight: float, likelihood_weight: float, hidden: int, learning_rate: float, objective: str = "capped-ce", steps: int = 1):
+        if objective not in self.OBJECTIVES:
+            raise ValueError(f"nuisance objective {objective!r} is not one of {', '.join(self.OBJECTIVES)}")
+        if steps < 1:
+            raise ValueError(f"nuisance classifier steps must be >= 1, not {steps}")
+        self.objective = objective
+        self.steps = int(steps)
+        self.nuisance_accuracy = float("nan")
         self.model = model
         self.num_classes = num_classes
         self.nuisance_weight = nuisance_weight
@@ -93,15 +124,19 @@ class IndependenceCrossEntropy:
         dequantised = (images + torch.rand(images.shape, generator=generator).to(images.device) * (high - low) / 256).clamp(low, high)
         z, log_det = self.model.encode(dequantised)
         logits, nuisance = z[:, : self.num_classes], z[:, self.num_classes :]
-        # The nuisance classifier's own step, on z_n detached from the network.
-        nuisance_loss = F.cross_entropy(self.nuisance_classifier(nuisance.detach()), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        nuisance_loss.backward()
-        self.optimizer.step()
-        chance = torch.log(torch.tensor(float(self.num_classes), device=images.device))
-        fooled = torch.minimum(F.cross_entropy(self.nuisance_classifier(nuisance), labels), chance)
+        # The nuisance classifier's own steps, on z_n detached from the network.
+        detached = nuisance.detach()
+        for step in range(self.steps):
+            scores = self.nuisance_classifier(detached)
+            if step == 0:
+                self.nuisance_accuracy = float((scores.argmax(1) == labels).float().mean())
+            nuisance_loss = F.cross_entropy(scores, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            nuisance_loss.backward()
+            self.optimizer.step()
+        penalty = nuisance_penalty(self.nuisance_classifier(nuisance), labels, self.objective)
         negative_log_likelihood = (0.5 * z.pow(2).sum(1) - log_det).mean() / self.dimension
-        loss = F.cross_entropy(logits, labels) + ramp * (self.likelihood_weight * negative_log_likelihood - self.nuisance_weight * fooled)
+        loss = F.cross_entropy(logits, labels) + ramp * (self.likelihood_weight * negative_log_likelihood + self.nuisance_weight * penalty)
         return loss, logits
 
 
@@ -152,13 +187,20 @@ def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = 
         if recipe == "ice":
             if not model.invertible:
                 raise ConfigError(f"model card {card.path}: the ice recipe needs an invertible architecture (fi-revnet), not {card.architecture!r}")
+            objective = str(training.get("nuisance_objective", "capped-ce"))
+            if objective not in IndependenceCrossEntropy.OBJECTIVES:
+                raise ConfigError(f"model card {card.path}: [training] nuisance_objective {objective!r} is not one of {', '.join(IndependenceCrossEntropy.OBJECTIVES)}")
+            if int(training.get("nuisance_steps", 1)) < 1:
+                raise ConfigError(f"model card {card.path}: [training] nuisance_steps must be 1 or more")
             independence = IndependenceCrossEntropy(
                 model,
                 num_classes=card.num_classes,
                 nuisance_weight=float(training.get("nuisance_weight", 1.0)),
                 likelihood_weight=float(training.get("likelihood_weight", 0.1)),
                 hidden=int(training.get("nuisance_hidden", 256)),
-                learning_rate=learning_rate,
+                learning_rate=float(training.get("nuisance_learning_rate", learning_rate)),
+                objective=objective,
+                steps=int(training.get("nuisance_steps", 1)),
             )
             independence.nuisance_classifier.to(device)
         batches_per_epoch = (len(labels) + batch_size - 1) // batch_size
@@ -185,7 +227,10 @@ def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = 
                 correct += (logits.argmax(1) == batch_y).sum().item()
                 seen += len(batch_y)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", train_acc=f"{correct / seen:.3f}")
+                postfix = {"epoch": epoch + 1, "loss": f"{loss.item():.3f}", "train_acc": f"{correct / seen:.3f}"}
+                if independence is not None:
+                    postfix["nuisance_acc"] = f"{independence.nuisance_accuracy:.2f}"
+                bar.set_postfix(**postfix)
             scheduler.step()
         bar.close()
         model.eval().cpu()

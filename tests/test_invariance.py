@@ -1,5 +1,6 @@
 """Invariance attacks, oracles and metrics, each checked against something independent."""
 
+import math
 import numpy as np
 import pandas as pd
 import pytest
@@ -316,6 +317,32 @@ def test_ice_objective_trains_the_nuisance_classifier_and_penalises_label_inform
     ramped, _ = objective(images, labels, torch.Generator().manual_seed(0), ramp=0.0)
     plain = torch.nn.functional.cross_entropy(model(images), labels)
     assert abs(ramped.item() - plain.item()) < 0.05, "with the ramp at 0 only the cross-entropy remains (up to dequantisation noise)"
+
+
+def test_ice_uniform_objective_leaves_no_way_out_through_a_confidently_wrong_nuisance_classifier():
+    from invarbench.models.training import IndependenceCrossEntropy, nuisance_penalty
+
+    labels = torch.arange(10).repeat(2)
+    wrong = torch.full((20, 10), -20.0)
+    wrong[torch.arange(20), (labels + 1) % 10] = 20.0  # always the next class: as informative as the label
+    uniform = torch.zeros(20, 10)
+    log_c = math.log(10)
+    assert abs(nuisance_penalty(uniform, labels, "uniform").item() - log_c) < 1e-6
+    assert nuisance_penalty(wrong, labels, "uniform").item() > 10, "the uniform form penalises a confidently wrong prediction"
+    assert abs(nuisance_penalty(wrong, labels, "capped-ce").item() + log_c) < 1e-6, "the capped form rewards it as much as chance"
+    assert abs(nuisance_penalty(uniform, labels, "capped-ce").item() + log_c) < 1e-6
+    with pytest.raises(ValueError, match="nuisance objective 'entropy'"):
+        nuisance_penalty(uniform, labels, "entropy")
+
+    torch.manual_seed(0)
+    network = build_architecture("fi-revnet", blocks=(1, 1), hidden=(8, 8), dense_blocks=1, dense_hidden=32)
+    model = BenchmarkModel(network, bounds=(0, 1), num_classes=10)
+    ice = IndependenceCrossEntropy(model, num_classes=10, nuisance_weight=1.0, likelihood_weight=0.0, hidden=8, learning_rate=1e-2, objective="uniform", steps=3)
+    images = torch.rand(20, 1, 28, 28)
+    loss, _ = ice(images, labels, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and 0.0 <= ice.nuisance_accuracy <= 1.0
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        IndependenceCrossEntropy(model, num_classes=10, nuisance_weight=1.0, likelihood_weight=0.0, hidden=8, learning_rate=0.0, steps=0)
 
 
 def test_planning_gives_invariance_attacks_their_own_threats():
