@@ -9,7 +9,7 @@ BENCH_N ?= 100
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: install bench test clean browser
+.PHONY: install bench test clean browser leaderboard
 
 install: $(STAMP)
 
@@ -33,6 +33,25 @@ test: $(STAMP) browser
 	$(PYTHON) -m pytest
 	# Regression check on a small subset: the first 100 points of a stored entry, with its settings and seeds.
 	$(INVARBENCH) check mnist-cnn-standard__mnist__perturbation --points 100 --no-progress
+
+# The leaderboard's full evaluation (hours on a CPU; not part of `make test`). One resumable run per
+# model and track: re-running continues where a killed run stopped, and each finished run is added to
+# leaderboard/entries/ at once. Perturbation track: first 1000 test points; invariance track: first 500
+# (its PGD at l_inf 0.3/0.4 only sits beside the invariance figures in that run's summary).
+RUNS ?= $(HOME)/.cache/invarbench/runs
+ZOO ?= mnist-cnn-standard mnist-cnn-pgd-linf-0.1 mnist-firevnet-ce mnist-firevnet-ice mnist-cnn-pgd-l2-2.0 mnist-cnn-pgd-linf-0.3 mnist-cnn-pgd-linf-0.4
+PERTURBATION := --threat linf:0.1,0.2,0.3,0.4 --threat l2:1.0,2.0 --attack pgd --attack fmn:cascade=false --attack autoattack:eps=0.3+2.0 --n 1000 --seed 0
+INVARIANCE := --threat linf:0.3,0.4 --attack pgd --attack invariance-linf --attack invariance-l0 --attack metameric --n 500 --seed 0
+
+leaderboard: $(STAMP)
+	$(INVARBENCH) data fetch mnist
+	set -e; for model in $(ZOO); do \
+		$(INVARBENCH) run $$model $(PERTURBATION) --out $(RUNS) --name zoo-1000-$$model; \
+		$(INVARBENCH) leaderboard add $(RUNS)/zoo-1000-$$model --replace; \
+		$(INVARBENCH) run $$model $(INVARIANCE) --out $(RUNS) --name invariance-500-$$model; \
+		$(INVARBENCH) leaderboard add $(RUNS)/invariance-500-$$model --replace --track invariance; \
+	done
+	$(INVARBENCH) leaderboard build --readme README.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

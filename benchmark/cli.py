@@ -107,7 +107,7 @@ def _models_nuisance(args: argparse.Namespace) -> int:
 def _leaderboard_add(args: argparse.Namespace) -> int:
     from invarbench.leaderboard.entries import add_run
 
-    for path in add_run(args.run_dir, args.entries, replace=args.replace, regression_points=args.regression_points):
+    for path in add_run(args.run_dir, args.entries, replace=args.replace, regression_points=args.regression_points, tracks=tuple(args.track) if args.track else None):
         print(f"wrote {path}")
     return EXIT_OK
 
@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--entries", type=Path, default=ENTRIES_DIR, help="entries folder (default: leaderboard/entries)")
     add.add_argument("--replace", action="store_true", help="overwrite entries made with other settings or another checkpoint")
     add.add_argument("--regression-points", type=int, default=200, help="records of the first N points kept for regression checks (default 200)")
+    add.add_argument("--track", action="append", choices=("perturbation", "invariance"), help="write only this track's entries (repeatable; default: every track in the run)")
     add.set_defaults(handler=_leaderboard_add)
     build = leaderboard_commands.add_parser("build", help="build the tables from the entries", description="Markdown, CSV, LaTeX and HTML tables per data set and track, from the stored entries only.")
     build.add_argument("--entries", type=Path, default=ENTRIES_DIR, help="entries folder (default: leaderboard/entries)")

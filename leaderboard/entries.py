@@ -89,10 +89,21 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
     return entries
 
 
-def add_run(run_dir: str | Path, entries_dir: str | Path = ENTRIES_DIR, *, replace: bool = False, regression_points: int = 200) -> list[Path]:
-    """Write the run's entries; refuse conflicting ones (other settings or checkpoint) unless ``replace``."""
+def add_run(run_dir: str | Path, entries_dir: str | Path = ENTRIES_DIR, *, replace: bool = False, regression_points: int = 200, tracks: tuple[str, ...] | None = None) -> list[Path]:
+    """Write the run's entries; refuse conflicting ones (other settings or checkpoint) unless ``replace``.
+
+    ``tracks`` keeps only those tracks' entries (default: every track the run has), e.g. the
+    invariance entry of a run whose PGD is there only to sit beside it."""
     entries_dir = Path(entries_dir)
     found = entries_from_run(run_dir, regression_points=regression_points)
+    if tracks is not None:
+        unknown = sorted(set(tracks) - set(TRACKS))
+        if unknown:
+            raise ConfigError(f"unknown track {', '.join(unknown)}; use {' or '.join(TRACKS)}")
+        absent = sorted(set(tracks) - {entry["track"] for entry, _ in found})
+        if absent:
+            raise ConfigError(f"the run in {run_dir} has no {', '.join(absent)} attacks, so no such entry; drop --track {absent[0]}")
+        found = [(entry, subset) for entry, subset in found if entry["track"] in tracks]
     for entry, _ in found:
         path = entries_dir / f"{entry_stem(entry['model'], entry['dataset'], entry['track'])}.json"
         if path.exists() and not replace:

@@ -33,6 +33,16 @@ def test_add_writes_entries_with_settings_and_regression_records(spheres_run, tm
     assert "oracle_label" in pd.read_parquet(tmp_path / "spheres-mlp-pgd-linf__spheres__invariance.parquet")
 
 
+def test_add_can_keep_one_track_of_a_run(spheres_run, tmp_path):
+    written = add_run(spheres_run, tmp_path, tracks=("invariance",))
+    assert sorted(path.name for path in written if path.suffix == ".json") == ["spheres-mlp-pgd-linf__spheres__invariance.json", "spheres-mlp-standard__spheres__invariance.json"]
+    assert not list(tmp_path.glob("*perturbation*")), "the run's PGD entry was not written"
+    assert main(["leaderboard", "add", str(spheres_run), "--entries", str(tmp_path / "p"), "--track", "perturbation"]) == 0
+    assert sorted(path.name for path in (tmp_path / "p").glob("*.json")) == ["spheres-mlp-pgd-linf__spheres__perturbation.json", "spheres-mlp-standard__spheres__perturbation.json"]
+    with pytest.raises(ConfigError, match="unknown track robustness"):
+        add_run(spheres_run, tmp_path, tracks=("robustness",))
+
+
 def test_conflicting_incomplete_and_hand_edited_entries_are_refused(spheres_run, tmp_path):
     add_run(spheres_run, tmp_path)
     path = tmp_path / "spheres-mlp-standard__spheres__perturbation.json"
