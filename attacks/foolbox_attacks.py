@@ -106,6 +106,18 @@ class PGD(_FoolboxFixedEpsilon):
         return result
 
 
+@torch.no_grad()
+def _other_class_starts(model, x: torch.Tensor, y: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each point, the nearest image of the batch (distance in ``norm``) that the model assigns to
+    a class other than the point's label: an adversarial starting point. ``has_start`` is False where
+    the batch holds none."""
+    predictions = _predict(model, x)
+    distances = torch.cdist(x.flatten(1), x.flatten(1), p=float("inf") if norm == "linf" else 2.0)
+    distances[predictions[None, :] == y[:, None]] = float("inf")
+    nearest = distances.argmin(1)
+    return x[nearest], torch.isfinite(distances.min(1).values)
+
+
 class _L2FMNProjected(foolbox.attacks.L2FMNAttack):
     """Foolbox 3.3.4's L2FMNAttack with its l_2 projection fixed.
 
@@ -127,12 +139,19 @@ class FMN(Attack):
 
     One run gives the whole robust-accuracy-versus-eps curve: a point is broken at eps when the
     perturbation FMN found is no larger than eps. ``minimal_norm`` is +inf where FMN found none.
+
+    Started at the clean point, FMN's l_2 ball grows only by the linear estimate of the distance to
+    the boundary while no adversarial is known, and on MNIST CNNs it found none within 100 or 300
+    steps for about a third of the points. With ``restart`` (default) such points are attacked again
+    from an adversarial starting point, as the FMN paper allows: the nearest image of the batch (in
+    the threat norm) that the model assigns to another class; FMN then walks it back towards the
+    clean point.
     """
 
     name = "fmn"
 
-    def __init__(self, *, steps: int = 100, batch_size: int = 500):
-        self.steps, self.batch_size = steps, batch_size
+    def __init__(self, *, steps: int = 100, batch_size: int = 500, restart: bool = True):
+        self.steps, self.batch_size, self.restart = steps, batch_size, bool(restart)
 
     def minimal_norms(self, model, images, labels, *, norm: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         attack = (foolbox.attacks.LInfFMNAttack if norm == "linf" else _L2FMNProjected)(steps=self.steps)
@@ -144,6 +163,13 @@ class FMN(Attack):
         for batch in _batches(len(labels), self.batch_size):
             x, y = images[batch].to(device), labels[batch].to(device)
             _, (adversarial,), (found,) = attack(fmodel, x, y, epsilons=[None])
+            if self.restart and not bool(found.all()):
+                starts, has_start = _other_class_starts(model, x, y, norm)
+                again = ~found & has_start
+                if bool(again.any()):
+                    _, (restarted,), (found_again,) = attack(fmodel, x[again], y[again], epsilons=[None], starting_points=starts[again])
+                    adversarial, found = adversarial.clone(), found.clone()
+                    adversarial[again], found[again] = restarted, found_again
             found = found.cpu()
             minimal[batch] = torch.where(found, perturbation_norm((adversarial - x).cpu(), norm), minimal[batch])
             predictions[batch] = _predict(model, adversarial).cpu()

@@ -131,3 +131,16 @@ def test_autoattack_resumes_from_the_official_state_file(tmp_path):
     assert result.success.all()
     assert result.adversarial_predictions[0, 0] == -1 and torch.isnan(result.norms[0, 0]), "broken before the interruption: label and norm unknown"
     assert (result.adversarial_predictions[0, 1:] != labels[1:]).all() and (result.norms[0, 1:] <= eps * (1 + 1e-5)).all()
+
+
+def test_fmn_restarts_points_it_found_nothing_for_from_another_class(mnist):
+    model = load_model("mnist-cnn-standard")
+    images, labels = mnist.evaluation_subset(40)
+    correct = model(images).argmax(1) == labels
+    plain, _ = create_attack("fmn", restart=False).minimal_norms(model, images, labels, norm="l2")
+    assert not torch.isfinite(plain[correct]).all(), "started at the clean point, l2 FMN misses some points (the reason for restarts)"
+    norms, predictions = create_attack("fmn").minimal_norms(model, images, labels, norm="l2")
+    assert torch.isfinite(norms[correct]).all(), "with restarts every correctly classified point gets an adversarial"
+    assert (predictions[correct] != labels[correct]).all()
+    found = torch.isfinite(plain)
+    assert (norms[found] <= plain[found] * (1 + 1e-6)).all(), "points found without a restart keep their norm"
