@@ -62,6 +62,9 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
             results = {"clean_accuracy": model_summary["clean_accuracy"], "clean_correct": model_summary["clean_correct"], "checks": model_summary["checks"], "warnings": model_summary["warnings"]}
             if track == "perturbation":
                 results.update(threats=model_summary["threats"], attack_order=summary["attack_order"])
+                curves = minimum_norm_curves(perturbation_records[perturbation_records["model"] == key], attacks, config["n"])
+                if curves:
+                    results["curves"] = curves
             else:
                 results.update(invariance=model_summary.get("invariance", {}), oracles=summary.get("oracles", {}))
             # Whole shards only: a job's seed and batch are those of its shard, so a re-run of the same
@@ -87,6 +90,38 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
             }
             entries.append((entry, subset))
     return entries
+
+
+def minimum_norm_curves(records: pd.DataFrame, attacks: list[dict[str, Any]], n: int) -> dict[str, dict[str, Any]]:
+    """Per norm, the smallest adversarial norm a minimum-norm attack (one with ``minimal_norms``, e.g.
+    FMN) found for every point it ran on, sorted: the whole robust-accuracy-versus-eps curve, since a
+    point counts as robust at eps when its smallest norm is larger (see :func:`curve_robust_accuracy`).
+    The first such attack of the cascade per norm is kept; +inf (none found) is stored as a count."""
+    from invarbench.attacks import ATTACKS
+
+    curves: dict[str, dict[str, Any]] = {}
+    for position, attack in enumerate(attacks):
+        if not hasattr(ATTACKS[attack["name"]], "minimal_norms"):
+            continue
+        rows = records[(records["attack"] == attack["name"]) & (records["attack_index"] == position) & records["ran"].astype(bool)]
+        for norm, per_norm in rows.groupby("norm", sort=True):
+            if norm in curves:
+                continue
+            # The same minimal norm is recorded once per eps; one eps's rows hold every point the attack ran on.
+            first = per_norm[per_norm["eps"] == per_norm["eps"].min()].sort_values("index")
+            norms = first["perturbation_norm"].to_numpy(dtype=float)
+            finite = sorted(float(f"{value:.6g}") for value in norms if value == value and value != float("inf"))
+            curves[str(norm)] = {"attack": attack["name"], "options": attack.get("options", {}), "n": n, "attacked": len(first), "not_found": int(len(norms) - len(finite)), "minimal_norms": finite}
+    return curves
+
+
+def curve_robust_accuracy(curve: dict[str, Any], eps: float) -> float:
+    """Robust accuracy at ``eps`` from a stored minimum-norm curve: points the attack ran on (the
+    correctly classified ones) whose smallest adversarial norm is larger than eps, over n."""
+    import bisect
+
+    broken = bisect.bisect_right(curve["minimal_norms"], eps * (1 + 1e-5))
+    return (curve["attacked"] - broken) / curve["n"]
 
 
 def add_run(run_dir: str | Path, entries_dir: str | Path = ENTRIES_DIR, *, replace: bool = False, regression_points: int = 200, tracks: tuple[str, ...] | None = None) -> list[Path]:

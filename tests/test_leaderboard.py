@@ -131,3 +131,23 @@ def test_readme_blocks_are_replaced_by_the_built_tables(spheres_run, tmp_path):
     readme.write_text("<!-- leaderboard:cifar10-perturbation -->\n<!-- /leaderboard:cifar10-perturbation -->\n")
     with pytest.raises(FileNotFoundError, match="was not built"):
         sync_readme(readme, tmp_path / "out")
+
+
+def test_entries_keep_the_minimum_norm_curve_and_it_agrees_with_the_per_eps_records(tmp_path):
+    from invarbench.leaderboard.entries import curve_robust_accuracy
+    from invarbench.leaderboard.plots import build_plots
+
+    config = RunConfig((ModelSpec("spheres-mlp-standard", "spheres"),), (ThreatModel("linf", (0.01, 0.02, 0.03)), ThreatModel("l2", (0.05, 0.1))), (AttackSpec("pgd", (("steps", 10),)), AttackSpec.parse("fmn:steps=50,cascade=false")), n=40, shard_size=20)
+    run_benchmark(config, tmp_path, name="run", progress=False)
+    add_run(tmp_path / "run", tmp_path / "entries")
+    entry = json.loads((tmp_path / "entries" / "spheres-mlp-standard__spheres__perturbation.json").read_text())
+    records = pd.read_parquet(tmp_path / "run" / "results.parquet")
+    assert set(entry["results"]["curves"]) == {"linf", "l2"}
+    for norm, curve in entry["results"]["curves"].items():
+        assert curve["attack"] == "fmn" and curve["n"] == 40 and curve["minimal_norms"] == sorted(curve["minimal_norms"])
+        for eps in {"linf": (0.01, 0.02, 0.03), "l2": (0.05, 0.1)}[norm]:
+            fmn = records[(records["attack"] == "fmn") & (records["norm"] == norm) & (records["eps"] == eps)]
+            robust = int((fmn["ran"] & ~fmn["success"].astype(bool)).sum())
+            assert curve_robust_accuracy(curve, eps) == robust / 40, (norm, eps)
+    written = build_plots([entry], tmp_path / "plots")
+    assert {path.name for path in written} >= {"spheres-robustness-linf.png", "spheres-robustness-l2.svg"}
