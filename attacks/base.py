@@ -58,7 +58,8 @@ class PerturbationResult:
     ``success[e, i]`` is True when point i is misclassified within eps ``epsilons[e]`` (points already
     misclassified without perturbation count as successes). ``norms[e, i]`` is the size of the
     returned perturbation in the attack's norm and ``adversarial_predictions[e, i]`` the model's
-    label for it.
+    label for it. ``adversarials[e, i]`` (attacks that return examples at fixed eps: FGSM, PGD) is
+    the example itself, for galleries; None where an attack does not keep them.
     """
 
     attack: str
@@ -68,6 +69,7 @@ class PerturbationResult:
     norms: torch.Tensor
     adversarial_predictions: torch.Tensor
     options: dict[str, Any] = field(default_factory=dict)
+    adversarials: torch.Tensor | None = None
 
     def robust_accuracy(self) -> list[float]:
         return (~self.success).float().mean(dim=1).tolist()

@@ -42,6 +42,7 @@ class _FoolboxFixedEpsilon(Attack):
         success = torch.zeros(len(epsilons), len(labels), dtype=torch.bool)
         norms = torch.zeros(len(epsilons), len(labels))
         predictions = torch.zeros(len(epsilons), len(labels), dtype=torch.long)
+        adversarials = images.detach().cpu().unsqueeze(0).repeat(len(epsilons), *[1] * images.dim())
         for attempt in range(self._attempts()):
             # Foolbox draws random starts from torch's global generator: seeding it makes runs repeatable.
             torch.manual_seed(seed + attempt)
@@ -53,8 +54,9 @@ class _FoolboxFixedEpsilon(Attack):
                     update = ~success[index, batch]
                     norms[index, batch] = torch.where(update, perturbation_norm((adversarial - x).cpu(), norm), norms[index, batch])
                     predictions[index, batch] = torch.where(update, _predict(model, adversarial).cpu(), predictions[index, batch])
+                    adversarials[index, batch] = torch.where(update.view(-1, *[1] * (adversarial.dim() - 1)), adversarial.cpu(), adversarials[index, batch])
                     success[index, batch] |= batch_success[index].cpu()
-        return PerturbationResult(self.name, norm, epsilons, success, norms, predictions, {**self.options(), "implementation": f"foolbox {foolbox.__version__}"})
+        return PerturbationResult(self.name, norm, epsilons, success, norms, predictions, {**self.options(), "implementation": f"foolbox {foolbox.__version__}"}, adversarials)
 
 
 @register_attack

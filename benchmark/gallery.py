@@ -92,3 +92,86 @@ def invariance_gallery(run_dir: str | Path, out: str | Path, *, model: str | Non
     atomic_write(out, lambda tmp: figure.savefig(tmp, format=suffix, dpi=100, metadata={"Software": None} if suffix == "png" else {"Creator": None, "Date": None}))
     plt.close(figure)
     return out
+
+
+def perturbation_gallery(entry: dict, entries_dir: str | Path, out: str | Path, *, count: int = 6) -> Path:
+    """Clean and adversarial images of a perturbation entry, with the model's and the oracle's labels.
+
+    The adversarial examples are recomputed, not stored: the entry's first attack (FGSM or PGD) is
+    re-run on its first shard with that job's seed and batch, exactly as in the run (as ``invarbench
+    check`` does), and only points whose outcome matches the entry's stored records are drawn. Each
+    point is shown at the smallest evaluated eps of the entry's first norm at which the attack broke it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from invarbench.attacks.oracles import default_oracle
+    from invarbench.datasets import load_dataset
+    from invarbench.leaderboard.check import _config
+    from invarbench.runner import plan
+
+    if entry["track"] != "perturbation":
+        raise ConfigError(f"entry {entry['model']} ({entry['track']}) is not a perturbation entry")
+    shard_size = entry["settings"]["shard_size"]
+    config = _config(entry, min(shard_size, entry["settings"]["n"]))
+    first_norm = config.threats[0].norm
+    jobs = [job for job in plan(config) if job.attack_index == 0 and job.shard == 0 and job.threat.norm == first_norm]
+    if not jobs or jobs[0].attack.name not in ("fgsm", "pgd"):
+        raise ConfigError(f"entry {entry['model']}: its first attack is not FGSM or PGD, which keep their examples; no adversarial gallery")
+    job = jobs[0]
+    dataset = load_dataset(entry["dataset"])
+    if dataset.test_images.dim() != 4:
+        raise ConfigError(f"data set {entry['dataset']!r} has no images to draw")
+    images, labels = dataset.evaluation_subset(job.stop)
+    model = config.models[0].load(dataset.num_classes, dataset.bounds).eval()
+    with torch.no_grad():
+        clean = torch.cat([model(images[start : start + 500]).argmax(1) for start in range(0, len(images), 500)])
+    correct = clean == labels
+    points = correct.nonzero().flatten()
+    epsilons = job.threat.epsilons
+    result = job.attack.create()(model, images[points], labels[points], norm=job.threat.norm, epsilons=epsilons, seed=job.seed, active=correct[points].unsqueeze(0).repeat(len(epsilons), 1))
+    stored = pd.read_parquet(Path(entries_dir) / entry["regression"]["file"])
+    stored = stored[(stored["attack_index"] == 0) & (stored["norm"] == job.threat.norm) & (stored["index"] < job.stop)]
+    chosen = []
+    for position, point in enumerate(points.tolist()):
+        for eps_index, eps in enumerate(epsilons):
+            record = stored[(stored["index"] == point) & (stored["eps"] == eps)]
+            if not bool(result.success[eps_index, position]):
+                continue
+            # Drawn only where the re-run reproduces the stored outcome and prediction.
+            if len(record) == 1 and bool(record["success"].iloc[0]) and int(record["adversarial_prediction"].iloc[0]) == int(result.adversarial_predictions[eps_index, position]):
+                chosen.append((point, eps_index, position))
+            break
+        if len(chosen) == count:
+            break
+    if not chosen:
+        raise ConfigError(f"entry {entry['model']}: {job.attack.name} broke no point of the first shard reproducibly; no adversarial gallery")
+    oracle = default_oracle(dataset)
+    originals = images[[point for point, _, _ in chosen]]
+    adversarial = torch.stack([result.adversarials[eps_index, position] for _, eps_index, position in chosen])
+    oracle_clean, oracle_adversarial = oracle.label(originals).tolist(), oracle.label(adversarial).tolist()
+
+    def said(label: int) -> str:
+        return "abstains" if label < 0 else str(label)
+
+    figure, axes = plt.subplots(len(chosen), 2, figsize=(2 * 1.9, len(chosen) * 2.0), squeeze=False)
+    for row, (point, eps_index, position) in enumerate(chosen):
+        panels = [
+            (originals[row], f"test {point}: label {int(labels[point])}\nmodel {int(clean[point])}, oracle {said(oracle_clean[row])}"),
+            (adversarial[row], f"{job.attack.name} {job.threat.norm} {epsilons[eps_index]:g} (norm {float(result.norms[eps_index, position]):.3g})\nmodel {int(result.adversarial_predictions[eps_index, position])}, oracle {said(oracle_adversarial[row])}"),
+        ]
+        for column, (image, caption) in enumerate(panels):
+            axis = axes[row, column]
+            axis.set_xticks([])
+            axis.set_yticks([])
+            picture = image.detach().cpu().numpy()
+            axis.imshow(picture[0] if picture.shape[0] == 1 else picture.transpose(1, 2, 0), cmap="gray", vmin=dataset.bounds[0], vmax=dataset.bounds[1])
+            axis.set_title(caption, fontsize=7)
+    figure.suptitle(f"{entry['model']}\n{job.attack.name} examples, oracle {oracle.name}", fontsize=8)
+    figure.tight_layout()
+    out = Path(out)
+    atomic_write(out, lambda tmp: figure.savefig(tmp, format="png", dpi=100, metadata={"Software": None}))
+    plt.close(figure)
+    return out

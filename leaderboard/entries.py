@@ -124,11 +124,13 @@ def curve_robust_accuracy(curve: dict[str, Any], eps: float) -> float:
     return (curve["attacked"] - broken) / curve["n"]
 
 
-def add_run(run_dir: str | Path, entries_dir: str | Path = ENTRIES_DIR, *, replace: bool = False, regression_points: int = 200, tracks: tuple[str, ...] | None = None) -> list[Path]:
+def add_run(run_dir: str | Path, entries_dir: str | Path = ENTRIES_DIR, *, replace: bool = False, regression_points: int = 200, tracks: tuple[str, ...] | None = None, galleries: bool = True) -> list[Path]:
     """Write the run's entries; refuse conflicting ones (other settings or checkpoint) unless ``replace``.
 
     ``tracks`` keeps only those tracks' entries (default: every track the run has), e.g. the
-    invariance entry of a run whose PGD is there only to sit beside it."""
+    invariance entry of a run whose PGD is there only to sit beside it. ``galleries`` also draws the
+    perturbation entries' adversarial examples (recomputed on the first shard, see
+    :func:`invarbench.gallery.perturbation_gallery`); invariance galleries come from the run's images."""
     entries_dir = Path(entries_dir)
     found = entries_from_run(run_dir, regression_points=regression_points)
     if tracks is not None:
@@ -162,6 +164,14 @@ def add_run(run_dir: str | Path, entries_dir: str | Path = ENTRIES_DIR, *, repla
         path = entries_dir / f"{stem}.json"
         write_json(path, entry)
         written.append(path)
+        if entry["track"] == "perturbation" and galleries:
+            from invarbench.gallery import perturbation_gallery
+
+            # Recomputed from the entry's first shard and checked against its stored records (on disk now).
+            try:
+                written.append(perturbation_gallery(entry, entries_dir, entries_dir / f"{stem}__{entry['settings']['attacks'][0]['name']}.gallery.png"))
+            except ConfigError:
+                pass
     return written
 
 

@@ -151,3 +151,22 @@ def test_entries_keep_the_minimum_norm_curve_and_it_agrees_with_the_per_eps_reco
             assert curve_robust_accuracy(curve, eps) == robust / 40, (norm, eps)
     written = build_plots([entry], tmp_path / "plots")
     assert {path.name for path in written} >= {"spheres-robustness-linf.png", "spheres-robustness-l2.svg"}
+
+
+def test_perturbation_entries_get_a_gallery_of_reproduced_adversarial_examples(tmp_path, mnist):
+    from invarbench.gallery import perturbation_gallery
+
+    config = RunConfig((ModelSpec("mnist-cnn-standard", "mnist"),), (ThreatModel("linf", (0.05, 0.3)),), (AttackSpec("pgd", (("steps", 10),)),), n=20, shard_size=20)
+    run_benchmark(config, tmp_path, name="run", progress=False)
+    written = add_run(tmp_path / "run", tmp_path / "entries")
+    gallery = tmp_path / "entries" / "mnist-cnn-standard__mnist__perturbation__pgd.gallery.png"
+    assert gallery in written and gallery.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    entry = json.loads((tmp_path / "entries" / "mnist-cnn-standard__mnist__perturbation.json").read_text())
+    again = perturbation_gallery(entry, tmp_path / "entries", tmp_path / "again.png")
+    assert again.read_bytes() == gallery.read_bytes(), "recomputed examples are the run's: same bytes twice"
+    # Records that say PGD broke nothing leave nothing to draw: the gallery never shows an outcome the entry does not hold.
+    records = pd.read_parquet(tmp_path / "entries" / entry["regression"]["file"])
+    records["success"] = records["success"].where(records["success"].isna(), False)
+    records.to_parquet(tmp_path / "entries" / entry["regression"]["file"], index=False)
+    with pytest.raises(ConfigError, match="broke no point of the first shard reproducibly"):
+        perturbation_gallery(entry, tmp_path / "entries", tmp_path / "none.png")
