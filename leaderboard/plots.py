@@ -56,7 +56,8 @@ def build_plots(entries: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             axis.set_ylabel("robust accuracy")
             axis.set_ylim(0, 1.02)
             what = "markers: worst case over all attacks; lines: minimum-norm attack" if curves else "worst case over all attacks"
-            axis.set_title(f"{dataset}: robust accuracy versus {norm} eps (n={perturbation[0]['settings']['n'] if perturbation else '-'})\n{what}", fontsize=9)
+            sizes = "/".join(str(size) for size in sorted({entry["settings"]["n"] for entry in perturbation if entry["results"]["threats"].get(norm)}))
+            axis.set_title(f"{dataset}: robust accuracy versus {norm} eps (n={sizes or '-'})\n{what}", fontsize=9)
             if axis.get_legend_handles_labels()[0]:
                 axis.legend(fontsize=7)
             figure.tight_layout()

@@ -3,7 +3,7 @@
 
 Built only from ``leaderboard/entries/``; building twice from the same entries gives the same bytes.
 Perturbation tables are ranked by worst-case robust accuracy at the data set's first headline threat
-model; invariance tables list every invariance attack and setting with its oracle, counts and 95%
+model (a compact ``DATASET-perturbation-summary.md`` keeps only the worst case per threat); invariance tables list every invariance attack and setting with its oracle, counts and 95%
 intervals.
 """
 
@@ -34,14 +34,44 @@ def _headline(dataset: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def perturbation_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
-    """One row per model: clean accuracy, robust accuracy after each attack and worst case at every
-    stored threat (eps), ranked by worst case at the headline threat."""
+NORM_ORDER = ("linf", "l2")
+
+
+def _settings(selected: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Every stored (norm, eps): l_inf before l_2 (other norms after), by eps."""
+    found = {(norm, eps) for entry in selected for norm, per_eps in entry["results"]["threats"].items() for eps in per_eps}
+    return sorted(found, key=lambda pair: (NORM_ORDER.index(pair[0]) if pair[0] in NORM_ORDER else len(NORM_ORDER), pair[0], float(pair[1])))
+
+
+def _attack_columns(entry: dict[str, Any]) -> list[tuple[str, str]]:
+    """(summary key, shown name) of each attack of an entry in cascade order; the shown name leaves
+    out the runner's own options (eps=, cascade=), which say where an attack ran, not what it is."""
+    from invarbench.runner import RUNNER_OPTIONS, AttackSpec
+
+    columns = []
+    for attack in entry["settings"]["attacks"]:
+        options = tuple(attack.get("options", {}).items())
+        shown = AttackSpec(attack["name"], tuple((key, value) for key, value in options if key not in RUNNER_OPTIONS)).label()
+        columns.append((AttackSpec(attack["name"], options).label(), shown))
+    return columns
+
+
+def perturbation_table(entries: list[dict[str, Any]], dataset: str, *, summary: bool = False) -> pd.DataFrame:
+    """One row per model: clean accuracy, robust accuracy after each attack (cumulative, in cascade
+    order) and the worst case at every stored threat (eps), ranked by worst case at the headline threat.
+    ``summary`` keeps only the worst case per threat (named "NORM EPS"), for the README."""
     selected = [entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "perturbation"]
     invariance = {entry["model"]: entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "invariance"}
     headline = _headline(dataset)
-    settings = sorted({(norm, eps) for entry in selected for norm, per_eps in entry["results"]["threats"].items() for eps in per_eps}, key=lambda pair: (pair[0], float(pair[1])))
-    settings.sort(key=lambda pair: pair not in headline)
+    settings = _settings(selected)
+    shown_attacks: list[str] = []
+    for entry in selected:
+        shown_attacks += [shown for _, shown in _attack_columns(entry) if shown not in shown_attacks]
+    columns = ["model", "architecture", "recipe", "trained against", "n", "clean"]
+    for norm, eps in settings:
+        columns += [f"{norm} {eps}"] if summary else [*(f"{norm} {eps} after {shown}" for shown in shown_attacks), f"{norm} {eps} worst case"]
+    invariance_settings = sorted({setting for entry in invariance.values() for setting in entry["results"]["invariance"].get("invariance-linf", {})})
+    columns += [f"invariance accuracy {setting}" for setting in invariance_settings] + ["check warnings"]
     rows = []
     for entry in selected:
         results = entry["results"]
@@ -55,18 +85,25 @@ def perturbation_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFr
         }
         for norm, eps in settings:
             result = results["threats"].get(norm, {}).get(eps)
-            for attack, outcome in (result or {}).get("attacks", {}).items():
-                row[f"{norm} {eps} after {attack}"] = outcome["robust_accuracy"]
-            row[f"{norm} {eps} worst case"] = result["worst_case"]["robust_accuracy"] if result else None
+            worst = result["worst_case"]["robust_accuracy"] if result else None
+            if summary:
+                row[f"{norm} {eps}"] = worst
+                continue
+            for key, shown in _attack_columns(entry):
+                if result and key in result["attacks"]:
+                    row[f"{norm} {eps} after {shown}"] = result["attacks"][key]["robust_accuracy"]
+            row[f"{norm} {eps} worst case"] = worst
         linf = invariance.get(entry["model"], {}).get("results", {}).get("invariance", {}).get("invariance-linf", {})
         for setting, metrics in sorted(linf.items()):
             row[f"invariance accuracy {setting}"] = metrics["invariance_accuracy"]
         row["check warnings"] = "yes" if results["warnings"] else "no"
         rows.append(row)
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows, columns=columns)
     if frame.empty:
         return frame
-    rank_by = next((f"{norm} {eps} worst case" for norm, eps in headline if f"{norm} {eps} worst case" in frame), None)
+    # Columns no entry has a value for (an attack that ran only at other eps) are left out.
+    frame = frame[[column for column in columns if frame[column].notna().any()]]
+    rank_by = next((f"{norm} {eps}" + ("" if summary else " worst case") for norm, eps in headline if f"{norm} {eps}" + ("" if summary else " worst case") in frame), None)
     frame = frame.sort_values([rank_by, "model"] if rank_by else ["model"], ascending=[False, True] if rank_by else [True], na_position="last", kind="stable").reset_index(drop=True)
     frame.insert(0, "rank", range(1, len(frame) + 1))
     return frame
@@ -106,7 +143,7 @@ def _display(frame: pd.DataFrame) -> pd.DataFrame:
             base = column[: -len(" ci95")]
             shown[base] = [f"{_percent(value)} [{100 * low:.1f}, {100 * high:.1f}]" if value is not None and not pd.isna(value) else "-" for value, (low, high) in zip(frame[base], frame[column])]
             shown = shown.drop(columns=column)
-        elif shown[column].dtype.kind == "f" or column in ("clean",) or "worst case" in column or " after " in column or column.startswith("invariance accuracy"):
+        elif shown[column].dtype.kind == "f" or column in ("clean",) or "worst case" in column or column.startswith("invariance accuracy") or column.partition(" ")[0] in NORM_ORDER:
             shown[column] = [value if isinstance(value, str) else _percent(None if pd.isna(value) else value) for value in shown[column]]
     return shown.fillna("-")
 
@@ -143,7 +180,11 @@ def build_tables(entries_dir: str | Path = ENTRIES_DIR, out_dir: str | Path = OU
     out_dir = Path(out_dir)
     written = []
     for dataset in sorted({entry["dataset"] for entry in entries}):
-        for track, frame in (("perturbation", perturbation_table(entries, dataset)), ("invariance", invariance_table(entries, dataset))):
+        perturbation = perturbation_table(entries, dataset)
+        if not perturbation.empty:
+            # The compact table (worst case per threat) the README shows; the full one has every attack.
+            written.append(atomic_write_text(out_dir / f"{dataset}-perturbation-summary.md", markdown(perturbation_table(entries, dataset, summary=True))))
+        for track, frame in (("perturbation", perturbation), ("invariance", invariance_table(entries, dataset))):
             if frame.empty:
                 continue
             stem = out_dir / f"{dataset}-{track}"
