@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 from invarbench.io import atomic_write_text
-from invarbench.leaderboard.entries import ENTRIES_DIR, load_entries
+from invarbench.leaderboard.entries import ENTRIES_DIR, curve_median_norm, load_entries
 
 OUTPUT_DIR = Path(__file__).parent / "output"
 
@@ -59,7 +59,9 @@ def _attack_columns(entry: dict[str, Any]) -> list[tuple[str, str]]:
 def perturbation_table(entries: list[dict[str, Any]], dataset: str, *, summary: bool = False) -> pd.DataFrame:
     """One row per model: clean accuracy, robust accuracy after each attack (cumulative, in cascade
     order) and the worst case at every stored threat (eps), ranked by worst case at the headline threat.
-    ``summary`` keeps only the worst case per threat (named "NORM EPS"), for the README."""
+    ``summary`` keeps only the worst case per threat (named "NORM EPS"), for the README. The full
+    table also gives, per norm, the median over all points of the minimum-norm attack's smallest
+    adversarial norm (where the entry stores its curve)."""
     selected = [entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "perturbation"]
     invariance = {entry["model"]: entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "invariance"}
     headline = _headline(dataset)
@@ -70,6 +72,8 @@ def perturbation_table(entries: list[dict[str, Any]], dataset: str, *, summary: 
     columns = ["model", "architecture", "recipe", "trained against", "n", "clean"]
     for norm, eps in settings:
         columns += [f"{norm} {eps}"] if summary else [*(f"{norm} {eps} after {shown}" for shown in shown_attacks), f"{norm} {eps} worst case"]
+    curve_norms = [] if summary else [norm for norm in NORM_ORDER if any(norm in entry["results"].get("curves", {}) for entry in selected)]
+    columns += [f"{norm} median min. norm" for norm in curve_norms]
     invariance_settings = sorted({setting for entry in invariance.values() for setting in entry["results"]["invariance"].get("invariance-linf", {})})
     columns += [f"invariance accuracy {setting}" for setting in invariance_settings] + ["check warnings"]
     rows = []
@@ -93,6 +97,9 @@ def perturbation_table(entries: list[dict[str, Any]], dataset: str, *, summary: 
                 if result and key in result["attacks"]:
                     row[f"{norm} {eps} after {shown}"] = result["attacks"][key]["robust_accuracy"]
             row[f"{norm} {eps} worst case"] = worst
+        for norm in curve_norms:
+            curve = results.get("curves", {}).get(norm)
+            row[f"{norm} median min. norm"] = curve_median_norm(curve) if curve else None
         linf = invariance.get(entry["model"], {}).get("results", {}).get("invariance", {}).get("invariance-linf", {})
         for setting, metrics in sorted(linf.items()):
             row[f"invariance accuracy {setting}"] = metrics["invariance_accuracy"]
@@ -143,6 +150,8 @@ def _display(frame: pd.DataFrame) -> pd.DataFrame:
             base = column[: -len(" ci95")]
             shown[base] = [f"{_percent(value)} [{100 * low:.1f}, {100 * high:.1f}]" if value is not None and not pd.isna(value) else "-" for value, (low, high) in zip(frame[base], frame[column])]
             shown = shown.drop(columns=column)
+        elif column.endswith("min. norm"):
+            shown[column] = ["-" if value is None or pd.isna(value) else f"{value:.3g}" for value in shown[column]]
         elif shown[column].dtype.kind == "f" or column in ("clean",) or "worst case" in column or column.startswith("invariance accuracy") or column.partition(" ")[0] in NORM_ORDER:
             shown[column] = [value if isinstance(value, str) else _percent(None if pd.isna(value) else value) for value in shown[column]]
     return shown.fillna("-")

@@ -137,7 +137,7 @@ def test_readme_blocks_are_replaced_by_the_built_tables(spheres_run, tmp_path):
 
 
 def test_entries_keep_the_minimum_norm_curve_and_it_agrees_with_the_per_eps_records(tmp_path):
-    from invarbench.leaderboard.entries import curve_robust_accuracy
+    from invarbench.leaderboard.entries import curve_median_norm, curve_robust_accuracy
     from invarbench.leaderboard.plots import build_plots
 
     config = RunConfig((ModelSpec("spheres-mlp-standard", "spheres"),), (ThreatModel("linf", (0.01, 0.02, 0.03)), ThreatModel("l2", (0.05, 0.1))), (AttackSpec("pgd", (("steps", 10),)), AttackSpec.parse("fmn:steps=50,cascade=false")), n=40, shard_size=20)
@@ -152,6 +152,13 @@ def test_entries_keep_the_minimum_norm_curve_and_it_agrees_with_the_per_eps_reco
             fmn = records[(records["attack"] == "fmn") & (records["norm"] == norm) & (records["eps"] == eps)]
             robust = int((fmn["ran"] & ~fmn["success"].astype(bool)).sum())
             assert curve_robust_accuracy(curve, eps) == robust / 40, (norm, eps)
+        fmn = records[(records["attack"] == "fmn") & (records["norm"] == norm)]
+        first = fmn[fmn["eps"] == fmn["eps"].min()].sort_values("index")
+        everyone = sorted(first["perturbation_norm"].where(first["ran"], 0.0).fillna(float("inf")).tolist())
+        assert curve_median_norm(curve) == pytest.approx(everyone[(len(everyone) - 1) // 2], rel=1e-5), "misclassified points count as 0"
+    assert curve_median_norm({"n": 5, "attacked": 4, "minimal_norms": [0.1, 0.2, 0.3], "not_found": 1}) == 0.2
+    table = perturbation_table([entry], "spheres")
+    assert table["l2 median min. norm"].iloc[0] == curve_median_norm(entry["results"]["curves"]["l2"])
     written = build_plots([entry], tmp_path / "plots")
     assert {path.name for path in written} >= {"spheres-robustness-linf.png", "spheres-robustness-l2.svg"}
 
