@@ -109,6 +109,7 @@ def perturbation_gallery(entry: dict, entries_dir: str | Path, out: str | Path, 
     import torch
     from invarbench.attacks.oracles import default_oracle
     from invarbench.datasets import load_dataset
+    from invarbench.evaluation import predict
     from invarbench.leaderboard.check import _config
     from invarbench.runner import plan
 
@@ -126,8 +127,7 @@ def perturbation_gallery(entry: dict, entries_dir: str | Path, out: str | Path, 
         raise ConfigError(f"data set {entry['dataset']!r} has no images to draw")
     images, labels = dataset.evaluation_subset(job.stop)
     model = config.models[0].load(dataset.num_classes, dataset.bounds).eval()
-    with torch.no_grad():
-        clean = torch.cat([model(images[start : start + 500]).argmax(1) for start in range(0, len(images), 500)])
+    clean = predict(model, images)
     correct = clean == labels
     points = correct.nonzero().flatten()
     epsilons = job.threat.epsilons

@@ -110,7 +110,8 @@ def perturbation_table(entries: list[dict[str, Any]], dataset: str, *, summary: 
         return frame
     # Columns no entry has a value for (an attack that ran only at other eps) are left out.
     frame = frame[[column for column in columns if frame[column].notna().any()]]
-    rank_by = next((f"{norm} {eps}" + ("" if summary else " worst case") for norm, eps in headline if f"{norm} {eps}" + ("" if summary else " worst case") in frame), None)
+    suffix = "" if summary else " worst case"
+    rank_by = next((f"{norm} {eps}{suffix}" for norm, eps in headline if f"{norm} {eps}{suffix}" in frame), None)
     frame = frame.sort_values([rank_by, "model"] if rank_by else ["model"], ascending=[False, True] if rank_by else [True], na_position="last", kind="stable").reset_index(drop=True)
     frame.insert(0, "rank", range(1, len(frame) + 1))
     return frame

@@ -187,21 +187,19 @@ def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = 
         if recipe == "ice":
             if not model.invertible:
                 raise ConfigError(f"model card {card.path}: the ice recipe needs an invertible architecture (fi-revnet), not {card.architecture!r}")
-            objective = str(training.get("nuisance_objective", "capped-ce"))
-            if objective not in IndependenceCrossEntropy.OBJECTIVES:
-                raise ConfigError(f"model card {card.path}: [training] nuisance_objective {objective!r} is not one of {', '.join(IndependenceCrossEntropy.OBJECTIVES)}")
-            if int(training.get("nuisance_steps", 1)) < 1:
-                raise ConfigError(f"model card {card.path}: [training] nuisance_steps must be 1 or more")
-            independence = IndependenceCrossEntropy(
-                model,
-                num_classes=card.num_classes,
-                nuisance_weight=float(training.get("nuisance_weight", 1.0)),
-                likelihood_weight=float(training.get("likelihood_weight", 0.1)),
-                hidden=int(training.get("nuisance_hidden", 256)),
-                learning_rate=float(training.get("nuisance_learning_rate", learning_rate)),
-                objective=objective,
-                steps=int(training.get("nuisance_steps", 1)),
-            )
+            try:
+                independence = IndependenceCrossEntropy(
+                    model,
+                    num_classes=card.num_classes,
+                    nuisance_weight=float(training.get("nuisance_weight", 1.0)),
+                    likelihood_weight=float(training.get("likelihood_weight", 0.1)),
+                    hidden=int(training.get("nuisance_hidden", 256)),
+                    learning_rate=float(training.get("nuisance_learning_rate", learning_rate)),
+                    objective=str(training.get("nuisance_objective", "capped-ce")),
+                    steps=int(training.get("nuisance_steps", 1)),
+                )
+            except ValueError as error:
+                raise ConfigError(f"model card {card.path}: [training] {error}; fix the card") from error
             independence.nuisance_classifier.to(device)
         batches_per_epoch = (len(labels) + batch_size - 1) // batch_size
         bar = tqdm(total=epochs * batches_per_epoch, desc=f"train {card.name}", disable=not progress, unit="batch")

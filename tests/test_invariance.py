@@ -366,3 +366,16 @@ def test_gallery_draws_a_run_and_is_reproducible(tmp_path):
     assert first.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and first.read_bytes() == second.read_bytes()
     with pytest.raises(ConfigError, match="no invariance records"):
         invariance_gallery(tmp_path / "run", tmp_path / "c.png", attack="metameric")
+
+
+def test_a_card_with_an_unknown_nuisance_objective_is_refused_naming_the_card(tmp_path):
+    from dataclasses import replace
+
+    from invarbench.models.registry import get_card
+    from invarbench.models.training import train
+
+    card = get_card("mnist-firevnet-ice")
+    training = {**card.training, "nuisance_objective": "entropy", "epochs": 0}
+    with pytest.raises(ConfigError, match=r"bad\.toml: \[training\] nuisance objective 'entropy'"):
+        train(replace(card, training=training, path=tmp_path / "bad.toml", checkpoint_file=str(tmp_path / "bad.pt")), progress=False)
+    assert not (tmp_path / "bad.pt").exists() and not (tmp_path / "bad.toml").exists(), "nothing written"
