@@ -68,13 +68,17 @@ def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, up
             return CheckResult(name, False, [f"re-evaluation failed: {error}"])
         run = Path(scratch) / "check"
         fresh = as_records(pd.read_parquet(run / ("invariance.parquet" if entry["track"] == "invariance" else "results.parquet")))
-    keys = ["norm", "eps", "attack_index", "index"]
+    # Records are paired by attack name and by the attack's place among those of the same name, not by
+    # its position in the run: an entry that keeps one track of a run (`leaderboard add --track`) has
+    # fewer attacks than the run its records came from, so the positions differ.
+    stored, fresh = _with_attack_rank(stored), _with_attack_rank(fresh)
+    keys = ["norm", "eps", "attack", "attack_rank", "index"]
     merged = stored.merge(fresh, on=["model", *keys], how="outer", suffixes=("_stored", "_new"), indicator=True)
     differences = []
     for _, row in merged[merged["_merge"] != "both"].iterrows():
-        differences.append(f"{row['attack_stored'] if row['_merge'] == 'left_only' else row['attack_new']} {row['norm']} {row['eps']:g} point {row['index']}: {'missing from the new run' if row['_merge'] == 'left_only' else 'not in the stored records'}")
+        differences.append(f"{row['attack']} {row['norm']} {row['eps']:g} point {row['index']}: {'missing from the new run' if row['_merge'] == 'left_only' else 'not in the stored records'}")
     both = merged[merged["_merge"] == "both"]
-    for (attack, norm, eps), group in both.groupby(["attack_stored", "norm", "eps"], sort=True):
+    for (attack, norm, eps), group in both.groupby(["attack", "norm", "eps"], sort=True):
         if entry["track"] == "perturbation" and not ATTACKS[attack].deterministic:
             old = 1 - group["success_stored"].fillna(False).astype(bool).mean()
             new = 1 - group["success_new"].fillna(False).astype(bool).mean()
@@ -90,6 +94,14 @@ def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, up
         path = entries_dir / entry["regression"]["file"]
         atomic_write(path, lambda tmp: fresh.to_parquet(tmp, index=False))
     return CheckResult(name, not differences, differences)
+
+
+def _with_attack_rank(records: pd.DataFrame) -> pd.DataFrame:
+    """``records`` with ``attack_rank``: 1 for the first attack of its name in the run, 2 for a second
+    one (the same attack with other options), and so on."""
+    records = records.copy()
+    records["attack_rank"] = records.groupby("attack")["attack_index"].rank(method="dense").astype(int)
+    return records
 
 
 def _show(value) -> str:

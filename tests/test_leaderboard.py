@@ -110,6 +110,23 @@ def test_check_passes_then_fails_with_a_diff_when_pgd_is_weakened(tmp_path, monk
     assert main(["check", "mnist-cnn-standard", "--entries", str(entries_dir), "--no-progress"]) == 0
 
 
+def test_check_passes_on_one_track_kept_from_a_run_with_more_attacks(spheres_run, tmp_path, capsys):
+    # The run's attacks are fgsm, pgd, invariance-linf; the invariance entry keeps only the last, so its
+    # re-evaluation numbers the attacks differently from the stored records (a first version compared
+    # by position and reported every stored point as missing).
+    entries_dir = tmp_path / "entries"
+    add_run(spheres_run, entries_dir, tracks=("invariance",))
+    assert main(["check", "spheres-mlp-pgd-linf__spheres__invariance", "--entries", str(entries_dir), "--no-progress"]) == 0
+    assert "ok   spheres-mlp-pgd-linf__spheres__invariance" in capsys.readouterr().out
+    records = entries_dir / "spheres-mlp-pgd-linf__spheres__invariance.parquet"
+    stored = pd.read_parquet(records)
+    changed = stored["oracle_label"].notna() & (stored["index"] == stored.loc[stored["oracle_label"].notna(), "index"].min())
+    stored.loc[changed, "model_prediction"] = 1 - stored.loc[changed, "model_prediction"]
+    stored.to_parquet(records, index=False)
+    assert main(["check", "spheres-mlp-pgd-linf__spheres__invariance", "--entries", str(entries_dir), "--no-progress"]) == 1
+    assert "invariance-linf linf 0.025 point" in capsys.readouterr().out
+
+
 def test_check_fails_when_the_checkpoint_no_longer_matches(spheres_run, tmp_path, capsys):
     entries_dir = tmp_path / "entries"
     add_run(spheres_run, entries_dir)
