@@ -25,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 from invarbench.datasets import load_dataset
+from invarbench.models.measure import encode_all, readout_error
 from invarbench.models.registry import load_model
 
 CLASSES = 10
@@ -33,32 +34,7 @@ CLASSES = 10
 def encoded(model_name: str):
     model = load_model(model_name).eval()
     dataset = load_dataset("mnist")
-
-    def encode(images):
-        with torch.no_grad():
-            return torch.cat([model.encode(images[start : start + 500])[0] for start in range(0, len(images), 500)])
-
-    return encode(dataset.train_images), encode(dataset.test_images), dataset.train_labels, dataset.test_labels
-
-
-def after_the_fact_error(train_z, test_z, train_labels, test_labels, *, epochs: int = 3, seed: int = 0) -> float:
-    mean, std = train_z.mean(0), train_z.std(0).clamp_min(1e-6)
-    train_z, test_z = (train_z - mean) / std, (test_z - mean) / std
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    width = train_z.shape[1]
-    classifier = torch.nn.Sequential(torch.nn.Linear(width, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, CLASSES))
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        order = torch.randperm(len(train_labels), generator=generator)
-        for start in range(0, len(order), 128):
-            index = order[start : start + 128]
-            loss = F.cross_entropy(classifier(train_z[index]), train_labels[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    with torch.no_grad():
-        return float((classifier(test_z).argmax(1) != test_labels).float().mean())
+    return encode_all(model, dataset.train_images), encode_all(model, dataset.test_images), dataset.train_labels, dataset.test_labels
 
 
 class ConditionalCoupling(torch.nn.Module):
@@ -149,7 +125,7 @@ def main() -> None:
         features = (train_n - means[train_p]) / stds[train_p], (test_n - means[test_p]) / stds[test_p]
     else:
         features = head(train_z, test_z, train_labels, adversary_weight=args.adversary_weight, epochs=args.epochs, blocks=args.blocks)
-    error = after_the_fact_error(*features, train_labels, test_labels)
+    error = readout_error(*features, train_labels, test_labels, classes=CLASSES, epochs=3)
     print(json.dumps({**vars(args), "after_the_fact_error": round(error, 4), "seconds": round(time.time() - started)}))
 
 
