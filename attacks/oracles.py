@@ -15,28 +15,35 @@ invariance figure names the oracle (``Oracle.name``) that judged it.
 from __future__ import annotations
 
 import hashlib
+import tomllib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tomli_w
 import torch
 from invarbench.attacks.neighbours import nearest
-from invarbench.errors import ConfigError, DataError
+from invarbench.errors import ConfigError, DataError, did_you_mean
+from invarbench.io import atomic_write_text
 
 ABSTAIN = -1
 
 
 class Oracle(ABC):
     name: str
+    #: True for a data set's own labelling function or people's own labels, which need no calibration.
+    exact: bool = False
+    #: Calibration against people's labels (``Calibration.to_dict()`` per labelled set), where measured.
+    calibration: tuple[dict, ...] = ()
 
     @abstractmethod
     def label(self, images: torch.Tensor) -> torch.Tensor:
         """One label per image (int64), ``ABSTAIN`` where the oracle does not decide."""
 
     def describe(self) -> dict:
-        return {"name": self.name}
+        return {"name": self.name, "exact": self.exact, "calibration": list(self.calibration)}
 
 
 class ExactOracle(Oracle):
@@ -45,6 +52,8 @@ class ExactOracle(Oracle):
     ``margin(images, labels)``, if given, is differentiable and positive exactly where the true label
     differs from ``labels``: invariance searches can then climb it (the exact search on synthetic data).
     """
+
+    exact = True
 
     def __init__(self, name: str, labelling: Callable[[torch.Tensor], torch.Tensor], margin: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
         self.name = name
@@ -72,6 +81,8 @@ def _image_key(image: torch.Tensor) -> bytes:
 
 class LabelFileOracle(Oracle):
     """Labels for exactly the images of one or more invariance sets; abstains on any other image."""
+
+    exact = True
 
     def __init__(self, sets: Sequence[InvarianceSet]):
         self.name = "label-file:" + "+".join(item.name for item in sets)
@@ -112,6 +123,8 @@ def load_invariance_sets(directory: str | Path) -> list[InvarianceSet]:
             raise DataError(f"{images_path} holds an array of shape {images.shape}; expected N x 28 x 28 images")
         if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
             raise DataError(f"{labels_path} holds {labels.dtype} of shape {labels.shape}; expected {len(images)} integer labels, one per image of {images_path.name}")
+        if len(labels) and (labels.min() < 0 or labels.max() > 9):
+            raise DataError(f"{labels_path} holds labels from {labels.min()} to {labels.max()}; people's labels are digits 0-9 (leave out images nobody read as a digit)")
         if images.min() < 0 or images.max() > 255:
             raise DataError(f"{images_path} has pixel values outside 0..255; store uint8 or floats in 0..255")
         scale = 255.0 if (images.dtype == np.uint8 or images.max() > 1.0) else 1.0
@@ -148,19 +161,55 @@ def _load_indices(root: Path, images_path: Path, name: str, count: int) -> torch
     raise DataError(f"no index file for {images_path}: add {name}_indexs.npy or indexs.npy (the test-set index of each image) beside it or in {root}")
 
 
+@dataclass(frozen=True)
+class View:
+    """How an oracle member looks at an image, as a person would.
+
+    ``stretch`` t: contrast stretched so that brightness t and above is full ink (``min(1, x / t)``):
+    people read a grey stroke on black as a stroke, where a classifier trained on MNIST's near-white
+    strokes discounts it. ``closing`` k: a k x k grey closing (dilation then erosion) bridges gaps
+    narrower than the window, as people read a stroke with a small break as one stroke. The default
+    view is the image as it is.
+    """
+
+    stretch: float = 1.0
+    closing: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.stretch <= 1:
+            raise ConfigError(f"oracle view stretch={self.stretch} must be a brightness in (0, 1]")
+        if self.closing < 0 or (self.closing and self.closing % 2 == 0):
+            raise ConfigError(f"oracle view closing={self.closing} must be 0 (none) or an odd window size such as 3")
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        seen = images if self.stretch == 1.0 else (images / self.stretch).clamp(max=1.0)
+        if self.closing:
+            pad = self.closing // 2
+            dilated = torch.nn.functional.max_pool2d(seen, self.closing, stride=1, padding=pad)
+            seen = -torch.nn.functional.max_pool2d(-dilated, self.closing, stride=1, padding=pad)
+        return seen
+
+    def to_dict(self) -> dict:
+        return {"stretch": self.stretch, "closing": self.closing}
+
+
 class ProxyOracle(Oracle):
     """A vote of independently trained classifiers; abstains when they disagree.
 
-    ``members`` are callables mapping images to logits (models of the proxy ensemble); ``knn`` adds a
-    k-nearest-neighbour classifier on the training pixels as one more voter. A label is returned only
-    when at least ``agreement`` (a fraction) of the voters give the majority label.
+    ``members`` are callables mapping images to logits; each reads every :class:`View` of an image
+    (by default the image as it is). ``knn`` adds a k-nearest-neighbour classifier
+    on the training pixels as one more voter. A label is returned only when at least ``agreement``
+    (a fraction) of the voters give the majority label.
     """
 
-    def __init__(self, name: str, members: Sequence[torch.nn.Module], *, train_images: torch.Tensor | None = None, train_labels: torch.Tensor | None = None, k: int = 3, agreement: float = 0.8, num_classes: int = 10, batch_size: int = 1000):
+    def __init__(self, name: str, members: Sequence[torch.nn.Module], *, views: Sequence[View] = (View(),), train_images: torch.Tensor | None = None, train_labels: torch.Tensor | None = None, k: int = 3, agreement: float = 0.8, num_classes: int = 10, batch_size: int = 1000):
         if not 0 < agreement <= 1:
             raise ConfigError(f"proxy oracle agreement {agreement} must be in (0, 1]")
+        if not views:
+            raise ConfigError("a proxy oracle needs at least one view")
         self.name = name
         self.members = list(members)
+        self.views = tuple(views)
         self.train_images = None if train_images is None else train_images.flatten(1)
         self.train_labels = train_labels
         self.k = k
@@ -170,14 +219,19 @@ class ProxyOracle(Oracle):
 
     @property
     def voters(self) -> int:
-        return len(self.members) + (self.train_images is not None)
+        return len(self.members) * len(self.views) + (self.train_images is not None)
+
+    def _member_outputs(self, images: torch.Tensor):
+        """Each member's logits on each view, batch by batch: (member x view) tensors of (N, classes)."""
+        for member in self.members:
+            for view in self.views:
+                seen = view(images)
+                yield torch.cat([member(seen[start : start + self.batch_size]) for start in range(0, len(images), self.batch_size)])
 
     def votes(self, images: torch.Tensor) -> torch.Tensor:
-        """(images, voters) labels, one column per member (the k-NN vote last)."""
-        columns = []
+        """(images, voters) labels, one column per member and view (the k-NN vote last)."""
         with torch.no_grad():
-            for member in self.members:
-                columns.append(torch.cat([member(images[start : start + self.batch_size]).argmax(1) for start in range(0, len(images), self.batch_size)]))
+            columns = [logits.argmax(1) for logits in self._member_outputs(images)]
             if self.train_images is not None:
                 _, neighbours = nearest(images.flatten(1), self.train_images, k=self.k)
                 neighbour_labels = self.train_labels[neighbours]
@@ -188,12 +242,12 @@ class ProxyOracle(Oracle):
         return torch.stack(columns, dim=1)
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Mean softmax of the model members: how convincingly the ensemble reads each class."""
+        """Mean softmax of the members over their views: how convincingly the ensemble reads each class."""
+        total = torch.zeros(len(images), self.num_classes)
         with torch.no_grad():
-            total = torch.zeros(len(images), self.num_classes)
-            for member in self.members:
-                total += torch.cat([member(images[start : start + self.batch_size]).softmax(1) for start in range(0, len(images), self.batch_size)])
-        return total / max(1, len(self.members))
+            for logits in self._member_outputs(images):
+                total += logits.softmax(1).cpu()
+        return total / max(1, len(self.members) * len(self.views))
 
     def label(self, images: torch.Tensor) -> torch.Tensor:
         votes = self.votes(images)
@@ -203,7 +257,7 @@ class ProxyOracle(Oracle):
         return torch.where(decided, majority, torch.full_like(majority, ABSTAIN))
 
     def describe(self) -> dict:
-        return {"name": self.name, "voters": self.voters, "agreement": self.agreement, "k": self.k}
+        return {**super().describe(), "voters": self.voters, "views": [view.to_dict() for view in self.views], "agreement": self.agreement, "k": self.k if self.train_images is not None else 0}
 
 
 def spheres_margin(points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -214,17 +268,111 @@ def spheres_margin(points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(labels == 0, outward, -outward)
 
 
-PROXY_MEMBERS = {"mnist": ("oracle-mnist-cnn-narrow", "oracle-mnist-cnn-wide", "oracle-mnist-cnn-seed3", "oracle-mnist-mlp")}
+@dataclass(frozen=True)
+class OracleDefinition:
+    """A named proxy oracle, read from ``models/oracles/FILE.toml``: its member models (registered
+    cards with role "oracle"), views, k-NN voter, agreement, notes, and its calibration against people's
+    labels as measured by ``invarbench oracle evaluate NAME --labels DIR --update``."""
+
+    name: str
+    dataset: str
+    members: tuple[str, ...]
+    views: tuple[View, ...]
+    knn: int
+    agreement: float
+    notes: str
+    calibration: tuple[dict, ...] = ()
+    path: Path | None = None
+
+    @classmethod
+    def from_toml(cls, path: Path) -> OracleDefinition:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"oracle file {path} cannot be read ({error}); fix its TOML syntax") from error
+        missing = [key for key in ("name", "dataset", "members", "agreement", "notes") if key not in data]
+        if missing:
+            raise ConfigError(f"oracle file {path} lacks {', '.join(missing)}; add them (see models/oracles/mnist-readers.toml)")
+        return cls(
+            name=str(data["name"]),
+            dataset=str(data["dataset"]),
+            members=tuple(str(member) for member in data["members"]),
+            views=tuple(_view(view, path) for view in data.get("views", [{}])),
+            knn=int(data.get("knn", 0)),
+            agreement=float(data["agreement"]),
+            notes=str(data["notes"]),
+            calibration=tuple(dict(item) for item in data.get("calibration", ())),
+            path=path,
+        )
+
+    def to_toml(self) -> str:
+        data = {"name": self.name, "dataset": self.dataset, "notes": self.notes, "members": list(self.members), "views": [view.to_dict() for view in self.views], "knn": self.knn, "agreement": self.agreement}
+        if self.calibration:
+            data["calibration"] = [dict(item) for item in self.calibration]
+        return tomli_w.dumps(data, multiline_strings=True)
+
+    def save(self) -> Path:
+        if self.path is None:
+            raise ConfigError(f"oracle {self.name} has no file to save to")
+        return atomic_write_text(self.path, self.to_toml())
+
+    def build(self, dataset) -> ProxyOracle:
+        from invarbench.models import load_model
+
+        if dataset.name != self.dataset:
+            raise ConfigError(f"oracle {self.name} judges {self.dataset} images, not {dataset.name}; pick an oracle of that data set (invarbench oracle list)")
+        members = [load_model(member).eval() for member in self.members]
+        knn = {"train_images": dataset.train_images, "train_labels": dataset.train_labels, "k": self.knn} if self.knn else {}
+        oracle = ProxyOracle(self.name, members, views=self.views, agreement=self.agreement, num_classes=dataset.num_classes, **knn)
+        oracle.calibration = self.calibration
+        return oracle
+
+
+def _view(data: dict, path: Path) -> View:
+    unknown = sorted(set(data) - {"stretch", "closing"})
+    if not isinstance(data, dict) or unknown:
+        raise ConfigError(f"oracle file {path}: a view is a table of stretch and closing, e.g. {{stretch = 0.5, closing = 3}}; got {data!r}")
+    return View(stretch=float(data.get("stretch", 1.0)), closing=int(data.get("closing", 0)))
+
+
+def oracles_dir() -> Path:
+    from invarbench.models.registry import CARDS_DIR
+
+    return CARDS_DIR.parent / "oracles"
+
+
+def list_oracles() -> dict[str, OracleDefinition]:
+    """Every named oracle, by name (``proxy:mnist-readers``, ...)."""
+    definitions = (OracleDefinition.from_toml(path) for path in sorted(oracles_dir().glob("*.toml")))
+    return {definition.name: definition for definition in definitions}
+
+
+def get_oracle_definition(name: str) -> OracleDefinition:
+    known = list_oracles()
+    if name not in known:
+        raise ConfigError(f"unknown oracle {name!r}; named oracles: {', '.join(sorted(known))} (or people:DB for a labels database, exact:spheres).{did_you_mean(name, known)}")
+    return known[name]
+
+
+#: The oracle each data set's invariance figures are judged by unless another is asked for.
+DEFAULT_ORACLES = {"mnist": "proxy:mnist-readers"}
+
+
+def load_oracle(name: str, dataset) -> Oracle:
+    """A named oracle for a data set: ``exact:spheres`` or a proxy oracle of ``models/oracles``."""
+    from invarbench.datasets import spheres_label
+
+    if name == "exact:spheres":
+        if dataset.name != "spheres":
+            raise ConfigError(f"oracle exact:spheres judges spheres points, not {dataset.name}")
+        return ExactOracle("exact:spheres", spheres_label, spheres_margin)
+    return get_oracle_definition(name).build(dataset)
 
 
 def default_oracle(dataset) -> Oracle:
-    """The oracle a data set is judged by: its exact labelling function, else the proxy ensemble."""
-    from invarbench.datasets import spheres_label
-    from invarbench.models import load_model
-
+    """The oracle a data set is judged by: its exact labelling function, else its default proxy oracle."""
     if dataset.name == "spheres":
-        return ExactOracle("exact:spheres", spheres_label, spheres_margin)
-    if dataset.name in PROXY_MEMBERS:
-        members = [load_model(name).eval() for name in PROXY_MEMBERS[dataset.name]]
-        return ProxyOracle(f"proxy:{dataset.name}-ensemble", members, train_images=dataset.train_images, train_labels=dataset.train_labels, num_classes=dataset.num_classes)
+        return load_oracle("exact:spheres", dataset)
+    if dataset.name in DEFAULT_ORACLES:
+        return load_oracle(DEFAULT_ORACLES[dataset.name], dataset)
     raise ConfigError(f"data set {dataset.name!r} has no oracle for invariance attacks; use mnist or spheres, or pass --invariance-set DIR with labelled images")

@@ -216,10 +216,48 @@ def _run(args: argparse.Namespace) -> int:
     if invariance_rows:
         print()
         print(format_table(["model", "invariance attack", "setting", "oracle", "label changed", "invariance accuracy [95% CI]", "excessive invariance [95% CI]"], invariance_rows))
+        from invarbench.leaderboard.tables import calibration_summary
+
+        for name, report in outcome.summary.get("oracles", {}).items():
+            print(f"oracle {name}: {calibration_summary(report)}")
     for model, entry in outcome.summary["models"].items():
         for warning in entry["warnings"]:
             print(f"warning: {model}: {warning}", file=sys.stderr)
     print(f"\n{outcome.jobs_run} jobs run, {outcome.jobs_resumed} resumed from disk; results in {outcome.run_dir} (n={config.n}, seed={config.seed})")
+    return EXIT_OK
+
+
+def _oracle_list(args: argparse.Namespace) -> int:
+    from invarbench.attacks.oracles import DEFAULT_ORACLES, list_oracles
+
+    defaults = set(DEFAULT_ORACLES.values())
+    rows = []
+    for name, definition in list_oracles().items():
+        calibrated = "; ".join(f"{item['labels']}: sees {100 * item['sees_change']:.0f}%, false {100 * item['false_change']:.0f}%, abstains {100 * item['abstention_rate']:.0f}%" for item in definition.calibration) or "not calibrated"
+        rows.append([name, definition.dataset, "yes" if name in defaults else "", ", ".join(definition.members), calibrated])
+    print(format_table(["oracle", "dataset", "default", "members", "calibration against people's labels"], rows))
+    return EXIT_OK
+
+
+def _oracle_evaluate(args: argparse.Namespace) -> int:
+    from invarbench.attacks.calibration import CALIBRATION_HEADER, calibrate_sets, calibration_row, labelled_sets
+    from invarbench.attacks.oracles import get_oracle_definition
+    from invarbench.datasets import load_dataset
+
+    definition = get_oracle_definition(args.oracle)
+    sets = labelled_sets(args.labels)
+    dataset = load_dataset(definition.dataset)
+    calibrations = calibrate_sets(definition.build(dataset), sets, dataset.test_labels)
+    print(f"oracle {definition.name} against people's labels in {args.labels}")
+    print(format_table(CALIBRATION_HEADER, [calibration_row(item) for item in calibrations]))
+    print("rates over the items the oracle decides; [95% Wilson interval]")
+    if args.update:
+        from dataclasses import replace
+
+        measured = {item.labels: item.to_dict() for item in calibrations}
+        kept = [item for item in definition.calibration if item["labels"] not in measured]
+        path = replace(definition, calibration=tuple(kept + list(measured.values()))).save()
+        print(f"wrote the calibration into {path}")
     return EXIT_OK
 
 
@@ -332,6 +370,20 @@ def build_parser() -> argparse.ArgumentParser:
     gallery.add_argument("--attack", help="invariance attack name, e.g. metameric")
     gallery.add_argument("--count", type=int, default=8, help="number of candidates (default 8)")
     gallery.set_defaults(handler=_gallery)
+
+    oracle = commands.add_parser("oracle", help="oracles that judge invariance candidates", description="Named oracles and their calibration against people's labels.")
+    oracle_commands = oracle.add_subparsers(dest="oracle_command", required=True, metavar="ACTION")
+    oracle_list = oracle_commands.add_parser("list", help="named oracles with their calibration", description="Named oracles, which is each data set's default, and their stored calibration against people's labels.")
+    oracle_list.set_defaults(handler=_oracle_list)
+    oracle_evaluate = oracle_commands.add_parser(
+        "evaluate",
+        help="measure an oracle against people's labels",
+        description="Abstention, agreement with people, sees-change (of the images people read as another digit, the share the oracle also labels differently from the original) and false-change (of the images people read as the original digit, the share it calls changed), with counts and 95%% intervals.",
+    )
+    oracle_evaluate.add_argument("oracle", help="named oracle, e.g. proxy:mnist-readers (see `invarbench oracle list`)")
+    oracle_evaluate.add_argument("--labels", required=True, help="people's labels: a folder in Tramèr et al.'s layout (NAME.npy, NAME_labels.npy, indexs.npy) or a labels database of `invarbench label`")
+    oracle_evaluate.add_argument("--update", action="store_true", help="store the measured calibration in the oracle's file (shown beside every invariance figure it judges)")
+    oracle_evaluate.set_defaults(handler=_oracle_evaluate)
 
     bench = commands.add_parser("bench", help="quick benchmark of the reference zoo", description="Clean and PGD robust accuracy of zoo models on the first N test points, printed as a table.")
     bench.add_argument("models", nargs="*", help="registered model names (default: the whole zoo)")

@@ -33,6 +33,7 @@ from invarbench.errors import ConfigError
 from invarbench.evaluation import predict
 from invarbench.io import sha256_file
 from invarbench.models import BenchmarkModel, get_card, list_models, load_model
+from invarbench.statistics import wilson_interval
 from invarbench.store import RECORD_COLUMNS, RunLock, RunStore, as_records, read_json, write_json
 from tqdm.auto import tqdm
 
@@ -334,17 +335,6 @@ def oracle_report(oracle, images: torch.Tensor, labels: torch.Tensor) -> dict[st
         "accuracy_when_deciding": correct / int(judged.sum()) if judged.any() else None,
         "accuracy_when_deciding_ci95": wilson_interval(correct, int(judged.sum())),
     }
-
-
-def wilson_interval(successes: int, trials: int, z: float = 1.96) -> list[float]:
-    """95% Wilson score interval of a binomial rate (sensible at 0 and 1, unlike the normal one)."""
-    if trials == 0:
-        return [0.0, 1.0]
-    rate = successes / trials
-    denominator = 1 + z**2 / trials
-    centre = (rate + z**2 / (2 * trials)) / denominator
-    half = z * ((rate * (1 - rate) / trials + z**2 / (4 * trials**2)) ** 0.5) / denominator
-    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def invariance_metrics(rows: pd.DataFrame) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import jinja2
 from invarbench.io import atomic_write_bytes, atomic_write_text
 from invarbench.leaderboard.entries import ENTRIES_DIR, load_entries
 from invarbench.leaderboard.plots import build_plots
-from invarbench.leaderboard.tables import html_table, invariance_table, perturbation_table
+from invarbench.leaderboard.tables import calibration_summary, html_table, invariance_table, oracle_table, perturbation_table
 
 SITE_DIR = Path(__file__).parent / "site"
 TEMPLATES_DIR = Path(__file__).parent / "templates"
@@ -37,10 +37,10 @@ def build_site(entries_dir: str | Path = ENTRIES_DIR, site_dir: str | Path = SIT
         galleries.setdefault(gallery.name.split("__")[0], []).append(f"assets/{gallery.name}")
     tables = []
     for dataset in sorted({entry["dataset"] for entry in entries}):
-        for track, frame in (("perturbation", perturbation_table(entries, dataset)), ("invariance", invariance_table(entries, dataset))):
+        for track, title, frame in (("perturbation", "perturbation track", perturbation_table(entries, dataset)), ("invariance", "invariance track", invariance_table(entries, dataset)), ("oracles", "oracles of the invariance track and their calibration against people's labels", oracle_table(entries, dataset))):
             if len(frame):
                 table_id = f"{dataset}-{track}"
-                tables.append({"id": table_id, "title": f"{dataset}: {track} track", "html": jinja2.utils.markupsafe.Markup(html_table(frame, table_id=table_id))})
+                tables.append({"id": table_id, "title": f"{dataset}: {title}", "html": jinja2.utils.markupsafe.Markup(html_table(frame, table_id=table_id))})
     plots = [f"assets/{path.name}" for path in written if path.suffix == ".png" and not path.name.endswith(".gallery.png")]
     models = sorted({entry["model"] for entry in entries})
     index = TEMPLATES.get_template("index.html.j2").render(title="invarbench leaderboard", root="", tables=tables, plots=plots, models=models, entry_count=len(entries))
@@ -52,6 +52,6 @@ def build_site(entries_dir: str | Path = ENTRIES_DIR, site_dir: str | Path = SIT
         images = [plot for plot in plots if plot.split("/")[-1].split("-")[0] in datasets] + galleries.get(model, [])
         reference = model_entries[0]["reference"]
         card = get_card(reference).to_toml() if reference in registered else None
-        page = TEMPLATES.get_template("model.html.j2").render(title=f"{model} - invarbench", root="../", model=model, entries=model_entries, images=images, card=card)
+        page = TEMPLATES.get_template("model.html.j2").render(title=f"{model} - invarbench", root="../", model=model, entries=model_entries, images=images, card=card, calibration_summary=calibration_summary)
         written.append(atomic_write_text(site_dir / "models" / f"{model}.html", page))
     return written

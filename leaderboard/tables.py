@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 from invarbench.io import atomic_write_text
 from invarbench.leaderboard.entries import ENTRIES_DIR, curve_median_norm, load_entries
+from invarbench.statistics import wilson_interval
 
 OUTPUT_DIR = Path(__file__).parent / "output"
 
@@ -117,6 +118,51 @@ def perturbation_table(entries: list[dict[str, Any]], dataset: str, *, summary: 
     return frame
 
 
+def calibration_summary(report: dict[str, Any] | None) -> str:
+    """An oracle's calibration against people's labels in a few words, for a table cell."""
+    if report is None:
+        return "unknown oracle"
+    if report.get("exact"):
+        return "exact (labelling function or people's labels)"
+    calibration = report.get("calibration") or []
+    if not calibration:
+        return "not calibrated against people's labels"
+    return "; ".join(f"{item['labels']}: sees {_percent(item['sees_change'])} of people's changes, false {_percent(item['false_change'])}, abstains {_percent(item['abstention_rate'])}" for item in calibration)
+
+
+def oracle_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
+    """Every oracle that judged a stored invariance figure of a data set, with its calibration against
+    people's labels per labelled set (counts, rates and 95% intervals)."""
+    reports: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        if entry["dataset"] == dataset and entry["track"] == "invariance":
+            reports.update(entry["results"].get("oracles", {}))
+    rows = []
+    for name, report in sorted(reports.items()):
+        calibration = report.get("calibration") or []
+        if report.get("exact") or not calibration:
+            rows.append({"oracle": name, "labelled set": calibration_summary(report)})
+        for item in calibration:
+            decided = item["items"] - item["abstained"]
+            rows.append({
+                "oracle": name,
+                "labelled set": item["labels"],
+                "items": item["items"],
+                "abstains": item["abstention_rate"],
+                "abstains ci95": wilson_interval(item["abstained"], item["items"]),
+                "agrees with people": item["agreement"],
+                "agrees with people ci95": wilson_interval(item["agreed"], decided),
+                "sees change people saw": item["sees_change"],
+                "sees change people saw ci95": wilson_interval(item["saw_change"], item["changed"]),
+                "calls change people did not see": item["false_change"],
+                "calls change people did not see ci95": wilson_interval(item["called_change"], item["unchanged"]),
+            })
+    frame = pd.DataFrame(rows)
+    if "items" in frame:
+        frame["items"] = frame["items"].astype("Int64")
+    return frame
+
+
 def invariance_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
     rows = []
     for entry in entries:
@@ -138,9 +184,38 @@ def invariance_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFram
                     "invariance accuracy ci95": metrics["invariance_accuracy_ci95"],
                     "excessive invariance": metrics["excessive_invariance_rate"],
                     "excessive invariance ci95": metrics["excessive_invariance_rate_ci95"],
+                    "oracle calibration": "; ".join(calibration_summary(entry["results"].get("oracles", {}).get(name)) for name in metrics["oracle"]),
                 })
     frame = pd.DataFrame(rows)
     return frame.sort_values(["attack", "setting", "model"], kind="stable").reset_index(drop=True) if len(frame) else frame
+
+
+def invariance_summary_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
+    """One row per model: invariance accuracy [95% interval] for every invariance attack and setting,
+    with the number of candidates whose label the oracle says changed in each column's name where it is
+    the same for every model (the searches that do not depend on the model), else per cell."""
+    selected = [entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "invariance"]
+    settings = sorted({(attack, setting) for entry in selected for attack, per_setting in entry["results"]["invariance"].items() for setting in per_setting})
+    names = {}
+    for attack, setting in settings:
+        found = [entry["results"]["invariance"].get(attack, {}).get(setting) for entry in selected]
+        counts = {(metrics["label_changed"], metrics["candidates"]) for metrics in found if metrics}
+        shared = f" ({counts.pop()[0]} of {max(metrics['candidates'] for metrics in found if metrics)} changed)" if len(counts) == 1 else ""
+        names[attack, setting] = f"{attack} {setting}{shared}"
+    rows = []
+    for entry in selected:
+        row: dict[str, Any] = {"model": entry["model"], "n": entry["settings"]["n"]}
+        for (attack, setting), column in names.items():
+            metrics = entry["results"]["invariance"].get(attack, {}).get(setting)
+            if metrics is None or metrics["invariance_accuracy"] is None:
+                row[column] = "-"
+                continue
+            low, high = metrics["invariance_accuracy_ci95"]
+            changed = "" if column.endswith("changed)") else f" of {metrics['label_changed']}"
+            row[column] = f"{_percent(metrics['invariance_accuracy'])} [{100 * low:.1f}, {100 * high:.1f}]{changed}"
+        row["oracle"] = ", ".join(sorted(entry["results"].get("oracles", {})))
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("model", kind="stable").reset_index(drop=True) if rows else pd.DataFrame()
 
 
 def _display(frame: pd.DataFrame) -> pd.DataFrame:
@@ -149,7 +224,7 @@ def _display(frame: pd.DataFrame) -> pd.DataFrame:
     for column in list(shown.columns):
         if column.endswith(" ci95"):
             base = column[: -len(" ci95")]
-            shown[base] = [f"{_percent(value)} [{100 * low:.1f}, {100 * high:.1f}]" if value is not None and not pd.isna(value) else "-" for value, (low, high) in zip(frame[base], frame[column])]
+            shown[base] = [f"{_percent(value)} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if value is not None and not pd.isna(value) else "-" for value, interval in zip(frame[base], frame[column])]
             shown = shown.drop(columns=column)
         elif column.endswith("min. norm"):
             shown[column] = ["-" if value is None or pd.isna(value) else f"{value:.3g}" for value in shown[column]]
@@ -194,14 +269,17 @@ def build_tables(entries_dir: str | Path = ENTRIES_DIR, out_dir: str | Path = OU
         if not perturbation.empty:
             # The compact table (worst case per threat) the README shows; the full one has every attack.
             written.append(atomic_write_text(out_dir / f"{dataset}-perturbation-summary.md", markdown(perturbation_table(entries, dataset, summary=True))))
-        for track, frame in (("perturbation", perturbation), ("invariance", invariance_table(entries, dataset))):
+        invariance_summary = invariance_summary_table(entries, dataset)
+        if not invariance_summary.empty:
+            written.append(atomic_write_text(out_dir / f"{dataset}-invariance-summary.md", markdown(invariance_summary)))
+        for track, frame in (("perturbation", perturbation), ("invariance", invariance_table(entries, dataset)), ("oracles", oracle_table(entries, dataset))):
             if frame.empty:
                 continue
             stem = out_dir / f"{dataset}-{track}"
             written.append(atomic_write_text(stem.with_suffix(".md"), markdown(frame)))
             csv = frame.copy()
             for column in [column for column in csv.columns if column.endswith(" ci95")]:
-                csv[column] = [f"{low:.6f};{high:.6f}" for low, high in csv[column]]
+                csv[column] = [f"{interval[0]:.6f};{interval[1]:.6f}" if isinstance(interval, list | tuple) else "" for interval in csv[column]]
             written.append(atomic_write_text(stem.with_suffix(".csv"), csv.to_csv(index=False, float_format="%.6f", lineterminator="\n")))
             written.append(atomic_write_text(stem.with_suffix(".tex"), latex(frame)))
             written.append(atomic_write_text(stem.with_suffix(".html"), html_table(frame, table_id=f"{dataset}-{track}")))

@@ -1,4 +1,6 @@
-"""Training recipes: standard training and PGD adversarial training (Madry et al.), l_inf and l_2.
+"""Training recipes: standard training, PGD adversarial training (Madry et al.), l_inf and l_2, the iCE
+objective for invertible networks, and ``reader`` (standard training on images augmented with the changes
+a person reading a digit does not notice, for oracle members; see ``augmentation.py``).
 
 Training is deterministic given the card's seed and thread count on CPU, so
 ``invarbench models train NAME`` reproduces a committed checkpoint.
@@ -14,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from invarbench.datasets import load_dataset
 from invarbench.errors import ConfigError
+from invarbench.models.augmentation import ReaderAugmentation, reader_augment
 from invarbench.models.measure import measure_card
 from invarbench.models.registry import ModelCard, build_network, load_model, save_state_dict, wrap
 from tqdm.auto import tqdm
 
-RECIPES = ("standard", "pgd", "ice")
+RECIPES = ("standard", "pgd", "ice", "reader")
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,12 @@ def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = 
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
         images, labels = dataset.train_images, dataset.train_labels
         independence = None
+        augmentation = None
+        if recipe == "reader":
+            try:
+                augmentation = ReaderAugmentation.from_options(dict(training.get("augmentation", {})))
+            except (TypeError, ValueError) as error:
+                raise ConfigError(f"model card {card.path}: [training.augmentation] {error}; fix the card") from error
         if recipe == "ice":
             if not model.invertible:
                 raise ConfigError(f"model card {card.path}: the ice recipe needs an invertible architecture (fi-revnet), not {card.architecture!r}")
@@ -209,6 +218,8 @@ def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = 
             for batch_index in range(batches_per_epoch):
                 index = order[batch_index * batch_size : (batch_index + 1) * batch_size]
                 batch_x, batch_y = images[index].to(device), labels[index].to(device)
+                if augmentation is not None:
+                    batch_x = reader_augment(batch_x, generator, augmentation)
                 if recipe == "pgd":
                     batch_x = _adversarial_batch(model, batch_x, batch_y, card, epoch + batch_index / batches_per_epoch, generator)
                 if independence is not None:
