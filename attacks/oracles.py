@@ -369,6 +369,16 @@ def load_oracle(name: str, dataset) -> Oracle:
     return get_oracle_definition(name).build(dataset)
 
 
+def resolve_oracle(spec: str, dataset) -> Oracle:
+    """An oracle from a name: a named oracle (``invarbench oracle list``), ``exact:spheres``, or
+    ``people:DB``, the majority labels of a labels database of ``invarbench label``."""
+    if spec.startswith("people:"):
+        from invarbench.labelling import PeopleOracle
+
+        return PeopleOracle(spec[len("people:") :])
+    return load_oracle(spec, dataset)
+
+
 def default_oracle(dataset) -> Oracle:
     """The oracle a data set is judged by: its exact labelling function, else its default proxy oracle."""
     if dataset.name == "spheres":

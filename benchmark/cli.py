@@ -189,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
         n = n if n is not None else largest + 1
     attacks = tuple(AttackSpec.parse(spec) for spec in attack_specs)
     n = n if n is not None else 1000
-    config = RunConfig(specs, threats, attacks, n=n, seed=args.seed, shard_size=args.shard_size, cascade=not args.no_cascade)
+    config = RunConfig(specs, threats, attacks, n=n, seed=args.seed, shard_size=args.shard_size, cascade=not args.no_cascade, oracle=args.oracle)
     outcome = run_benchmark(config, args.out, name=args.name, device=args.device, progress=not args.no_progress, data_source=args.data)
     rows = []
     perturbation = [attack for attack in attacks if attack.kind != "invariance"]
@@ -322,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--attack", action="append", metavar="NAME[:KEY=VALUE,...]", help="attack in cascade order, e.g. pgd, pgd:restarts=5, autoattack:version=plus, fmn, invariance-linf, invariance-l0:pixels=25, metameric; repeatable (default: pgd)")
     run.add_argument("--n", type=int, default=None, help="number of test points, the first N in fixed order (default 1000; with --invariance-set, up to the largest index in the set)")
     run.add_argument("--invariance-set", metavar="DIR", help="evaluate on a fixed set of changed images with people's labels (NAME.npy + NAME_labels.npy + indexs.npy, Tramèr et al.'s format), judged by those labels")
+    run.add_argument("--oracle", metavar="NAME", help="who judges invariance candidates: a named oracle (see `invarbench oracle list`) or people:DB, the majority labels of an `invarbench label` database (default: the data set's default oracle)")
     run.add_argument("--seed", type=int, default=0, help="base seed; each job derives its own (default 0)")
     run.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run directories (default runs/)")
     run.add_argument("--name", help="run directory name (default: derived from the configuration, so the same command resumes)")

@@ -26,7 +26,7 @@ import torch
 from invarbench import __version__
 from invarbench.attacks import ATTACKS, ThreatModel, create_attack
 from invarbench.attacks.invariance import InvarianceContext
-from invarbench.attacks.oracles import ABSTAIN, default_oracle
+from invarbench.attacks.oracles import ABSTAIN, default_oracle, get_oracle_definition, resolve_oracle
 from invarbench.checks import CHECKS, check_model
 from invarbench.datasets import invarbench_home, load_dataset
 from invarbench.errors import ConfigError
@@ -147,6 +147,9 @@ class RunConfig:
     seed: int = 0
     shard_size: int = 100
     cascade: bool = True
+    #: The oracle that judges invariance candidates, by name (``invarbench oracle list``, ``people:DB``);
+    #: None = each data set's default.
+    oracle: str | None = None
 
     def __post_init__(self):
         if not self.models:
@@ -155,6 +158,9 @@ class RunConfig:
             raise ConfigError("no attack given; pass --attack NAME (e.g. --attack pgd)")
         if self.n < 1 or self.shard_size < 1:
             raise ConfigError(f"--n ({self.n}) and --shard-size ({self.shard_size}) must be positive")
+        if self.oracle and not self.oracle.startswith(("people:", "exact:")):
+            # Refused before anything is written: a misspelt oracle name must not leave a run directory behind.
+            get_oracle_definition(self.oracle)
         keys = [model.key for model in self.models]
         if len(set(keys)) != len(keys):
             raise ConfigError(f"models {keys} repeat a name; list each model once")
@@ -168,6 +174,8 @@ class RunConfig:
             "seed": self.seed,
             "shard_size": self.shard_size,
             "cascade": self.cascade,
+            # Only when chosen, so that runs made before the option existed keep their digest and resume.
+            **({"oracle": self.oracle} if self.oracle else {}),
         }
 
     def digest(self) -> str:
@@ -501,7 +509,7 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
                 "warnings": [CHECKS[check] for check, raised in flags.items() if raised],
             }
             if key not in oracles and any(attack.kind == "invariance" and ATTACKS[attack.name].needs_oracle for attack in config.attacks):
-                oracles[key] = oracle or default_oracle(dataset)
+                oracles[key] = oracle or (resolve_oracle(config.oracle, dataset) if config.oracle else default_oracle(dataset))
                 oracle_reports[oracles[key].name] = oracle_report(oracles[key], images, labels)
             timings: dict[str, float] = {}
             shard_records: dict[tuple, list[pd.DataFrame]] = {}

@@ -42,7 +42,7 @@ def _config(entry: dict, points: int):
         threats.append(Threat(norm, tuple(float(value) for value in values.split(","))))
     attacks = tuple(AttackSpec(attack["name"], tuple((key, value) for key, value in attack["options"].items())) for attack in settings["attacks"])
     model = ModelSpec(entry["reference"], entry["dataset"])
-    return RunConfig((model,), tuple(threats), attacks, n=points, seed=settings["seed"], shard_size=settings["shard_size"], cascade=settings["cascade"])
+    return RunConfig((model,), tuple(threats), attacks, n=points, seed=settings["seed"], shard_size=settings["shard_size"], cascade=settings["cascade"], oracle=settings.get("oracle"))
 
 
 def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, update: bool = False, progress: bool = False) -> CheckResult:

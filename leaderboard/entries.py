@@ -81,7 +81,7 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
                 "track": track,
                 "checkpoint_sha256": model_summary["checkpoint_sha256"],
                 "model_card": description,
-                "settings": {"n": config["n"], "seed": config["seed"], "cascade": config["cascade"], "shard_size": config["shard_size"], "threats": config["threats"], "attacks": attacks},
+                "settings": {"n": config["n"], "seed": config["seed"], "cascade": config["cascade"], "shard_size": config["shard_size"], "threats": config["threats"], "attacks": attacks, **_oracle_setting(track, config, summary)},
                 "versions": manifest["versions"],
                 "date": manifest.get("finished", manifest["created"]),
                 "device": manifest["device"],
@@ -90,6 +90,13 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
             }
             entries.append((entry, subset))
     return entries
+
+
+def _oracle_setting(track: str, config: dict[str, Any], summary: dict[str, Any]) -> dict[str, str]:
+    """The oracle that judged an invariance entry, by name, so that a check re-judges with the same one."""
+    names = sorted(summary.get("oracles", {}))
+    chosen = config.get("oracle") or (names[0] if len(names) == 1 else None)
+    return {"oracle": chosen} if track == "invariance" and chosen else {}
 
 
 def minimum_norm_curves(records: pd.DataFrame, attacks: list[dict[str, Any]], n: int) -> dict[str, dict[str, Any]]:

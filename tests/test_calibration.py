@@ -131,3 +131,17 @@ def test_labels_outside_digits_are_refused(tmp_path):
     with pytest.raises(DataError, match="labels from 3 to 10.*digits 0-9"):
         labelled_sets(folder)
     assert {path: path.read_bytes() for path in folder.iterdir()} == before
+
+
+def test_run_with_a_named_oracle_records_it(tmp_path, capsys):
+    from invarbench.runner import AttackSpec, ModelSpec, RunConfig, run_benchmark
+    from invarbench.attacks import ThreatModel
+
+    config = RunConfig((ModelSpec("spheres-mlp-standard", "spheres"),), (ThreatModel("linf", (0.025,)),), (AttackSpec("invariance-linf"),), n=20, shard_size=20, oracle="exact:spheres")
+    outcome = run_benchmark(config, tmp_path, name="run", progress=False)
+    report = outcome.summary["oracles"]["exact:spheres"]
+    assert report["exact"] is True and report["calibration"] == []
+    assert "oracle" not in RunConfig(config.models, config.threats, config.attacks, n=20).to_dict(), "runs without --oracle keep their digest"
+    assert main(["run", "spheres-mlp-standard", "--threat", "linf:0.025", "--attack", "invariance-linf", "--n", "20", "--oracle", "proxy:nothing", "--out", str(tmp_path), "--no-progress"]) == 1
+    assert "unknown oracle 'proxy:nothing'" in capsys.readouterr().err
+    assert [path.name for path in tmp_path.iterdir()] == ["run"], "nothing written for the refused run"
