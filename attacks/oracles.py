@@ -74,7 +74,7 @@ class InvarianceSet:
     original_indices: torch.Tensor
 
 
-def _image_key(image: torch.Tensor) -> bytes:
+def image_key(image: torch.Tensor) -> bytes:
     # Images are compared at 8-bit precision, the precision of the published files.
     return hashlib.sha1(np.round(image.detach().cpu().numpy().astype(np.float64) * 255).astype(np.int16).tobytes()).digest()
 
@@ -89,10 +89,10 @@ class LabelFileOracle(Oracle):
         self.labels: dict[bytes, int] = {}
         for item in sets:
             for image, label in zip(item.images, item.labels.tolist()):
-                self.labels[_image_key(image)] = int(label)
+                self.labels[image_key(image)] = int(label)
 
     def label(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([self.labels.get(_image_key(image), ABSTAIN) for image in images], dtype=torch.long)
+        return torch.tensor([self.labels.get(image_key(image), ABSTAIN) for image in images], dtype=torch.long)
 
 
 INDEX_FILE_NAMES = ("indexs.npy", "indices.npy", "indexes.npy")

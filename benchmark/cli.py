@@ -261,6 +261,32 @@ def _oracle_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _label_serve(args: argparse.Namespace) -> int:
+    from invarbench.labelling import LabelStore
+    from invarbench.labelling_app import serve
+
+    store = LabelStore.create(args.db, args.source)
+    print(f"labelling {store.total()} items of {store.meta('source')} into {args.db}: open http://{args.host}:{args.port}/ (Ctrl-C stops; every label is already stored)")
+    serve(store, host=args.host, port=args.port)
+    return EXIT_OK
+
+
+def _label_summary(args: argparse.Namespace) -> int:
+    from invarbench.labelling import LabelStore
+
+    rows = LabelStore.open(args.db).summary()
+    print(format_table(["set", "items", "labelled", "labelled by 2+", "majority digit", "Fleiss' kappa"], [[row["set"], row["items"], row["labelled"], row["labelled_twice"], row["majority"], "-" if row["fleiss_kappa"] is None else f"{row['fleiss_kappa']:.3f}"] for row in rows]))
+    return EXIT_OK
+
+
+def _label_export(args: argparse.Namespace) -> int:
+    from invarbench.labelling import LabelStore
+
+    written = LabelStore.open(args.db).export(args.out)
+    print(f"wrote {len(written)} files (Tramèr et al.'s layout: SET.npy, SET_labels.npy, SET_indexs.npy) into {args.out}")
+    return EXIT_OK
+
+
 def _bench(args: argparse.Namespace) -> int:
     from invarbench.quick import quick_benchmark
 
@@ -385,6 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
     oracle_evaluate.add_argument("--labels", required=True, help="people's labels: a folder in Tramèr et al.'s layout (NAME.npy, NAME_labels.npy, indexs.npy) or a labels database of `invarbench label`")
     oracle_evaluate.add_argument("--update", action="store_true", help="store the measured calibration in the oracle's file (shown beside every invariance figure it judges)")
     oracle_evaluate.set_defaults(handler=_oracle_evaluate)
+
+    label = commands.add_parser("label", help="people's labels for invariance candidates", description="A local web app that collects people's labels for invariance candidates (SQLite store), their aggregation and export.")
+    label_commands = label.add_subparsers(dest="label_command", required=True, metavar="ACTION")
+    label_serve = label_commands.add_parser("serve", help="serve the labelling page", description="Show the candidates of SOURCE one at a time (never the original); keys 0-9, n (not a digit), ? (unsure), Backspace (undo). Several annotators at once; each resumes where they stopped.")
+    label_serve.add_argument("source", help="a run directory with invariance candidates, or a folder in Tramèr et al.'s layout")
+    label_serve.add_argument("--db", type=Path, required=True, help="labels database (SQLite), created on first use")
+    label_serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    label_serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    label_serve.set_defaults(handler=_label_serve)
+    label_summary = label_commands.add_parser("summary", help="labelling progress and agreement per set", description="Per set: items, labelled, labelled by two or more annotators, items with a majority digit, Fleiss' kappa.")
+    label_summary.add_argument("--db", type=Path, required=True, help="labels database")
+    label_summary.set_defaults(handler=_label_summary)
+    label_export = label_commands.add_parser("export", help="export majority labels in Tramèr et al.'s layout", description="Write SET.npy, SET_labels.npy and SET_indexs.npy per set, for the items with a majority digit (usable with --invariance-set and oracle evaluate --labels).")
+    label_export.add_argument("--db", type=Path, required=True, help="labels database")
+    label_export.add_argument("--out", type=Path, required=True, help="folder to write")
+    label_export.set_defaults(handler=_label_export)
 
     bench = commands.add_parser("bench", help="quick benchmark of the reference zoo", description="Clean and PGD robust accuracy of zoo models on the first N test points, printed as a table.")
     bench.add_argument("models", nargs="*", help="registered model names (default: the whole zoo)")

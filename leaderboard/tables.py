@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 from invarbench.io import atomic_write_text
 from invarbench.leaderboard.entries import ENTRIES_DIR, curve_median_norm, load_entries
-from invarbench.statistics import wilson_interval
+from invarbench.attacks.calibration import format_rate
 
 OUTPUT_DIR = Path(__file__).parent / "output"
 
@@ -131,9 +131,12 @@ def calibration_summary(report: dict[str, Any] | None) -> str:
 
 
 def oracle_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
-    """Every oracle that judged a stored invariance figure of a data set, with its calibration against
-    people's labels per labelled set (counts, rates and 95% intervals)."""
-    reports: dict[str, dict[str, Any]] = {}
+    """Every named oracle of a data set and every oracle that judged one of its stored invariance
+    figures, with its calibration against people's labels per labelled set (counts, rates and 95%
+    intervals); an entry's own record of its oracle wins over the oracle's file."""
+    from invarbench.attacks.oracles import list_oracles
+
+    reports: dict[str, dict[str, Any]] = {name: {"name": name, "calibration": list(definition.calibration)} for name, definition in list_oracles().items() if definition.dataset == dataset}
     for entry in entries:
         if entry["dataset"] == dataset and entry["track"] == "invariance":
             reports.update(entry["results"].get("oracles", {}))
@@ -143,24 +146,16 @@ def oracle_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
         if report.get("exact") or not calibration:
             rows.append({"oracle": name, "labelled set": calibration_summary(report)})
         for item in calibration:
-            decided = item["items"] - item["abstained"]
             rows.append({
                 "oracle": name,
                 "labelled set": item["labels"],
-                "items": item["items"],
-                "abstains": item["abstention_rate"],
-                "abstains ci95": wilson_interval(item["abstained"], item["items"]),
-                "agrees with people": item["agreement"],
-                "agrees with people ci95": wilson_interval(item["agreed"], decided),
-                "sees change people saw": item["sees_change"],
-                "sees change people saw ci95": wilson_interval(item["saw_change"], item["changed"]),
-                "calls change people did not see": item["false_change"],
-                "calls change people did not see ci95": wilson_interval(item["called_change"], item["unchanged"]),
+                "items": str(item["items"]),
+                "abstains": format_rate(item["abstained"], item["items"]),
+                "agrees with people": format_rate(item["agreed"], item["items"] - item["abstained"]),
+                "sees change people saw": format_rate(item["saw_change"], item["changed"]),
+                "calls change people did not see": format_rate(item["called_change"], item["unchanged"]),
             })
-    frame = pd.DataFrame(rows)
-    if "items" in frame:
-        frame["items"] = frame["items"].astype("Int64")
-    return frame
+    return pd.DataFrame(rows)
 
 
 def invariance_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:

@@ -68,7 +68,7 @@ def test_tables_rank_by_worst_case_and_rebuild_byte_identically(spheres_run, tmp
     assert main(["leaderboard", "build", "--entries", str(entries_dir), "--out", str(out), "--site", str(tmp_path / "site")]) == 0
     assert (tmp_path / "site" / "index.html").exists()
     names = sorted(path.name for path in out.iterdir())
-    tables = [f"spheres-{track}.{suffix}" for track in ("perturbation", "invariance") for suffix in ("md", "csv", "tex", "html")] + ["spheres-perturbation-summary.md"]
+    tables = [f"spheres-{track}.{suffix}" for track in ("perturbation", "invariance", "oracles") for suffix in ("md", "csv", "tex", "html")] + ["spheres-perturbation-summary.md", "spheres-invariance-summary.md"]
     plots = [f"spheres-{kind}.{suffix}" for kind in ("robustness-linf", "tradeoff-linf-0.025") for suffix in ("png", "svg")]
     assert names == sorted(tables + plots)
     first = {name: (out / name).read_bytes() for name in names}
@@ -78,6 +78,8 @@ def test_tables_rank_by_worst_case_and_rebuild_byte_identically(spheres_run, tmp
     worst = table["linf 0.025 worst case"].tolist()
     assert worst == sorted(worst, reverse=True) and table["rank"].tolist() == [1, 2]
     assert "invariance accuracy linf:0.025" in table
+    # The exact oracle needs no calibration, and the invariance table says which oracle judged and how it is trusted.
+    assert "exact:spheres" in (out / "spheres-oracles.md").read_text() and "exact (labelling function" in (out / "spheres-invariance.md").read_text()
     assert [column for column in table.columns if column.startswith("linf 0.025")] == ["linf 0.025 after fgsm", "linf 0.025 after pgd:steps=10", "linf 0.025 worst case"], "cascade order"
     summary = perturbation_table(load_entries(entries_dir), "spheres", summary=True)
     assert summary["linf 0.025"].tolist() == worst and "linf 0.025 after fgsm" not in summary

@@ -1,0 +1,296 @@
+"""People's labels for invariance candidates: a SQLite store, aggregation and export.
+
+``invarbench label serve`` shows candidates one at a time to annotators (see ``labelling_app.py``);
+every label is committed at once (SQLite in WAL mode), so killing the server loses nothing. Items come
+from a run directory (its invariance candidates) or from a folder in Tramèr et al.'s layout. A label is
+a digit ``0``-``9``, ``n`` (not a digit) or ``?`` (unsure); one row per annotator and item.
+
+Aggregation: an item's *majority* is the digit more than half of its annotators gave; ``n`` and ``?``
+are votes for no digit. Agreement per set is Fleiss' kappa over the items with the most common number
+of annotators (at least two), the standard form for a fixed number of raters per item.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import sqlite3
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from invarbench.attacks.oracles import ABSTAIN, InvarianceSet, Oracle, image_key, load_invariance_sets
+from invarbench.errors import ConfigError, DataError
+from invarbench.io import atomic_write_bytes
+
+LABELS = tuple("0123456789") + ("n", "?")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY, set_name TEXT NOT NULL, position INTEGER NOT NULL, test_index INTEGER NOT NULL,
+    original_label INTEGER NOT NULL, image BLOB NOT NULL, image_key BLOB NOT NULL, shown_order INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS labels (
+    annotator TEXT NOT NULL, item_id INTEGER NOT NULL REFERENCES items(id), label TEXT NOT NULL, time REAL NOT NULL,
+    PRIMARY KEY (annotator, item_id));
+"""
+
+
+@dataclass(frozen=True)
+class LabelItem:
+    """One image to label: where it came from (set, position, test index, original label) and its pixels."""
+
+    set_name: str
+    position: int
+    test_index: int
+    original_label: int
+    pixels: np.ndarray  # (28, 28) uint8
+
+
+def items_from_source(source: str | Path) -> tuple[str, list[LabelItem]]:
+    """The items of a run directory (its invariance candidates) or a Tramèr-layout folder, and the kind."""
+    path = Path(source)
+    if not path.is_dir():
+        raise DataError(f"label source {path} is not a folder; pass a run directory of `invarbench run` with invariance attacks or a folder of NAME.npy + NAME_labels.npy + indexs.npy")
+    if (path / "manifest.json").exists():
+        return "run", _run_items(path)
+    return "folder", [LabelItem(item.name, row, int(index), int(label), _to_uint8(image)) for item in load_invariance_sets(path) for row, (image, label, index) in enumerate(zip(item.images, item.labels.tolist(), item.original_indices.tolist()))]
+
+
+def _to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    array = np.asarray(image, dtype=np.float64).reshape(28, 28)
+    return np.clip(np.round(array * 255), 0, 255).astype(np.uint8)
+
+
+def _run_items(run_dir: Path) -> list[LabelItem]:
+    from invarbench.store import RunStore
+
+    store = RunStore(run_dir)
+    items = []
+    for candidates_path in sorted(store.candidates_dir.glob("*.npz")) if store.candidates_dir.exists() else []:
+        job_id = candidates_path.stem
+        records, _ = store.read_job(job_id)
+        candidates = np.load(candidates_path)["candidates"]
+        epsilons = sorted(records["eps"].unique())
+        first = int(records["index"].min())
+        for record in records[records["ran"].astype(bool)].itertuples(index=False):
+            image = candidates[epsilons.index(record.eps), int(record.index) - first]
+            if image.size != 28 * 28:
+                raise DataError(f"run {run_dir} holds candidates of shape {image.shape}; people label 28 x 28 digit images only")
+            items.append(LabelItem(f"{record.model}/{record.attack}/{record.norm}:{record.eps:g}", int(record.index), int(record.index), int(record.label), _to_uint8(image)))
+    if not items:
+        raise DataError(f"run {run_dir} has no invariance candidates to label; run it with an invariance attack (e.g. --attack invariance-linf), or pass a folder in Tramèr et al.'s layout")
+    return items
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=FULL")
+    return connection
+
+
+class LabelStore:
+    """A labels database. ``create`` fills it from a source once; ``open`` refuses a missing file."""
+
+    def __init__(self, path: Path, connection: sqlite3.Connection):
+        self.path = path
+        self.connection = connection
+
+    @classmethod
+    def open(cls, path: str | Path) -> LabelStore:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"labels database {path} does not exist; create it with `invarbench label serve SOURCE --db {path}`")
+        connection = _connect(path)
+        try:
+            connection.execute("SELECT value FROM meta WHERE key = 'source'").fetchone()
+        except sqlite3.DatabaseError as error:
+            connection.close()
+            raise DataError(f"{path} is not a labels database of invarbench ({error}); pass the file `invarbench label serve --db` created") from error
+        return cls(path, connection)
+
+    @classmethod
+    def create(cls, path: str | Path, source: str | Path, *, seed: int = 0) -> LabelStore:
+        """Open ``path`` for ``source``, filling a new database with the source's items in a shuffled order."""
+        path, source_text = Path(path), str(Path(source).resolve())
+        if path.exists():
+            store = cls.open(path)
+            stored = store.meta("source")
+            if stored != source_text:
+                raise ConfigError(f"labels database {path} holds items of {stored}, not {source_text}; pass that source again or another --db")
+            return store
+        kind, items = items_from_source(source)
+        order = list(range(len(items)))
+        random.Random(seed).shuffle(order)
+        shown = {item: rank for rank, item in enumerate(order)}
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.unlink(missing_ok=True)
+        connection = _connect(temporary)
+        connection.executescript(SCHEMA)
+        connection.execute("BEGIN")
+        connection.executemany("INSERT INTO meta VALUES (?, ?)", [("source", source_text), ("kind", kind)])
+        connection.executemany(
+            "INSERT INTO items (id, set_name, position, test_index, original_label, image, image_key, shown_order) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(number, item.set_name, item.position, item.test_index, item.original_label, item.pixels.tobytes(), image_key(torch.from_numpy(item.pixels.astype(np.float32) / 255)), shown[number]) for number, item in enumerate(items)],
+        )
+        connection.execute("COMMIT")
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        connection.close()
+        # A half-filled database never appears under the final name.
+        temporary.replace(path)
+        return cls.open(path)
+
+    def meta(self, key: str) -> str | None:
+        row = self.connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def total(self) -> int:
+        return self.connection.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+
+    def done(self, annotator: str) -> int:
+        return self.connection.execute("SELECT COUNT(*) FROM labels WHERE annotator = ?", (annotator,)).fetchone()[0]
+
+    def next_item(self, annotator: str) -> int | None:
+        """The first item in shown order this annotator has not labelled, or None when all are."""
+        row = self.connection.execute("SELECT id FROM items WHERE id NOT IN (SELECT item_id FROM labels WHERE annotator = ?) ORDER BY shown_order LIMIT 1", (annotator,)).fetchone()
+        return row[0] if row else None
+
+    def image(self, item_id: int) -> np.ndarray:
+        row = self.connection.execute("SELECT image FROM items WHERE id = ?", (item_id,)).fetchone()
+        if row is None:
+            raise DataError(f"no item {item_id} in {self.path}")
+        return np.frombuffer(row[0], dtype=np.uint8).reshape(28, 28)
+
+    def label(self, annotator: str, item_id: int, label: str) -> None:
+        if label not in LABELS:
+            raise ConfigError(f"label {label!r} is not one of 0-9, n (not a digit), ? (unsure)")
+        if not annotator.strip():
+            raise ConfigError("an annotator needs a name")
+        if self.connection.execute("SELECT 1 FROM items WHERE id = ?", (item_id,)).fetchone() is None:
+            raise DataError(f"no item {item_id} in {self.path}")
+        self.connection.execute("INSERT OR REPLACE INTO labels VALUES (?, ?, ?, ?)", (annotator, item_id, label, time.time()))
+
+    def undo(self, annotator: str) -> int | None:
+        """Remove the annotator's most recent label; returns its item (shown again next), or None."""
+        row = self.connection.execute("SELECT item_id FROM labels WHERE annotator = ? ORDER BY time DESC, rowid DESC LIMIT 1", (annotator,)).fetchone()
+        if row is None:
+            return None
+        self.connection.execute("DELETE FROM labels WHERE annotator = ? AND item_id = ?", (annotator, row[0]))
+        return row[0]
+
+    def votes(self) -> dict[int, list[str]]:
+        votes: dict[int, list[str]] = {}
+        for item_id, label in self.connection.execute("SELECT item_id, label FROM labels ORDER BY item_id, annotator"):
+            votes.setdefault(item_id, []).append(label)
+        return votes
+
+    def items(self) -> list[tuple[int, str, int, int, int]]:
+        """(id, set name, position, test index, original label) of every item, by set and position."""
+        return self.connection.execute("SELECT id, set_name, position, test_index, original_label FROM items ORDER BY set_name, position").fetchall()
+
+    def summary(self) -> list[dict]:
+        """Per set: items, items with a label, with two or more, with a majority digit, Fleiss' kappa."""
+        votes = self.votes()
+        rows: dict[str, dict] = {}
+        for item_id, set_name, *_ in self.items():
+            row = rows.setdefault(set_name, {"set": set_name, "items": 0, "labelled": 0, "labelled_twice": 0, "majority": 0, "ratings": []})
+            item_votes = votes.get(item_id, [])
+            row["items"] += 1
+            row["labelled"] += bool(item_votes)
+            row["labelled_twice"] += len(item_votes) >= 2
+            row["majority"] += majority_label(item_votes) is not None
+            row["ratings"].append(item_votes)
+        for row in rows.values():
+            row["fleiss_kappa"] = fleiss_kappa(row.pop("ratings"))
+        return list(rows.values())
+
+    def majority_sets(self) -> list[InvarianceSet]:
+        """Items with a majority digit as invariance sets (images, people's labels, test indices)."""
+        votes = self.votes()
+        grouped: dict[str, list[tuple[np.ndarray, int, int]]] = {}
+        for item_id, set_name, _, test_index, _ in self.items():
+            majority = majority_label(votes.get(item_id, []))
+            if majority is not None:
+                grouped.setdefault(set_name, []).append((self.image(item_id), majority, test_index))
+        return [
+            InvarianceSet(name, torch.from_numpy(np.stack([image for image, _, _ in rows]).astype(np.float32) / 255).unsqueeze(1), torch.tensor([label for _, label, _ in rows]), torch.tensor([index for _, _, index in rows]))
+            for name, rows in grouped.items()
+        ]
+
+    def export(self, out: str | Path) -> list[Path]:
+        """Tramèr et al.'s layout: SET.npy (uint8), SET_labels.npy (majority digits), SET_indexs.npy."""
+        out = Path(out)
+        written = []
+        sets = self.majority_sets()
+        if not sets:
+            raise DataError(f"{self.path} has no item with a majority label yet; label some items first (`invarbench label summary --db {self.path}`)")
+        out.mkdir(parents=True, exist_ok=True)
+        for item in sets:
+            stem = safe_name(item.name)
+            arrays = {f"{stem}.npy": np.clip(np.round(item.images[:, 0].numpy() * 255), 0, 255).astype(np.uint8), f"{stem}_labels.npy": item.labels.numpy().astype(np.int64), f"{stem}_indexs.npy": item.original_indices.numpy().astype(np.int64)}
+            for name, array in arrays.items():
+                buffer = io.BytesIO()
+                np.save(buffer, array)
+                written.append(atomic_write_bytes(out / name, buffer.getvalue()))
+        return written
+
+
+def safe_name(set_name: str) -> str:
+    return "".join(character if character.isalnum() or character in "-." else "_" for character in set_name)
+
+
+def majority_label(votes: list[str]) -> int | None:
+    """The digit more than half of the votes gave, else None (``n`` and ``?`` count as votes)."""
+    if not votes:
+        return None
+    label, count = Counter(votes).most_common(1)[0]
+    return int(label) if label.isdigit() and count * 2 > len(votes) else None
+
+
+def fleiss_kappa(ratings: list[list[str]]) -> float | None:
+    """Fleiss' kappa over the items rated by the most common number of raters (at least 2); None when
+    no item has two ratings or every rating is the same category (kappa undefined)."""
+    counts = Counter(len(votes) for votes in ratings if len(votes) >= 2)
+    if not counts:
+        return None
+    raters = max(counts, key=lambda size: (counts[size], size))
+    table = np.array([[votes.count(category) for category in LABELS] for votes in ratings if len(votes) == raters], dtype=np.float64)
+    items = len(table)
+    agreement = ((table * (table - 1)).sum(1) / (raters * (raters - 1))).mean()
+    shares = table.sum(0) / (items * raters)
+    chance = float((shares**2).sum())
+    if chance >= 1.0:
+        return None
+    return float((agreement - chance) / (1 - chance))
+
+
+def majority_sets(db_path: str | Path) -> list[InvarianceSet]:
+    return LabelStore.open(db_path).majority_sets()
+
+
+class PeopleOracle(Oracle):
+    """People's majority labels from a labels database; abstains on unknown images and on items without
+    a majority digit. Images are matched at 8-bit precision."""
+
+    exact = True
+
+    def __init__(self, db_path: str | Path):
+        store = LabelStore.open(db_path)
+        self.name = f"people:{Path(db_path).name}"
+        votes = store.votes()
+        keys = dict(store.connection.execute("SELECT id, image_key FROM items"))
+        self.labels = {bytes(keys[item_id]): label for item_id, item_votes in votes.items() if (label := majority_label(item_votes)) is not None}
+
+    def label(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self.labels.get(image_key(image), ABSTAIN) for image in images], dtype=torch.long)
