@@ -67,6 +67,9 @@ def test_page_in_headless_chromium_shows_every_entry_sorts_and_loads_images(site
         model_page = browser.new_page()
         model_page.goto((site / "site" / "models" / "spheres-mlp-pgd-linf.html").as_uri())
         assert "Model card" in model_page.content()
+        # Beside the invariance figures: which oracle judged them and how far it can be trusted.
+        assert "judged by the oracle exact:spheres: exact" in model_page.locator("p.oracle").inner_text()
+        assert page.locator("#spheres-oracles tbody tr").count() == 1
         for position in range(model_page.locator("img").count()):
             assert model_page.locator("img").nth(position).evaluate("image => image.complete && image.naturalWidth > 0")
         browser.close()
