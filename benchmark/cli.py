@@ -274,8 +274,13 @@ def _label_serve(args: argparse.Namespace) -> int:
 def _label_summary(args: argparse.Namespace) -> int:
     from invarbench.labelling import LabelStore
 
-    rows = LabelStore.open(args.db).summary()
-    print(format_table(["set", "items", "labelled", "labelled by 2+", "majority digit", "Fleiss' kappa"], [[row["set"], row["items"], row["labelled"], row["labelled_twice"], row["majority"], "-" if row["fleiss_kappa"] is None else f"{row['fleiss_kappa']:.3f}"] for row in rows]))
+    table = []
+    for row in LabelStore.open(args.db).summary():
+        rate = "-" if row["majority_rate"] is None else f"{100 * row['majority_rate']:.0f}%"
+        kappa = "-" if row["fleiss_kappa"] is None else f"{row['fleiss_kappa']:.3f}"
+        table.append([row["set"], row["items"], row["labelled"], row["labelled_twice"], f"{row['majority']} ({rate})", kappa])
+    print(format_table(["set", "items", "labelled", "labelled by 2+", "majority digit (of labelled)", "Fleiss' kappa"], table))
+    print("majority: more than half of an item's annotators gave one digit; kappa over the items with the most common number of annotators (2+)")
     return EXIT_OK
 
 
@@ -420,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     label_serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     label_serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     label_serve.set_defaults(handler=_label_serve)
-    label_summary = label_commands.add_parser("summary", help="labelling progress and agreement per set", description="Per set: items, labelled, labelled by two or more annotators, items with a majority digit, Fleiss' kappa.")
+    label_summary = label_commands.add_parser("summary", help="labelling progress and agreement per set", description="Per set: items, labelled, labelled by two or more annotators, items with a majority digit (count and share of the labelled items), Fleiss' kappa over the items with the most common number of annotators (two or more).")
     label_summary.add_argument("--db", type=Path, required=True, help="labels database")
     label_summary.set_defaults(handler=_label_summary)
     label_export = label_commands.add_parser("export", help="export majority labels in Tramèr et al.'s layout", description="Write SET.npy, SET_labels.npy and SET_indexs.npy per set, for the items with a majority digit (usable with --invariance-set and oracle evaluate --labels).")

@@ -7,7 +7,11 @@ a digit ``0``-``9``, ``n`` (not a digit) or ``?`` (unsure); one row per annotato
 
 Aggregation: an item's *majority* is the digit more than half of its annotators gave; ``n`` and ``?``
 are votes for no digit. Agreement per set is Fleiss' kappa over the items with the most common number
-of annotators (at least two), the standard form for a fixed number of raters per item.
+of annotators (at least two), the standard form for a fixed number of raters per item; items with
+another number of annotators are left out of kappa (not of the majority counts).
+
+A run's items are named ``ATTACK/NORM:EPS`` (e.g. ``invariance-linf/linf:0.4``); an image that occurs
+twice in one set (the same candidate for several models) is one item, so nobody labels it twice.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import io
 import random
 import sqlite3
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -65,21 +70,37 @@ def _to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def _run_items(run_dir: Path) -> list[LabelItem]:
-    from invarbench.store import RunStore
+    """The candidates of a run's invariance jobs that exist (record ``ran``), one item per distinct image
+    of a set. A record's eps picks the row of its job's candidate array, ``index - shard * shard_size``
+    the point (as in ``gallery.candidate_image``)."""
+    from invarbench.store import RunStore, read_json
 
     store = RunStore(run_dir)
-    items = []
+    try:
+        shard_size = int(read_json(store.manifest_path)["config"]["shard_size"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{store.manifest_path} is not a manifest of `invarbench run` ({error!r}); pass a run directory or a folder in Tramèr et al.'s layout") from error
+    items: list[LabelItem] = []
+    seen: set[tuple[str, bytes]] = set()
+    positions: Counter[str] = Counter()
     for candidates_path in sorted(store.candidates_dir.glob("*.npz")) if store.candidates_dir.exists() else []:
         job_id = candidates_path.stem
+        if not store.job_path(job_id).exists():
+            continue  # candidates written, records not yet: the job is unfinished (records mark it done)
         records, _ = store.read_job(job_id)
         candidates = np.load(candidates_path)["candidates"]
         epsilons = sorted(records["eps"].unique())
-        first = int(records["index"].min())
-        for record in records[records["ran"].astype(bool)].itertuples(index=False):
-            image = candidates[epsilons.index(record.eps), int(record.index) - first]
+        for record in records[records["ran"].astype(bool)].sort_values(["eps", "index"]).itertuples(index=False):
+            index = int(record.index)
+            image = candidates[epsilons.index(record.eps), index - (index // shard_size) * shard_size]
             if image.size != 28 * 28:
-                raise DataError(f"run {run_dir} holds candidates of shape {image.shape}; people label 28 x 28 digit images only")
-            items.append(LabelItem(f"{record.model}/{record.attack}/{record.norm}:{record.eps:g}", int(record.index), int(record.index), int(record.label), _to_uint8(image)))
+                raise DataError(f"run {run_dir} holds candidates of shape {image.shape}; people label 28 x 28 digit images only (an MNIST run)")
+            set_name, pixels = f"{record.attack}/{record.norm}:{record.eps:g}", _to_uint8(image)
+            if (set_name, pixels.tobytes()) in seen:
+                continue
+            seen.add((set_name, pixels.tobytes()))
+            items.append(LabelItem(set_name, positions[set_name], index, int(record.label), pixels))
+            positions[set_name] += 1
     if not items:
         raise DataError(f"run {run_dir} has no invariance candidates to label; run it with an invariance attack (e.g. --attack invariance-linf), or pass a folder in Tramèr et al.'s layout")
     return items
@@ -94,9 +115,14 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    """Autocommit (every label is its own transaction) in WAL mode, fsynced: a killed server loses nothing."""
     connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute("PRAGMA synchronous=FULL")
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+    except sqlite3.DatabaseError:
+        connection.close()
+        raise
     return connection
 
 
@@ -106,17 +132,21 @@ class LabelStore:
     def __init__(self, path: Path, connection: sqlite3.Connection):
         self.path = path
         self.connection = connection
+        #: The web app's handlers run in a thread pool and share this connection; they hold this lock.
+        self.lock = threading.Lock()
 
     @classmethod
     def open(cls, path: str | Path) -> LabelStore:
         path = Path(path)
         if not path.is_file():
             raise DataError(f"labels database {path} does not exist; create it with `invarbench label serve SOURCE --db {path}`")
-        connection = _connect(path)
+        connection = None
         try:
+            connection = _connect(path)
             connection.execute("SELECT value FROM meta WHERE key = 'source'").fetchone()
         except sqlite3.DatabaseError as error:
-            connection.close()
+            if connection is not None:
+                connection.close()
             raise DataError(f"{path} is not a labels database of invarbench ({error}); pass the file `invarbench label serve --db` created") from error
         return cls(path, connection)
 
@@ -128,28 +158,42 @@ class LabelStore:
             store = cls.open(path)
             stored = store.meta("source")
             if stored != source_text:
+                store.close()
                 raise ConfigError(f"labels database {path} holds items of {stored}, not {source_text}; pass that source again or another --db")
             return store
+        if not path.parent.is_dir():
+            raise DataError(f"folder {path.parent} of labels database {path} does not exist; create it or pass another --db")
         kind, items = items_from_source(source)
         order = list(range(len(items)))
         random.Random(seed).shuffle(order)
         shown = {item: rank for rank, item in enumerate(order)}
+        rows = [(number, item.set_name, item.position, item.test_index, item.original_label, item.pixels.tobytes(), image_key(torch.from_numpy(item.pixels.astype(np.float32) / 255)), shown[number]) for number, item in enumerate(items)]
+        # Filled under a temporary name: a half-filled database never appears under the final one.
         temporary = path.with_name(path.name + ".tmp")
-        temporary.unlink(missing_ok=True)
-        connection = _connect(temporary)
-        connection.executescript(SCHEMA)
-        connection.execute("BEGIN")
-        connection.executemany("INSERT INTO meta VALUES (?, ?)", [("source", source_text), ("kind", kind)])
-        connection.executemany(
-            "INSERT INTO items (id, set_name, position, test_index, original_label, image, image_key, shown_order) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(number, item.set_name, item.position, item.test_index, item.original_label, item.pixels.tobytes(), image_key(torch.from_numpy(item.pixels.astype(np.float32) / 255)), shown[number]) for number, item in enumerate(items)],
-        )
-        connection.execute("COMMIT")
-        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        connection.close()
-        # A half-filled database never appears under the final name.
-        temporary.replace(path)
+        leftovers = [temporary.with_name(temporary.name + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
+        for leftover in leftovers:
+            leftover.unlink(missing_ok=True)
+        connection = None
+        try:
+            connection = _connect(temporary)
+            connection.executescript(SCHEMA)
+            connection.execute("BEGIN")
+            connection.executemany("INSERT INTO meta VALUES (?, ?)", [("source", source_text), ("kind", kind), ("seed", str(seed))])
+            connection.executemany("INSERT INTO items (id, set_name, position, test_index, original_label, image, image_key, shown_order) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            connection.execute("COMMIT")
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            connection.close()
+            temporary.replace(path)
+        except BaseException:
+            if connection is not None:
+                connection.close()
+            for leftover in leftovers:
+                leftover.unlink(missing_ok=True)
+            raise
         return cls.open(path)
+
+    def close(self) -> None:
+        self.connection.close()
 
     def meta(self, key: str) -> str | None:
         row = self.connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -200,7 +244,8 @@ class LabelStore:
         return self.connection.execute("SELECT id, set_name, position, test_index, original_label FROM items ORDER BY set_name, position").fetchall()
 
     def summary(self) -> list[dict]:
-        """Per set: items, items with a label, with two or more, with a majority digit, Fleiss' kappa."""
+        """Per set: items, items with a label, with two or more, with a majority digit (and its share of
+        the labelled items), Fleiss' kappa."""
         votes = self.votes()
         rows: dict[str, dict] = {}
         for item_id, set_name, *_ in self.items():
@@ -213,6 +258,8 @@ class LabelStore:
             row["ratings"].append(item_votes)
         for row in rows.values():
             row["fleiss_kappa"] = fleiss_kappa(row.pop("ratings"))
+            # Of the labelled items, the share with a majority digit (unlabelled items have no say).
+            row["majority_rate"] = row["majority"] / row["labelled"] if row["labelled"] else None
         return list(rows.values())
 
     def majority_sets(self) -> list[InvarianceSet]:
@@ -231,6 +278,8 @@ class LabelStore:
     def export(self, out: str | Path) -> list[Path]:
         """Tramèr et al.'s layout: SET.npy (uint8), SET_labels.npy (majority digits), SET_indexs.npy."""
         out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise DataError(f"export folder {out} is a file; pass a folder path to --out")
         written = []
         sets = self.majority_sets()
         if not sets:
@@ -247,6 +296,7 @@ class LabelStore:
 
 
 def safe_name(set_name: str) -> str:
+    """A file name for a set name: ``invariance-linf/linf:0.4`` -> ``invariance-linf_linf_0.4``."""
     return "".join(character if character.isalnum() or character in "-." else "_" for character in set_name)
 
 
@@ -276,7 +326,12 @@ def fleiss_kappa(ratings: list[list[str]]) -> float | None:
 
 
 def majority_sets(db_path: str | Path) -> list[InvarianceSet]:
-    return LabelStore.open(db_path).majority_sets()
+    """People's majority labels of a labels database as invariance sets (for oracle calibration)."""
+    store = LabelStore.open(db_path)
+    try:
+        return store.majority_sets()
+    finally:
+        store.close()
 
 
 class PeopleOracle(Oracle):
@@ -289,8 +344,13 @@ class PeopleOracle(Oracle):
         store = LabelStore.open(db_path)
         self.name = f"people:{Path(db_path).name}"
         votes = store.votes()
-        keys = dict(store.connection.execute("SELECT id, image_key FROM items"))
-        self.labels = {bytes(keys[item_id]): label for item_id, item_votes in votes.items() if (label := majority_label(item_votes)) is not None}
+        majorities: dict[bytes, set[int]] = {}
+        for item_id, key in store.connection.execute("SELECT id, image_key FROM items"):
+            if (label := majority_label(votes.get(item_id, []))) is not None:
+                majorities.setdefault(bytes(key), set()).add(label)
+        store.close()
+        # The same image in two sets with different majority digits has no answer: abstain there.
+        self.labels = {key: next(iter(found)) for key, found in majorities.items() if len(found) == 1}
 
     def label(self, images: torch.Tensor) -> torch.Tensor:
         return torch.tensor([self.labels.get(image_key(image), ABSTAIN) for image in images], dtype=torch.long)

@@ -145,3 +145,5 @@ def test_run_with_a_named_oracle_records_it(tmp_path, capsys):
     assert main(["run", "spheres-mlp-standard", "--threat", "linf:0.025", "--attack", "invariance-linf", "--n", "20", "--oracle", "proxy:nothing", "--out", str(tmp_path), "--no-progress"]) == 1
     assert "unknown oracle 'proxy:nothing'" in capsys.readouterr().err
     assert [path.name for path in tmp_path.iterdir()] == ["run"], "nothing written for the refused run"
+    assert main(["run", "spheres-mlp-standard", "--attack", "invariance-linf", "--n", "20", "--oracle", f"people:{tmp_path / 'none.sqlite'}", "--out", str(tmp_path), "--no-progress"]) == 1
+    assert "does not exist" in capsys.readouterr().err and [path.name for path in tmp_path.iterdir()] == ["run"]
