@@ -127,7 +127,7 @@ def calibration_summary(report: dict[str, Any] | None) -> str:
     calibration = report.get("calibration") or []
     if not calibration:
         return "not calibrated against people's labels"
-    return "; ".join(f"{item['labels']}: sees {_percent(item['sees_change'])} of people's changes, false {_percent(item['false_change'])}, abstains {_percent(item['abstention_rate'])}" for item in calibration)
+    return "; ".join(f"{item['labels']}: sees {_percent(item['sees_change'])}, false {_percent(item['false_change'])}" for item in calibration)
 
 
 def oracle_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
