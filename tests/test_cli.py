@@ -3,6 +3,7 @@ import sys
 
 import pytest
 from invarbench.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, format_table, main
+from invarbench.io import sha256_file
 
 INVARBENCH = [sys.executable, "-m", "invarbench.cli"]
 
@@ -57,11 +58,13 @@ def test_data_fetch_mnist_uses_the_verified_cache(mnist, capsys):
 def test_models_train_reproduces_a_zoo_checkpoint(isolated_registry, capsys):
     from invarbench.models import get_card
 
-    isolated_registry("spheres-mlp-standard", with_checkpoint=False)
-    committed = get_card("spheres-mlp-standard").checkpoint_sha256
+    # Byte-for-byte equality with the committed checkpoint depends on the CPU's kernels: tests/test_models.py
+    # checks it (or closeness on another CPU); here the CLI must train, report and record the new checkpoint.
+    _, checkpoint = isolated_registry("spheres-mlp-standard", with_checkpoint=False)
     assert main(["models", "train", "spheres-mlp-standard", "--no-progress"]) == EXIT_OK
-    assert committed in capsys.readouterr().out
-    assert get_card("spheres-mlp-standard").checkpoint_sha256 == committed
+    output = capsys.readouterr().out
+    recorded = get_card("spheres-mlp-standard").checkpoint_sha256
+    assert recorded == sha256_file(checkpoint) and recorded in output and "card updated" in output
 
 
 def test_bench_prints_a_table(capsys):
