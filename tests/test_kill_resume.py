@@ -1,0 +1,111 @@
+"""Kill-resume: a small run SIGKILLed at 20 random moments and then re-run with the same command always
+ends with the results of an uninterrupted run, and leaves no temporary file, lock or resume state.
+
+Each run is a child forked from this (warm) interpreter that calls the CLI's ``main``: a fresh
+interpreter spends seconds importing torch, so the kill moments, drawn between 0 and the length of an
+uninterrupted run, would mostly land in imports instead of in model loading, jobs and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from invarbench.cli import main
+
+RUN = [
+    "run", "spheres-mlp-standard",
+    "--attack", "pgd:steps=5", "--attack", "fgsm", "--attack", "invariance-linf",
+    "--threat", "linf:0.02,0.05", "--n", "60", "--shard-size", "10",
+    "--name", "run", "--no-progress",
+]  # fmt: skip
+JOBS = 18  # 3 attacks x 6 shards of 10 points
+KILLS = 20
+
+
+def _child(out: Path) -> None:
+    with open(os.devnull, "w") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+    os._exit(main([*RUN, "--out", str(out)]))
+
+
+def _start(out: Path) -> multiprocessing.Process:
+    process = multiprocessing.get_context("fork").Process(target=_child, args=(out,))
+    process.start()
+    return process
+
+
+def _finish(out: Path) -> float:
+    started = time.perf_counter()
+    process = _start(out)
+    process.join(timeout=120)
+    assert process.exitcode == 0, f"the run into {out} exited with {process.exitcode}"
+    return time.perf_counter() - started
+
+
+def _files(run_dir: Path) -> list[str]:
+    return sorted(path.relative_to(run_dir).as_posix() for path in run_dir.rglob("*") if path.is_file())
+
+
+def _job_records(path: Path) -> pd.DataFrame:
+    # The table without its schema metadata, which holds the job's time (invarbench.seconds).
+    return pq.read_table(path).to_pandas()
+
+
+def _assert_same_results(run_dir: Path, reference: Path) -> None:
+    assert _files(run_dir) == _files(reference), "other files than an uninterrupted run's (a leftover temporary, lock or state?)"
+    for name in ("results.parquet", "invariance.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(run_dir / name), pd.read_parquet(reference / name), check_exact=True)
+    for job in sorted((reference / "jobs").iterdir()):
+        pd.testing.assert_frame_equal(_job_records(run_dir / "jobs" / job.name), _job_records(job), check_exact=True)
+    for candidates in sorted((reference / "candidates").iterdir()):
+        with np.load(candidates) as expected, np.load(run_dir / "candidates" / candidates.name) as found:
+            np.testing.assert_array_equal(found["candidates"], expected["candidates"])
+    assert json.loads((run_dir / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
+    manifest, expected = (json.loads((path / "manifest.json").read_text()) for path in (run_dir, reference))
+    assert manifest["status"] == "complete"
+    for key in ("config", "config_sha256", "checkpoint_sha256"):
+        assert manifest[key] == expected[key]
+
+
+def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("INVARBENCH_HOME", str(tmp_path / "home"))
+    duration = _finish(tmp_path / "reference")
+    reference = tmp_path / "reference" / "run"
+    assert len(list((reference / "jobs").glob("*.parquet"))) == JOBS
+    draw = random.Random(20)
+    interrupted = []
+    for cycle in range(KILLS):
+        out = tmp_path / f"cycle{cycle}"
+        process = _start(out)
+        time.sleep(draw.uniform(0, duration))
+        os.kill(process.pid, signal.SIGKILL)
+        # Reaped before the resume: a zombie's pid still counts as a live owner of run.lock.
+        process.join(timeout=30)
+        run_dir = out / "run"
+        finished = (run_dir / "jobs").glob("*.parquet") if run_dir.exists() else []
+        complete = run_dir.exists() and (run_dir / "manifest.json").exists() and json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
+        interrupted.append((process.exitcode == -signal.SIGKILL and not complete, len(list(finished))))
+        _finish(out)
+        _assert_same_results(run_dir, reference)
+        for leftover in ("run.lock", "state"):
+            assert not (run_dir / leftover).exists()
+        assert not list(run_dir.rglob("*.tmp"))
+    # The kills landed during runs, at several stages (before the first job and between jobs), not after them.
+    killed = [jobs for was_killed, jobs in interrupted if was_killed]
+    assert len(killed) >= KILLS // 2, interrupted
+    assert min(killed) < JOBS // 2 and max(killed) > 0, interrupted
+
+
+if __name__ == "__main__":  # pragma: no cover
+    pytest.main([__file__, "-q"])
