@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyautoattack
@@ -17,6 +19,43 @@ SUB_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 NORM_NAMES = {"linf": "Linf", "l2": "L2"}
 # The DLR loss compares the largest logits: untargeted DLR needs 3 classes, targeted DLR 4.
 MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4}
+# pyautoattack's own reliability checks (its checks.py), by a phrase of the message each one logs.
+RELIABILITY_FLAGS = {
+    "square Attack has decreased": "square_beats_white_box",
+    "randomized defense": "randomised",
+    "probability distribution": "probability_outputs",
+    "zero gradient": "zero_gradients",
+    "dynamic defense": "dynamic",
+    "not possible to use": "too_few_classes",
+}
+
+
+def reliability_flag(message: str) -> str:
+    """The short name of one of pyautoattack's warnings (``other`` for one this version does not know)."""
+    return next((flag for phrase, flag in RELIABILITY_FLAGS.items() if phrase.lower() in message.lower()), "other")
+
+
+class _Collect(logging.Handler):
+    def __init__(self, messages: list[str]):
+        super().__init__(logging.WARNING)
+        self.messages = messages
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def collected_warnings(logger: logging.Logger, messages: list[str]):
+    """Collect what pyautoattack warns about, through its logger or ``warnings.warn``, into ``messages``."""
+    handler = _Collect(messages)
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        messages.extend(str(warning.message) for warning in caught if "pyautoattack" in (warning.filename or "") or reliability_flag(str(warning.message)) != "other")
+    finally:
+        logger.removeHandler(handler)
 
 
 @register_attack
@@ -64,6 +103,7 @@ class AutoAttack(Attack):
         norms = torch.full((len(epsilons), len(labels)), float("nan"))
         predictions = torch.full((len(epsilons), len(labels)), -1, dtype=torch.long)
         details: dict = {}
+        messages: list[str] = []
         device = model_device(model)
         for index, eps in enumerate(epsilons):
             points = active[index].nonzero().flatten()
@@ -81,14 +121,18 @@ class AutoAttack(Attack):
                 unit_x = ((x - low) / (high - low)).reshape(len(x), *image_shape(x.shape[1:]))
                 # A resumed evaluation runs without a state file: pyautoattack 0.2.0 cannot restore its own
                 # state mid-run (its adversarial labels are only initialised on a fresh start).
-                unit_adversarial, _ = ensemble.run_standard_evaluation(unit_x, y, batch_size=self.batch_size, state_path=None if resumed else state_path)
+                raised: list[str] = []
+                with collected_warnings(ensemble.logger, raised):
+                    unit_adversarial, _ = ensemble.run_standard_evaluation(unit_x, y, batch_size=self.batch_size, state_path=None if resumed else state_path)
+                messages.extend(f"eps {eps:g}: {message}" for message in raised)
                 adversarial = project(x, low + unit_adversarial.reshape(x.shape) * (high - low), norm=norm, eps=eps, bounds=model.bounds)
                 with torch.no_grad():
                     adversarial_labels = torch.cat([model(adversarial[batch].to(device)).argmax(1) for batch in _batches(len(adversarial), self.batch_size)]).cpu()
                 success[index, attacked] = adversarial_labels != y.cpu()
                 norms[index, attacked] = perturbation_norm((adversarial - x).cpu(), norm)
                 predictions[index, attacked] = adversarial_labels
-        return PerturbationResult(self.name, norm, epsilons, success, norms, predictions, {**self.options(), **details, "implementation": f"pyautoattack {pyautoattack.__version__}"})
+        unique = tuple(dict.fromkeys(messages))
+        return PerturbationResult(self.name, norm, epsilons, success, norms, predictions, {**self.options(), **details, "implementation": f"pyautoattack {pyautoattack.__version__}"}, warnings=unique)
 
     @staticmethod
     def _resume(ensemble, state_path: Path | None, count: int) -> tuple[torch.Tensor, bool]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 from invarbench.errors import ConfigError, did_you_mean
+from invarbench.evaluation import label_margins, logits
 
 NORMS = ("linf", "l2")
 
@@ -59,7 +61,11 @@ class PerturbationResult:
     misclassified without perturbation count as successes). ``norms[e, i]`` is the size of the
     returned perturbation in the attack's norm and ``adversarial_predictions[e, i]`` the model's
     label for it. ``adversarials[e, i]`` (attacks that return examples at fixed eps: FGSM, PGD) is
-    the example itself, for galleries; None where an attack does not keep them.
+    the example itself, for galleries; None where an attack does not keep them. ``margins[e, i]`` is
+    the model's logit of the label minus its largest other logit at the returned example (negative
+    where the attack succeeded): how close the outcome was, which regression checks use to tell a
+    borderline flip from a regression. Computed from ``adversarials`` when an attack gives none.
+    ``warnings`` are the reliability warnings the attack's implementation raised (AutoAttack's checks).
     """
 
     attack: str
@@ -70,6 +76,8 @@ class PerturbationResult:
     adversarial_predictions: torch.Tensor
     options: dict[str, Any] = field(default_factory=dict)
     adversarials: torch.Tensor | None = None
+    margins: torch.Tensor | None = None
+    warnings: tuple[str, ...] = ()
 
     def robust_accuracy(self) -> list[float]:
         return (~self.success).float().mean(dim=1).tolist()
@@ -145,7 +153,11 @@ class Attack(ABC):
         if active is None:
             active = torch.ones(len(epsilons), len(labels), dtype=torch.bool)
         with frozen_parameters(model):
-            return self.run(model, images, labels, norm=norm, epsilons=epsilons, seed=seed, active=active)
+            result = self.run(model, images, labels, norm=norm, epsilons=epsilons, seed=seed, active=active)
+            if result.margins is None and result.adversarials is not None:
+                margins = torch.stack([label_margins(logits(model, examples), labels.cpu()) for examples in result.adversarials])
+                result = dataclasses.replace(result, margins=margins)
+            return result
 
     @abstractmethod
     def run(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, norm: str, epsilons: tuple[float, ...], seed: int, active: torch.Tensor) -> PerturbationResult:
@@ -167,4 +179,5 @@ def create_attack(name: str, **options) -> Attack:
     try:
         return ATTACKS[name](**options)
     except TypeError as error:
-        raise ConfigError(f"attack {name!r} does not accept the options {options} ({error})") from error
+        accepted = ", ".join(inspect.signature(ATTACKS[name]).parameters) or "none"
+        raise ConfigError(f"attack {name!r} does not accept the options {options} ({error}); its options are {accepted}, e.g. {name}:KEY=VALUE") from error

@@ -8,7 +8,7 @@ import torch
 from foolbox.devutils import atleast_kd, flatten
 from invarbench.attacks.base import Attack, PerturbationResult, perturbation_norm, register_attack
 from invarbench.errors import ConfigError
-from invarbench.evaluation import model_device
+from invarbench.evaluation import label_margins, logits, model_device
 
 
 def foolbox_model(model: torch.nn.Module) -> foolbox.PyTorchModel:
@@ -156,12 +156,19 @@ class FMN(Attack):
         self.steps, self.batch_size, self.restart = steps, batch_size, bool(restart)
 
     def minimal_norms(self, model, images, labels, *, norm: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each point's smallest adversarial norm found (+inf where none) and the model's label there."""
+        minimal, predictions, _ = self._search(model, images, labels, norm=norm, seed=seed)
+        return minimal, predictions
+
+    def _search(self, model, images, labels, *, norm: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``minimal_norms`` and the label margin at each returned example."""
         attack = (foolbox.attacks.LInfFMNAttack if norm == "linf" else _L2FMNProjected)(steps=self.steps)
         fmodel = foolbox_model(model)
         device = model_device(model)
         torch.manual_seed(seed)
         minimal = torch.full((len(labels),), float("inf"))
         predictions = torch.zeros(len(labels), dtype=torch.long)
+        margins = torch.full((len(labels),), float("nan"))
         for batch in _batches(len(labels), self.batch_size):
             x, y = images[batch].to(device), labels[batch].to(device)
             _, (adversarial,), (found,) = attack(fmodel, x, y, epsilons=[None])
@@ -174,12 +181,16 @@ class FMN(Attack):
                     adversarial[again], found[again] = restarted, found_again
             found = found.cpu()
             minimal[batch] = torch.where(found, perturbation_norm((adversarial - x).cpu(), norm), minimal[batch])
-            predictions[batch] = _predict(model, adversarial).cpu()
-        return minimal, predictions
+            output = logits(model, adversarial)
+            predictions[batch] = output.argmax(1)
+            margins[batch] = label_margins(output, y.cpu())
+        return minimal, predictions, margins
 
     def run(self, model, images, labels, *, norm, epsilons, seed, active):
-        minimal, predictions = self.minimal_norms(model, images, labels, norm=norm, seed=seed)
+        minimal, predictions, margins = self._search(model, images, labels, norm=norm, seed=seed)
         # A small tolerance absorbs float rounding of the norm of a perturbation clipped to exactly eps.
         success = torch.stack([minimal <= eps * (1 + 1e-5) for eps in epsilons])
         norms = minimal.expand(len(epsilons), -1).clone()
-        return PerturbationResult(self.name, norm, epsilons, success, norms, predictions.expand(len(epsilons), -1).clone(), {**self.options(), "implementation": f"foolbox {foolbox.__version__}"})
+        return PerturbationResult(
+            self.name, norm, epsilons, success, norms, predictions.expand(len(epsilons), -1).clone(), {**self.options(), "implementation": f"foolbox {foolbox.__version__}"}, margins=margins.expand(len(epsilons), -1).clone()
+        )

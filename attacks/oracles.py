@@ -15,6 +15,7 @@ invariance figure names the oracle (``Oracle.name``) that judged it.
 from __future__ import annotations
 
 import hashlib
+import math
 import tomllib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -41,6 +42,11 @@ class Oracle(ABC):
     @abstractmethod
     def label(self, images: torch.Tensor) -> torch.Tensor:
         """One label per image (int64), ``ABSTAIN`` where the oracle does not decide."""
+
+    def decide(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Labels and, for a vote, how many votes would have to change to change each outcome (1: one
+        vote from its threshold); None for an oracle that does not vote."""
+        return self.label(images), None
 
     def describe(self) -> dict:
         return {"name": self.name, "exact": self.exact, "calibration": list(self.calibration)}
@@ -216,6 +222,8 @@ class ProxyOracle(Oracle):
         self.agreement = agreement
         self.num_classes = num_classes
         self.batch_size = batch_size
+        #: Member card name -> checkpoint sha256, for an oracle built from a definition file.
+        self.member_checkpoints: dict[str, str] = {}
 
     @property
     def voters(self) -> int:
@@ -249,15 +257,26 @@ class ProxyOracle(Oracle):
                 total += logits.softmax(1).cpu()
         return total / max(1, len(self.members) * len(self.views))
 
-    def label(self, images: torch.Tensor) -> torch.Tensor:
-        votes = self.votes(images)
-        counts = torch.nn.functional.one_hot(votes, self.num_classes).sum(1)
+    @property
+    def required(self) -> int:
+        """Votes the majority label needs."""
+        return math.ceil(self.agreement * self.voters - 1e-9)
+
+    def decide(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = torch.nn.functional.one_hot(self.votes(images), self.num_classes).sum(1)
         best, majority = counts.max(1)
-        decided = best >= self.agreement * self.voters - 1e-9
-        return torch.where(decided, majority, torch.full_like(majority, ABSTAIN))
+        decided = best >= self.required
+        # A decided label is lost when its count falls below the threshold; an abstention becomes a label
+        # when the leading count reaches it.
+        margins = torch.where(decided, best - self.required + 1, self.required - best)
+        return torch.where(decided, majority, torch.full_like(majority, ABSTAIN)), margins
+
+    def label(self, images: torch.Tensor) -> torch.Tensor:
+        return self.decide(images)[0]
 
     def describe(self) -> dict:
-        return {**super().describe(), "voters": self.voters, "views": [view.to_dict() for view in self.views], "agreement": self.agreement, "k": self.k if self.train_images is not None else 0}
+        members = {"members": dict(self.member_checkpoints)} if self.member_checkpoints else {}
+        return {**super().describe(), "voters": self.voters, "views": [view.to_dict() for view in self.views], "agreement": self.agreement, "k": self.k if self.train_images is not None else 0, **members}
 
 
 def spheres_margin(points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -325,7 +344,14 @@ class OracleDefinition:
         knn = {"train_images": dataset.train_images, "train_labels": dataset.train_labels, "k": self.knn} if self.knn else {}
         oracle = ProxyOracle(self.name, members, views=self.views, agreement=self.agreement, num_classes=dataset.num_classes, **knn)
         oracle.calibration = self.calibration
+        oracle.member_checkpoints = self.member_checkpoints()
         return oracle
+
+    def member_checkpoints(self) -> dict[str, str]:
+        """Each member's checkpoint sha256, by card name: what a regression check compares."""
+        from invarbench.models import get_card
+
+        return {member: get_card(member).checkpoint_sha256 for member in self.members}
 
 
 def _view(data: dict, path: Path) -> View:

@@ -142,11 +142,18 @@ def _check(args: argparse.Namespace) -> int:
         raise InvarbenchError(f"no leaderboard entries in {args.entries}; add finished runs with `invarbench leaderboard add RUN_DIR`")
     failed = [result for result in results if not result.passed]
     for result in results:
-        print(f"{'ok  ' if result.passed else 'FAIL'} {result.entry}" + ("" if result.passed else f" ({len(result.differences)} differences)"))
+        counts = ([f"{len(result.differences)} differences"] if result.differences else []) + ([f"{len(result.borderline)} borderline flips within tolerance"] if result.borderline else [])
+        print(f"{'ok  ' if result.passed else 'FAIL'} {result.entry}" + (f" ({', '.join(counts)})" if counts else ""))
+        for warning in result.warnings:
+            print(f"     warning: {warning}")
         for line in result.differences[:50]:
             print(f"     {line}")
         if len(result.differences) > 50:
             print(f"     ... and {len(result.differences) - 50} more")
+        for line in result.borderline[:20]:
+            print(f"     borderline: {line}")
+        if len(result.borderline) > 20:
+            print(f"     ... and {len(result.borderline) - 20} more borderline")
     if failed and args.update:
         print(f"rewrote the regression records of {len(failed)} entries (--update)")
         return EXIT_OK

@@ -1,4 +1,4 @@
-"""Batched prediction and clean accuracy."""
+"""Batched prediction, clean accuracy and decision margins."""
 
 from __future__ import annotations
 
@@ -14,11 +14,32 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
+def logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 500) -> torch.Tensor:
+    """The model's logits for ``images`` (float32, on the CPU), computed in batches on its device."""
+    device = model_device(model)
+    outputs = [model(images[start : start + batch_size].to(device)).float().cpu() for start in range(0, len(images), batch_size)]
+    return torch.cat(outputs) if outputs else torch.empty(0, 0)
+
+
 def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 500) -> torch.Tensor:
     """Predicted labels for ``images``, computed in batches on the model's device."""
-    device = model_device(model)
-    predictions = [model(images[start : start + batch_size].to(device)).argmax(dim=1).cpu() for start in range(0, len(images), batch_size)]
-    return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+    output = logits(model, images, batch_size=batch_size)
+    return output.argmax(dim=1) if len(output) else torch.empty(0, dtype=torch.long)
+
+
+def label_margins(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's logit of its label minus its largest other logit: negative where another class wins."""
+    own = output.gather(1, labels.view(-1, 1)).squeeze(1)
+    others = output.scatter(1, labels.view(-1, 1), float("-inf")).amax(1)
+    return own - others
+
+
+def top_margins(output: torch.Tensor) -> torch.Tensor:
+    """Each row's largest logit minus its second largest: how firmly the prediction is made."""
+    if output.shape[1] < 2:
+        return torch.full((len(output),), float("inf"))
+    top = output.topk(2, dim=1).values
+    return top[:, 0] - top[:, 1]
 
 
 def clean_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 500) -> float:

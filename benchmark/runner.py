@@ -30,9 +30,10 @@ from invarbench.attacks.oracles import ABSTAIN, default_oracle, get_oracle_defin
 from invarbench.checks import CHECKS, check_model
 from invarbench.datasets import invarbench_home, load_dataset
 from invarbench.errors import ConfigError
-from invarbench.evaluation import predict
+from invarbench.evaluation import logits, predict, top_margins
 from invarbench.io import sha256_file
 from invarbench.models import BenchmarkModel, get_card, list_models, load_model
+from invarbench.preflight import check_models, check_run_dir, discarded_on_failure
 from invarbench.statistics import wilson_interval
 from invarbench.store import RECORD_COLUMNS, RunLock, RunStore, as_records, read_json, write_json
 from tqdm.auto import tqdm
@@ -264,8 +265,9 @@ def _point_columns(job: Job, labels: torch.Tensor, clean_predictions: torch.Tens
     }
 
 
-def execute_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, clean_predictions: torch.Tensor, earlier: pd.DataFrame | None, *, cascade: bool, workspace: Path | None = None) -> pd.DataFrame:
-    """Run one job on its shard and return its per-sample records (one row per point and eps).
+def execute_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, clean_predictions: torch.Tensor, earlier: pd.DataFrame | None, *, cascade: bool, workspace: Path | None = None) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """Run one job on its shard; return its per-sample records (one row per point and eps) and the
+    reliability warnings its attack raised.
 
     ``images``, ``labels`` and ``clean_predictions`` are the shard's; ``earlier`` holds the records of
     the cheaper attacks on the same shard and threat model (used by the cascade).
@@ -280,8 +282,10 @@ def execute_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: 
             active[eps_index, torch.as_tensor(positions, dtype=torch.long)] = False
     success = torch.zeros(len(epsilons), count, dtype=torch.bool)
     norms = torch.full((len(epsilons), count), float("nan"))
+    margins = torch.full((len(epsilons), count), float("nan"))
     predictions = torch.full((len(epsilons), count), -1, dtype=torch.long)
     points = active.any(dim=0).nonzero().flatten()
+    warnings: tuple[str, ...] = ()
     if len(points):
         attack = job.attack.create()
         if workspace is not None and hasattr(attack, "workspace"):
@@ -289,6 +293,9 @@ def execute_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: 
             attack.workspace = workspace
         result = attack(model, images[points], labels[points], norm=job.threat.norm, epsilons=epsilons, seed=job.seed, active=active[:, points])
         success[:, points], norms[:, points], predictions[:, points] = result.success, result.norms, result.adversarial_predictions
+        if result.margins is not None:
+            margins[:, points] = result.margins.float()
+        warnings = result.warnings
     rows = []
     for eps_index, eps in enumerate(epsilons):
         ran = active[eps_index]
@@ -300,10 +307,11 @@ def execute_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: 
                     "success": pd.arrays.BooleanArray(success[eps_index].numpy(), ~ran.numpy()),
                     "adversarial_prediction": pd.arrays.IntegerArray(predictions[eps_index].numpy(), ~ran.numpy()),
                     "perturbation_norm": torch.where(ran, norms[eps_index], torch.tensor(float("nan"))).numpy(),
+                    "logit_margin": torch.where(ran, margins[eps_index], torch.tensor(float("nan"))).numpy(),
                 }
             )
         )
-    return as_records(pd.concat(rows, ignore_index=True))
+    return as_records(pd.concat(rows, ignore_index=True)), warnings
 
 
 def execute_invariance_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, clean_predictions: torch.Tensor, context: InvarianceContext) -> tuple[pd.DataFrame, torch.Tensor]:
@@ -311,6 +319,7 @@ def execute_invariance_job(job: Job, model: torch.nn.Module, images: torch.Tenso
     attack = job.attack.create()
     attack.context = context
     result = attack(model, images, labels, norm=job.threat.norm, epsilons=job.threat.epsilons, seed=job.seed)
+    model_margins, oracle_margins = decision_margins(model, context.oracle, result)
     rows = []
     for eps_index, eps in enumerate(result.epsilons):
         oracle_labels = result.oracle_labels[eps_index].numpy()
@@ -326,10 +335,27 @@ def execute_invariance_job(job: Job, model: torch.nn.Module, images: torch.Tenso
                     "model_prediction": pd.arrays.IntegerArray(result.model_predictions[eps_index].numpy(), result.model_predictions[eps_index].numpy() < 0),
                     "perturbation_norm": result.perturbation_norms[eps_index].numpy(),
                     "logit_error": result.logit_errors[eps_index].numpy(),
+                    "model_margin": model_margins[eps_index].numpy(),
+                    "oracle_margin": pd.arrays.IntegerArray(oracle_margins[eps_index].numpy(), oracle_margins[eps_index].numpy() < 0),
                 }
             )
         )
     return as_records(pd.concat(rows, ignore_index=True)), result.candidates
+
+
+def decision_margins(model: torch.nn.Module, oracle, result) -> tuple[torch.Tensor, torch.Tensor]:
+    """How firmly each candidate's outcome was decided: the attacked model's top-two logit gap, and the
+    votes the oracle's outcome is away from changing (-1 where unknown: an oracle that does not vote,
+    a per-set oracle, or an outcome the attack overrode)."""
+    shape = result.candidates.shape[:2]
+    flat = result.candidates.flatten(0, 1)
+    model_margins = top_margins(logits(model, flat)).view(shape) if len(flat) else torch.zeros(shape)
+    oracle_margins = torch.full(shape, -1, dtype=torch.long)
+    if oracle is not None and result.oracles is None and result.oracle == oracle.name and len(flat):
+        labels, margins = oracle.decide(flat)
+        if margins is not None:
+            oracle_margins = torch.where(labels.view(shape) == result.oracle_labels, margins.view(shape), oracle_margins)
+    return model_margins, oracle_margins
 
 
 def oracle_report(oracle, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
@@ -420,6 +446,19 @@ def summarize(records: pd.DataFrame, config: RunConfig, models: dict[str, dict[s
     return summary
 
 
+def cpu_description() -> str:
+    """The CPU's model name and the vector kernels torch uses on it: what float rounding depends on."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": sys.version.split()[0], "invarbench": __version__}
     for package in PACKAGES:
@@ -457,12 +496,10 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
     run_dir = Path(out) / (name or config.default_name())
     store = RunStore(run_dir)
     torch_device = resolve_device(device)
-    with RunLock(run_dir):
+    check_models(config)
+    with RunLock(run_dir) as lock, discarded_on_failure(store, created=run_dir in lock.created):
         store.remove_stale_temporaries()
-        if store.manifest_path.exists():
-            previous = read_json(store.manifest_path)
-            if previous.get("config") != config.to_dict():
-                raise ConfigError(f"{run_dir} holds a run with a different configuration; re-run with the options recorded in {store.manifest_path} to resume it, or pass another --out/--name")
+        check_run_dir(store, config)
         manifest = {
             "config": config.to_dict(),
             "config_sha256": config.digest(),
@@ -471,6 +508,7 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
             "versions": package_versions(),
             "device": str(torch_device),
             "threads": torch.get_num_threads(),
+            "cpu": cpu_description(),
             "platform": platform.platform(),
             "command": " ".join(sys.argv),
         }
@@ -514,6 +552,8 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
                 oracles[key] = oracle or (resolve_oracle(config.oracle, dataset) if config.oracle else default_oracle(dataset))
                 oracle_reports[oracles[key].name] = oracle_report(oracles[key], images, labels)
             timings: dict[str, float] = {}
+            # Per attack, each distinct warning its jobs raised (in order), e.g. AutoAttack's Square check.
+            attack_warnings: dict[str, dict[str, None]] = {}
             shard_records: dict[tuple, list[pd.DataFrame]] = {}
             for job in (job for job in jobs if job.model == spec.key):
                 # Per norm, not per threat: an attack restricted to some eps (eps=...) still sees what the
@@ -536,13 +576,15 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
                     started = time.perf_counter()
                     window = slice(job.start, job.stop)
                     workspace = run_dir / "state" / job.id
-                    records = execute_job(job, model, images[window], labels[window], clean_predictions[window], earlier, cascade=config.cascade, workspace=workspace)
+                    records, warnings = execute_job(job, model, images[window], labels[window], clean_predictions[window], earlier, cascade=config.cascade, workspace=workspace)
                     seconds = time.perf_counter() - started
-                    store.write_job(job.id, records, seconds=seconds)
+                    store.write_job(job.id, records, seconds=seconds, warnings=warnings)
                     # An attack's resume state is only needed until its job's records are on disk.
                     shutil.rmtree(workspace, ignore_errors=True)
                     outcome.jobs_run += 1
                 timings[job.attack.label()] = timings.get(job.attack.label(), 0.0) + seconds
+                for warning in store.job_warnings(job.id):
+                    attack_warnings.setdefault(job.attack.label(), {})[f"{job.threat.norm} {warning}"] = None
                 bar.update(job.stop - job.start)
                 if job.attack.kind == "invariance":
                     invariance_records.append(records)
@@ -554,6 +596,7 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
                 robust_so_far = _tally(tallies, job, records)
                 bar.set_postfix_str(f"{spec.key} {job.threat.norm} {job.attack.name} robust {robust_so_far}", refresh=False)
             outcome.timings[spec.key] = timings
+            model_info[spec.key]["attack_warnings"] = {label: list(messages) for label, messages in attack_warnings.items()}
         bar.close()
 
         records = as_records(pd.concat(all_records, ignore_index=True)) if all_records else as_records(pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in RECORD_COLUMNS.items()}))

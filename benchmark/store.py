@@ -50,6 +50,8 @@ RECORD_COLUMNS = {
     "success": "boolean",
     "adversarial_prediction": "Int64",
     "perturbation_norm": "float64",
+    # The model's logit of the label minus its largest other logit at the returned example (NaN where unknown).
+    "logit_margin": "float64",
 }
 
 # Per-candidate records of invariance attacks (one row per point and eps or budget).
@@ -62,18 +64,33 @@ INVARIANCE_COLUMNS = {
     "model_prediction": "Int64",
     "perturbation_norm": "float64",
     "logit_error": "float64",
+    # The attacked model's largest logit minus its second at the candidate.
+    "model_margin": "float64",
+    # Votes that would have to change to change the oracle's outcome (NA for an oracle that does not vote).
+    "oracle_margin": "Int64",
 }
+
+# Added after the first entries were stored: records without them read as unknown (NA).
+OPTIONAL_COLUMNS = ("logit_margin", "model_margin", "oracle_margin")
 
 
 def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, *, fix: str = "it was not written by invarbench, remove it or choose another --out") -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path} cannot be read as JSON ({error}); it was not written by invarbench, remove it or choose another --out") from error
+        raise ConfigError(f"{path} cannot be read as JSON ({error}); {fix}") from error
+
+
+def read_records(path: Path, *, fix: str) -> pd.DataFrame:
+    """Per-sample records stored as Parquet; a damaged file is an error that names ``fix``."""
+    try:
+        return as_records(pd.read_parquet(path))
+    except (OSError, pa.ArrowException) as error:
+        raise ConfigError(f"records {path} are damaged ({error}); {fix}") from error
 
 
 class RunLock:
@@ -85,8 +102,11 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = run_dir / "run.lock"
         self.held = False
+        self.created: list[Path] = []
 
     def __enter__(self) -> RunLock:
+        # The folders the lock creates, innermost first: removed on exit if a failed run left them empty.
+        self.created = [folder for folder in (self.path.parent, *self.path.parent.parents) if not folder.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(2):
             try:
@@ -113,6 +133,11 @@ class RunLock:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+            for folder in self.created:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty: a run's results
+                    break
 
 
 def _alive(pid: int) -> bool:
@@ -156,15 +181,22 @@ class RunStore:
 
         atomic_write(self.candidates_dir / f"{job_id}.npz", write)
 
-    def write_job(self, job_id: str, records: pd.DataFrame, *, seconds: float) -> None:
+    def write_job(self, job_id: str, records: pd.DataFrame, *, seconds: float, warnings: tuple[str, ...] = ()) -> None:
+        """A finished job's records, its time and the reliability warnings its attack raised."""
         table = pa.Table.from_pandas(as_records(records), preserve_index=False)
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"invarbench.seconds": str(seconds).encode()})
+        metadata = {b"invarbench.seconds": str(seconds).encode(), b"invarbench.warnings": json.dumps(list(warnings)).encode()}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
         atomic_write(self.job_path(job_id), lambda tmp: pq.write_table(table, tmp))
 
     def read_job(self, job_id: str) -> tuple[pd.DataFrame, float]:
         table = pq.read_table(self.job_path(job_id))
         seconds = float((table.schema.metadata or {}).get(b"invarbench.seconds", b"0"))
         return as_records(table.to_pandas()), seconds
+
+    def job_warnings(self, job_id: str) -> list[str]:
+        """The reliability warnings a finished job's attack raised (none for jobs stored before they were kept)."""
+        metadata = pq.read_schema(self.job_path(job_id)).metadata or {}
+        return json.loads(metadata.get(b"invarbench.warnings", b"[]"))
 
     def write_results(self, records: pd.DataFrame, invariance: pd.DataFrame | None = None) -> None:
         atomic_write(self.results_path, lambda tmp: as_records(records).to_parquet(tmp, index=False))
@@ -176,6 +208,9 @@ def as_records(frame: pd.DataFrame) -> pd.DataFrame:
     """``frame`` with exactly the record columns (perturbation or invariance, told apart by the
     ``oracle`` column), in order, with their declared dtypes."""
     columns = INVARIANCE_COLUMNS if "oracle" in frame else RECORD_COLUMNS
+    absent = [column for column in OPTIONAL_COLUMNS if column in columns and column not in frame]
+    if absent:
+        frame = frame.assign(**{column: pd.Series(index=frame.index, dtype=columns[column]) for column in absent})
     missing = [column for column in columns if column not in frame]
     if missing:
         raise ConfigError(f"per-sample records lack the columns {missing}; the file was not written by this version of invarbench")

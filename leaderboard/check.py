@@ -1,9 +1,24 @@
 """Regression check: re-evaluate stored entries on their regression subset and compare per sample.
 
-Deterministic attacks (a seed and a batch fix their outcome) must reproduce every point's outcome
-exactly; attacks with randomness must reproduce robust accuracy within their tolerance. A checkpoint
-whose sha256 no longer matches its card fails the check too. ``update`` rewrites the entry's
-regression records (and nothing else) from the new evaluation.
+Deterministic attacks (a seed and a batch fix their outcome) must reproduce every point's outcome,
+except where it was decided within a float-rounding margin: another CPU (other vector kernels) or
+thread count rounds differently, and a point whose outcome sat on a boundary may fall on the other
+side. Each record stores what decided it, and a flip is allowed only where the stored or the new
+record was within these margins (counted and printed apart as borderline):
+
+- the attacked model's logit margin (label against the best other class, or top-two gap at an
+  invariance candidate) at most ``LOGIT_TOLERANCE``;
+- a voting oracle's outcome at most ``ORACLE_VOTE_TOLERANCE`` vote(s) from changing;
+- a minimum-norm attack's norm within ``NORM_TOLERANCE`` (relative) of eps.
+
+Every rate over the checked points (attack success; label changed, abstained, model agrees with the
+oracle) must also stay within ``AGGREGATE_TOLERANCE``, so borderline flips cannot pile up into a
+different figure, and the median change of the model's margins over the points both runs recorded
+must stay within ``MARGIN_DRIFT_TOLERANCE``: rounding moves a few trajectories, a changed weight
+moves every margin. Attacks with randomness must reproduce their success rate within their own
+tolerance. A checkpoint whose sha256 no longer matches its card fails the check too; a thread count
+or CPU other than the entry's is reported. ``update`` rewrites the entry's regression records (and
+nothing else) from the new evaluation.
 """
 
 from __future__ import annotations
@@ -13,14 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 from invarbench.attacks import ATTACKS
 from invarbench.errors import InvarbenchError
-from invarbench.io import atomic_write
+from invarbench.io import atomic_write, sha256_file
 from invarbench.leaderboard.entries import ENTRIES_DIR, entry_stem, load_entries
 from invarbench.store import as_records
 
 # Robust-accuracy tolerance (absolute) of attacks whose outcome is random.
 RANDOM_TOLERANCE = {"autoattack": 0.02}
+LOGIT_TOLERANCE = 0.1
+ORACLE_VOTE_TOLERANCE = 1
+NORM_TOLERANCE = 0.01
+AGGREGATE_TOLERANCE = 0.03
+MARGIN_DRIFT_TOLERANCE = 0.05
 COMPARED = {"perturbation": ("success", "adversarial_prediction"), "invariance": ("target_class", "oracle_label", "model_prediction")}
 
 
@@ -29,6 +50,10 @@ class CheckResult:
     entry: str
     passed: bool
     differences: list[str] = field(default_factory=list)
+    #: Flips of outcomes decided within the tolerances (allowed).
+    borderline: list[str] = field(default_factory=list)
+    #: The machine differs from the entry's (thread count, CPU): borderline flips are to be expected.
+    warnings: list[str] = field(default_factory=list)
 
 
 def _config(entry: dict, points: int):
@@ -54,6 +79,11 @@ def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, up
         card = get_card(entry["reference"])
         if card.checkpoint_sha256 != entry["checkpoint_sha256"]:
             return CheckResult(name, False, [f"checkpoint sha256 {card.checkpoint_sha256[:12]} of the card differs from the entry's {entry['checkpoint_sha256'][:12]}: the model changed; re-evaluate and `leaderboard add --replace`"])
+    elif Path(entry["reference"]).is_file() and sha256_file(entry["reference"]) != entry["checkpoint_sha256"]:
+        return CheckResult(name, False, [f"checkpoint {entry['reference']} has sha256 {sha256_file(entry['reference'])[:12]}, the entry's is {entry['checkpoint_sha256'][:12]}: the model changed; re-evaluate and `leaderboard add --replace`"])
+    judge = oracle_changes(entry)
+    if judge:
+        return CheckResult(name, False, judge)
     stored = as_records(pd.read_parquet(entries_dir / entry["regression"]["file"]))
     available = entry["regression"]["points"]
     shard_size = entry["settings"]["shard_size"]
@@ -74,7 +104,7 @@ def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, up
     stored, fresh = _with_attack_rank(stored), _with_attack_rank(fresh)
     keys = ["norm", "eps", "attack", "attack_rank", "index"]
     merged = stored.merge(fresh, on=["model", *keys], how="outer", suffixes=("_stored", "_new"), indicator=True)
-    differences = []
+    differences, borderline = [], []
     for _, row in merged[merged["_merge"] != "both"].iterrows():
         differences.append(f"{row['attack']} {row['norm']} {row['eps']:g} point {row['index']}: {'missing from the new run' if row['_merge'] == 'left_only' else 'not in the stored records'}")
     both = merged[merged["_merge"] == "both"]
@@ -86,14 +116,94 @@ def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, up
             if abs(old - new) > tolerance:
                 differences.append(f"{attack} {norm} {eps:g}: attack success rate moved from {old:.3f} to {new:.3f} over {len(group)} records (tolerance {tolerance})")
             continue
-        for column in COMPARED[entry["track"]]:
-            changed = group[group[f"{column}_stored"].astype("object").fillna(-1).ne(group[f"{column}_new"].astype("object").fillna(-1))]
-            for _, row in changed.iterrows():
-                differences.append(f"{attack} {norm} {eps:g} point {row['index']}: {column} {_show(row[f'{column}_stored'])} -> {_show(row[f'{column}_new'])}")
+        for _, row in group.iterrows():
+            changed = [column for column in COMPARED[entry["track"]] if _differs(row[f"{column}_stored"], row[f"{column}_new"])]
+            if not changed:
+                continue
+            line = f"{attack} {norm} {eps:g} point {row['index']}: " + ", ".join(f"{column} {_show(row[f'{column}_stored'])} -> {_show(row[f'{column}_new'])}" for column in changed)
+            reasons = [_borderline(column, row, attack, eps) for column in changed]
+            if all(reasons):
+                borderline.append(f"{line} ({'; '.join(sorted(set(reasons)))})")
+            else:
+                differences.append(line)
+        margin = "logit_margin" if entry["track"] == "perturbation" else "model_margin"
+        drift = (group[f"{margin}_stored"] - group[f"{margin}_new"]).abs().dropna()
+        if len(drift) and drift.median() > MARGIN_DRIFT_TOLERANCE:
+            differences.append(f"{attack} {norm} {eps:g}: the model's margins moved by {drift.median():.3f} logits (median over {len(drift)} records; tolerance {MARGIN_DRIFT_TOLERANCE}): the model or the attack changed")
+        for rate, stored_value, new_value in _rates(group, entry["track"]):
+            if abs(stored_value - new_value) > AGGREGATE_TOLERANCE + 1e-9:
+                differences.append(f"{attack} {norm} {eps:g}: {rate} moved from {stored_value:.3f} to {new_value:.3f} over {len(group)} records (tolerance {AGGREGATE_TOLERANCE})")
     if update and differences:
         path = entries_dir / entry["regression"]["file"]
         atomic_write(path, lambda tmp: fresh.to_parquet(tmp, index=False))
-    return CheckResult(name, not differences, differences)
+    return CheckResult(name, not differences, differences, borderline, machine_warnings(entry))
+
+
+def oracle_changes(entry: dict) -> list[str]:
+    """How the named oracles that judged an invariance entry differ today from when it was stored
+    (members' checkpoints, views, agreement): a changed judge changes the figures."""
+    from invarbench.attacks.oracles import list_oracles
+
+    definitions = list_oracles()
+    changes = []
+    for name, report in sorted(entry["results"].get("oracles", {}).items()):
+        if name not in definitions:
+            continue
+        definition = definitions[name]
+        current = {"members": definition.member_checkpoints(), "views": [view.to_dict() for view in definition.views], "agreement": definition.agreement}
+        for key, value in current.items():
+            if key in report and report[key] != value:
+                changes.append(f"oracle {name}: {key} {report[key]} when stored, {value} now; the judge of its invariance figures changed: re-evaluate the entry (`invarbench run ... --oracle {name}`, then `leaderboard add --replace`)")
+    return changes
+
+
+def _differs(stored, new) -> bool:
+    return (pd.isna(stored) != pd.isna(new)) or (not pd.isna(stored) and stored != new)
+
+
+def _within(values, tolerance: float) -> bool:
+    return any(not pd.isna(value) and abs(value) <= tolerance for value in values)
+
+
+def _borderline(column: str, row: pd.Series, attack: str, eps: float) -> str:
+    """Why a changed ``column`` of a paired record was decided within a tolerance ('' if it was not)."""
+    if column in ("success", "adversarial_prediction"):
+        if _within((row["logit_margin_stored"], row["logit_margin_new"]), LOGIT_TOLERANCE):
+            return f"logit margin within {LOGIT_TOLERANCE}"
+        if hasattr(ATTACKS[attack], "minimal_norms") and eps > 0 and _within((row["perturbation_norm_stored"] / eps - 1, row["perturbation_norm_new"] / eps - 1), NORM_TOLERANCE):
+            return f"norm within {NORM_TOLERANCE:.0%} of eps"
+        return ""
+    if column == "model_prediction":
+        return f"model margin within {LOGIT_TOLERANCE}" if _within((row["model_margin_stored"], row["model_margin_new"]), LOGIT_TOLERANCE) else ""
+    # The oracle's label, and the target class a search takes from it.
+    return f"oracle {ORACLE_VOTE_TOLERANCE} vote from changing" if _within((row["oracle_margin_stored"], row["oracle_margin_new"]), ORACLE_VOTE_TOLERANCE) else ""
+
+
+def _rates(group: pd.DataFrame, track: str):
+    """(name, stored, new) for each rate over a group of paired records."""
+    if track == "perturbation":
+        yield "attack success rate", *(group[f"success_{side}"].fillna(False).astype(bool).mean() for side in ("stored", "new"))
+        return
+    rates: dict[str, list[float]] = {"abstention rate": [], "label-changed rate": [], "rate of changed labels the model follows": []}
+    for side in ("stored", "new"):
+        oracle = group[f"oracle_label_{side}"].astype("object")
+        changed = oracle.notna() & (oracle.fillna(-1) != group["label_stored"])
+        follows = changed & (group[f"model_prediction_{side}"].astype("object").fillna(-2) == oracle.fillna(-1))
+        for name, values in zip(rates, (oracle.isna(), changed, follows)):
+            rates[name].append(float(values.mean()))
+    for name, (stored, new) in rates.items():
+        yield name, stored, new
+
+
+def machine_warnings(entry: dict) -> list[str]:
+    """How this machine differs from the one the entry was evaluated on (thread count, CPU)."""
+    from invarbench.runner import cpu_description
+
+    machine = entry.get("machine")
+    if not machine:
+        return ["the entry does not record the thread count and CPU it was evaluated with (stored before they were recorded); outcomes decided within the tolerances may flip"]
+    here = {"threads": torch.get_num_threads(), "cpu": cpu_description()}
+    return [f"{key} {machine[key]} when stored, {here[key]} here: outcomes decided within the tolerances may flip" for key in here if key in machine and machine[key] != here[key]]
 
 
 def _with_attack_rank(records: pd.DataFrame) -> pd.DataFrame:

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 from invarbench.errors import ConfigError
 from invarbench.io import atomic_write
-from invarbench.store import RunStore, as_records, read_json, write_json
+from invarbench.store import RunStore, as_records, read_json, read_records, write_json
 
 ENTRIES_DIR = Path(__file__).parent / "entries"
 SCHEMA = 1
@@ -43,8 +43,9 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
         raise ConfigError(f"the run in {run_dir} has status {manifest.get('status')!r}, not 'complete'; re-run its command to finish it, then add it")
     summary = read_json(store.summary_path)
     config = manifest["config"]
-    perturbation_records = as_records(pd.read_parquet(store.results_path))
-    invariance_records = as_records(pd.read_parquet(store.invariance_path)) if store.invariance_path.exists() else None
+    rewrite = f"re-run the command recorded in {store.manifest_path} to rewrite it from the job records, then add the run"
+    perturbation_records = read_records(store.results_path, fix=rewrite)
+    invariance_records = read_records(store.invariance_path, fix=rewrite) if store.invariance_path.exists() else None
     registered = set(list_models(role=None))
     entries = []
     for model_config in config["models"]:
@@ -60,6 +61,8 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
             if records is None:
                 raise ConfigError(f"the run in {run_dir} configured invariance attacks but has no invariance.parquet; it was not written by this version of invarbench")
             results = {"clean_accuracy": model_summary["clean_accuracy"], "clean_correct": model_summary["clean_correct"], "checks": model_summary["checks"], "warnings": model_summary["warnings"]}
+            if "attack_warnings" in model_summary:
+                results["attack_warnings"] = model_summary["attack_warnings"]
             if track == "perturbation":
                 results.update(threats=model_summary["threats"], attack_order=summary["attack_order"])
                 curves = minimum_norm_curves(perturbation_records[perturbation_records["model"] == key], attacks, config["n"])
@@ -85,6 +88,7 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
                 "versions": manifest["versions"],
                 "date": manifest.get("finished", manifest["created"]),
                 "device": manifest["device"],
+                **({"machine": {key: manifest[key] for key in ("threads", "cpu", "platform") if key in manifest}} if "cpu" in manifest else {}),
                 "results": results,
                 "regression": {"file": f"{stem}.parquet", "points": points},
             }
@@ -191,7 +195,10 @@ def add_run(run_dir: str | Path, entries_dir: str | Path = ENTRIES_DIR, *, repla
 
 
 def read_entry(path: Path) -> dict[str, Any]:
-    entry = read_json(path)
+    restore = f"restore it from git (`git checkout {path}`) or re-add its run with `invarbench leaderboard add RUN_DIR --replace`"
+    entry = read_json(path, fix=restore)
+    if not isinstance(entry, dict):
+        raise ConfigError(f"leaderboard entry {path} holds a JSON {type(entry).__name__}, not an object; {restore}")
     missing = [field for field in REQUIRED if field not in entry]
     if missing:
         raise ConfigError(f"leaderboard entry {path} lacks {', '.join(missing)}; entries are written by `invarbench leaderboard add RUN_DIR`, never by hand: re-add its run")

@@ -11,7 +11,7 @@ import jinja2
 from invarbench.io import atomic_write_bytes, atomic_write_text
 from invarbench.leaderboard.entries import ENTRIES_DIR, load_entries
 from invarbench.leaderboard.plots import build_plots
-from invarbench.leaderboard.tables import calibration_summary, html_table, invariance_table, oracle_table, perturbation_table
+from invarbench.leaderboard.tables import calibration_summary, html_table, invariance_table, oracle_table, perturbation_table, reliability_notes
 
 SITE_DIR = Path(__file__).parent / "site"
 TEMPLATES_DIR = Path(__file__).parent / "templates"
@@ -52,6 +52,6 @@ def build_site(entries_dir: str | Path = ENTRIES_DIR, site_dir: str | Path = SIT
         images = [plot for plot in plots if plot.split("/")[-1].split("-")[0] in datasets] + galleries.get(model, [])
         reference = model_entries[0]["reference"]
         card = get_card(reference).to_toml() if reference in registered else None
-        page = TEMPLATES.get_template("model.html.j2").render(title=f"{model} - invarbench", root="../", model=model, entries=model_entries, images=images, card=card, calibration_summary=calibration_summary)
+        page = TEMPLATES.get_template("model.html.j2").render(title=f"{model} - invarbench", root="../", model=model, entries=model_entries, images=images, card=card, calibration_summary=calibration_summary, reliability_notes=reliability_notes)
         written.append(atomic_write_text(site_dir / "models" / f"{model}.html", page))
     return written

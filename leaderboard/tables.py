@@ -76,7 +76,7 @@ def perturbation_table(entries: list[dict[str, Any]], dataset: str, *, summary: 
     curve_norms = [] if summary else [norm for norm in NORM_ORDER if any(norm in entry["results"].get("curves", {}) for entry in selected)]
     columns += [f"{norm} median min. norm" for norm in curve_norms]
     invariance_settings = sorted({setting for entry in invariance.values() for setting in entry["results"]["invariance"].get("invariance-linf", {})})
-    columns += [f"invariance accuracy {setting}" for setting in invariance_settings] + ["check warnings"]
+    columns += [f"invariance accuracy {setting}" for setting in invariance_settings] + ["flags"]
     rows = []
     for entry in selected:
         results = entry["results"]
@@ -104,7 +104,7 @@ def perturbation_table(entries: list[dict[str, Any]], dataset: str, *, summary: 
         linf = invariance.get(entry["model"], {}).get("results", {}).get("invariance", {}).get("invariance-linf", {})
         for setting, metrics in sorted(linf.items()):
             row[f"invariance accuracy {setting}"] = metrics["invariance_accuracy"]
-        row["check warnings"] = "yes" if results["warnings"] else "no"
+        row["flags"] = ", ".join(reliability_flags(entry)) or "none"
         rows.append(row)
     frame = pd.DataFrame(rows, columns=columns)
     if frame.empty:
@@ -116,6 +116,30 @@ def perturbation_table(entries: list[dict[str, Any]], dataset: str, *, summary: 
     frame = frame.sort_values([rank_by, "model"] if rank_by else ["model"], ascending=[False, True] if rank_by else [True], na_position="last", kind="stable").reset_index(drop=True)
     frame.insert(0, "rank", range(1, len(frame) + 1))
     return frame
+
+
+def reliability_flags(entry: dict[str, Any]) -> list[str]:
+    """Short names of what makes an entry's figures less reliable: the model checks that were raised and
+    each attack's own warnings (AutoAttack's checks, e.g. Square beating the gradient attacks)."""
+    from invarbench.attacks.autoattack import reliability_flag
+
+    results = entry["results"]
+    flags = [check for check, raised in results.get("checks", {}).items() if raised]
+    for attack, messages in sorted(results.get("attack_warnings", {}).items()):
+        flags += [f"{attack}: {flag}" for flag in dict.fromkeys(reliability_flag(message) for message in messages)]
+    if "attack_warnings" not in results and any(attack["name"] == "autoattack" for attack in entry["settings"]["attacks"]):
+        flags.append("autoattack warnings not recorded")
+    return flags
+
+
+def reliability_notes(entry: dict[str, Any]) -> list[str]:
+    """The full text behind :func:`reliability_flags`, for a model page."""
+    results = entry["results"]
+    notes = list(results.get("warnings", []))
+    notes += [f"{attack} {message}" for attack, messages in sorted(results.get("attack_warnings", {}).items()) for message in messages]
+    if "attack_warnings" not in results and any(attack["name"] == "autoattack" for attack in entry["settings"]["attacks"]):
+        notes.append("AutoAttack's own warnings were not recorded: the entry was stored before invarbench kept them; re-evaluate it to see them")
+    return notes
 
 
 def calibration_summary(report: dict[str, Any] | None) -> str:

@@ -144,3 +144,40 @@ def test_fmn_restarts_points_it_found_nothing_for_from_another_class(mnist):
     assert (predictions[correct] != labels[correct]).all()
     found = torch.isfinite(plain)
     assert (norms[found] <= plain[found] * (1 + 1e-6)).all(), "points found without a restart keep their norm"
+
+
+class Staircase(torch.nn.Module):
+    """Class 1 once 15 of 20 inputs reach 0.5: the input gradient is zero everywhere, so only a
+    search (Square) breaks points that the gradient attacks leave."""
+
+    def forward(self, x):
+        count = torch.round(x).sum(1, keepdim=True)
+        return torch.cat([torch.zeros_like(count), count - 14.5, -torch.ones_like(count)], 1)
+
+
+def test_autoattack_keeps_its_own_reliability_warnings():
+    from invarbench.attacks.autoattack import reliability_flag
+
+    model = BenchmarkModel(Staircase(), bounds=(0.0, 1.0), num_classes=3).eval()
+    generator = torch.Generator().manual_seed(1)
+    x = 0.3 + 0.19 * torch.rand(20, 20, generator=generator)
+    y = model(x).argmax(1)
+    result = create_attack("autoattack", version="custom", attacks=["apgd-ce", "apgd-dlr", "square"])(model, x, y, norm="linf", epsilons=(0.3,))
+    assert bool(result.success.all())
+    flags = {reliability_flag(message) for message in result.warnings}
+    assert {"zero_gradients", "square_beats_white_box"} <= flags
+    assert all(message.startswith("eps 0.3: ") for message in result.warnings)
+    # A model with useful gradients raises none of them.
+    linear, x, labels, _ = linear_problem("linf")
+    clean = create_attack("autoattack", version="custom", attacks=["apgd-ce", "square"])(linear, x, labels, norm="linf", epsilons=(0.5,))
+    assert not {reliability_flag(message) for message in clean.warnings} & {"zero_gradients", "square_beats_white_box"}
+
+
+def test_fixed_eps_attacks_report_the_margin_at_their_examples():
+    model, x, labels, optimum = linear_problem("linf")
+    epsilons = (0.5 * float(optimum.min()), 2.0 * float(optimum.max()))
+    result = create_attack("pgd", steps=50)(model, x, labels, norm="linf", epsilons=epsilons)
+    assert result.margins is not None and result.margins.shape == result.success.shape
+    # Below every point's optimal eps nothing breaks, above it everything does; the margin's sign says which.
+    assert not bool(result.success[0].any()) and bool(result.success[1].all())
+    assert torch.equal(result.margins < 0, result.success)
