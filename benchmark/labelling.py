@@ -16,6 +16,7 @@ twice in one set (the same candidate for several models) is one item, so nobody 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import random
 import sqlite3
@@ -142,8 +143,11 @@ class LabelStore:
             raise DataError(f"labels database {path} does not exist; create it with `invarbench label serve SOURCE --db {path}`")
         connection = None
         try:
+            # Read-only first: opening for writing switches the file to WAL mode, which would change a
+            # file that is not a labels database (an empty file, another program's database).
+            with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as probe:
+                probe.execute("SELECT value FROM meta WHERE key = 'source'").fetchone()
             connection = _connect(path)
-            connection.execute("SELECT value FROM meta WHERE key = 'source'").fetchone()
         except sqlite3.DatabaseError as error:
             if connection is not None:
                 connection.close()
