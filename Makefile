@@ -31,8 +31,8 @@ browser:
 test: $(STAMP) browser
 	$(INVARBENCH) data fetch mnist
 	$(PYTHON) -m pytest
-	# Regression check on a small subset: the first 100 points of stored entries (one per track), with their settings and seeds.
-	$(INVARBENCH) check mnist-cnn-standard__mnist__perturbation mnist-firevnet-ice__mnist__invariance --points 100 --no-progress
+	# Regression check on a small subset: the first 100 points of one entry of every kind (perturbation with AutoAttack; each invariance attack with gradient metamers of a robust model; exact metamers), with their settings and seeds.
+	$(INVARBENCH) check mnist-cnn-standard__mnist__perturbation mnist-cnn-pgd-linf-0.3__mnist__invariance mnist-firevnet-ice__mnist__invariance --points 100 --no-progress
 
 # The leaderboard's full evaluation (hours on a CPU; not part of `make test`). One resumable run per
 # model and track: re-running continues where a killed run stopped, and each finished run is added to
