@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from invarbench.errors import ConfigError, InvarbenchError
 from invarbench.models import get_card, load_model
+from invarbench.models.external import check_robustbench, is_robustbench
 from invarbench.store import RunStore, read_json
 
 if TYPE_CHECKING:
@@ -28,7 +29,9 @@ def check_models(config: RunConfig) -> None:
     """Every model is a registered one whose card and checkpoint load (sha256 checked), or an existing
     checkpoint file; every eps fits a registered model's input bounds."""
     for spec in config.models:
-        if not spec.is_registered and not Path(spec.reference).exists():
+        if is_robustbench(spec.reference):
+            check_robustbench(spec.reference)
+        elif not spec.is_registered and not Path(spec.reference).exists():
             get_card(spec.reference)  # raises the registry's "unknown model" error, with suggestions
         if spec.is_registered:
             card = get_card(spec.reference)

@@ -14,6 +14,7 @@ import tomli_w
 import torch
 from invarbench.errors import ModelError, did_you_mean
 from invarbench.io import atomic_write_bytes, atomic_write_text, sha256_file
+from invarbench.models import external
 from invarbench.models.architectures import build_architecture
 from invarbench.models.wrapper import BenchmarkModel
 from torch import nn
@@ -163,7 +164,7 @@ def build_network(card: ModelCard) -> nn.Module:
 
 
 def wrap(network: nn.Module, card: ModelCard) -> BenchmarkModel:
-    return BenchmarkModel(network, bounds=card.bounds, num_classes=card.num_classes, mean=card.mean, std=card.std, name=card.name)
+    return BenchmarkModel(network, bounds=card.bounds, num_classes=card.num_classes, mean=card.mean, std=card.std, name=card.name, input_shape=card.input_shape)
 
 
 def load_model(
@@ -180,21 +181,30 @@ def load_model(
 ) -> BenchmarkModel:
     """Return an eval-mode model that takes inputs in its bounds and returns logits.
 
-    ``name_or_path`` is a registry name (see ``invarbench models list``) or a checkpoint file: a
-    TorchScript file, or a state_dict when ``architecture`` names a registered architecture (its
-    constructor arguments in ``architecture_args``). For user checkpoints ``bounds``, ``mean`` and
-    ``std`` describe the expected inputs and normalisation.
+    ``name_or_path`` is a registry name (see ``invarbench models list``), a RobustBench zoo name
+    (``robustbench:cifar10/Linf/Carmon2019Unlabeled``, weights read from the RobustBench model folder;
+    inputs in [0, 1], the zoo model's own normalisation inside) or a checkpoint file: an ONNX file
+    (``.onnx``), a TorchScript file, or a state_dict when ``architecture`` names a registered
+    architecture (its constructor arguments in ``architecture_args``). For ONNX and other user
+    checkpoints ``bounds``, ``mean`` and ``std`` describe the expected inputs and normalisation.
     """
     name = str(name_or_path)
     if (CARDS_DIR / f"{name}.toml").exists():
         model = _load_registered(get_card(name), verify_checksum=verify_checksum)
+    elif external.is_robustbench(name):
+        zoo = external.load_robustbench(name)
+        model = BenchmarkModel(zoo.network, bounds=(0.0, 1.0), num_classes=zoo.num_classes, name=zoo.entry.name, input_shape=zoo.input_shape)
     else:
         path = Path(name_or_path)
         if not path.exists():
             raise ModelError(_unknown_model_message(name))
         if path.is_dir():
             raise ModelError(f"checkpoint {path} is a directory; pass the checkpoint file itself")
-        if architecture is None:
+        input_shape = None
+        if architecture is None and path.suffix.lower() == ".onnx":
+            converted = external.load_onnx(path)
+            network, input_shape = converted.network, converted.input_shape
+        elif architecture is None:
             network = _load_torchscript(path)
         else:
             arguments = dict(architecture_args or {})
@@ -203,8 +213,26 @@ def load_model(
             network = build_architecture(architecture, **arguments)
             _load_state_dict(network, path, hint="check --architecture and its arguments")
         classes = num_classes if num_classes is not None else int((architecture_args or {}).get("num_classes", 10))
-        model = BenchmarkModel(network, bounds=bounds, num_classes=classes, mean=mean, std=std, name=path.stem)
+        model = BenchmarkModel(network, bounds=bounds, num_classes=classes, mean=mean, std=std, name=path.stem, input_shape=input_shape)
     return model.to(device).eval()
+
+
+def checkpoint_sha256(reference: str | os.PathLike) -> str:
+    """The sha256 of the weights ``reference`` (a registry name, RobustBench name or file) loads."""
+    name = str(reference)
+    if (CARDS_DIR / f"{name}.toml").exists():
+        return get_card(name).checkpoint_sha256
+    if external.is_robustbench(name):
+        return external.robustbench_sha256(name)
+    return sha256_file(reference)
+
+
+def declared_dataset(reference: str | os.PathLike) -> str | None:
+    """The data set a registered model's card or a RobustBench name declares; None for a file."""
+    name = str(reference)
+    if (CARDS_DIR / f"{name}.toml").exists():
+        return get_card(name).dataset
+    return external.ZooEntry.parse(name).dataset if external.is_robustbench(name) else None
 
 
 def _load_registered(card: ModelCard, *, verify_checksum: bool) -> BenchmarkModel:

@@ -15,12 +15,24 @@ class BenchmarkModel(nn.Module):
     input bounds travel with the model.
     """
 
-    def __init__(self, network: nn.Module, *, bounds: tuple[float, float], num_classes: int, mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), name: str = "model"):
+    def __init__(
+        self,
+        network: nn.Module,
+        *,
+        bounds: tuple[float, float],
+        num_classes: int,
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+        name: str = "model",
+        input_shape: Sequence[int] | None = None,
+    ):
         super().__init__()
         self.network = network
         self.bounds = (float(bounds[0]), float(bounds[1]))
         self.num_classes = int(num_classes)
         self.name = name
+        #: The shape of one input (no batch axis) where the model declares it; None where it does not.
+        self.input_shape = tuple(int(size) for size in input_shape) if input_shape is not None else None
         self.register_buffer("mean", _channel_tensor(mean), persistent=False)
         self.register_buffer("std", _channel_tensor(std), persistent=False)
 
