@@ -50,7 +50,8 @@ class ThreatModel:
                 raise ConfigError(f"eps {eps:g} for {self.norm} is out of range for inputs in {list(bounds)} of {source}: the ball would contain every input; use eps < {limit:g}")
 
     def __str__(self) -> str:
-        return f"{self.norm}:{','.join(f'{eps:g}' for eps in self.epsilons)}"
+        # Short where that is exact (0.3, 2); every digit where it is not (8/255), so parsing the text gives the same eps back.
+        return f"{self.norm}:{','.join(f'{eps:g}' if float(f'{eps:g}') == eps else repr(eps) for eps in self.epsilons)}"
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,14 @@ def check_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     device = model_device(model)
     x, y = images.to(device), labels.to(device)
     flags = {"train_mode": any(module.training for module in model.modules())}
-    with torch.no_grad():
-        first, second = model(x), model(x)
+    try:
+        with torch.no_grad():
+            first, second = model(x), model(x)
+    except RuntimeError as error:
+        raise ModelError(
+            f"model {source} fails on {len(x)} inputs of shape {list(x.shape[1:])} ({str(error).strip().splitlines()[0][:200]}); "
+            "check --dataset (mnist: 1 x 28 x 28, cifar10: 3 x 32 x 32); an ONNX model must be exported with a dynamic batch axis (dynamic_axes={'input': {0: 'batch'}})"
+        ) from error
     if first.shape != (len(x), num_classes):
         raise ModelError(f"model {source} returns outputs of shape {tuple(first.shape)} for {len(x)} inputs; expected ({len(x)}, {num_classes}) logits. Check --dataset and that the model returns one logit per class")
     flags["probability_outputs"] = bool((first >= 0).all() and torch.allclose(first.sum(dim=1), torch.ones(len(x), device=device), atol=1e-4))
@@ -40,3 +46,13 @@ def check_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
     low, high = model.bounds
     flags["inputs_out_of_bounds"] = bool(images.min() < low or images.max() > high)
     return flags
+
+
+def check_compatible(model: torch.nn.Module, dataset, *, source: str) -> None:
+    """Refuse a model whose declared input shape or input bounds differ from the data set's."""
+    shape = list(dataset.test_images.shape[1:])
+    declared = getattr(model, "input_shape", None)
+    if declared is not None and list(declared) != shape:
+        raise ModelError(f"model {source} takes inputs of shape {list(declared)} but {dataset.name} images have shape {shape}; evaluate it on the data set it was made for (--dataset)")
+    if tuple(model.bounds) != tuple(dataset.bounds):
+        raise ModelError(f"model {source} takes inputs in {list(model.bounds)} but {dataset.name} images lie in {list(dataset.bounds)}; evaluate it on the data set it was made for (--dataset)")

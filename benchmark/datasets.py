@@ -278,11 +278,28 @@ CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{index}" for index in range(1, 6))
 CIFAR_TEST_BATCH = "test_batch"
 
 
-def load_cifar10(source: str | os.PathLike) -> Dataset:
-    """CIFAR-10 from the standard python-pickle batches (``cifar-10-batches-py``) at a user path."""
-    directory = Path(source)
-    if not directory.is_dir():
-        raise DataError(f"CIFAR-10 directory {directory} does not exist; pass the folder `cifar-10-batches-py` that holds data_batch_1..5 and test_batch")
+CIFAR_FOLDER = "cifar-10-batches-py"
+
+
+def cifar10_cache_path() -> Path:
+    """Where CIFAR-10 is read from when no path is given: ``$INVARBENCH_HOME/cifar10/cifar-10-batches-py``."""
+    return invarbench_home() / "cifar10" / CIFAR_FOLDER
+
+
+def load_cifar10(source: str | os.PathLike | None = None) -> Dataset:
+    """CIFAR-10 from the standard python-pickle batches (``cifar-10-batches-py``, as extracted from
+    cifar-10-python.tar.gz): at ``source`` (that folder or the folder holding it), else in the cache
+    folder :func:`cifar10_cache_path`. Images are 3 x 32 x 32 in [0, 1] (bytes / 255)."""
+    if source is None:
+        directory = cifar10_cache_path()
+        if not directory.is_dir():
+            raise DataError(f"CIFAR-10 is not in the cache ({directory} does not exist); extract cifar-10-python.tar.gz so that {directory / 'data_batch_1'} exists, or pass --data FOLDER")
+    else:
+        directory = Path(source)
+        if (directory / CIFAR_FOLDER).is_dir():
+            directory = directory / CIFAR_FOLDER
+        if not directory.is_dir():
+            raise DataError(f"CIFAR-10 directory {directory} does not exist; pass the folder `{CIFAR_FOLDER}` that holds data_batch_1..5 and test_batch")
     train = [_read_cifar_batch(directory / name) for name in CIFAR_TRAIN_BATCHES]
     test_x, test_y = _read_cifar_batch(directory / CIFAR_TEST_BATCH)
     train_x = torch.cat([images for images, _ in train])
@@ -300,8 +317,10 @@ def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
         raise DataError(f"{path} is not a CIFAR-10 python batch ({error!r}); replace it with the file from cifar-10-python.tar.gz") from error
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data) or len(data) == 0:
         raise DataError(f"{path} holds data of shape {data.shape} and {len(labels)} labels; a CIFAR-10 batch has N x 3072 bytes and N labels")
+    if labels.min() < 0 or labels.max() > 9:
+        raise DataError(f"{path} has labels outside 0..9 (from {labels.min()} to {labels.max()}); a CIFAR-10 batch labels its images with the classes 0..9")
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
     return images, torch.from_numpy(labels)
 
@@ -318,7 +337,5 @@ def load_dataset(name: str, *, source: str | os.PathLike | None = None, **option
     if name == "spheres":
         return load_spheres(**options)
     if name == "cifar10":
-        if source is None:
-            raise DataError("CIFAR-10 needs a source: pass the path of the folder `cifar-10-batches-py` (--data-dir)")
         return load_cifar10(source)
     raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASET_NAMES)}")

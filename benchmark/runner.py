@@ -27,12 +27,12 @@ from invarbench import __version__
 from invarbench.attacks import ATTACKS, ThreatModel, create_attack
 from invarbench.attacks.invariance import InvarianceContext
 from invarbench.attacks.oracles import ABSTAIN, default_oracle, get_oracle_definition, resolve_oracle
-from invarbench.checks import CHECKS, check_model
+from invarbench.checks import CHECKS, check_compatible, check_model
 from invarbench.datasets import invarbench_home, load_dataset
 from invarbench.errors import ConfigError
 from invarbench.evaluation import logits, predict, top_margins
-from invarbench.io import sha256_file
 from invarbench.models import BenchmarkModel, get_card, list_models, load_model
+from invarbench.models.registry import checkpoint_sha256
 from invarbench.preflight import check_models, check_run_dir, discarded_on_failure
 from invarbench.statistics import wilson_interval
 from invarbench.store import RECORD_COLUMNS, RunLock, RunStore, as_records, read_json, write_json
@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 RUNNER_OPTIONS = ("eps", "cascade")
 
 # The field's headline threat models per data set, the first being the default of `invarbench run`.
-HEADLINE_THREATS = {"mnist": ("linf:0.3", "l2:2.0"), "spheres": ("linf:0.025",), "digits": ("linf:0.1",), "cifar10": ("linf:0.031",)}
+HEADLINE_THREATS = {"mnist": ("linf:0.3", "l2:2.0"), "spheres": ("linf:0.025",), "digits": ("linf:0.1",), "cifar10": ("linf:0.03137254901960784", "l2:0.5")}  # CIFAR-10: 8/255
 PACKAGES = ("torch", "numpy", "foolbox", "pyautoattack", "pandas", "pyarrow")
 
 
@@ -136,7 +136,7 @@ class ModelSpec:
         return get_card(self.reference).invertible if self.is_registered else self.architecture == "fi-revnet"
 
     def checkpoint_sha256(self) -> str:
-        return get_card(self.reference).checkpoint_sha256 if self.is_registered else sha256_file(self.reference)
+        return checkpoint_sha256(self.reference)
 
 
 @dataclass(frozen=True)
@@ -535,6 +535,7 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
             dataset = datasets[key]
             images, labels = dataset.evaluation_subset(config.n)
             model = spec.load(dataset.num_classes, dataset.bounds).to(torch_device).eval()
+            check_compatible(model, dataset, source=spec.reference)
             input_size = images[0].numel()
             for threat in config.threats:
                 threat.check_against_bounds(model.bounds, input_size, source=spec.key)

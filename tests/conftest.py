@@ -1,5 +1,7 @@
+import pickle
 import shutil
 
+import numpy as np
 import pytest
 from invarbench.datasets import fetch_mnist, load_dataset
 from invarbench.models import registry
@@ -29,3 +31,30 @@ def isolated_registry(tmp_path, monkeypatch):
         return cards / f"{name}.toml", checkpoints / f"{name}.pt"
 
     return copy_model
+
+
+CIFAR10_CLASSES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+
+
+def write_cifar10(folder, *, train_per_batch=4, test=6, seed=0):
+    """A small CIFAR-10 in the python-pickle layout (cifar-10-batches-py: data_batch_1..5, test_batch,
+    batches.meta; dicts with b'data' uint8 N x 3072, channel-major rows, and b'labels'); returns
+    {batch name: (data, labels)}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for name, count in [*((f"data_batch_{index}", train_per_batch) for index in range(1, 6)), ("test_batch", test)]:
+        data = rng.integers(0, 256, (count, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, count).tolist()
+        with open(folder / name, "wb") as handle:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": [f"{name}-{index}.png".encode() for index in range(count)]}, handle)
+        written[name] = (data, labels)
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({b"label_names": CIFAR10_CLASSES, b"num_cases_per_batch": train_per_batch, b"num_vis": 3072}, handle)
+    return written
+
+
+@pytest.fixture
+def cifar10_folder():
+    """The writer of a small CIFAR-10 folder in the python-pickle layout (see write_cifar10)."""
+    return write_cifar10

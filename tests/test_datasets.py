@@ -1,5 +1,6 @@
 import gzip
 import pickle
+import shutil
 import struct
 import zipfile
 
@@ -136,33 +137,33 @@ def test_spheres_points_lie_on_the_spheres_and_the_oracle_is_exact():
         load_dataset("spheres", dim=1)
 
 
-def write_cifar_batch(path, count, seed):
-    rng = np.random.default_rng(seed)
-    data = rng.integers(0, 256, (count, 3072), dtype=np.uint8)
-    labels = rng.integers(0, 10, count).tolist()
-    with open(path, "wb") as handle:
-        pickle.dump({b"batch_label": b"fake", b"labels": labels, b"data": data, b"filenames": [b"x.png"] * count}, handle)
-    return data, labels
-
-
-def test_cifar10_python_batches(tmp_path):
-    for index in range(1, 6):
-        write_cifar_batch(tmp_path / f"data_batch_{index}", 4, index)
-    test_data, test_labels = write_cifar_batch(tmp_path / "test_batch", 6, 9)
-    dataset = load_dataset("cifar10", source=tmp_path)
+def test_cifar10_python_batches(tmp_path, monkeypatch, cifar10_folder):
+    folder = tmp_path / "cifar-10-batches-py"
+    test_data, test_labels = cifar10_folder(folder, train_per_batch=4, test=6, seed=9)["test_batch"]
+    dataset = load_dataset("cifar10", source=folder)
     assert dataset.train_images.shape == (20, 3, 32, 32) and dataset.test_images.shape == (6, 3, 32, 32)
-    assert dataset.test_labels.tolist() == test_labels
+    assert dataset.test_labels.tolist() == test_labels and dataset.bounds == (0.0, 1.0)
     # The first 1024 bytes of a row are the red channel, row-major.
     assert dataset.test_images[0, 0, 0, 1].item() == pytest.approx(test_data[0, 1] / 255)
     assert dataset.test_images[0, 1, 0, 0].item() == pytest.approx(test_data[0, 1024] / 255)
-    (tmp_path / "data_batch_3").write_bytes(b"broken")
-    with pytest.raises(DataError, match="data_batch_3 is not a CIFAR-10 python batch"):
-        load_dataset("cifar10", source=tmp_path)
-    (tmp_path / "data_batch_3").unlink()
-    with pytest.raises(DataError, match="data_batch_3 is missing"):
-        load_dataset("cifar10", source=tmp_path)
-    with pytest.raises(DataError, match="needs a source"):
+    # The folder that holds cifar-10-batches-py (where the tarball was extracted) works too, and so
+    # does the cache folder when no path is given.
+    assert torch.equal(load_dataset("cifar10", source=tmp_path).test_images, dataset.test_images)
+    monkeypatch.setenv("INVARBENCH_HOME", str(tmp_path / "home"))
+    with pytest.raises(DataError, match="CIFAR-10 is not in the cache .*cifar10/cifar-10-batches-py does not exist.*--data"):
         load_dataset("cifar10")
+    shutil.copytree(folder, tmp_path / "home" / "cifar10" / "cifar-10-batches-py")
+    assert torch.equal(load_dataset("cifar10").test_labels, dataset.test_labels)
+    with open(folder / "test_batch", "wb") as handle:
+        pickle.dump({b"data": test_data, b"labels": [label + 10 for label in test_labels]}, handle)
+    with pytest.raises(DataError, match="test_batch has labels outside 0..9"):
+        load_dataset("cifar10", source=folder)
+    (folder / "data_batch_3").write_bytes(b"broken")
+    with pytest.raises(DataError, match="data_batch_3 is not a CIFAR-10 python batch"):
+        load_dataset("cifar10", source=folder)
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="data_batch_3 is missing"):
+        load_dataset("cifar10", source=folder)
 
 
 def test_unknown_dataset_and_subset_bounds():
