@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,7 +65,7 @@ def _models_train(args: argparse.Namespace) -> int:
     from invarbench.models import get_card
     from invarbench.models.training import train
 
-    report = train(get_card(args.name), progress=not args.no_progress)
+    report = train(get_card(args.name), progress=not args.no_progress, device=args.device)
     card = report.card
     print(f"{card.name}: clean accuracy {100 * report.clean_accuracy:.2f}% on the first {report.n} test points; checkpoint {card.checkpoint_path} sha256 {card.checkpoint_sha256}; card updated ({report.seconds:.0f} s)")
     return EXIT_OK
@@ -171,19 +172,35 @@ def _gallery(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _model_spec(reference: str, args: argparse.Namespace, architecture_args: tuple):
+    """A model of `invarbench run`: registered models and RobustBench names bring their data set; a
+    checkpoint file is evaluated on --dataset (default mnist)."""
+    from invarbench.models.registry import declared_dataset
+    from invarbench.runner import ModelSpec
+
+    declared = declared_dataset(reference)
+    if declared is None:
+        return ModelSpec(reference, args.dataset or "mnist", args.architecture, architecture_args)
+    if args.dataset and args.dataset != declared:
+        raise InvarbenchError(f"--dataset {args.dataset}: model {reference} is a {declared} model and is evaluated on {declared}; drop --dataset or evaluate it in a separate run")
+    return ModelSpec(reference, declared)
+
+
 def _run(args: argparse.Namespace) -> int:
     import json
 
     from invarbench.attacks import ThreatModel
-    from invarbench.models import get_card, list_models
-    from invarbench.runner import AttackSpec, ModelSpec, RunConfig, default_threats, merge_threats, run_benchmark
+    from invarbench.runner import AttackSpec, RunConfig, default_threats, merge_threats, run_benchmark
 
     try:
         architecture_args = tuple(sorted(json.loads(args.architecture_args).items())) if args.architecture_args else ()
     except (json.JSONDecodeError, AttributeError) as error:
         raise InvarbenchError(f"--architecture-args {args.architecture_args!r} is not a JSON object ({error}); write e.g. '{{\"hidden\": [256, 256]}}'") from error
-    registered = set(list_models(role=None))
-    specs = tuple(ModelSpec(model, get_card(model).dataset if model in registered else args.dataset, None if model in registered else args.architecture, () if model in registered else architecture_args) for model in args.models)
+    if args.robustbench_dir:
+        from invarbench.models.external import ROBUSTBENCH_DIR_ENV
+
+        os.environ[ROBUSTBENCH_DIR_ENV] = str(args.robustbench_dir.resolve())
+    specs = tuple(_model_spec(model, args, architecture_args) for model in args.models)
     threats = merge_threats([ThreatModel.parse(spec) for spec in args.threat]) if args.threat else default_threats(specs)
     attack_specs = list(args.attack or ([] if args.invariance_set else ["pgd"]))
     n = args.n
@@ -315,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="data sets", description="Fetch and inspect data sets.")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     fetch = data_commands.add_parser("fetch", help="download a data set into $INVARBENCH_HOME", description="Download a data set into the cache ($INVARBENCH_HOME, default ~/.cache/invarbench).")
-    fetch.add_argument("dataset", choices=["mnist"], help="data set to fetch (sklearn digits and spheres need no download; CIFAR-10 is read from a user path)")
+    fetch.add_argument("dataset", choices=["mnist"], help="data set to fetch (sklearn digits and spheres need no download; CIFAR-10 is read from $INVARBENCH_HOME/cifar10/cifar-10-batches-py or --data)")
     fetch.add_argument("--force", action="store_true", help="download again even if a verified copy is cached")
     fetch.set_defaults(handler=_data_fetch)
 
@@ -331,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=_models_show)
     train = model_commands.add_parser("train", help="train a model from its card", description="Reproduce a card's checkpoint with its training recipe; updates the card's sha256 and clean accuracy.")
     train.add_argument("name", help="registered model name")
+    train.add_argument("--device", choices=["cpu", "cuda"], help="where to train (default: the card's [training] device, else cpu; the card records it)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.set_defaults(handler=_models_train)
 
@@ -355,7 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate models against perturbation attacks (pgd, fgsm, fmn, autoattack) and invariance attacks (invariance-linf, invariance-l0, metameric) on the first N test points and store per-sample results. "
         "Re-running the same command resumes an interrupted run.",
     )
-    run.add_argument("models", nargs="+", metavar="MODEL", help="registered model name or checkpoint path (TorchScript, or a state_dict with --architecture)")
+    run.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="registered model name, RobustBench zoo name (robustbench:cifar10/Linf/NAME) or checkpoint path (ONNX .onnx, TorchScript, or a state_dict with --architecture)",
+    )
     run.add_argument("--threat", action="append", metavar="NORM:EPS[,EPS...]", help="threat model, e.g. linf:0.1,0.2,0.3 or l2:2.0; repeatable (default: the model's training threat model, else its data set's headline one)")
     run.add_argument("--attack", action="append", metavar="NAME[:KEY=VALUE,...]", help="attack in cascade order, e.g. pgd, pgd:restarts=5, autoattack:version=plus, fmn, invariance-linf, invariance-l0:pixels=25, metameric; repeatable (default: pgd)")
     run.add_argument("--n", type=int, default=None, help="number of test points, the first N in fixed order (default 1000; with --invariance-set, up to the largest index in the set)")
@@ -367,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard-size", type=int, default=100, help="points per job, the granularity of resumption (default 100)")
     run.add_argument("--no-cascade", action="store_true", help="run every attack on every correctly classified point instead of only on points still robust")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to run (default auto)")
-    run.add_argument("--dataset", default="mnist", help="data set of checkpoint-path models (registered models use their card's; default mnist)")
-    run.add_argument("--data", help="user data path: MNIST IDX folder, mnist.npz or mnist.pkl.gz; CIFAR-10 batches folder")
+    run.add_argument("--dataset", choices=["mnist", "digits", "spheres", "cifar10"], help="data set of checkpoint-path models (registered models and RobustBench names bring theirs; default mnist)")
+    run.add_argument("--data", help="user data path: MNIST IDX folder, mnist.npz or mnist.pkl.gz; CIFAR-10 batches folder (default $INVARBENCH_HOME/cifar10/cifar-10-batches-py)")
+    run.add_argument("--robustbench-dir", type=Path, metavar="DIR", help="RobustBench model folder, DIR/DATASET/THREAT/NAME.pt (default $INVARBENCH_ROBUSTBENCH_DIR, else $INVARBENCH_HOME/robustbench)")
     run.add_argument("--architecture", help="registered architecture of a state_dict checkpoint (see `invarbench models list --architectures`)")
     run.add_argument("--architecture-args", help="JSON object of the architecture's constructor arguments")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")

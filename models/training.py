@@ -149,13 +149,19 @@ def _option(training: dict[str, Any], key: str, card: ModelCard):
     return training[key]
 
 
-def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = True) -> TrainingReport:
+def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = True, device: str | None = None) -> TrainingReport:
     """Train the model a card describes, write its checkpoint atomically and update the card.
 
     The card's sha256, clean accuracy and, for robust recipes, PGD robust accuracy (on the first
     ``clean_accuracy.n`` test points, see :func:`measure_card`) are replaced by the values measured here.
+    ``device`` (cpu or cuda) overrides the card's ``[training] device`` and is recorded in the card.
     """
+    from invarbench.runner import resolve_device
+
+    if device is not None:
+        card = replace(card, training={**card.training, "device": device})
     training = card.training
+    torch_device = resolve_device(str(training.get("device", "cpu")))
     recipe = training["recipe"]
     if recipe not in RECIPES:
         raise ConfigError(f"model card {card.path}: unknown training recipe {recipe!r}; use one of {', '.join(RECIPES)}")
@@ -181,7 +187,7 @@ def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = 
             network.load_state_dict(source.network.state_dict())
         # Training runs on the card's device (default cpu, where it is deterministic for a seed and a
         # thread count); the checkpoint is always saved from the CPU.
-        device = torch.device(str(training.get("device", "cpu")))
+        device = torch_device
         model = wrap(network, card).to(device)
         optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
