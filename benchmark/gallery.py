@@ -130,6 +130,8 @@ def perturbation_gallery(entry: dict, entries_dir: str | Path, out: str | Path, 
     clean = predict(model, images)
     correct = clean == labels
     points = correct.nonzero().flatten()
+    if not len(points):
+        raise ConfigError(f"entry {entry['model']}: the model classifies no point of the first shard correctly; no adversarial gallery")
     epsilons = job.threat.epsilons
     result = job.attack.create()(model, images[points], labels[points], norm=job.threat.norm, epsilons=epsilons, seed=job.seed, active=correct[points].unsqueeze(0).repeat(len(epsilons), 1))
     stored = pd.read_parquet(Path(entries_dir) / entry["regression"]["file"])

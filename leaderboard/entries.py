@@ -32,6 +32,7 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
     """The entries a finished run gives: (entry, regression records) per model and track present."""
     from invarbench.attacks import ATTACKS
     from invarbench.models import get_card, list_models
+    from invarbench.models.external import is_robustbench
 
     run_dir = Path(run_dir)
     store = RunStore(run_dir)
@@ -52,7 +53,7 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
         key = model_config["key"]
         model_summary = summary["models"][key]
         card = get_card(model_config["reference"]) if model_config["reference"] in registered else None
-        description = {"architecture": card.architecture if card else model_config.get("architecture") or "user checkpoint", "recipe": card.training["recipe"] if card else "unknown", "trained_against": "none" if not card or card.threat_model["norm"] == "none" else f"{card.threat_model['norm']} {card.threat_model['eps']:g}", "invertible": bool(card.invertible) if card else False}
+        description = {"architecture": card.architecture if card else model_config.get("architecture") or ("RobustBench zoo" if is_robustbench(model_config["reference"]) else "user checkpoint"), "recipe": card.training["recipe"] if card else "unknown", "trained_against": "none" if not card or card.threat_model["norm"] == "none" else f"{card.threat_model['norm']} {card.threat_model['eps']:g}", "invertible": bool(card.invertible) if card else False}
         for track in TRACKS:
             attacks = [attack for attack in config["attacks"] if (ATTACKS[attack["name"]].kind == "invariance") == (track == "invariance")]
             if not attacks:

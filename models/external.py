@@ -46,6 +46,8 @@ def _import_torchvision() -> None:
     try:
         import torchvision  # noqa: F401
         return
+    except ImportError as error:
+        raise ModelError(f"torchvision is not installed ({error}); install invarbench's dependencies with `make install`") from error
     except RuntimeError as error:
         if "torchvision::nms" not in str(error) or _torchvision_schemas is not None:
             raise ModelError(f"torchvision cannot be imported ({error}); reinstall it with `make install`") from error
@@ -70,7 +72,11 @@ class OnnxModel:
 def load_onnx(path: Path) -> OnnxModel:
     """Convert the ONNX model at ``path`` to a PyTorch module (eval mode, differentiable)."""
     _import_torchvision()
-    import onnx
+    try:
+        import onnx
+        import onnx2torch  # noqa: F401
+    except ImportError as error:
+        raise ModelError(f"{path} needs the onnx and onnx2torch packages ({error}); install invarbench's dependencies with `make install`") from error
 
     fix = "export it with torch.onnx.export(model, example, path, dynamo=False) (Keras: tf2onnx), or save a TorchScript file instead"
     try:
@@ -183,11 +189,13 @@ def _zoo():
     _import_torchvision()
     # robustbench imports AutoAttack as ``autoattack`` (its GitHub name); the PyPI release, which
     # invarbench uses for its own AutoAttack, is the same code under the name ``pyautoattack``.
-    import pyautoattack
-    import pyautoattack.state
+    try:
+        import autoattack.state  # noqa: F401
+    except ImportError:
+        import pyautoattack
+        import pyautoattack.state
 
-    sys.modules.setdefault("autoattack", pyautoattack)
-    sys.modules.setdefault("autoattack.state", pyautoattack.state)
+        sys.modules["autoattack"], sys.modules["autoattack.state"] = pyautoattack, pyautoattack.state
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

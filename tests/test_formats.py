@@ -164,6 +164,11 @@ def test_robustbench_entry_evaluated_from_the_cli(tmp_path, monkeypatch, capsys,
     with torch.no_grad():
         assert run["clean_correct"] == int((network(images).argmax(1) == labels).sum())
     assert run["dataset"] == "cifar10" and run["checkpoint_sha256"] == sha256_file(path)
+    assert run_cli(capsys, "leaderboard", "add", tmp_path / "zoo", "--entries", tmp_path / "entries")[0] == 0
+    entry = json.loads((tmp_path / "entries" / "Wong2020Fast__cifar10__perturbation.json").read_text())
+    assert entry["reference"] == ZOO_ENTRY and entry["model_card"]["architecture"] == "RobustBench zoo"
+    code, out, err = run_cli(capsys, "check", "--entries", tmp_path / "entries", "--no-progress")
+    assert code == 0 and "ok   Wong2020Fast__cifar10__perturbation" in out, out + err
     code, _, err = run_cli(capsys, "run", ZOO_ENTRY, "--dataset", "mnist", "--out", tmp_path, "--no-progress")
     assert code == 1 and "is a cifar10 model" in err
 
