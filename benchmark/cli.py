@@ -123,11 +123,12 @@ def _leaderboard_build(args: argparse.Namespace) -> int:
     if written and args.readme:
         from invarbench.leaderboard.tables import sync_readme
 
-        try:
-            names = sync_readme(args.readme, args.out)
-        except (OSError, FileNotFoundError) as error:
-            raise InvarbenchError(str(error)) from error
-        print(f"updated {args.readme}: {', '.join(names) or 'no leaderboard markers'}")
+        for readme in args.readme:
+            try:
+                names = sync_readme(readme, args.out)
+            except (OSError, FileNotFoundError) as error:
+                raise InvarbenchError(str(error)) from error
+            print(f"updated {readme}: {', '.join(names) or 'no leaderboard markers'}")
     if not written:
         raise InvarbenchError(f"no leaderboard entries in {args.entries}; add finished runs with `invarbench leaderboard add RUN_DIR`")
     for path in written:
@@ -415,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--entries", type=Path, default=ENTRIES_DIR, help="entries folder (default: leaderboard/entries)")
     build.add_argument("--out", type=Path, default=OUTPUT_DIR, help="output folder of tables and plots (default: leaderboard/output)")
     build.add_argument("--site", type=Path, default=SITE_DIR, help="static site folder (default: leaderboard/site)")
-    build.add_argument("--readme", type=Path, help="also replace the tables between <!-- leaderboard:NAME --> markers in this file (e.g. README.md)")
+    build.add_argument("--readme", type=Path, action="append", help="also replace the tables between <!-- leaderboard:NAME --> markers in this file (e.g. README.md); give it once per file")
     build.set_defaults(handler=_leaderboard_build)
 
     check = commands.add_parser("check", help="regression check of stored entries", description="Re-evaluate stored leaderboard entries on their regression subset with the stored settings and seeds and compare per sample; exits 1 on a regression.")
