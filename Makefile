@@ -51,7 +51,7 @@ leaderboard: $(STAMP)
 		$(INVARBENCH) run $$model $(INVARIANCE) --out $(RUNS) --name invariance-500-$$model; \
 		$(INVARBENCH) leaderboard add $(RUNS)/invariance-500-$$model --replace --track invariance; \
 	done
-	$(INVARBENCH) leaderboard build --readme README.md
+	$(INVARBENCH) leaderboard build $(foreach page,README.md $(sort $(wildcard docs/*.md)),--readme $(page))
 
 clean:
 	rm -rf $(VENV) build *.egg-info
