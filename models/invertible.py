@@ -38,6 +38,20 @@ def _dense_subnet(hidden: int):
     return build
 
 
+PERMUTATIONS = ("w_perm", "w_perm_inv")
+
+
+def _check_stored_permutations(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+    """A state_dict saved before the permutations were left out still loads: its permutations must be
+    the ones the seed rebuilds, and are dropped."""
+    rebuilt = dict(module.named_buffers())
+    for key in [key for key in state_dict if key.startswith(prefix) and key.rsplit(".", 1)[-1] in PERMUTATIONS]:
+        stored = state_dict.pop(key)
+        name = key[len(prefix) :]
+        if name not in rebuilt or not torch.equal(stored.to(rebuilt[name].dtype), rebuilt[name].cpu()):
+            error_msgs.append(f"the checkpoint's permutation {key} differs from the one permutation_seed rebuilds; it was made with other fi-revnet arguments (check the card's permutation_seed and blocks)")
+
+
 @register_architecture("fi-revnet")
 class FullyInvertibleRevNet(nn.Module):
     """Invertible downsampling, affine coupling blocks with activation normalisation and fixed channel
@@ -51,7 +65,8 @@ class FullyInvertibleRevNet(nn.Module):
         self.num_classes = int(num_classes)
         self.input_shape = (in_channels, image_size, image_size)
         # FrEIA draws its fixed permutations from numpy's global generator: seed it so that the same
-        # arguments always build the same network (the permutations are also stored in the state_dict).
+        # arguments always build the same network. The permutations are rebuilt from the seed rather
+        # than stored (they were two thirds of a checkpoint).
         saved_state = np.random.get_state()
         np.random.seed(permutation_seed)
         try:
@@ -66,6 +81,14 @@ class FullyInvertibleRevNet(nn.Module):
         finally:
             np.random.set_state(saved_state)
         self.flow = flow
+        for module in flow.modules():
+            for name in PERMUTATIONS:
+                # FrEIA keeps them as frozen parameters; as non-persistent buffers they act the same.
+                fixed = getattr(module, name, None)
+                if isinstance(fixed, nn.Parameter) and not fixed.requires_grad:
+                    delattr(module, name)
+                    module.register_buffer(name, fixed.detach(), persistent=False)
+        self.register_load_state_dict_pre_hook(_check_stored_permutations)
         dimension = int(np.prod(self.input_shape))
         if self.num_classes >= dimension:
             raise ValueError(f"num_classes {num_classes} must be smaller than the input dimension {dimension}")

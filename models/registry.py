@@ -279,7 +279,9 @@ def _load_state_dict(network: nn.Module, path: Path, *, hint: str) -> None:
     state = read_state_dict(path)
     expected = network.state_dict()
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    # Buffers left out of the state_dict (fi-revnet's permutations) may still be in older files: the
+    # network checks them when it loads them.
+    unexpected = sorted(set(state) - set(expected) - set(dict(network.named_buffers())))
     mismatched = [f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}" for key in expected if key in state and state[key].shape != expected[key].shape]
     if missing or unexpected or mismatched:
         details = "; ".join(

@@ -224,3 +224,22 @@ def test_unknown_recipe(isolated_registry):
     with pytest.raises(Exception, match="unknown training recipe 'trades'"):
         train(get_card("digits-mlp-test"), progress=False)
 
+
+
+def test_firevnet_checkpoints_leave_out_the_permutations_the_seed_rebuilds():
+    arguments = {"blocks": [1, 1], "hidden": [8, 8], "dense_blocks": 1, "dense_hidden": 16}
+    network = build_architecture("fi-revnet", **arguments)
+    state = network.state_dict()
+    assert not [key for key in state if key.endswith(("w_perm", "w_perm_inv"))]
+    # A state_dict saved with them (before they were left out) loads when they are the seed's ...
+    permutations = {key: tensor.clone() for key, tensor in network.named_buffers() if key.endswith(("w_perm", "w_perm_inv"))}
+    assert permutations
+    again = build_architecture("fi-revnet", **arguments)
+    again.load_state_dict({**state, **permutations})
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(again(x), network(x)) and torch.allclose(network.decode(network.encode(x)[0]), x, atol=1e-5)
+    # ... and is refused when they are another seed's.
+    other = {key: tensor.clone() for key, tensor in build_architecture("fi-revnet", **arguments, permutation_seed=1).named_buffers() if key in permutations}
+    with pytest.raises(RuntimeError, match="permutation_seed"):
+        again.load_state_dict({**state, **other})
