@@ -7,14 +7,16 @@ be skipped on resume, and a distributed executor could run the same jobs elsewhe
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import io
 import json
 import platform
 import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import cached_property
 from importlib import metadata
@@ -110,22 +112,37 @@ def _parse_value(text: str) -> Any:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model to evaluate: a registry name, or a checkpoint path with what is needed to load it."""
+    """A model to evaluate: a registry name, a checkpoint path with what is needed to load it, or an
+    in-memory model (``ModelSpec.from_module``, for ``invarbench.evaluate``)."""
 
     reference: str
     dataset: str
     architecture: str | None = None
     architecture_args: tuple[tuple[str, Any], ...] = ()
+    #: An in-memory model, evaluated as it is (a copy: the caller's module is never moved or changed).
+    module: BenchmarkModel | None = field(default=None, compare=False, repr=False)
+    #: The key of an in-memory model.
+    name: str | None = None
+
+    @classmethod
+    def from_module(cls, module: BenchmarkModel, dataset: str, name: str | None = None) -> ModelSpec:
+        """An in-memory model, known by ``name`` (default: its network's class name)."""
+        network = type(module.network)
+        return cls(f"in-memory:{network.__module__}.{network.__qualname__}", dataset, module=module, name=name or network.__name__)
 
     @property
     def key(self) -> str:
+        if self.module is not None:
+            return self.name
         return self.reference if self.is_registered else Path(self.reference).stem
 
     @cached_property
     def is_registered(self) -> bool:
-        return self.reference in list_models(role=None)
+        return self.module is None and self.reference in list_models(role=None)
 
     def load(self, num_classes: int, bounds: tuple[float, float]) -> BenchmarkModel:
+        if self.module is not None:
+            return copy.deepcopy(self.module)
         if self.is_registered:
             return load_model(self.reference)
         args = dict(self.architecture_args)
@@ -133,10 +150,28 @@ class ModelSpec:
 
     @property
     def invertible(self) -> bool:
+        if self.module is not None:
+            return self.module.invertible
         return get_card(self.reference).invertible if self.is_registered else self.architecture == "fi-revnet"
 
     def checkpoint_sha256(self) -> str:
-        return checkpoint_sha256(self.reference)
+        return self._module_sha256 if self.module is not None else checkpoint_sha256(self.reference)
+
+    @cached_property
+    def _module_sha256(self) -> str:
+        """The sha256 of an in-memory model's state_dict as torch.save writes it."""
+        buffer = io.BytesIO()
+        torch.save(self.module.network.state_dict(), buffer)
+        return hashlib.sha256(buffer.getvalue()).hexdigest()
+
+    def module_settings(self) -> dict[str, Any]:
+        """What identifies an in-memory model in a run's configuration (nothing for other models, so
+        their configurations and digests are as before): its weights' sha256, bounds, classes and
+        normalisation."""
+        if self.module is None:
+            return {}
+        module = self.module
+        return {"checkpoint_sha256": self._module_sha256, "bounds": list(module.bounds), "num_classes": module.num_classes, "mean": module.mean.flatten().tolist(), "std": module.std.flatten().tolist()}
 
 
 @dataclass(frozen=True)
@@ -170,7 +205,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "models": [{"reference": model.reference, "key": model.key, "dataset": model.dataset, "architecture": model.architecture, "architecture_args": dict(model.architecture_args)} for model in self.models],
+            "models": [{"reference": model.reference, "key": model.key, "dataset": model.dataset, "architecture": model.architecture, "architecture_args": dict(model.architecture_args), **model.module_settings()} for model in self.models],
             "threats": [str(threat) for threat in self.threats],
             "attacks": [{"name": attack.name, "options": dict(attack.options)} for attack in self.attacks],
             "n": self.n,
@@ -496,7 +531,9 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
     run_dir = Path(out) / (name or config.default_name())
     store = RunStore(run_dir)
     torch_device = resolve_device(device)
-    check_models(config)
+    on_disk = tuple(spec for spec in config.models if spec.module is None)
+    if on_disk:  # in-memory models need no loading checks
+        check_models(replace(config, models=on_disk))
     with RunLock(run_dir) as lock, discarded_on_failure(store, created=run_dir in lock.created):
         store.remove_stale_temporaries()
         check_run_dir(store, config)
