@@ -9,18 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from invarbench import __version__
+from invarbench.api import DEFAULT_RUNS_DIR, format_table
 from invarbench.errors import InvarbenchError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain-text table with aligned columns."""
-    cells = [[str(value) for value in header]] + [[str(value) for value in row] for row in rows]
-    widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
-    lines = ["  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
 
 
 def format_markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -173,25 +165,12 @@ def _gallery(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _model_spec(reference: str, args: argparse.Namespace, architecture_args: tuple):
-    """A model of `invarbench run`: registered models and RobustBench names bring their data set; a
-    checkpoint file is evaluated on --dataset (default mnist)."""
-    from invarbench.models.registry import declared_dataset
-    from invarbench.runner import ModelSpec
-
-    declared = declared_dataset(reference)
-    if declared is None:
-        return ModelSpec(reference, args.dataset or "mnist", args.architecture, architecture_args)
-    if args.dataset and args.dataset != declared:
-        raise InvarbenchError(f"--dataset {args.dataset}: model {reference} is a {declared} model and is evaluated on {declared}; drop --dataset or evaluate it in a separate run")
-    return ModelSpec(reference, declared)
-
-
 def _run(args: argparse.Namespace) -> int:
     import json
 
+    from invarbench.api import model_spec, run_config
     from invarbench.attacks import ThreatModel
-    from invarbench.runner import AttackSpec, RunConfig, default_threats, merge_threats, run_benchmark
+    from invarbench.runner import AttackSpec, RunConfig, default_threats, merge_threats
 
     try:
         architecture_args = tuple(sorted(json.loads(args.architecture_args).items())) if args.architecture_args else ()
@@ -201,7 +180,7 @@ def _run(args: argparse.Namespace) -> int:
         from invarbench.models.external import ROBUSTBENCH_DIR_ENV
 
         os.environ[ROBUSTBENCH_DIR_ENV] = str(args.robustbench_dir.resolve())
-    specs = tuple(_model_spec(model, args, architecture_args) for model in args.models)
+    specs = tuple(model_spec(model, args.dataset, args.architecture, architecture_args) for model in args.models)
     threats = merge_threats([ThreatModel.parse(spec) for spec in args.threat]) if args.threat else default_threats(specs)
     attack_specs = list(args.attack or ([] if args.invariance_set else ["pgd"]))
     n = args.n
@@ -215,40 +194,14 @@ def _run(args: argparse.Namespace) -> int:
     attacks = tuple(AttackSpec.parse(spec) for spec in attack_specs)
     n = n if n is not None else 1000
     config = RunConfig(specs, threats, attacks, n=n, seed=args.seed, shard_size=args.shard_size, cascade=not args.no_cascade, oracle=args.oracle)
-    outcome = run_benchmark(config, args.out, name=args.name, device=args.device, progress=not args.no_progress, data_source=args.data)
-    rows = []
-    perturbation = [attack for attack in attacks if attack.kind != "invariance"]
-    for model, entry in outcome.summary["models"].items():
-        for norm, per_eps in entry["threats"].items():
-            for eps, result in per_eps.items():
-                # In cascade order, "-" where an attack did not run at this eps (e.g. autoattack:eps=0.3).
-                cells = [f"{100 * result['attacks'][attack.label()]['robust_accuracy']:.1f}%" if attack.label() in result["attacks"] else "-" for attack in perturbation]
-                rows.append([model, f"{100 * entry['clean_accuracy']:.1f}%", f"{norm} {eps}", *cells, f"{100 * result['worst_case']['robust_accuracy']:.1f}%", "yes" if entry["warnings"] else "no"])
-    if rows:
-        header = ["model", "clean", "threat", *[f"after {attack.label()}" for attack in perturbation], "worst case", "check warnings"]
-        print(format_table(header, rows))
-    invariance_rows = []
-    for model, entry in outcome.summary["models"].items():
-        for attack, per_eps in entry.get("invariance", {}).items():
-            for setting, metrics in per_eps.items():
-                accuracy, low_high = metrics["invariance_accuracy"], metrics["invariance_accuracy_ci95"]
-                excessive, excessive_interval = metrics["excessive_invariance_rate"], metrics["excessive_invariance_rate_ci95"]
-                invariance_rows.append([
-                    model, attack, setting, ",".join(metrics["oracle"]), f"{metrics['label_changed']}/{metrics['candidates']} ({metrics['abstained']} abstained)",
-                    "-" if accuracy is None else f"{100 * accuracy:.1f}% [{100 * low_high[0]:.1f}, {100 * low_high[1]:.1f}]",
-                    "-" if excessive is None else f"{100 * excessive:.1f}% [{100 * excessive_interval[0]:.1f}, {100 * excessive_interval[1]:.1f}]",
-                ])
-    if invariance_rows:
-        print()
-        print(format_table(["model", "invariance attack", "setting", "oracle", "label changed", "invariance accuracy [95% CI]", "excessive invariance [95% CI]"], invariance_rows))
-        from invarbench.leaderboard.tables import calibration_summary
-
-        for name, report in outcome.summary.get("oracles", {}).items():
-            print(f"oracle {name}: {calibration_summary(report)}")
-    for model, entry in outcome.summary["models"].items():
+    results = run_config(config, args.out, name=args.name, device=args.device, progress=not args.no_progress, data_source=args.data)
+    text = results.summary()
+    if text:
+        print(text)
+    for model, entry in results.summary_dict["models"].items():
         for warning in entry["warnings"]:
             print(f"warning: {model}: {warning}", file=sys.stderr)
-    print(f"\n{outcome.jobs_run} jobs run, {outcome.jobs_resumed} resumed from disk; results in {outcome.run_dir} (n={config.n}, seed={config.seed})")
+    print(f"\n{results.jobs_run} jobs run, {results.jobs_resumed} resumed from disk; results in {results.run_dir} (n={config.n}, seed={config.seed})")
     return EXIT_OK
 
 
@@ -386,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--invariance-set", metavar="DIR", help="evaluate on a fixed set of changed images with people's labels (NAME.npy + NAME_labels.npy + indexs.npy, Tramèr et al.'s format), judged by those labels")
     run.add_argument("--oracle", metavar="NAME", help="who judges invariance candidates: a named oracle (see `invarbench oracle list`) or people:DB, the majority labels of an `invarbench label` database (default: the data set's default oracle)")
     run.add_argument("--seed", type=int, default=0, help="base seed; each job derives its own (default 0)")
-    run.add_argument("--out", type=Path, default=Path("runs"), help="parent folder of run directories (default runs/)")
+    run.add_argument("--out", type=Path, default=DEFAULT_RUNS_DIR, help=f"parent folder of run directories (default {DEFAULT_RUNS_DIR}/)")
     run.add_argument("--name", help="run directory name (default: derived from the configuration, so the same command resumes)")
     run.add_argument("--shard-size", type=int, default=100, help="points per job, the granularity of resumption (default 100)")
     run.add_argument("--no-cascade", action="store_true", help="run every attack on every correctly classified point instead of only on points still robust")
