@@ -51,6 +51,8 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
     entries = []
     for model_config in config["models"]:
         key = model_config["key"]
+        if str(model_config["reference"]).startswith("in-memory:"):
+            raise ConfigError(f"the run in {run_dir} evaluated the in-memory model {key}, which `invarbench check` could not load again; save it (torch.jit.save, ONNX, or a card in models/cards) and run it from that file to make a leaderboard entry")
         model_summary = summary["models"][key]
         card = get_card(model_config["reference"]) if model_config["reference"] in registered else None
         description = {"architecture": card.architecture if card else model_config.get("architecture") or ("RobustBench zoo" if is_robustbench(model_config["reference"]) else "user checkpoint"), "recipe": card.training["recipe"] if card else "unknown", "trained_against": "none" if not card or card.threat_model["norm"] == "none" else f"{card.threat_model['norm']} {card.threat_model['eps']:g}", "invertible": bool(card.invertible) if card else False}

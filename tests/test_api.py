@@ -97,3 +97,13 @@ def test_cli_run_prints_the_api_summary(tmp_path, capsys):
     assert list(zip(invariance["attack"], invariance["eps"])) == [("invariance-linf", 0.01), ("invariance-linf", 0.025)]
     metrics = results.summary_dict["models"]["spheres-mlp-standard"]["invariance"]["invariance-linf"]["linf:0.025"]
     assert invariance["label_changed"].iloc[1] == metrics["label_changed"] and invariance["invariance_accuracy_ci95_high"].iloc[1] == metrics["invariance_accuracy_ci95"][1]
+
+
+def test_a_run_of_an_in_memory_model_cannot_become_an_entry(tmp_path):
+    from invarbench.leaderboard.entries import add_run
+
+    network = nn.Sequential(nn.Linear(50, 2))
+    results = evaluate(network, dataset="spheres", bounds=(-1.5, 1.5), threats="linf:0.01", attacks=["fgsm"], n=10, out=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="torch.jit.save"):
+        add_run(results.run_dir, tmp_path / "entries")
+    assert not (tmp_path / "entries").exists() or not any((tmp_path / "entries").iterdir())
