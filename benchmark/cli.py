@@ -352,9 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.set_defaults(handler=_run)
 
-    from invarbench.leaderboard.entries import ENTRIES_DIR
-    from invarbench.leaderboard.site import SITE_DIR
-    from invarbench.leaderboard.tables import OUTPUT_DIR
+    from invarbench.leaderboard import ENTRIES_DIR, OUTPUT_DIR, SITE_DIR
 
     leaderboard = commands.add_parser("leaderboard", help="stored entries and tables", description="Leaderboard entries (from finished runs only) and the tables built from them.")
     leaderboard_commands = leaderboard.add_subparsers(dest="leaderboard_command", required=True, metavar="COMMAND")

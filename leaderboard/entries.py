@@ -16,9 +16,9 @@ from typing import Any
 import pandas as pd
 from invarbench.errors import ConfigError
 from invarbench.io import atomic_write
+from invarbench.leaderboard import ENTRIES_DIR
 from invarbench.store import RunStore, as_records, read_json, read_records, write_json
 
-ENTRIES_DIR = Path(__file__).parent / "entries"
 SCHEMA = 1
 TRACKS = ("perturbation", "invariance")
 REQUIRED = ("schema", "model", "dataset", "track", "checkpoint_sha256", "settings", "versions", "date", "results", "regression")

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import jinja2
 from invarbench.io import atomic_write_bytes, atomic_write_text
+from invarbench.leaderboard import SITE_DIR
 from invarbench.leaderboard.entries import ENTRIES_DIR, load_entries
 from invarbench.leaderboard.plots import build_plots
 from invarbench.leaderboard.tables import calibration_summary, html_table, invariance_table, oracle_table, perturbation_table, reliability_notes
 
-SITE_DIR = Path(__file__).parent / "site"
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=jinja2.select_autoescape(["html", "j2"]), keep_trailing_newline=True)
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import pandas as pd
 from invarbench.io import atomic_write_text
+from invarbench.leaderboard import OUTPUT_DIR
 from invarbench.leaderboard.entries import ENTRIES_DIR, curve_median_norm, load_entries
 from invarbench.attacks.calibration import format_rate
 
-OUTPUT_DIR = Path(__file__).parent / "output"
 
 
 def _percent(value: float | None) -> str:
