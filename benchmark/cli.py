@@ -111,7 +111,7 @@ def _leaderboard_build(args: argparse.Namespace) -> int:
 
     written = build_tables(args.entries, args.out)
     if written:
-        written += build_site(args.entries, args.site)
+        written += build_site(args.entries, args.site, args.out)
     if written and args.readme:
         from invarbench.leaderboard.tables import sync_readme
 
