@@ -27,7 +27,7 @@ from invarbench.errors import ConfigError
 if TYPE_CHECKING:
     import pandas as pd
     from invarbench.attacks import ThreatModel
-    from invarbench.runner import AttackSpec, ModelSpec, RunConfig
+    from invarbench.config import AttackSpec, ModelSpec, RunConfig
     from torch import nn
 
 #: The parent folder of run directories when none is given (`invarbench run --out`), relative to the working directory.
@@ -180,8 +180,8 @@ def run_config(config: RunConfig, out: str | os.PathLike | None = None, *, name:
 def model_spec(reference: str | os.PathLike, dataset: str | None = None, architecture: str | None = None, architecture_args: tuple = ()) -> ModelSpec:
     """A model given by name or path: registered models and RobustBench names bring their data set; a
     checkpoint file is evaluated on ``dataset`` (default mnist)."""
+    from invarbench.config import ModelSpec
     from invarbench.models.registry import declared_dataset
-    from invarbench.runner import ModelSpec
 
     reference = str(reference)
     declared = declared_dataset(reference)
@@ -194,9 +194,9 @@ def model_spec(reference: str | os.PathLike, dataset: str | None = None, archite
 
 def _module_spec(module: nn.Module, dataset: str | None, key: str | None, bounds: tuple[float, float] | None, num_classes: int | None) -> ModelSpec:
     """An in-memory ``nn.Module``, wrapped in a BenchmarkModel unless it is one."""
+    from invarbench.config import ModelSpec
     from invarbench.datasets import load_dataset
     from invarbench.models import BenchmarkModel
-    from invarbench.runner import ModelSpec
 
     dataset = dataset or "mnist"
     if not isinstance(module, BenchmarkModel):
@@ -235,7 +235,7 @@ def _as_specs(model, dataset: str | None, bounds, num_classes) -> tuple[ModelSpe
 
 def _threats(threats, specs: tuple[ModelSpec, ...]) -> tuple[ThreatModel, ...]:
     from invarbench.attacks import ThreatModel
-    from invarbench.runner import default_threats, merge_threats
+    from invarbench.config import default_threats, merge_threats
 
     if threats is None:
         return default_threats(specs)
@@ -244,7 +244,7 @@ def _threats(threats, specs: tuple[ModelSpec, ...]) -> tuple[ThreatModel, ...]:
 
 
 def _attacks(attacks) -> tuple[AttackSpec, ...]:
-    from invarbench.runner import AttackSpec
+    from invarbench.config import AttackSpec
 
     attacks = [attacks] if isinstance(attacks, (str, AttackSpec)) else list(attacks)
     return tuple(attack if isinstance(attack, AttackSpec) else AttackSpec.parse(attack) for attack in attacks)
@@ -280,7 +280,7 @@ def evaluate(
     oracle object. ``out``/``name``: the run directory ``out/name`` (default ``runs/`` and a name
     derived from the configuration, so the same call resumes).
     """
-    from invarbench.runner import RunConfig
+    from invarbench.config import RunConfig
 
     specs = _as_specs(model, dataset, bounds, num_classes)
     config = RunConfig(specs, _threats(threats, specs), _attacks(attacks), n=n, seed=seed, oracle=oracle if isinstance(oracle, str) else None)

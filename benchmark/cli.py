@@ -170,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from invarbench.api import model_spec, run_config
     from invarbench.attacks import ThreatModel
-    from invarbench.runner import AttackSpec, RunConfig, default_threats, merge_threats
+    from invarbench.config import AttackSpec, RunConfig, default_threats, merge_threats
 
     try:
         architecture_args = tuple(sorted(json.loads(args.architecture_args).items())) if args.architecture_args else ()

@@ -111,7 +111,7 @@ def perturbation_gallery(entry: dict, entries_dir: str | Path, out: str | Path, 
     from invarbench.datasets import load_dataset
     from invarbench.evaluation import predict
     from invarbench.leaderboard.check import _config
-    from invarbench.runner import plan
+    from invarbench.plan import plan
 
     if entry["track"] != "perturbation":
         raise ConfigError(f"entry {entry['model']} ({entry['track']}) is not a perturbation entry")

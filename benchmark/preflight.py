@@ -12,17 +12,14 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from invarbench.config import RunConfig
 from invarbench.errors import ConfigError, InvarbenchError
 from invarbench.models import get_card, load_model
 from invarbench.models.external import check_robustbench, is_robustbench
 from invarbench.store import RunStore, read_json
-
-if TYPE_CHECKING:
-    from invarbench.runner import RunConfig
 
 
 def check_models(config: RunConfig) -> None:

@@ -6,10 +6,10 @@ import sys
 from dataclasses import dataclass
 
 from invarbench.attacks import ThreatModel, create_attack
+from invarbench.config import HEADLINE_THREATS
 from invarbench.datasets import Dataset, load_dataset
 from invarbench.evaluation import clean_accuracy
 from invarbench.models import get_card, list_models, load_model
-from invarbench.runner import HEADLINE_THREATS
 
 
 @dataclass(frozen=True)

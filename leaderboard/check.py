@@ -60,7 +60,7 @@ class CheckResult:
 
 def _config(entry: dict, points: int):
     from invarbench.attacks.base import ThreatModel as Threat
-    from invarbench.runner import AttackSpec, ModelSpec, RunConfig
+    from invarbench.config import AttackSpec, ModelSpec, RunConfig
 
     settings = entry["settings"]
     threats = []

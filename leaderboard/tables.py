@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from invarbench.attacks.calibration import format_rate
 from invarbench.io import atomic_write_text
 from invarbench.leaderboard import OUTPUT_DIR
 from invarbench.leaderboard.entries import ENTRIES_DIR, curve_median_norm, load_entries
-from invarbench.attacks.calibration import format_rate
-
 
 
 def _percent(value: float | None) -> str:
@@ -26,7 +25,7 @@ def _percent(value: float | None) -> str:
 
 
 def _headline(dataset: str) -> list[tuple[str, str]]:
-    from invarbench.runner import HEADLINE_THREATS
+    from invarbench.config import HEADLINE_THREATS
 
     pairs = []
     for spec in HEADLINE_THREATS.get(dataset, ()):
@@ -47,7 +46,7 @@ def _settings(selected: list[dict[str, Any]]) -> list[tuple[str, str]]:
 def _attack_columns(entry: dict[str, Any]) -> list[tuple[str, str]]:
     """(summary key, shown name) of each attack of an entry in cascade order; the shown name leaves
     out the runner's own options (eps=, cascade=), which say where an attack ran, not what it is."""
-    from invarbench.runner import RUNNER_OPTIONS, AttackSpec
+    from invarbench.config import RUNNER_OPTIONS, AttackSpec
 
     columns = []
     for attack in entry["settings"]["attacks"]:
