@@ -1,0 +1,25 @@
+"""Invariance attacks: change the true label while the model's prediction may stay put.
+
+- ``invariance-linf``: Tramèr et al.'s excessive-invariance search in the l_inf ball. For each test
+  point and each other class, the nearest training image of that class over a grid of shifts and
+  rotations of the point (775 queries), aligned back by the inverse transform, projected into the
+  eps-ball; among the allowed target classes the candidate that removes the least ink is kept.
+- ``invariance-l0``: binarised images; the nearest other-class training image over random affine
+  copies of the training set, then the subset of connected clusters of differing pixels, within a
+  budget of k changed pixels, that the oracle finds most convincingly the target class.
+- ``metameric``: Jacobsen et al.'s metamers F^-1(z_s(x_a), z_n(x_b)) for invertible models; for other
+  models, gradient metamers: from x_b, inside an eps-ball around it, match the model's logits on x_a.
+
+Candidates are judged by an oracle (see ``oracles.py``), never by the attacked model. The search
+steps that do not depend on the model (nearest neighbours) are cached per data set and points.
+"""
+
+# isort: off
+# In the order the attacks register (as in ATTACKS and `invarbench attacks list`).
+from invarbench.attacks.invariance.base import InvarianceAttack, InvarianceContext, InvarianceResult, _DeviceBridge, _on_cpu_tensors  # noqa: F401
+from invarbench.attacks.invariance.transforms import CACHE_VERSION, ROTATIONS, SHIFTS, _cache_path, _cached, _is_image, affine_matrices, random_affine_copies, transform_grid, warp  # noqa: F401
+from invarbench.attacks.invariance.linf import TRAMER_TARGETS, InvarianceLinf, allowed_targets, search_neighbours  # noqa: F401
+from invarbench.attacks.invariance.metameric import Metameric, metamer_partners  # noqa: F401
+from invarbench.attacks.invariance.l0 import InvarianceL0  # noqa: F401
+from invarbench.attacks.invariance.fixed_set import InvarianceSetAttack  # noqa: F401
+# isort: on

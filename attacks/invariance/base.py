@@ -1,0 +1,111 @@
+"""What every invariance attack shares: its result, its context, the attack class and its device bridge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from invarbench.attacks.base import Attack, frozen_parameters
+from invarbench.attacks.oracles import Oracle
+from invarbench.errors import ConfigError
+from invarbench.evaluation import model_device
+
+
+@dataclass(frozen=True)
+class InvarianceResult:
+    """Per-sample outcome of an invariance attack at each eps (or budget).
+
+    ``candidates[e, i]`` is the changed input for point i; ``target_classes`` the class it was built
+    towards, ``source_indices`` where its content came from (a training index, or a test index for
+    metamers); ``oracle_labels`` the oracle's label (``ABSTAIN`` = -1); ``model_predictions`` the
+    attacked model's; ``logit_errors`` the largest |logit difference| to the source of the logits
+    (metamers only, else NaN).
+    """
+
+    attack: str
+    norm: str
+    epsilons: tuple[float, ...]
+    candidates: torch.Tensor
+    target_classes: torch.Tensor
+    source_indices: torch.Tensor
+    oracle: str
+    oracle_labels: torch.Tensor
+    model_predictions: torch.Tensor
+    perturbation_norms: torch.Tensor
+    logit_errors: torch.Tensor
+    options: dict[str, Any] = field(default_factory=dict)
+    #: (eps, points) False where the attack had no candidate for a point (fixed invariance sets); None = all ran.
+    ran: torch.Tensor | None = None
+    #: One oracle name per eps when they differ (one label-file oracle per invariance set).
+    oracles: tuple[str, ...] | None = None
+
+
+@dataclass
+class InvarianceContext:
+    """What an invariance attack needs beyond the model and points: the data set (training images are
+    the source of candidates), the oracle, the points' indices in the test set and a cache folder."""
+
+    dataset: Any
+    oracle: Oracle | None
+    indices: torch.Tensor
+    cache_dir: Path | None = None
+
+
+class InvarianceAttack(Attack):
+    kind: ClassVar[str] = "invariance"
+    norms: ClassVar[tuple[str, ...]] = ("linf",)
+    #: False for attacks that bring their own judge (fixed sets with people's labels).
+    needs_oracle: ClassVar[bool] = True
+    context: InvarianceContext | None = None
+
+    def threat_norm(self, threat_norm: str, invertible: bool) -> str | None:
+        """The norm of the job this attack runs in for a configured threat norm, or None to skip it."""
+        return threat_norm if threat_norm in self.norms else None
+
+    def budgets(self) -> tuple[float, ...]:
+        """The eps values of a job under the attack's own pseudo-norm (l_0 budget; 0 for exact metamers)."""
+        return (0.0,)
+
+    def __call__(self, model, images, labels, *, norm, epsilons, seed=0, active=None) -> InvarianceResult:
+        if self.context is None:
+            raise ConfigError(f"attack {self.name!r} needs a data set and an oracle; run it through `invarbench run` (or set .context)")
+        if len(images) != len(labels):
+            raise ConfigError(f"attack {self.name!r} got {len(images)} images but {len(labels)} labels")
+        with frozen_parameters(model):
+            return self.run(_on_cpu_tensors(model), images, labels, norm=norm, epsilons=tuple(float(eps) for eps in epsilons), seed=seed, active=active)
+
+    def _judge(self, model, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = candidates.reshape(-1, *candidates.shape[2:])
+        with torch.no_grad():
+            predictions = torch.cat([model(flat[start : start + 500]).argmax(1) for start in range(0, len(flat), 500)]) if len(flat) else torch.zeros(0, dtype=torch.long)
+        oracle_labels = self.context.oracle.label(flat) if len(flat) else torch.zeros(0, dtype=torch.long)
+        return oracle_labels.view(candidates.shape[:2]), predictions.cpu().view(candidates.shape[:2])
+
+
+class _DeviceBridge(torch.nn.Module):
+    """A model on an accelerator seen through CPU tensors: the searches, oracles and candidate images
+    stay on the CPU, only the attacked model's passes run on its device (gradients flow through)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.model = model
+        self.device = device
+        self.bounds, self.num_classes, self.name = model.bounds, model.num_classes, getattr(model, "name", "model")
+        self.invertible = getattr(model, "invertible", False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.device)).cpu()
+
+    def encode(self, x: torch.Tensor):
+        z, log_det = self.model.encode(x.to(self.device))
+        return z.cpu(), log_det.cpu()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(z.to(self.device)).cpu()
+
+
+def _on_cpu_tensors(model: torch.nn.Module) -> torch.nn.Module:
+    device = model_device(model)
+    return model if device.type == "cpu" else _DeviceBridge(model, device)
