@@ -82,7 +82,7 @@ def execute_invariance_job(job: Job, model: torch.nn.Module, images: torch.Tenso
     attack = job.attack.create()
     attack.context = context
     result = attack(model, images, labels, norm=job.threat.norm, epsilons=job.threat.epsilons, seed=job.seed)
-    model_margins, oracle_margins = decision_margins(model, context.oracle, result)
+    model_margins, oracle_margins = decision_margins(model, result)
     rows = []
     for eps_index, eps in enumerate(result.epsilons):
         oracle_labels = result.oracle_labels[eps_index].numpy()
@@ -106,16 +106,13 @@ def execute_invariance_job(job: Job, model: torch.nn.Module, images: torch.Tenso
     return as_records(pd.concat(rows, ignore_index=True)), result.candidates
 
 
-def decision_margins(model: torch.nn.Module, oracle, result) -> tuple[torch.Tensor, torch.Tensor]:
-    """How firmly each candidate's outcome was decided: the attacked model's top-two logit gap, and the
-    votes the oracle's outcome is away from changing (-1 where unknown: an oracle that does not vote,
-    a per-set oracle, or an outcome the attack overrode)."""
+def decision_margins(model: torch.nn.Module, result) -> tuple[torch.Tensor, torch.Tensor]:
+    """How firmly each candidate's outcome was decided (see ``InvarianceResult.model_margins``): as the
+    attack judged it, or for an attack that did not judge (fixed sets), the model's margins measured
+    here and no oracle margin."""
+    if result.model_margins is not None:
+        return result.model_margins, result.oracle_margins
     shape = result.candidates.shape[:2]
     flat = result.candidates.flatten(0, 1)
     model_margins = top_margins(logits(model, flat)).view(shape) if len(flat) else torch.zeros(shape)
-    oracle_margins = torch.full(shape, -1, dtype=torch.long)
-    if oracle is not None and result.oracles is None and result.oracle == oracle.name and len(flat):
-        labels, margins = oracle.decide(flat)
-        if margins is not None:
-            oracle_margins = torch.where(labels.view(shape) == result.oracle_labels, margins.view(shape), oracle_margins)
-    return model_margins, oracle_margins
+    return model_margins, torch.full(shape, -1, dtype=torch.long)

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import jinja2
-from invarbench.io import atomic_write_bytes, atomic_write_text
+from invarbench.io import atomic_write_text
 from invarbench.leaderboard import OUTPUT_DIR, SITE_DIR
 from invarbench.leaderboard.entries import ENTRIES_DIR, load_entries
 from invarbench.leaderboard.plots import build_plots

@@ -10,7 +10,7 @@ import torch
 from invarbench.attacks.base import Attack, frozen_parameters
 from invarbench.attacks.oracles import Oracle
 from invarbench.errors import ConfigError
-from invarbench.evaluation import model_device
+from invarbench.evaluation import logits, model_device, top_margins
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,11 @@ class InvarianceResult:
     ran: torch.Tensor | None = None
     #: One oracle name per eps when they differ (one label-file oracle per invariance set).
     oracles: tuple[str, ...] | None = None
+    #: (eps, points) how firmly each outcome was decided, from the judging pass itself: the model's
+    #: top-two logit gap, and the votes the oracle's outcome is from changing (-1 where unknown).
+    #: None where the attack did not judge (fixed sets: the runner measures the model's margins).
+    model_margins: torch.Tensor | None = None
+    oracle_margins: torch.Tensor | None = None
 
 
 @dataclass
@@ -76,12 +81,18 @@ class InvarianceAttack(Attack):
         with frozen_parameters(model):
             return self.run(_on_cpu_tensors(model), images, labels, norm=norm, epsilons=tuple(float(eps) for eps in epsilons), seed=seed, active=active)
 
-    def _judge(self, model, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _judge(self, model, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The oracle's labels and the model's predictions for (eps, points, ...) candidates, and the
+        margins that decided them (``InvarianceResult`` keyword arguments)."""
+        shape = candidates.shape[:2]
         flat = candidates.reshape(-1, *candidates.shape[2:])
-        with torch.no_grad():
-            predictions = torch.cat([model(flat[start : start + 500]).argmax(1) for start in range(0, len(flat), 500)]) if len(flat) else torch.zeros(0, dtype=torch.long)
-        oracle_labels = self.context.oracle.label(flat) if len(flat) else torch.zeros(0, dtype=torch.long)
-        return oracle_labels.view(candidates.shape[:2]), predictions.cpu().view(candidates.shape[:2])
+        if not len(flat):
+            empty = torch.zeros(shape, dtype=torch.long)
+            return empty, empty.clone(), {"model_margins": torch.zeros(shape), "oracle_margins": torch.full(shape, -1, dtype=torch.long)}
+        output = logits(model, flat)
+        oracle_labels, votes = self.context.oracle.decide(flat)
+        margins = {"model_margins": top_margins(output).view(shape), "oracle_margins": (torch.full_like(oracle_labels, -1) if votes is None else votes).view(shape)}
+        return oracle_labels.view(shape), output.argmax(1).view(shape), margins
 
 
 class _DeviceBridge(torch.nn.Module):

@@ -87,6 +87,6 @@ class InvarianceL0(InvarianceAttack):
             else:
                 scores = (context.oracle.label(stacked) == target).float()
             candidates[point] = stacked[int(scores.argmax())]
-        oracle_labels, predictions = self._judge(model, candidates.unsqueeze(0))
+        oracle_labels, predictions, margins = self._judge(model, candidates.unsqueeze(0))
         norms = (candidates != binary).flatten(1).sum(1).float().unsqueeze(0)
-        return InvarianceResult(self.name, "l0", (float(self.pixels),), candidates.unsqueeze(0), found["target"].unsqueeze(0), found["source"].unsqueeze(0), context.oracle.name, oracle_labels, predictions, norms, torch.full((1, len(labels)), float("nan")), self.options())
+        return InvarianceResult(self.name, "l0", (float(self.pixels),), candidates.unsqueeze(0), found["target"].unsqueeze(0), found["source"].unsqueeze(0), context.oracle.name, oracle_labels, predictions, norms, torch.full((1, len(labels)), float("nan")), self.options(), **margins)

@@ -123,10 +123,10 @@ class InvarianceLinf(InvarianceAttack):
         return self._finish(model, images, labels, candidates, epsilons, targets, torch.full_like(targets, -1), norm="linf")
 
     def _finish(self, model, images, labels, candidates, epsilons, targets, sources, *, norm):
-        oracle_labels, predictions = self._judge(model, candidates)
+        oracle_labels, predictions, margins = self._judge(model, candidates)
         delta = (candidates - images.unsqueeze(0)).flatten(2)
         norms = delta.abs().amax(2) if norm == "linf" else (delta != 0).sum(2).float()
         count = len(labels)
         return InvarianceResult(
-            self.name, norm, epsilons, candidates, targets, sources, self.context.oracle.name, oracle_labels, predictions, norms, torch.full((len(epsilons), count), float("nan")), self.options(),
+            self.name, norm, epsilons, candidates, targets, sources, self.context.oracle.name, oracle_labels, predictions, norms, torch.full((len(epsilons), count), float("nan")), self.options(), **margins,
         )

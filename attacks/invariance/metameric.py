@@ -99,7 +99,8 @@ class Metameric(InvarianceAttack):
                     logit_errors[eps_index] = (model(candidates[eps_index]) - wanted_logits).abs().amax(1)
             delta = (candidates - starts.unsqueeze(0)).flatten(2)
             norms = delta.abs().amax(2) if norm == "linf" else delta.norm(dim=2)
-        oracle_labels, predictions = self._judge(model, candidates)
-        # Points without a partner get no metamer: the oracle label counts as an abstention.
+        oracle_labels, predictions, margins = self._judge(model, candidates)
+        # Points without a partner get no metamer: the oracle label counts as an abstention (decided by no vote).
         oracle_labels[:, ~has_partner] = ABSTAIN
-        return InvarianceResult(self.name, norm, epsilons, candidates, targets.repeat(len(epsilons), 1), sources.repeat(len(epsilons), 1), self.context.oracle.name, oracle_labels, predictions, norms, logit_errors, self.options())
+        margins["oracle_margins"][:, ~has_partner] = -1
+        return InvarianceResult(self.name, norm, epsilons, candidates, targets.repeat(len(epsilons), 1), sources.repeat(len(epsilons), 1), self.context.oracle.name, oracle_labels, predictions, norms, logit_errors, self.options(), **margins)
