@@ -2,10 +2,11 @@
 ends with the results of an uninterrupted run, and leaves no temporary file, lock or resume state.
 
 Each killed run is a fresh interpreter (a child forked from this one can hang in torch's thread pool
-once earlier tests have used it) that imports what a run needs, says it is ready, then runs: the kill
-moments are drawn between 0 and the length of an uninterrupted run counted from that point, so they
-land in model loading, jobs and writes rather than in imports. The reference run and the resumes run
-in this interpreter.
+once earlier tests have used it) that imports what a run needs, says it is ready and waits for a go:
+the kill moments are drawn between 0 and the length of an uninterrupted run counted from the go, so
+they land in model loading, jobs and writes rather than in imports. The next cycle's interpreter is
+started (and imports) while the current cycle runs, so the imports cost no wall time. The reference run
+and the resumes run in this interpreter.
 """
 
 from __future__ import annotations
@@ -35,19 +36,25 @@ JOBS = 18  # 3 attacks x 6 shards of 10 points
 KILLS = 20
 
 
-# Imports everything a run needs before it says it is ready.
-CHILD = "import sys; from pathlib import Path; import invarbench.runner, invarbench.api; from invarbench.cli import main; Path(sys.argv[1]).touch(); sys.exit(main(sys.argv[2:]))"
+# Imports everything a run needs, says it is ready, and runs once told to go (a line on stdin; if the
+# test stops first, stdin closes and the interpreter exits without running).
+CHILD = "import sys; from pathlib import Path; import invarbench.runner, invarbench.api; from invarbench.cli import main; Path(sys.argv[1]).touch(); sys.stdin.readline().strip() == 'go' or sys.exit(3); sys.exit(main(sys.argv[2:]))"
 
 
-def _start(out: Path) -> subprocess.Popen:
-    """Start the run into ``out`` and return once its interpreter has imported the CLI."""
+def _spawn(out: Path) -> subprocess.Popen:
+    """Start an interpreter for the run into ``out``; it imports, then waits for :func:`_go`."""
+    return subprocess.Popen([sys.executable, "-c", CHILD, str(out.parent / f"{out.name}.ready"), *RUN, "--out", str(out)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _go(process: subprocess.Popen, out: Path) -> None:
+    """Wait until the interpreter for ``out`` has imported the CLI, then let its run start."""
     ready = out.parent / f"{out.name}.ready"
-    process = subprocess.Popen([sys.executable, "-c", CHILD, str(ready), *RUN, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 120
     while not ready.exists():
         assert process.poll() is None and time.monotonic() < deadline, f"the run into {out} did not start (exit {process.returncode})"
         time.sleep(0.01)
-    return process
+    process.stdin.write(b"go\n")
+    process.stdin.close()
 
 
 def _finish(out: Path) -> float:
@@ -89,9 +96,12 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_results(t
     assert len(list((reference / "jobs").glob("*.parquet"))) == JOBS
     draw = random.Random(20)
     interrupted = []
+    upcoming = _spawn(tmp_path / "cycle0")
     for cycle in range(KILLS):
-        out = tmp_path / f"cycle{cycle}"
-        process = _start(out)
+        out, process = tmp_path / f"cycle{cycle}", upcoming
+        _go(process, out)
+        if cycle + 1 < KILLS:
+            upcoming = _spawn(tmp_path / f"cycle{cycle + 1}")
         time.sleep(draw.uniform(0, duration))
         os.kill(process.pid, signal.SIGKILL)
         # Reaped before the resume: a zombie's pid still counts as a live owner of run.lock.
