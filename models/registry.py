@@ -21,6 +21,15 @@ from torch import nn
 
 CARDS_DIR = Path(__file__).parent / "cards"
 CHECKPOINTS_DIR = Path(__file__).parent / "checkpoints"
+#: A folder of zoo checkpoints looked in before the package's own: the wheel does not ship the zoo's
+#: weights (56 MB), a clone or an editable install (``pip install -e .``) has them in ``CHECKPOINTS_DIR``.
+CHECKPOINTS_ENV = "INVARBENCH_CHECKPOINTS"
+
+
+def checkpoint_dirs() -> list[Path]:
+    """The folders searched for a card's checkpoint, in order: ``$INVARBENCH_CHECKPOINTS``, then the package's."""
+    extra = os.environ.get(CHECKPOINTS_ENV)
+    return [*([Path(extra)] if extra else []), CHECKPOINTS_DIR]
 
 REQUIRED_FIELDS = {
     "": ("name", "dataset", "num_classes", "invertible", "notes"),
@@ -64,7 +73,9 @@ class ModelCard:
 
     @property
     def checkpoint_path(self) -> Path:
-        return CHECKPOINTS_DIR / self.checkpoint_file
+        """The first of :func:`checkpoint_dirs` that holds the file; the package's folder where none does
+        (where training writes it)."""
+        return next((folder / self.checkpoint_file for folder in checkpoint_dirs() if (folder / self.checkpoint_file).is_file()), CHECKPOINTS_DIR / self.checkpoint_file)
 
     @classmethod
     def from_toml(cls, path: Path) -> ModelCard:
@@ -238,7 +249,11 @@ def declared_dataset(reference: str | os.PathLike) -> str | None:
 def _load_registered(card: ModelCard, *, verify_checksum: bool) -> BenchmarkModel:
     path = card.checkpoint_path
     if not path.exists():
-        raise ModelError(f"checkpoint {path} of model {card.name} is missing; run `invarbench models train {card.name}` or restore the file from git")
+        raise ModelError(
+            f"checkpoint {card.checkpoint_file} of model {card.name} is in none of {', '.join(str(folder) for folder in checkpoint_dirs())}; "
+            f"the wheel does not ship the zoo's weights: install from a clone (pip install -e .), set {CHECKPOINTS_ENV} to a folder holding them, "
+            f"restore the file from git or run `invarbench models train {card.name}`"
+        )
     if verify_checksum:
         digest = sha256_file(path)
         if digest != card.checkpoint_sha256:

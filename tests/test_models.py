@@ -1,3 +1,6 @@
+import tomllib
+from pathlib import Path
+
 import pytest
 import torch
 from invarbench.datasets import load_dataset
@@ -44,10 +47,29 @@ def test_checkpoint_path_that_does_not_exist(tmp_path):
         load_model(tmp_path / "missing.pt", architecture="mlp")
 
 
-def test_missing_registered_checkpoint_names_the_fix(isolated_registry):
+def test_missing_registered_checkpoint_names_the_fix(isolated_registry, monkeypatch):
+    monkeypatch.delenv(registry.CHECKPOINTS_ENV, raising=False)
     isolated_registry("spheres-mlp-standard", with_checkpoint=False)
-    with pytest.raises(ModelError, match="is missing; run `invarbench models train spheres-mlp-standard`"):
+    with pytest.raises(ModelError, match=f"is in none of .*set {registry.CHECKPOINTS_ENV} to a folder holding them.*run `invarbench models train spheres-mlp-standard`"):
         load_model("spheres-mlp-standard")
+
+
+def test_checkpoints_are_found_in_the_folder_the_environment_names(isolated_registry, tmp_path, monkeypatch):
+    """As after installing the wheel, which leaves the zoo's weights out: the package's folder lacks them."""
+    _, checkpoint = isolated_registry("spheres-mlp-standard")
+    elsewhere = tmp_path / "zoo"
+    elsewhere.mkdir()
+    checkpoint.rename(elsewhere / checkpoint.name)
+    monkeypatch.setenv(registry.CHECKPOINTS_ENV, str(elsewhere))
+    assert get_card("spheres-mlp-standard").checkpoint_path == elsewhere / checkpoint.name
+    card = get_card("spheres-mlp-standard")
+    assert load_model("spheres-mlp-standard")(torch.zeros(1, *card.input_shape)).shape == (1, card.num_classes)
+
+
+def test_the_wheel_leaves_the_checkpoints_out():
+    setuptools = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert not any(pattern.endswith(".pt") for patterns in setuptools["package-data"].values() for pattern in patterns)
+    assert "checkpoints/*.pt" in setuptools["exclude-package-data"]["invarbench.models"]
 
 
 def test_corrupted_checkpoint_is_refused(isolated_registry):
