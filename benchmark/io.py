@@ -1,4 +1,4 @@
-"""Atomic file writes and hashing: results and checkpoints are never left half-written."""
+"""Atomic file writes and hashing (results and checkpoints are never left half-written), and the cache directory."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+
+def invarbench_home() -> Path:
+    """The cache directory: ``$INVARBENCH_HOME``, default ``~/.cache/invarbench``."""
+    return Path(os.environ.get("INVARBENCH_HOME") or Path.home() / ".cache" / "invarbench")
 
 
 def sha256_file(path: str | os.PathLike) -> str:

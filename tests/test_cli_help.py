@@ -41,3 +41,14 @@ def test_help_answers_without_loading_heavy_libraries(command):
     report = json.loads(last)
     assert report["code"] == 0 and any(line.startswith("usage: invarbench") for line in help_lines)
     assert report["loaded"] == [], f"`invarbench {' '.join(command)} --help` imports {report['loaded']}"
+
+
+def test_leaderboard_defaults_to_the_checkout_and_otherwise_to_the_cache(tmp_path, monkeypatch):
+    from invarbench.leaderboard import leaderboard_root
+
+    monkeypatch.setenv("INVARBENCH_HOME", str(tmp_path / "home"))
+    installed = tmp_path / "site-packages" / "invarbench" / "leaderboard"
+    installed.mkdir(parents=True)
+    assert leaderboard_root(installed) == tmp_path / "home" / "leaderboard"  # a wheel: no entries, not written into
+    (installed / "entries").mkdir()
+    assert leaderboard_root(installed) == installed  # a clone or editable install
