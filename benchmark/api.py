@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from invarbench.attacks import ThreatModel
     from invarbench.config import AttackSpec, ModelSpec, RunConfig
+    from invarbench.executors import ExecutorSettings
     from torch import nn
 
 #: The parent folder of run directories when none is given (`invarbench run --out`), relative to the working directory.
@@ -168,12 +169,12 @@ class Results:
         return f"Results({str(self.run_dir)!r}, models={list(self.summary_dict['models'])}, n={self.summary_dict['n']})"
 
 
-def run_config(config: RunConfig, out: str | os.PathLike | None = None, *, name: str | None = None, device: str = "auto", progress: bool = True, data_source: str | None = None, oracle=None) -> Results:
+def run_config(config: RunConfig, out: str | os.PathLike | None = None, *, name: str | None = None, device: str = "auto", progress: bool = True, data_source: str | None = None, oracle=None, executor: ExecutorSettings | None = None) -> Results:
     """Run (or resume) ``config`` into ``out/NAME`` (default ``runs/``, NAME derived from the
     configuration) and return its results: what both ``evaluate`` and `invarbench run` do."""
     from invarbench.runner import run_benchmark
 
-    outcome = run_benchmark(config, Path(out) if out is not None else DEFAULT_RUNS_DIR, name=name, device=device, progress=progress, data_source=data_source, oracle=oracle)
+    outcome = run_benchmark(config, Path(out) if out is not None else DEFAULT_RUNS_DIR, name=name, device=device, progress=progress, data_source=data_source, oracle=oracle, executor=executor)
     return Results.load(outcome.run_dir, summary=outcome.summary, jobs_run=outcome.jobs_run, jobs_resumed=outcome.jobs_resumed)
 
 
@@ -265,6 +266,10 @@ def evaluate(
     progress: bool = True,
     bounds: tuple[float, float] | None = None,
     num_classes: int | None = None,
+    executor: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
 ) -> Results:
     """Evaluate ``model`` against perturbation and invariance attacks on the first ``n`` test points.
 
@@ -279,12 +284,16 @@ def evaluate(
     ``oracle``: the oracle judging invariance candidates, a name (``invarbench oracle list``) or an
     oracle object. ``out``/``name``: the run directory ``out/name`` (default ``runs/`` and a name
     derived from the configuration, so the same call resumes).
+    ``executor``: ``"local"`` (in this process) or ``"ray"`` (jobs as Ray tasks: on this machine with
+    ``workers`` x ``threads_per_worker`` CPUs, or on the cluster at ``address``; see docs/cluster.md).
     """
     from invarbench.config import RunConfig
+    from invarbench.executors import ExecutorSettings
 
+    settings = ExecutorSettings(executor, address=address, workers=workers, threads_per_worker=threads_per_worker)
     specs = _as_specs(model, dataset, bounds, num_classes)
     config = RunConfig(specs, _threats(threats, specs), _attacks(attacks), n=n, seed=seed, oracle=oracle if isinstance(oracle, str) else None)
-    return run_config(config, out, name=name, device=device, progress=progress, oracle=None if isinstance(oracle, str) else oracle)
+    return run_config(config, out, name=name, device=device, progress=progress, oracle=None if isinstance(oracle, str) else oracle, executor=settings)
 
 
 __all__ = ["DEFAULT_RUNS_DIR", "Results", "evaluate", "format_summary", "format_table", "model_spec", "run_config"]

@@ -2,7 +2,8 @@
 
 Jobs are pure: a job's records depend only on the job (with its derived seed), the model, the shard's
 points and, in the cascade, the records of the cheaper attacks on the same shard. So finished jobs can
-be skipped on resume, and a distributed executor could run the same jobs elsewhere.
+be skipped on resume, and an executor (``invarbench.executors``: in this process, or as Ray tasks on a
+cluster) can run them anywhere; the runner alone writes the run directory, from the records they hand back.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import platform
 import shutil
 import sys
-import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
@@ -21,13 +21,13 @@ import pandas as pd
 import torch
 from invarbench import __version__
 from invarbench.attacks import ATTACKS
-from invarbench.attacks.invariance import InvarianceContext
 from invarbench.attacks.oracles import default_oracle, resolve_oracle
 from invarbench.checks import CHECKS, check_compatible, check_model
 from invarbench.config import HEADLINE_THREATS, RUNNER_OPTIONS, AttackSpec, ModelSpec, RunConfig, default_threats, merge_threats  # noqa: F401  (re-exported)
-from invarbench.datasets import invarbench_home, load_dataset
+from invarbench.datasets import load_dataset
 from invarbench.errors import ConfigError
 from invarbench.evaluation import predict
+from invarbench.executors import ExecutorSettings, JobOutput, JobTask, ModelInputs, create_executor
 from invarbench.jobs import decision_margins, execute_invariance_job, execute_job  # noqa: F401  (re-exported)
 from invarbench.metrics import _tally, invariance_metrics, oracle_report, summarize  # noqa: F401  (re-exported)
 from invarbench.models import get_card
@@ -82,18 +82,22 @@ class RunOutcome:
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, device: str = "auto", progress: bool = True, data_source: str | None = None, oracle=None) -> RunOutcome:
+def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, device: str = "auto", progress: bool = True, data_source: str | None = None, oracle=None, executor: ExecutorSettings | None = None) -> RunOutcome:
     """Run (or resume) the configured evaluation into ``out/NAME`` and return its summary.
 
     ``oracle`` judges invariance candidates; by default the data set's own (see ``default_oracle``).
+    ``executor`` says where the jobs run (default: in this process; see ``invarbench.executors``).
     """
     run_dir = Path(out) / (name or config.default_name())
     store = RunStore(run_dir)
-    torch_device = resolve_device(device)
+    executor = executor or ExecutorSettings()
+    # Ray's workers run on CPUs: "auto" means the CPU there, and --device cuda is refused by the executor.
+    torch_device = resolve_device("cpu" if executor.name == "ray" and device == "auto" else device)
     on_disk = tuple(spec for spec in config.models if spec.module is None)
     if on_disk:  # in-memory models need no loading checks
         check_models(replace(config, models=on_disk))
-    with RunLock(run_dir) as lock, discarded_on_failure(store, created=run_dir in lock.created):
+    # Started (Ray joined) before the run directory is touched: an unreachable cluster leaves no files.
+    with create_executor(executor) as executor_run, RunLock(run_dir) as lock, discarded_on_failure(store, created=run_dir in lock.created):
         store.remove_stale_temporaries()
         check_run_dir(store, config)
         manifest = {
@@ -103,7 +107,8 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
             "status": "running",
             "versions": package_versions(),
             "device": str(torch_device),
-            "threads": torch.get_num_threads(),
+            "threads": executor_run.threads_per_worker,
+            "executor": {"name": executor_run.name, "workers": executor_run.workers, "threads_per_worker": executor_run.threads_per_worker, **({"address": executor.address} if executor.address else {})},
             "cpu": cpu_description(),
             "platform": platform.platform(),
             "command": " ".join(sys.argv),
@@ -114,13 +119,16 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
 
         jobs = plan(config)
         outcome = RunOutcome(run_dir, {})
-        all_records: list[pd.DataFrame] = []
-        invariance_records: list[pd.DataFrame] = []
         oracles: dict[tuple, Any] = {}
         oracle_reports: dict[str, dict[str, Any]] = {}
         model_info: dict[str, dict[str, Any]] = {}
         datasets: dict[tuple, Any] = {}
         tallies: dict[tuple, list[int]] = {}
+        inputs: dict[str, ModelInputs] = {}
+        tasks: list[JobTask] = []
+        # Every job's records by id: read from disk for finished jobs, handed back by the executor for the others.
+        records_of: dict[str, pd.DataFrame] = {}
+        seconds_of: dict[str, float] = {}
         bar = tqdm(total=sum(job.stop - job.start for job in jobs), desc="invarbench run", unit="pt", disable=not progress, dynamic_ncols=True)
         for spec in config.models:
             card = get_card(spec.reference) if spec.is_registered else None
@@ -148,53 +156,58 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
             if key not in oracles and any(attack.kind == "invariance" and ATTACKS[attack.name].needs_oracle for attack in config.attacks):
                 oracles[key] = oracle or (resolve_oracle(config.oracle, dataset) if config.oracle else default_oracle(dataset))
                 oracle_reports[oracles[key].name] = oracle_report(oracles[key], images, labels)
-            timings: dict[str, float] = {}
-            # Per attack, each distinct warning its jobs raised (in order), e.g. AutoAttack's Square check.
-            attack_warnings: dict[str, dict[str, None]] = {}
-            shard_records: dict[tuple, list[pd.DataFrame]] = {}
+            inputs[spec.key] = ModelInputs(spec, model, dataset.num_classes, dataset.bounds, model_info[spec.key]["checkpoint_sha256"], dataset, oracles.get(key), torch_device)
+            # Per norm, not per threat: an attack restricted to some eps (eps=...) still sees what the
+            # attacks before it found at those eps.
+            shard_jobs: dict[tuple, list[str]] = {}
             for job in (job for job in jobs if job.model == spec.key):
-                # Per norm, not per threat: an attack restricted to some eps (eps=...) still sees what the
-                # attacks before it found at those eps.
-                shard_key = (job.threat.norm, job.shard)
+                earlier = ()
+                if job.attack.kind != "invariance":
+                    chain = shard_jobs.setdefault((job.threat.norm, job.shard), [])
+                    earlier = tuple(chain) if config.cascade and job.attack.cascades else ()
+                    chain.append(job.id)
                 if store.job_done(job.id):
-                    records, seconds = store.read_job(job.id)
+                    records_of[job.id], seconds_of[job.id] = store.read_job(job.id)
                     outcome.jobs_resumed += 1
-                elif job.attack.kind == "invariance":
-                    started = time.perf_counter()
-                    window = slice(job.start, job.stop)
-                    context = InvarianceContext(dataset, oracles.get(key), torch.arange(job.start, job.stop), cache_dir=invarbench_home() / "cache" / "invariance")
-                    records, candidates = execute_invariance_job(job, model, images[window], labels[window], clean_predictions[window], context)
-                    seconds = time.perf_counter() - started
-                    store.write_candidates(job.id, candidates)
-                    store.write_job(job.id, records, seconds=seconds)
-                    outcome.jobs_run += 1
-                else:
-                    earlier = pd.concat(shard_records[shard_key]) if shard_records.get(shard_key) else None
-                    started = time.perf_counter()
-                    window = slice(job.start, job.stop)
-                    workspace = run_dir / "state" / job.id
-                    records, warnings = execute_job(job, model, images[window], labels[window], clean_predictions[window], earlier, cascade=config.cascade, workspace=workspace)
-                    seconds = time.perf_counter() - started
-                    store.write_job(job.id, records, seconds=seconds, warnings=warnings)
-                    # An attack's resume state is only needed until its job's records are on disk.
-                    shutil.rmtree(workspace, ignore_errors=True)
-                    outcome.jobs_run += 1
-                timings[job.attack.label()] = timings.get(job.attack.label(), 0.0) + seconds
-                for warning in store.job_warnings(job.id):
-                    attack_warnings.setdefault(job.attack.label(), {})[f"{job.threat.norm} {warning}"] = None
-                bar.update(job.stop - job.start)
-                if job.attack.kind == "invariance":
-                    invariance_records.append(records)
-                    judged = records[records["oracle_label"].notna() & (records["oracle_label"] != records["label"])]
-                    bar.set_postfix_str(f"{spec.key} {job.attack.name} label changed {len(judged)}/{len(records)}", refresh=False)
+                    bar.update(job.stop - job.start)
                     continue
-                shard_records.setdefault(shard_key, []).append(records)
-                all_records.append(records)
-                robust_so_far = _tally(tallies, job, records)
-                bar.set_postfix_str(f"{spec.key} {job.threat.norm} {job.attack.name} robust {robust_so_far}", refresh=False)
-            outcome.timings[spec.key] = timings
-            model_info[spec.key]["attack_warnings"] = {label: list(messages) for label, messages in attack_warnings.items()}
+                window = slice(job.start, job.stop)
+                tasks.append(JobTask(job, images[window], labels[window], clean_predictions[window], config.cascade, earlier))
+
+        def finished(task: JobTask, output: JobOutput) -> None:
+            """Store a job's records (atomically: they mark it done) and show its progress."""
+            job = task.job
+            if output.candidates is not None:
+                store.write_candidates(job.id, output.candidates)
+            store.write_job(job.id, output.records, seconds=output.seconds, warnings=output.warnings)
+            # An attack's resume state is only needed until its job's records are on disk.
+            shutil.rmtree(run_dir / "state" / job.id, ignore_errors=True)
+            seconds_of[job.id] = output.seconds
+            outcome.jobs_run += 1
+            bar.update(job.stop - job.start)
+            if job.attack.kind == "invariance":
+                judged = output.records[output.records["oracle_label"].notna() & (output.records["oracle_label"] != output.records["label"])]
+                bar.set_postfix_str(f"{job.model} {job.attack.name} label changed {len(judged)}/{len(output.records)}", refresh=False)
+            else:
+                bar.set_postfix_str(f"{job.model} {job.threat.norm} {job.attack.name} robust {_tally(tallies, job, output.records)}", refresh=False)
+
+        executor_run.run(tasks, inputs, records_of, finished, workspace=lambda job: run_dir / "state" / job.id)
         bar.close()
+
+        # Timings, warnings and records in plan order, whichever order the jobs finished in.
+        all_records: list[pd.DataFrame] = []
+        invariance_records: list[pd.DataFrame] = []
+        attack_warnings: dict[str, dict[str, dict[str, None]]] = {spec.key: {} for spec in config.models}
+        for job in jobs:
+            timings = outcome.timings.setdefault(job.model, {})
+            timings[job.attack.label()] = timings.get(job.attack.label(), 0.0) + seconds_of[job.id]
+            # Per attack, each distinct warning its jobs raised (in order), e.g. AutoAttack's Square check.
+            for warning in store.job_warnings(job.id):
+                attack_warnings[job.model].setdefault(job.attack.label(), {})[f"{job.threat.norm} {warning}"] = None
+            (invariance_records if job.attack.kind == "invariance" else all_records).append(records_of[job.id])
+        for spec in config.models:
+            outcome.timings.setdefault(spec.key, {})
+            model_info[spec.key]["attack_warnings"] = {label: list(messages) for label, messages in attack_warnings[spec.key].items()}
 
         records = as_records(pd.concat(all_records, ignore_index=True)) if all_records else as_records(pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in RECORD_COLUMNS.items()}))
         records = records.sort_values(["model", "norm", "eps", "attack_index", "index"], kind="stable")
@@ -203,6 +216,7 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
             invariance = as_records(pd.concat(invariance_records, ignore_index=True)).sort_values(["model", "attack_index", "norm", "eps", "index"], kind="stable")
         store.write_results(records, invariance)
         outcome.summary = summarize(records, config, model_info, invariance)
+        outcome.summary.update(executor=executor_run.name, workers=executor_run.workers)
         if oracle_reports:
             outcome.summary["oracles"] = oracle_reports
         write_json(store.summary_path, outcome.summary)

@@ -87,7 +87,7 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
                 "track": track,
                 "checkpoint_sha256": model_summary["checkpoint_sha256"],
                 "model_card": description,
-                "settings": {"n": config["n"], "seed": config["seed"], "cascade": config["cascade"], "shard_size": config["shard_size"], "threats": config["threats"], "attacks": attacks, **_oracle_setting(track, config, summary)},
+                "settings": {"n": config["n"], "seed": config["seed"], "cascade": config["cascade"], "shard_size": config["shard_size"], "threats": config["threats"], "attacks": attacks, **_oracle_setting(track, config, summary), **_executor_setting(summary)},
                 "versions": manifest["versions"],
                 "date": manifest.get("finished", manifest["created"]),
                 "device": manifest["device"],
@@ -104,6 +104,20 @@ def _oracle_setting(track: str, config: dict[str, Any], summary: dict[str, Any])
     names = sorted(summary.get("oracles", {}))
     chosen = config.get("oracle") or (names[0] if len(names) == 1 else None)
     return {"oracle": chosen} if track == "invariance" and chosen else {}
+
+
+# Settings that record how a run was executed, not what it computed: entries that differ only in them agree.
+EXECUTION_SETTINGS = ("executor", "workers")
+
+
+def _executor_setting(summary: dict[str, Any]) -> dict[str, Any]:
+    """Where the run's jobs ran (``local`` or ``ray``) and on how many workers; runs made before the
+    executors existed record neither."""
+    return {key: summary[key] for key in EXECUTION_SETTINGS if key in summary}
+
+
+def _computed_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in settings.items() if key not in EXECUTION_SETTINGS}
 
 
 def minimum_norm_curves(records: pd.DataFrame, attacks: list[dict[str, Any]], n: int) -> dict[str, dict[str, Any]]:
@@ -167,8 +181,9 @@ def add_run(run_dir: str | Path, entries_dir: str | Path = ENTRIES_DIR, *, repla
         path = entries_dir / f"{entry_stem(entry['model'], entry['dataset'], entry['track'])}.json"
         if path.exists() and not replace:
             existing = read_entry(path)
-            for field in ("settings", "checkpoint_sha256"):
-                if existing[field] != entry[field]:
+            # How the run was executed (local or Ray, workers) does not change its results: not a conflict.
+            for field, (old, new) in {"settings": (_computed_settings(existing["settings"]), _computed_settings(entry["settings"])), "checkpoint_sha256": (existing["checkpoint_sha256"], entry["checkpoint_sha256"])}.items():
+                if old != new:
                     raise ConfigError(f"{path} holds {entry['model']} ({entry['track']}) with other {field} than the run in {run_dir}; pass --replace to overwrite it, or evaluate with the stored settings")
     written = []
     for entry, subset in found:
