@@ -48,28 +48,30 @@ def format_summary(summary: dict[str, Any]) -> str:
     """The text `invarbench run` prints after a run: robust accuracy per model, threat and eps after each
     perturbation attack in cascade order; invariance metrics per invariance attack and setting; the
     oracles' calibration. Empty when the run has neither."""
+    import pandas as pd
+    from invarbench.results import WORST_CASE, invariance_frame, robustness_frame
+
     parts = []
     rows = []
     order = summary["attack_order"]
-    for model, entry in summary["models"].items():
-        for norm, per_eps in entry["threats"].items():
-            for eps, result in per_eps.items():
-                # In cascade order, "-" where an attack did not run at this eps (e.g. autoattack:eps=0.3).
-                cells = [f"{100 * result['attacks'][label]['robust_accuracy']:.1f}%" if label in result["attacks"] else "-" for label in order]
-                rows.append([model, f"{100 * entry['clean_accuracy']:.1f}%", f"{norm} {eps}", *cells, f"{100 * result['worst_case']['robust_accuracy']:.1f}%", "yes" if entry["warnings"] else "no"])
+    robustness = robustness_frame(summary["models"].items())
+    for (model, norm, eps), result in robustness.groupby(["model", "norm", "setting"], sort=False):
+        entry = summary["models"][model]
+        robust = dict(zip(result["attack"], result["robust_accuracy"]))
+        # In cascade order, "-" where an attack did not run at this eps (e.g. autoattack:eps=0.3).
+        cells = [f"{100 * robust[label]:.1f}%" if label in robust else "-" for label in order]
+        rows.append([model, f"{100 * entry['clean_accuracy']:.1f}%", f"{norm} {eps}", *cells, f"{100 * robust[WORST_CASE]:.1f}%", "yes" if entry["warnings"] else "no"])
     if rows:
         parts.append(format_table(["model", "clean", "threat", *[f"after {label}" for label in order], "worst case", "check warnings"], rows))
     invariance_rows = []
-    for model, entry in summary["models"].items():
-        for attack, per_eps in entry.get("invariance", {}).items():
-            for setting, metrics in per_eps.items():
-                accuracy, low_high = metrics["invariance_accuracy"], metrics["invariance_accuracy_ci95"]
-                excessive, excessive_interval = metrics["excessive_invariance_rate"], metrics["excessive_invariance_rate_ci95"]
-                invariance_rows.append([
-                    model, attack, setting, ",".join(metrics["oracle"]), f"{metrics['label_changed']}/{metrics['candidates']} ({metrics['abstained']} abstained)",
-                    "-" if accuracy is None else f"{100 * accuracy:.1f}% [{100 * low_high[0]:.1f}, {100 * low_high[1]:.1f}]",
-                    "-" if excessive is None else f"{100 * excessive:.1f}% [{100 * excessive_interval[0]:.1f}, {100 * excessive_interval[1]:.1f}]",
-                ])
+    for metrics in invariance_frame(summary["models"].items()).to_dict("records"):
+        accuracy, low_high = metrics["invariance_accuracy"], metrics["invariance_accuracy_ci95"]
+        excessive, excessive_interval = metrics["excessive_invariance_rate"], metrics["excessive_invariance_rate_ci95"]
+        invariance_rows.append([
+            metrics["model"], metrics["attack"], metrics["setting"], ",".join(metrics["oracle"]), f"{metrics['label_changed']}/{metrics['candidates']} ({metrics['abstained']} abstained)",
+            "-" if pd.isna(accuracy) else f"{100 * accuracy:.1f}% [{100 * low_high[0]:.1f}, {100 * low_high[1]:.1f}]",
+            "-" if pd.isna(excessive) else f"{100 * excessive:.1f}% [{100 * excessive_interval[0]:.1f}, {100 * excessive_interval[1]:.1f}]",
+        ])
     if invariance_rows:
         from invarbench.leaderboard.tables import calibration_summary
 
@@ -134,36 +136,45 @@ class Results:
         after that attack (cumulative, as in the summary), with n and the clean accuracy."""
         import pandas as pd
 
+        from invarbench.results import robustness_frame
+
+        models, order = self.summary_dict["models"], self.summary_dict["attack_order"]
+        frame = robustness_frame(models.items())
+        frame = frame[frame["attack"].isin(order)]
+        # Model, threat and eps in the run's order, attacks in cascade order.
+        frame = frame.assign(group=frame.groupby(["model", "norm", "setting"], sort=False).ngroup(), position=frame["attack"].map(order.index)).sort_values(["group", "position"], kind="stable")
         epsilons = self._epsilons()
-        rows = []
-        for model, entry in self.summary_dict["models"].items():
-            for norm, per_eps in entry["threats"].items():
-                for eps, result in per_eps.items():
-                    for label in self.summary_dict["attack_order"]:
-                        if label in result["attacks"]:
-                            accuracy = result["attacks"][label]["robust_accuracy"]
-                            rows.append([model, entry["dataset"], norm, epsilons.get((norm, eps), float(eps)), label, accuracy, self.summary_dict["n"], entry["clean_accuracy"]])
-        return pd.DataFrame(rows, columns=["model", "dataset", "norm", "eps", "attack", "robust_accuracy", "n", "clean_accuracy"])
+        return pd.DataFrame({
+            "model": frame["model"],
+            "dataset": frame["model"].map(lambda model: models[model]["dataset"]),
+            "norm": frame["norm"],
+            "eps": [epsilons.get((norm, setting), float(setting)) for norm, setting in zip(frame["norm"], frame["setting"])],
+            "attack": frame["attack"],
+            "robust_accuracy": frame["robust_accuracy"],
+            "n": self.summary_dict["n"],
+            "clean_accuracy": frame["model"].map(lambda model: models[model]["clean_accuracy"]),
+        }, columns=["model", "dataset", "norm", "eps", "attack", "robust_accuracy", "n", "clean_accuracy"]).reset_index(drop=True)
 
     def invariance_pandas(self) -> pd.DataFrame:
         """One row per model, invariance attack and setting (norm and eps or budget) with the summary's
         invariance metrics; a 95% interval ``X_ci95`` becomes ``X_ci95_low`` and ``X_ci95_high``, the
         oracles one comma-joined string. Empty when no invariance attack ran."""
         import pandas as pd
+        from invarbench.results import invariance_frame
 
-        rows = []
-        for model, entry in self.summary_dict["models"].items():
-            for attack, per_eps in entry.get("invariance", {}).items():
-                for setting, metrics in per_eps.items():
-                    norm, _, eps = setting.rpartition(":")
-                    row = {"model": model, "dataset": entry["dataset"], "attack": attack, "norm": norm, "eps": float(eps), "n": self.summary_dict["n"]}
-                    for key, value in metrics.items():
-                        if key.endswith("_ci95"):
-                            row[f"{key}_low"], row[f"{key}_high"] = value
-                        else:
-                            row[key] = ",".join(value) if key == "oracle" else value
-                    rows.append(row)
-        return pd.DataFrame(rows, columns=None if rows else ["model", "dataset", "attack", "norm", "eps", "n"])
+        models = self.summary_dict["models"]
+        frame = invariance_frame(models.items())
+        if frame.empty:
+            return pd.DataFrame(columns=["model", "dataset", "attack", "norm", "eps", "n"])
+        frame.insert(1, "dataset", frame["model"].map(lambda model: models[model]["dataset"]))
+        frame.insert(6, "n", self.summary_dict["n"])
+        for column in [column for column in frame.columns if column.endswith("_ci95")]:
+            position = frame.columns.get_loc(column)
+            low, high = zip(*frame.pop(column))
+            frame.insert(position, f"{column}_high", high)
+            frame.insert(position, f"{column}_low", low)
+        frame["oracle"] = frame["oracle"].map(",".join)
+        return frame.drop(columns="setting")
 
     def __repr__(self) -> str:
         return f"Results({str(self.run_dir)!r}, models={list(self.summary_dict['models'])}, n={self.summary_dict['n']})"

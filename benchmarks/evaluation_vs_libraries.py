@@ -22,6 +22,7 @@ import torch
 from invarbench.attacks import ThreatModel
 from invarbench.datasets import load_dataset
 from invarbench.models import load_model
+from invarbench.results import WORST_CASE, robustness_frame
 from invarbench.runner import AttackSpec, ModelSpec, RunConfig, run_benchmark
 
 
@@ -61,7 +62,8 @@ def main() -> None:
             started = time.perf_counter()
             outcome = run_benchmark(config, Path(out), progress=False, device="cpu")
             ours = min(ours, time.perf_counter() - started)
-    worst = outcome.summary["models"][args.model]["threats"]["linf"][f"{args.eps:g}"]["worst_case"]["robust_accuracy"]
+    figures = robustness_frame(outcome.summary["models"].items())
+    worst = figures.loc[(figures["norm"] == "linf") & (figures["eps"] == float(f"{args.eps:g}")) & (figures["attack"] == WORST_CASE), "robust_accuracy"].item()
     print(f"model {args.model}, first {args.n} test points, l_inf eps {args.eps}, AutoAttack {args.version} {attacks or ''}, {torch.get_num_threads()} threads, best of {args.repeats}")
     print(f"Foolbox LinfPGD + pyautoattack called directly: {reference:.1f} s")
     print(f"invarbench run (cascade, checks, per-sample records): {ours:.1f} s (worst-case robust accuracy {100 * worst:.1f}%)")

@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from invarbench.io import atomic_write
 from invarbench.leaderboard.entries import curve_robust_accuracy
+from invarbench.results import WORST_CASE, entry_results, invariance_frame, robustness_frame
 
 
 def _save(figure, stem: Path) -> list[Path]:
@@ -32,20 +34,23 @@ def build_plots(entries: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     written = []
     for dataset in sorted({entry["dataset"] for entry in entries}):
         perturbation = sorted((entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "perturbation"), key=lambda entry: entry["model"])
-        invariance = {entry["model"]: entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "invariance"}
-        norms = sorted({norm for entry in perturbation for norm in entry["results"]["threats"]})
+        robustness = robustness_frame(entry_results(perturbation))
+        worst = robustness[robustness["attack"] == WORST_CASE]
+        linf_invariance = invariance_frame(entry_results(entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "invariance"))
+        linf_invariance = linf_invariance[linf_invariance["attack"] == "invariance-linf"]
+        norms = sorted(set(robustness["norm"]))
         colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for norm in norms:
             figure, axis = plt.subplots(figsize=(6, 4))
-            largest = max((float(eps) for entry in perturbation for eps in entry["results"]["threats"].get(norm, {})), default=1.0)
+            largest = worst.loc[worst["norm"] == norm, "eps"].max()
             grid = [largest * 1.25 * step / 200 for step in range(201)]
             curves = False
             for position, entry in enumerate(perturbation):
-                per_eps = entry["results"]["threats"].get(norm, {})
-                if not per_eps:
+                own = worst[(worst["model"] == entry["model"]) & (worst["norm"] == norm)].sort_values("eps")
+                if own.empty:
                     continue
                 colour = colours[position % len(colours)]
-                points = sorted((float(eps), result["worst_case"]["robust_accuracy"]) for eps, result in per_eps.items())
+                points = list(zip(own["eps"], own["robust_accuracy"]))
                 axis.plot([0.0] + [eps for eps, _ in points], [entry["results"]["clean_accuracy"]] + [value for _, value in points], marker="o", linestyle="--", linewidth=1, color=colour, label=entry["model"])
                 curve = entry["results"].get("curves", {}).get(norm)
                 if curve:
@@ -56,24 +61,25 @@ def build_plots(entries: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             axis.set_ylabel("robust accuracy")
             axis.set_ylim(0, 1.02)
             what = "markers: worst case over all attacks; lines: minimum-norm attack" if curves else "worst case over all attacks"
-            sizes = "/".join(str(size) for size in sorted({entry["settings"]["n"] for entry in perturbation if entry["results"]["threats"].get(norm)}))
+            sizes = "/".join(str(size) for size in sorted({entry["settings"]["n"] for entry in perturbation if entry["model"] in set(worst.loc[worst["norm"] == norm, "model"])}))
             axis.set_title(f"{dataset}: robust accuracy versus {norm} eps (n={sizes or '-'})\n{what}", fontsize=9)
             if axis.get_legend_handles_labels()[0]:
                 axis.legend(fontsize=7)
             figure.tight_layout()
             written += _save(figure, out_dir / f"{dataset}-robustness-{norm}")
             plt.close(figure)
-        settings = sorted({setting for entry in invariance.values() for setting in entry["results"]["invariance"].get("invariance-linf", {})})
-        for setting in settings:
+        linf_worst = worst[worst["norm"] == "linf"]
+        robust = dict(zip(zip(linf_worst["model"], linf_worst["setting"]), linf_worst["robust_accuracy"]))
+        figures = {(row["model"], row["setting"]): row for row in linf_invariance.to_dict("records")}
+        for setting in sorted(set(linf_invariance["setting"])):
             eps = setting.partition(":")[2]
             figure, axis = plt.subplots(figsize=(6, 4))
             for entry in perturbation:
-                robust = entry["results"]["threats"].get("linf", {}).get(eps)
-                metrics = invariance.get(entry["model"], {}).get("results", {}).get("invariance", {}).get("invariance-linf", {}).get(setting)
-                if robust is None or metrics is None or metrics["invariance_accuracy"] is None:
+                metrics = figures.get((entry["model"], setting))
+                if (entry["model"], eps) not in robust or metrics is None or pd.isna(metrics["invariance_accuracy"]):
                     continue
                 value, (low, high) = metrics["invariance_accuracy"], metrics["invariance_accuracy_ci95"]
-                axis.errorbar(robust["worst_case"]["robust_accuracy"], value, yerr=[[value - low], [high - value]], fmt="o", capsize=3, label=entry["model"])
+                axis.errorbar(robust[entry["model"], eps], value, yerr=[[value - low], [high - value]], fmt="o", capsize=3, label=entry["model"])
             axis.set_xlabel(f"worst-case robust accuracy, linf {eps}")
             axis.set_ylabel(f"invariance accuracy, invariance-linf {eps}")
             axis.set_xlim(-0.02, 1.02)

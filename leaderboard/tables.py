@@ -18,6 +18,7 @@ from invarbench.attacks.calibration import format_rate
 from invarbench.io import atomic_write_text
 from invarbench.leaderboard import OUTPUT_DIR
 from invarbench.leaderboard.entries import ENTRIES_DIR, curve_median_norm, load_entries
+from invarbench.results import WORST_CASE, entry_results, invariance_frame, robustness_frame
 
 
 def _percent(value: float | None) -> str:
@@ -37,10 +38,17 @@ def _headline(dataset: str) -> list[tuple[str, str]]:
 NORM_ORDER = ("linf", "l2")
 
 
-def _settings(selected: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def _settings(robustness: pd.DataFrame) -> list[tuple[str, str]]:
     """Every stored (norm, eps): l_inf before l_2 (other norms after), by eps."""
-    found = {(norm, eps) for entry in selected for norm, per_eps in entry["results"]["threats"].items() for eps in per_eps}
+    found = set(zip(robustness["norm"], robustness["setting"]))
     return sorted(found, key=lambda pair: (NORM_ORDER.index(pair[0]) if pair[0] in NORM_ORDER else len(NORM_ORDER), pair[0], float(pair[1])))
+
+
+def _lookup(frame: pd.DataFrame, keys: list[str], column: str) -> dict[tuple, Any]:
+    """``column`` by the values of ``keys``, with missing values as None (for "-" in the tables)."""
+    if frame.empty:
+        return {}
+    return {key: None if pd.isna(value) else value for key, value in zip(zip(*(frame[name] for name in keys)), frame[column])}
 
 
 def _attack_columns(entry: dict[str, Any]) -> list[tuple[str, str]]:
@@ -65,7 +73,11 @@ def perturbation_table(entries: list[dict[str, Any]], dataset: str, *, summary: 
     selected = [entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "perturbation"]
     invariance = {entry["model"]: entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "invariance"}
     headline = _headline(dataset)
-    settings = _settings(selected)
+    robustness = robustness_frame(entry_results(selected))
+    robust = _lookup(robustness, ["model", "norm", "setting", "attack"], "robust_accuracy")
+    settings = _settings(robustness)
+    linf_invariance = invariance_frame(entry_results(invariance.values()))
+    linf_invariance = linf_invariance[linf_invariance["attack"] == "invariance-linf"]
     shown_attacks: list[str] = []
     for entry in selected:
         shown_attacks += [shown for _, shown in _attack_columns(entry) if shown not in shown_attacks]
@@ -74,8 +86,9 @@ def perturbation_table(entries: list[dict[str, Any]], dataset: str, *, summary: 
         columns += [f"{norm} {eps}"] if summary else [*(f"{norm} {eps} after {shown}" for shown in shown_attacks), f"{norm} {eps} worst case"]
     curve_norms = [] if summary else [norm for norm in NORM_ORDER if any(norm in entry["results"].get("curves", {}) for entry in selected)]
     columns += [f"{norm} median min. norm" for norm in curve_norms]
-    invariance_settings = sorted({setting for entry in invariance.values() for setting in entry["results"]["invariance"].get("invariance-linf", {})})
+    invariance_settings = sorted(set(linf_invariance["setting"]))
     columns += [f"invariance accuracy {setting}" for setting in invariance_settings] + ["flags"]
+    invariance_accuracy = _lookup(linf_invariance, ["model", "setting"], "invariance_accuracy")
     rows = []
     for entry in selected:
         results = entry["results"]
@@ -88,21 +101,20 @@ def perturbation_table(entries: list[dict[str, Any]], dataset: str, *, summary: 
             "clean": results["clean_accuracy"],
         }
         for norm, eps in settings:
-            result = results["threats"].get(norm, {}).get(eps)
-            worst = result["worst_case"]["robust_accuracy"] if result else None
+            worst = robust.get((entry["model"], norm, eps, WORST_CASE))
             if summary:
                 row[f"{norm} {eps}"] = worst
                 continue
             for key, shown in _attack_columns(entry):
-                if result and key in result["attacks"]:
-                    row[f"{norm} {eps} after {shown}"] = result["attacks"][key]["robust_accuracy"]
+                if (entry["model"], norm, eps, key) in robust:
+                    row[f"{norm} {eps} after {shown}"] = robust[entry["model"], norm, eps, key]
             row[f"{norm} {eps} worst case"] = worst
         for norm in curve_norms:
             curve = results.get("curves", {}).get(norm)
             row[f"{norm} median min. norm"] = curve_median_norm(curve) if curve else None
-        linf = invariance.get(entry["model"], {}).get("results", {}).get("invariance", {}).get("invariance-linf", {})
-        for setting, metrics in sorted(linf.items()):
-            row[f"invariance accuracy {setting}"] = metrics["invariance_accuracy"]
+        for setting in invariance_settings:
+            if (entry["model"], setting) in invariance_accuracy:
+                row[f"invariance accuracy {setting}"] = invariance_accuracy[entry["model"], setting]
         row["flags"] = ", ".join(reliability_flags(entry)) or "none"
         rows.append(row)
     frame = pd.DataFrame(rows, columns=columns)
@@ -181,29 +193,37 @@ def oracle_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _invariance_entries(entries: list[dict[str, Any]], dataset: str) -> tuple[dict[str, dict[str, Any]], pd.DataFrame]:
+    """A data set's invariance entries by model, and their figures (:func:`invariance_frame`)."""
+    selected = {entry["model"]: entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "invariance"}
+    return selected, invariance_frame(entry_results(selected.values()))
+
+
+def _metric(value: Any) -> Any:
+    return None if not isinstance(value, list | tuple) and pd.isna(value) else value
+
+
 def invariance_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
+    selected, frame = _invariance_entries(entries, dataset)
     rows = []
-    for entry in entries:
-        if entry["dataset"] != dataset or entry["track"] != "invariance":
-            continue
-        for attack, per_setting in sorted(entry["results"]["invariance"].items()):
-            for setting, metrics in sorted(per_setting.items()):
-                rows.append({
-                    "model": entry["model"],
-                    "architecture": entry["model_card"]["architecture"],
-                    "recipe": entry["model_card"]["recipe"],
-                    "attack": attack,
-                    "setting": setting,
-                    "oracle": ",".join(metrics["oracle"]),
-                    "candidates": metrics["candidates"],
-                    "abstained": metrics["abstained"],
-                    "label changed": metrics["label_changed"],
-                    "invariance accuracy": metrics["invariance_accuracy"],
-                    "invariance accuracy ci95": metrics["invariance_accuracy_ci95"],
-                    "excessive invariance": metrics["excessive_invariance_rate"],
-                    "excessive invariance ci95": metrics["excessive_invariance_rate_ci95"],
-                    "oracle calibration": "; ".join(calibration_summary(entry["results"].get("oracles", {}).get(name)) for name in metrics["oracle"]),
-                })
+    for metrics in frame.to_dict("records"):
+        entry = selected[metrics["model"]]
+        rows.append({
+            "model": metrics["model"],
+            "architecture": entry["model_card"]["architecture"],
+            "recipe": entry["model_card"]["recipe"],
+            "attack": metrics["attack"],
+            "setting": metrics["setting"],
+            "oracle": ",".join(metrics["oracle"]),
+            "candidates": metrics["candidates"],
+            "abstained": metrics["abstained"],
+            "label changed": metrics["label_changed"],
+            "invariance accuracy": _metric(metrics["invariance_accuracy"]),
+            "invariance accuracy ci95": metrics["invariance_accuracy_ci95"],
+            "excessive invariance": _metric(metrics["excessive_invariance_rate"]),
+            "excessive invariance ci95": metrics["excessive_invariance_rate_ci95"],
+            "oracle calibration": "; ".join(calibration_summary(entry["results"].get("oracles", {}).get(name)) for name in metrics["oracle"]),
+        })
     frame = pd.DataFrame(rows)
     return frame.sort_values(["attack", "setting", "model"], kind="stable").reset_index(drop=True) if len(frame) else frame
 
@@ -212,20 +232,21 @@ def invariance_summary_table(entries: list[dict[str, Any]], dataset: str) -> pd.
     """One row per model: invariance accuracy [95% interval] for every invariance attack and setting,
     with the number of candidates whose label the oracle says changed in each column's name where it is
     the same for every model (the searches that do not depend on the model), else per cell."""
-    selected = [entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "invariance"]
-    settings = sorted({(attack, setting) for entry in selected for attack, per_setting in entry["results"]["invariance"].items() for setting in per_setting})
+    selected, frame = _invariance_entries(entries, dataset)
+    figures = {(row["model"], row["attack"], row["setting"]): row for row in frame.to_dict("records")}
+    settings = sorted(set(zip(frame["attack"], frame["setting"]))) if len(frame) else []
     names = {}
     for attack, setting in settings:
-        found = [entry["results"]["invariance"].get(attack, {}).get(setting) for entry in selected]
-        counts = {(metrics["label_changed"], metrics["candidates"]) for metrics in found if metrics}
-        shared = f" ({counts.pop()[0]} of {max(metrics['candidates'] for metrics in found if metrics)} changed)" if len(counts) == 1 else ""
+        found = frame[(frame["attack"] == attack) & (frame["setting"] == setting)]
+        counts = set(zip(found["label_changed"], found["candidates"]))
+        shared = f" ({counts.pop()[0]} of {found['candidates'].max()} changed)" if len(counts) == 1 else ""
         names[attack, setting] = f"{attack} {setting}{shared}"
     rows = []
-    for entry in selected:
-        row: dict[str, Any] = {"model": entry["model"], "n": entry["settings"]["n"]}
+    for model, entry in selected.items():
+        row: dict[str, Any] = {"model": model, "n": entry["settings"]["n"]}
         for (attack, setting), column in names.items():
-            metrics = entry["results"]["invariance"].get(attack, {}).get(setting)
-            if metrics is None or metrics["invariance_accuracy"] is None:
+            metrics = figures.get((model, attack, setting))
+            if metrics is None or _metric(metrics["invariance_accuracy"]) is None:
                 row[column] = "-"
                 continue
             low, high = metrics["invariance_accuracy_ci95"]
