@@ -1,0 +1,208 @@
+"""aa-fast: an AutoAttack-strength cascade that costs less, built from pyautoattack's own attacks.
+
+Per eps, on the points still robust:
+
+1. APGD-CE (pyautoattack's ``APGDAttack``, 100 steps, 1 restart: AutoAttack's first stage);
+2. targeted APGD on the DLR-targeted loss (pyautoattack's ``APGDAttack_targeted``) against only the
+   ``targets`` most promising classes, ranked at the clean point: by default MALT's (Melamed et al.,
+   2023) margin normalised by its gradient, (z_y - z_t) / ||grad z_y - grad z_t||_dual, a linear
+   estimate of the distance to class t's decision boundary (``ranking="logits"`` ranks by z_y - z_t,
+   pyautoattack's own order);
+3. Square (pyautoattack's ``SquareAttack``, a gradient-free search) with ``square_queries`` queries, so
+   robustness that masked gradients hide is still found.
+
+Each stage runs only on the points every earlier stage left robust, one eps at a time.
+FAB-T, AutoAttack's third stage, is left out.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pyautoattack
+import torch
+from invarbench.attacks.autoattack import NORM_NAMES, UnitBox, _batches, collected_warnings, image_shape
+from invarbench.attacks.base import Attack, PerturbationResult, perturbation_norm, project, register_attack
+from invarbench.errors import ConfigError
+from invarbench.evaluation import label_margins, logits, model_device
+from pyautoattack import checks
+from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+from pyautoattack.square import SquareAttack
+
+RANKINGS = ("malt", "logits")
+DUAL_NORMS = {"linf": 1, "l2": 2}
+# The targeted DLR loss compares the four largest logits.
+TARGETED_MIN_CLASSES = 4
+SQUARE_L2_MIN_SIDE = 5
+
+
+@register_attack
+class AAFast(Attack):
+    """APGD-CE, then targeted APGD against the top ``targets`` classes, then Square, each on the survivors.
+
+    ``targets=0`` or ``square_queries=0`` leaves that stage out. Models with fewer than 4 classes skip the
+    targeted stage (its loss needs 4; recorded in the results).
+    """
+
+    name = "aa-fast"
+
+    def __init__(self, *, targets: int = 3, ranking: str = "malt", steps: int = 100, square_queries: int = 5000, batch_size: int = 500):
+        if ranking not in RANKINGS:
+            raise ConfigError(f"aa-fast: unknown ranking {ranking!r}; use one of {', '.join(RANKINGS)} (e.g. aa-fast:ranking=malt)")
+        for option, value, least in (("targets", targets, 0), ("steps", steps, 1), ("square_queries", square_queries, 0), ("batch_size", batch_size, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ConfigError(f"aa-fast: {option} must be an integer >= {least}, got {value!r} (e.g. aa-fast:{option}={max(least, 1)})")
+        self.targets, self.ranking, self.steps, self.square_queries, self.batch_size = targets, ranking, steps, square_queries, batch_size
+
+    def run(self, model, images, labels, *, norm, epsilons, seed, active):
+        shape = (len(epsilons), len(labels))
+        success = torch.zeros(shape, dtype=torch.bool)
+        norms = torch.full(shape, float("nan"))
+        predictions = torch.full(shape, -1, dtype=torch.long)
+        margins = torch.full(shape, float("nan"))
+        adversarials = images.detach().cpu().unsqueeze(0).repeat(len(epsilons), *[1] * images.dim())
+        device = model_device(model)
+        targets = min(self.targets, model.num_classes - 1) if model.num_classes >= TARGETED_MIN_CLASSES else 0
+        # pyautoattack's l_2 Square tiles the image with 5x5 windows: smaller images (flat inputs) cannot have it.
+        square_fits = norm != "l2" or min(image_shape(images.shape[1:])[1:]) >= SQUARE_L2_MIN_SIDE
+        stages = ["apgd-ce"] + ["apgd-t"] * (targets > 0) + ["square"] * (self.square_queries > 0 and square_fits)
+        statistics: list[dict] = []
+        messages: list[str] = []
+        logger = logging.getLogger("auto-attack")
+        logger.setLevel(logging.WARNING)
+        low, high = model.bounds
+        box = UnitBox(model, tuple(images.shape[1:]))
+        # pyautoattack seeds torch's global generator: keep the caller's random state as it was.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for index, eps in enumerate(epsilons):
+                points = active[index].nonzero().flatten()
+                if len(points) == 0:
+                    continue
+                x, y = images[points].cpu(), labels[points].cpu()
+                unit = ((x - low) / (high - low)).reshape(len(x), *image_shape(x.shape[1:]))
+                raised: list[str] = []
+                with collected_warnings(logger, raised):
+                    cascade = _Cascade(box, unit, y, norm=norm, eps=eps / (high - low), seed=seed, batch_size=self.batch_size, device=device, logger=logger)
+                    cascade.check_model()
+                    for stage in stages:
+                        cascade.run_stage(stage, **self._stage_options(stage, targets, norm))
+                    checks.check_square_sr(cascade.accuracies, logger=logger)
+                messages.extend(f"eps {eps:g}: {message}" for message in raised)
+                statistics.extend({"eps": eps, **entry} for entry in cascade.statistics)
+                adversarial = project(x, low + cascade.adversarial.reshape(x.shape) * (high - low), norm=norm, eps=eps, bounds=model.bounds)
+                output = logits(model, adversarial, batch_size=self.batch_size)
+                success[index, points] = output.argmax(1) != y
+                norms[index, points] = perturbation_norm(adversarial - x, norm)
+                predictions[index, points] = output.argmax(1)
+                margins[index, points] = label_margins(output, y)
+                adversarials[index, points] = adversarial
+        details = {
+            "stages": stages,
+            "n_target_classes": targets,
+            "stage_statistics": statistics,
+            "implementation": f"pyautoattack {pyautoattack.__version__}: " + " -> ".join(self._describe(stage, targets) for stage in stages),
+        }
+        if 0 < self.targets and targets == 0:
+            details["left_out_for_num_classes"] = ["apgd-t"]
+        if self.square_queries > 0 and not square_fits:
+            details["left_out_for_input_shape"] = ["square"]
+        return PerturbationResult(self.name, norm, epsilons, success, norms, predictions, {**self.options(), **details}, adversarials, margins, tuple(dict.fromkeys(messages)))
+
+    def _describe(self, stage: str, targets: int) -> str:
+        if stage == "apgd-ce":
+            return f"APGD-CE ({self.steps} steps)"
+        if stage == "apgd-t":
+            return f"APGD-T ({self.steps} steps, top {targets} targets by {self.ranking})"
+        return f"Square ({self.square_queries} queries)"
+
+    def _stage_options(self, stage: str, targets: int, norm: str) -> dict:
+        if stage == "apgd-ce":
+            return {"steps": self.steps}
+        if stage == "apgd-t":
+            return {"steps": self.steps, "targets": targets, "ranking": self.ranking, "dual": DUAL_NORMS[norm]}
+        return {"queries": self.square_queries}
+
+
+class _Cascade:
+    """The points of one eps in pyautoattack's unit box: which are still robust, their best adversarials."""
+
+    def __init__(self, box, unit, labels, *, norm, eps, seed, batch_size, device, logger):
+        self.box, self.x, self.y = box, unit, labels
+        self.norm, self.eps, self.seed, self.batch_size, self.device, self.logger = NORM_NAMES[norm], eps, seed, batch_size, device, logger
+        self.adversarial = unit.clone()
+        self.robust = logits(box, unit, batch_size=batch_size).argmax(1) == labels
+        self.accuracies = {"clean": self.robust.float().mean().item()}
+        self.statistics: list[dict] = []
+
+    def check_model(self) -> None:
+        """pyautoattack's checks of the model (randomised, probability outputs, dynamic), on the first batch."""
+        x, y = self.x[: self.batch_size].to(self.device), self.y[: self.batch_size].to(self.device)
+        checks.check_randomized(self.box, x, y, bs=self.batch_size, logger=self.logger)
+        checks.check_range_output(self.box, x, logger=self.logger)
+        checks.check_dynamic(self.box, x, False, logger=self.logger)
+
+    def run_stage(self, stage: str, **options) -> None:
+        attacked = int(self.robust.sum())
+        if stage == "apgd-ce":
+            apgd = APGDAttack(self.box, n_iter=options["steps"], norm=self.norm, n_restarts=1, eps=self.eps, seed=self.seed, loss="ce", rho=0.75, device=self.device, logger=self.logger)
+            self._on_survivors(lambda x, y, _: apgd.perturb(x, y))
+        elif stage == "apgd-t":
+            ranked = torch.full((len(self.y), options["targets"]), -1, dtype=torch.long)
+            survivors = self.robust.nonzero().flatten()
+            for batch in _batches(len(survivors), self.batch_size):
+                chosen = survivors[batch]
+                ranked[chosen] = rank_targets(self.box, self.x[chosen].to(self.device), self.y[chosen].to(self.device), dual=options["dual"], ranking=options["ranking"])[:, : options["targets"]].cpu()
+            apgd = APGDAttack_targeted(self.box, n_iter=options["steps"], norm=self.norm, n_restarts=1, eps=self.eps, seed=self.seed, rho=0.75, device=self.device, logger=self.logger)
+            broken = []
+            for rank in range(options["targets"]):
+                before = int(self.robust.sum())
+                self._on_survivors(lambda x, y, chosen: _targeted(apgd, x, y, ranked[chosen, rank].to(self.device)))
+                broken.append(before - int(self.robust.sum()))
+        else:
+            square = SquareAttack(self.box, p_init=0.8, n_queries=options["queries"], eps=self.eps, norm=self.norm, n_restarts=1, seed=self.seed, verbose=False, device=self.device, resc_schedule=False)
+            self._on_survivors(lambda x, y, _: square.perturb(x, y))
+        self.accuracies[stage] = self.robust.float().mean().item()
+        entry = {"stage": stage, "attacked": attacked, "broken": attacked - int(self.robust.sum())}
+        self.statistics.append({**entry, "broken_per_target": broken} if stage == "apgd-t" else entry)
+
+    def _on_survivors(self, attack: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        """Run ``attack(x, y, indices)`` on the points still robust, in batches; keep what fools the model."""
+        survivors = self.robust.nonzero().flatten()
+        for batch in _batches(len(survivors), self.batch_size):
+            chosen = survivors[batch]
+            x, y = self.x[chosen].to(self.device), self.y[chosen].to(self.device)
+            adversarial = attack(x, y, chosen).detach()
+            with torch.no_grad():
+                fooled = (self.box(adversarial).argmax(1) != y).cpu()
+            self.robust[chosen[fooled]] = False
+            self.adversarial[chosen[fooled]] = adversarial[fooled].cpu()
+
+
+def _targeted(apgd: APGDAttack_targeted, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """One run of pyautoattack's targeted APGD with a chosen target per point (its ``perturb`` takes the
+    k-th largest logit for every point instead)."""
+    apgd.init_hyperparam(x)
+    apgd.y_target = target
+    torch.random.manual_seed(apgd.seed)
+    if x.is_cuda:
+        torch.cuda.random.manual_seed(apgd.seed)
+    _, _, _, adversarial = apgd.attack_single_run(x, y)
+    return adversarial
+
+
+def rank_targets(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, *, dual: float, ranking: str = "malt") -> torch.Tensor:
+    """Classes other than ``y``, most promising target first: ascending (z_y - z_t) / ||grad_x (z_y - z_t)||_dual
+    (MALT), or ascending z_y - z_t (``ranking="logits"``). Returns (N, classes - 1) class indices."""
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        output = model(x)
+        own = output.gather(1, y.view(-1, 1))
+        differences = own - output
+        if ranking == "malt":
+            gradients = torch.stack([torch.autograd.grad(output[:, c].sum(), x, retain_graph=c < output.shape[1] - 1)[0].flatten(1) for c in range(output.shape[1])], 1)
+            own_gradient = gradients.gather(1, y.view(-1, 1, 1).expand(-1, 1, gradients.shape[2]))
+            differences = differences / ((own_gradient - gradients).norm(p=dual, dim=2) + 1e-12)
+    scores = differences.detach().scatter(1, y.view(-1, 1), float("inf"))
+    return scores.argsort(1)[:, :-1]
+

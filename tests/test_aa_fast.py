@@ -1,0 +1,146 @@
+import pytest
+import torch
+from invarbench.attacks import create_attack
+from invarbench.attacks.aa_fast import _Cascade, rank_targets
+from invarbench.attacks.autoattack import reliability_flag
+from invarbench.errors import ConfigError
+from invarbench.models import BenchmarkModel, load_model
+from test_attacks import Staircase, linear_problem
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_aa_fast_reaches_the_closed_form_optimum_on_a_linear_model(norm):
+    model, x, labels, minimal = linear_problem(norm)
+    for point in range(len(labels)):
+        eps = (0.97 * minimal[point].item(), 1.03 * minimal[point].item())
+        result = create_attack("aa-fast", square_queries=300)(model, x[point : point + 1], labels[point : point + 1], norm=norm, epsilons=eps)
+        assert result.success[:, 0].tolist() == [False, True], (norm, point)
+        assert result.norms[1, 0] <= eps[1] * (1 + 1e-5)
+        assert result.margins[1, 0] < 0 < result.margins[0, 0]
+    # Two classes: the targeted DLR loss is left out (and l2 Square needs images of at least 5x5 pixels).
+    assert result.options["left_out_for_num_classes"] == ["apgd-t"]
+    assert result.options["stages"] == (["apgd-ce"] if norm == "l2" else ["apgd-ce", "square"])
+
+
+def linear_images(count=40, classes=10, seed=0):
+    """A 10-class linear model on 1x8x8 images in [0, 1] and points in the interior of the box."""
+    generator = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(64, classes)
+    with torch.no_grad():
+        weight = torch.randn(classes, 64, generator=generator) * 0.3
+        # Rows of mean zero, so the label depends on the point (not only on which row sums highest), and of
+        # different scales, so the largest other logit is not always the nearest decision boundary.
+        layer.weight.copy_((weight - weight.mean(1, keepdim=True)) * torch.linspace(0.3, 2.0, classes).view(-1, 1))
+        layer.bias.copy_(torch.randn(classes, generator=generator) * 0.3)
+    model = BenchmarkModel(torch.nn.Sequential(torch.nn.Flatten(), layer), bounds=(0.0, 1.0), num_classes=classes).eval()
+    x = 0.3 + 0.4 * torch.rand(count, 1, 8, 8, generator=generator)
+    with torch.no_grad():
+        labels = model(x).argmax(1)
+    return model, layer, x, labels
+
+
+def test_malt_ranks_the_nearest_decision_boundary_first_on_a_linear_model():
+    model, layer, x, labels = linear_images()
+    w, b = layer.weight, layer.bias
+    logits = x.flatten(1) @ w.T + b
+    # Closed form: the l_inf distance to class t's boundary is (z_y - z_t) / ||w_y - w_t||_1.
+    distance = (logits.gather(1, labels.view(-1, 1)) - logits) / (w[labels].unsqueeze(1) - w.unsqueeze(0)).abs().sum(2).clamp_min(1e-12)
+    nearest = distance.scatter(1, labels.view(-1, 1), float("inf")).argmin(1)
+    with torch.no_grad():
+        malt = rank_targets(model, x, labels, dual=1)
+    by_logits = rank_targets(model, x, labels, dual=1, ranking="logits")
+    assert torch.equal(malt[:, 0], nearest)
+    assert not torch.equal(by_logits[:, 0], nearest), "on this model the largest other logit is not always the nearest boundary"
+    assert not (malt == labels.view(-1, 1)).any() and malt.shape == (len(labels), 9)
+
+
+def test_each_stage_attacks_only_the_points_earlier_stages_left_robust(monkeypatch):
+    model, _, x, labels = linear_images()
+    events = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.bounds, self.num_classes = model, model.bounds, model.num_classes
+
+        def forward(self, images):
+            events.append(len(images))
+            return self.inner(images)
+
+    original = _Cascade.run_stage
+
+    def marked(self, stage, **options):
+        events.append(stage)
+        original(self, stage, **options)
+        events.append(None)
+
+    monkeypatch.setattr(_Cascade, "run_stage", marked)
+    result = create_attack("aa-fast", targets=2, square_queries=200)(Recorder(), x, labels, norm="linf", epsilons=(0.007,))
+    statistics = result.options["stage_statistics"]
+    assert [entry["stage"] for entry in statistics] == ["apgd-ce", "apgd-t", "square"]
+    assert 0 < statistics[0]["broken"] < len(labels), "eps chosen so that APGD-CE breaks some points, not all"
+    for earlier, later in zip(statistics, statistics[1:]):
+        assert later["attacked"] == earlier["attacked"] - earlier["broken"]
+    # Every batch the model sees during a stage holds at most the points that stage attacks.
+    stage_of = {entry["stage"]: entry for entry in statistics}
+    current = None
+    for event in events:
+        if event is None or isinstance(event, str):
+            current = event
+        elif current is not None:
+            assert event <= stage_of[current]["attacked"], (current, event)
+    assert int(result.success.sum()) == sum(entry["broken"] for entry in statistics)
+    assert (result.norms[result.success] <= 0.007 + 1e-6).all() and (result.adversarials >= 0).all() and (result.adversarials <= 1).all()
+
+
+def test_square_breaks_what_zero_gradients_hide_and_is_flagged():
+    model = BenchmarkModel(Staircase(), bounds=(0.0, 1.0), num_classes=3).eval()
+    generator = torch.Generator().manual_seed(1)
+    x = 0.3 + 0.19 * torch.rand(20, 20, generator=generator)
+    y = model(x).argmax(1)
+    result = create_attack("aa-fast")(model, x, y, norm="linf", epsilons=(0.3,))
+    assert bool(result.success.all())
+    apgd, square = result.options["stage_statistics"]
+    assert (apgd["stage"], apgd["broken"]) == ("apgd-ce", 0)
+    assert (square["stage"], square["attacked"], square["broken"]) == ("square", 20, 20)
+    assert "square_beats_white_box" in {reliability_flag(message) for message in result.warnings}
+    without_square = create_attack("aa-fast", square_queries=0)(model, x, y, norm="linf", epsilons=(0.3,))
+    assert not bool(without_square.success.any()) and without_square.options["stages"] == ["apgd-ce"]
+
+
+def test_aa_fast_is_deterministic_for_a_seed_and_leaves_the_global_generator_alone():
+    model, _, x, labels = linear_images(count=20)
+    attack = create_attack("aa-fast", targets=2, square_queries=100)
+    torch.manual_seed(123)
+    first = attack(model, x, labels, norm="l2", epsilons=(0.03, 0.06), seed=5)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    assert torch.equal(after, expected), "the attack must not move torch's global generator"
+    second = attack(model, x, labels, norm="l2", epsilons=(0.03, 0.06), seed=5)
+    for name in ("success", "norms", "adversarial_predictions", "adversarials", "margins"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+    assert first.options == second.options
+    assert 0 < int(first.success[0].sum()) < int(first.success[1].sum()), "eps chosen between the points' distances"
+
+
+def test_aa_fast_respects_the_active_mask_and_bad_options():
+    model, _, x, labels = linear_images(count=10)
+    active = torch.ones(2, 10, dtype=torch.bool)
+    active[0, :4] = False
+    result = create_attack("aa-fast", targets=1, square_queries=0)(model, x, labels, norm="linf", epsilons=(0.005, 0.01), active=active)
+    assert (result.adversarial_predictions[0, :4] == -1).all() and torch.isnan(result.norms[0, :4]).all()
+    assert result.options["stage_statistics"][0]["attacked"] == 6
+    for options in ({"ranking": "random"}, {"targets": -1}, {"square_queries": 1.5}, {"steps": 0}):
+        with pytest.raises(ConfigError, match="aa-fast"):
+            create_attack("aa-fast", **options)
+
+
+def test_aa_fast_is_as_strong_as_autoattack_gradient_stages_on_the_robust_zoo_model(mnist):
+    images, labels = mnist.evaluation_subset(50)
+    model = load_model("mnist-cnn-pgd-linf-0.3")
+    fast = create_attack("aa-fast", square_queries=0)(model, images, labels, norm="linf", epsilons=(0.3,))
+    reference = create_attack("autoattack", version="custom", attacks=["apgd-ce", "apgd-t"])(model, images, labels, norm="linf", epsilons=(0.3,))
+    assert fast.robust_accuracy()[0] <= reference.robust_accuracy()[0] + 0.02
+    assert fast.robust_accuracy()[0] >= 0.7
+    assert (fast.norms[fast.success] <= 0.3 + 1e-6).all()
