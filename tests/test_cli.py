@@ -55,6 +55,7 @@ def test_data_fetch_mnist_uses_the_verified_cache(mnist, capsys):
     assert "mnist.pkl.gz" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_models_train_reproduces_a_zoo_checkpoint(isolated_registry, capsys):
     from invarbench.models import get_card
 

@@ -368,6 +368,7 @@ def test_gallery_draws_a_run_and_is_reproducible(tmp_path):
         invariance_gallery(tmp_path / "run", tmp_path / "c.png", attack="metameric")
 
 
+@pytest.mark.mnist
 def test_a_card_with_an_unknown_nuisance_objective_is_refused_naming_the_card(tmp_path):
     from dataclasses import replace
 

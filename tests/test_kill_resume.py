@@ -89,6 +89,7 @@ def _assert_same_results(run_dir: Path, reference: Path) -> None:
         assert manifest[key] == expected[key]
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_results(tmp_path, monkeypatch):
     monkeypatch.setenv("INVARBENCH_HOME", str(tmp_path / "home"))
     duration = _finish(tmp_path / "reference")

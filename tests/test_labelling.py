@@ -220,6 +220,7 @@ def _kill(server: subprocess.Popen) -> None:
     server.wait()
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (make test installs it with apt-get)")
 def test_labelling_page_in_headless_chromium(mnist, tmp_path):
     from playwright.sync_api import sync_playwright

@@ -218,6 +218,7 @@ def test_training_is_deterministic_and_updates_the_card(isolated_registry, recip
     assert clean_accuracy(model, images, labels) == pytest.approx(first.clean_accuracy, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_zoo_training_reproduces_the_committed_checkpoint(isolated_registry):
     """`invarbench models train` on a zoo card gives back the committed checkpoint.
 

@@ -72,6 +72,7 @@ def command(out, name):
     return [sys.executable, "-m", "invarbench.cli", "run", "spheres-mlp-standard", "--threat", "linf:0.02,0.025", "--attack", "fgsm", "--attack", "pgd:steps=20", "--n", "600", "--shard-size", "10", "--out", str(out), "--name", name, "--no-progress"]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_exactly_the_uninterrupted_results(tmp_path):
     uninterrupted = subprocess.run(command(tmp_path, "whole"), capture_output=True, text=True)
     assert uninterrupted.returncode == 0, uninterrupted.stderr

@@ -41,6 +41,7 @@ def test_site_is_local_links_instead_of_copying_and_rebuilds_byte_identically(si
     assert {path: path.read_bytes() for path in (site / "site").rglob("*") if path.is_file()} == before
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (make test installs it with apt-get)")
 def test_page_in_headless_chromium_shows_every_entry_sorts_and_loads_images(site, tmp_path):
     from playwright.sync_api import sync_playwright
