@@ -26,7 +26,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,6 @@ class ModelInputs:
     sha256: str
     dataset: Any = None
     oracle: Any = None
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 def perform(task: JobTask, model: torch.nn.Module, earlier: list[pd.DataFrame], *, dataset: Any = None, oracle: Any = None, workspace: Path | None = None) -> JobOutput:
@@ -229,8 +228,6 @@ class RayExecutor:
         shared = {}
         for key in {task.job.model for task in tasks}:
             source = inputs[key]
-            if source.device.type != "cpu":
-                raise ConfigError("--executor ray runs jobs on the workers' CPUs; use --device cpu, or the local executor for CUDA")
             invariance = any(task.job.attack.kind == "invariance" for task in tasks if task.job.model == key)
             payload = _model_payload(source)
             shared[key] = (

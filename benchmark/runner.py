@@ -11,6 +11,7 @@ from __future__ import annotations
 import platform
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
@@ -91,8 +92,9 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
     run_dir = Path(out) / (name or config.default_name())
     store = RunStore(run_dir)
     executor = executor or ExecutorSettings()
-    # Ray's workers run on CPUs: "auto" means the CPU there, and --device cuda is refused by the executor.
-    torch_device = resolve_device("cpu" if executor.name == "ray" and device == "auto" else device)
+    if executor.name == "ray" and device == "cuda":
+        raise ConfigError("--executor ray runs jobs on the workers' CPUs; use --device cpu (or auto), or the local executor for CUDA")
+    torch_device = resolve_device("cpu" if executor.name == "ray" else device)
     on_disk = tuple(spec for spec in config.models if spec.module is None)
     if on_disk:  # in-memory models need no loading checks
         check_models(replace(config, models=on_disk))
@@ -156,7 +158,7 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
             if key not in oracles and any(attack.kind == "invariance" and ATTACKS[attack.name].needs_oracle for attack in config.attacks):
                 oracles[key] = oracle or (resolve_oracle(config.oracle, dataset) if config.oracle else default_oracle(dataset))
                 oracle_reports[oracles[key].name] = oracle_report(oracles[key], images, labels)
-            inputs[spec.key] = ModelInputs(spec, model, dataset.num_classes, dataset.bounds, model_info[spec.key]["checkpoint_sha256"], dataset, oracles.get(key), torch_device)
+            inputs[spec.key] = ModelInputs(spec, model, dataset.num_classes, dataset.bounds, model_info[spec.key]["checkpoint_sha256"], dataset, oracles.get(key))
             # Per norm, not per threat: an attack restricted to some eps (eps=...) still sees what the
             # attacks before it found at those eps.
             shard_jobs: dict[tuple, list[str]] = {}
@@ -174,8 +176,12 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
                 window = slice(job.start, job.stop)
                 tasks.append(JobTask(job, images[window], labels[window], clean_predictions[window], config.cascade, earlier))
 
+        driver_seconds = 0.0  # the driver's own time per finished job: storing it, progress (manifest: driver_seconds)
+
         def finished(task: JobTask, output: JobOutput) -> None:
             """Store a job's records (atomically: they mark it done) and show its progress."""
+            nonlocal driver_seconds
+            began = time.perf_counter()
             job = task.job
             if output.candidates is not None:
                 store.write_candidates(job.id, output.candidates)
@@ -190,8 +196,11 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
                 bar.set_postfix_str(f"{job.model} {job.attack.name} label changed {len(judged)}/{len(output.records)}", refresh=False)
             else:
                 bar.set_postfix_str(f"{job.model} {job.threat.norm} {job.attack.name} robust {_tally(tallies, job, output.records)}", refresh=False)
+            driver_seconds += time.perf_counter() - began
 
+        started = time.perf_counter()
         executor_run.run(tasks, inputs, records_of, finished, workspace=lambda job: run_dir / "state" / job.id)
+        jobs_wall_seconds = time.perf_counter() - started
         bar.close()
 
         # Timings, warnings and records in plan order, whichever order the jobs finished in.
@@ -220,7 +229,7 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
         if oracle_reports:
             outcome.summary["oracles"] = oracle_reports
         write_json(store.summary_path, outcome.summary)
-        manifest.update(status="complete", finished=datetime.now(UTC).isoformat(timespec="seconds"), timings_seconds=outcome.timings, checkpoint_sha256={key: info["checkpoint_sha256"] for key, info in model_info.items()})
+        manifest.update(status="complete", finished=datetime.now(UTC).isoformat(timespec="seconds"), timings_seconds=outcome.timings, jobs_wall_seconds=jobs_wall_seconds, driver_seconds=driver_seconds, checkpoint_sha256={key: info["checkpoint_sha256"] for key, info in model_info.items()})
         write_json(store.manifest_path, manifest)
     return outcome
 

@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 from invarbench.attacks import ThreatModel
 from invarbench.cli import main
 from invarbench.config import AttackSpec, ModelSpec, RunConfig
@@ -104,6 +105,8 @@ def test_executor_options_are_checked_before_anything_is_written(tmp_path, capsy
     assert "--workers applies to --executor ray only" in capsys.readouterr().err
     assert main([*RUN, "--out", str(tmp_path), *RAY[:2], "--workers", "0"]) == 1
     assert "--workers 0 must be at least 1" in capsys.readouterr().err
+    assert main([*RUN, "--out", str(tmp_path), *RAY[:2], "--device", "cuda"]) == 1
+    assert "--executor ray runs jobs on the workers' CPUs" in capsys.readouterr().err
     # Nothing answers on port 1: refused at once, naming the address and how to start a head.
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     assert main([*RUN, "--out", str(tmp_path), *RAY[:2], "--address", "127.0.0.1:1"]) == 1
@@ -196,3 +199,15 @@ def test_a_killed_driver_resumes_with_the_same_records(tmp_path, cluster, refere
     assert main(command) == 0
     _assert_same_results(tmp_path / "run", reference)
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_a_checkpoint_file_reaches_the_workers_through_the_object_store(tmp_path, cluster):
+    """A TorchScript checkpoint: the workers get its bytes through the object store (checked by sha256,
+    loaded from a temporary copy; they never open the driver's path) and compute the local records."""
+    network = load_model("spheres-mlp-standard").network
+    path = tmp_path / "spheres.pt"
+    torch.jit.save(torch.jit.script(network), str(path))
+    command = ["run", str(path), "--dataset", "spheres", "--attack", "fgsm", "--threat", "linf:0.05", "--n", "20", "--shard-size", "10", "--no-progress"]
+    assert main([*command, "--out", str(tmp_path / "local"), "--name", "run"]) == 0
+    assert main([*command, "--out", str(tmp_path / "ray"), "--name", "run", *RAY]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ray" / "run" / "results.parquet"), pd.read_parquet(tmp_path / "local" / "run" / "results.parquet"), check_exact=True)
