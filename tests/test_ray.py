@@ -3,7 +3,7 @@ also when a worker is SIGKILLed in the middle of a job (retried) or the driver i
 
 One Ray session serves the module (its start costs seconds); runs in this interpreter join it, the
 killed driver joins it by --address. The session is shut down at the end and no Ray process may be
-left behind.
+left behind. The tests that use it are marked slow (`make test-fast` skips them, `make test` runs them).
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ def test_executor_options_are_checked_before_anything_is_written(tmp_path, capsy
     assert not list(tmp_path.iterdir()), "a refused run wrote files"
 
 
+@pytest.mark.slow
 def test_ray_run_has_the_local_runs_records_and_records_its_executor(tmp_path, cluster, reference):
     assert main([*RUN, "--out", str(tmp_path), *RAY]) == 0
     run_dir = tmp_path / "run"
@@ -166,6 +167,7 @@ class KillsItsWorkerOnce(nn.Module):
         return self.network(inputs)
 
 
+@pytest.mark.slow
 def test_a_worker_killed_in_the_middle_of_a_job_is_retried_and_changes_nothing(tmp_path, cluster):
     marker = tmp_path / "killed"
     model = load_model("spheres-mlp-standard")
@@ -182,6 +184,7 @@ def test_a_worker_killed_in_the_middle_of_a_job_is_retried_and_changes_nothing(t
         assert _job_table(tmp_path / "ray" / "jobs" / job.name).equals(_job_table(job)), job.name
 
 
+@pytest.mark.slow
 def test_a_killed_driver_resumes_with_the_same_records(tmp_path, cluster, reference):
     command = [*RUN, "--out", str(tmp_path), *RAY, "--address", cluster]
     driver = subprocess.Popen([sys.executable, "-m", "invarbench.cli", *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -201,6 +204,7 @@ def test_a_killed_driver_resumes_with_the_same_records(tmp_path, cluster, refere
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "complete"
 
 
+@pytest.mark.slow
 def test_a_checkpoint_file_reaches_the_workers_through_the_object_store(tmp_path, cluster):
     """A TorchScript checkpoint: the workers get its bytes through the object store (checked by sha256,
     loaded from a temporary copy; they never open the driver's path) and compute the local records."""
@@ -211,3 +215,16 @@ def test_a_checkpoint_file_reaches_the_workers_through_the_object_store(tmp_path
     assert main([*command, "--out", str(tmp_path / "local"), "--name", "run"]) == 0
     assert main([*command, "--out", str(tmp_path / "ray"), "--name", "run", *RAY]) == 0
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ray" / "run" / "results.parquet"), pd.read_parquet(tmp_path / "local" / "run" / "results.parquet"), check_exact=True)
+
+
+@pytest.mark.slow
+def test_evaluate_takes_the_executor_options(tmp_path, cluster):
+    import invarbench
+
+    options = dict(dataset="spheres", threats="linf:0.05", attacks=["fgsm"], n=20, out=tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="--workers applies to --executor ray only"):
+        invarbench.evaluate("spheres-mlp-standard", workers=2, **options)
+    local = invarbench.evaluate("spheres-mlp-standard", name="local", **options)
+    distributed = invarbench.evaluate("spheres-mlp-standard", name="ray", executor="ray", workers=2, **options)
+    pd.testing.assert_frame_equal(distributed.records, local.records, check_exact=True)
+    assert (distributed.summary_dict["executor"], distributed.summary_dict["workers"]) == ("ray", 2)
