@@ -47,8 +47,8 @@ def test_malt_ranks_the_nearest_decision_boundary_first_on_a_linear_model():
     distance = (logits.gather(1, labels.view(-1, 1)) - logits) / (w[labels].unsqueeze(1) - w.unsqueeze(0)).abs().sum(2).clamp_min(1e-12)
     nearest = distance.scatter(1, labels.view(-1, 1), float("inf")).argmin(1)
     with torch.no_grad():
-        malt = rank_targets(model, x, labels, dual=1)
-    by_logits = rank_targets(model, x, labels, dual=1, ranking="logits")
+        malt = rank_targets(model, x, labels, dual=1, ranking="malt")
+    by_logits = rank_targets(model, x, labels, dual=1)
     assert torch.equal(malt[:, 0], nearest)
     assert not torch.equal(by_logits[:, 0], nearest), "on this model the largest other logit is not always the nearest boundary"
     assert not (malt == labels.view(-1, 1)).any() and malt.shape == (len(labels), 9)
