@@ -298,14 +298,24 @@ def _model_payload(source: ModelInputs) -> tuple[str, Any]:
 
 
 # A worker's models, data sets and oracles by their driver-side identity, so that the jobs a worker runs
-# load each once.
+# load each once; emptied when it holds more than _WORKER_CACHE_SIZE (a long-lived driver's many runs).
 _WORKER_CACHE: dict[Any, Any] = {}
+_WORKER_CACHE_SIZE = 16
 
 
-def _worker_model(model: _WorkerModel, payload: Any) -> torch.nn.Module:
-    key = ("model", model.spec.key, model.sha256)
-    if key in _WORKER_CACHE:
-        return _WORKER_CACHE[key]
+def _cached(key: Any, load: Callable[[], Any]) -> Any:
+    if key not in _WORKER_CACHE:
+        if len(_WORKER_CACHE) >= _WORKER_CACHE_SIZE:
+            _WORKER_CACHE.clear()
+        _WORKER_CACHE[key] = load()
+    return _WORKER_CACHE[key]
+
+
+def _worker_model(model: _WorkerModel) -> torch.nn.Module:
+    return _cached(("model", model.spec.key, model.sha256), lambda: _load_worker_model(model, _fetched(model.payload, keep=False)).eval())
+
+
+def _load_worker_model(model: _WorkerModel, payload: Any) -> torch.nn.Module:
     host = socket.gethostname()
     if model.kind == "by_name":
         loaded = model.spec.load(model.num_classes, model.bounds)
@@ -326,26 +336,22 @@ def _worker_model(model: _WorkerModel, payload: Any) -> torch.nn.Module:
             shutil.rmtree(folder, ignore_errors=True)
     else:
         loaded = payload
-    _WORKER_CACHE[key] = loaded.eval()
-    return _WORKER_CACHE[key]
+    return loaded
 
 
-def _fetched(reference) -> Any:
-    """An object of the object store, fetched once per worker."""
+def _fetched(reference, *, keep: bool = True) -> Any:
+    """An object of the object store, fetched once per worker (``keep``) or each time asked for."""
     if reference is None:
         return None
     import ray
 
-    key = ("object", reference.hex())
-    if key not in _WORKER_CACHE:
-        _WORKER_CACHE[key] = ray.get(reference)
-    return _WORKER_CACHE[key]
+    return _cached(("object", reference.hex()), lambda: ray.get(reference)) if keep else ray.get(reference)
 
 
 def _ray_job(task: JobTask, model: _WorkerModel, shared: list, threads: int, earlier: list[pd.DataFrame]) -> JobOutput:
     """A job as a Ray task, in a worker process."""
     torch.set_num_threads(threads)
-    network = _worker_model(model, _fetched(model.payload))
+    network = _worker_model(model)
     dataset, oracle = (_fetched(reference) for reference in shared)
     # An attack's resume state (AutoAttack's) lives on the worker's disk until the job returns.
     workspace = Path(tempfile.gettempdir()) / "invarbench-state" / f"{os.getpid()}-{task.job.id}"
