@@ -5,6 +5,7 @@ Importing this package registers every attack; ``create_attack(name, **options)`
 """
 
 from invarbench.attacks import autoattack, foolbox_attacks, invariance  # noqa: F401  (registers the attacks)
+from invarbench.attacks import pgd  # noqa: F401,E402  (registers pgd, invarbench's engine; foolbox-pgd is Foolbox's)
 from invarbench.attacks import aa_fast  # noqa: F401,E402  (registers aa-fast)
 from invarbench.attacks.base import ATTACKS, Attack, PerturbationResult, ThreatModel, create_attack, perturbation_norm, register_attack
 

@@ -79,18 +79,20 @@ PGD_DEFAULT_REL_STEPSIZE = {"linf": 0.01 / 0.3, "l2": 0.025}
 
 @register_attack
 class PGD(_FoolboxFixedEpsilon):
-    """Untargeted PGD with a random start; a point counts as broken if any restart broke it.
+    """Untargeted PGD through Foolbox (``LinfPGD`` / ``L2PGD``) with a random start; a point counts as
+    broken if any restart broke it. The reference for invarbench's own ``pgd`` (attacks/pgd.py), and what
+    the stored entries made before that engine were evaluated with under the name ``pgd``.
 
     ``steps`` and ``rel_stepsize`` default to Foolbox's per-norm defaults (recorded in the results).
     """
 
-    name = "pgd"
+    name = "foolbox-pgd"
 
     def __init__(self, *, steps: int | None = None, rel_stepsize: float | None = None, restarts: int = 1, batch_size: int = 500):
         if restarts < 1:
-            raise ConfigError(f"pgd: restarts={restarts} must be at least 1")
+            raise ConfigError(f"foolbox-pgd: restarts={restarts} must be at least 1")
         if steps is not None and steps < 1:
-            raise ConfigError(f"pgd: steps={steps} must be at least 1")
+            raise ConfigError(f"foolbox-pgd: steps={steps} must be at least 1")
         self.steps, self.rel_stepsize, self.restarts, self.batch_size = steps, rel_stepsize, restarts, batch_size
 
     def _attempts(self) -> int:

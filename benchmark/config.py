@@ -32,6 +32,10 @@ HEADLINE_THREATS = {"mnist": ("linf:0.3", "l2:2.0"), "spheres": ("linf:0.025",),
 class AttackSpec:
     name: str
     options: tuple[tuple[str, Any], ...] = ()
+    #: The registered attack that runs under ``name`` where that is another one: a regression check re-runs
+    #: an entry's ``pgd`` stored before invarbench's engine with ``foolbox-pgd``, under the name (so the
+    #: label, the jobs' seeds and the records' attack) the entry has.
+    runs_as: str | None = None
 
     @classmethod
     def parse(cls, spec: str) -> AttackSpec:
@@ -48,7 +52,7 @@ class AttackSpec:
         return attack
 
     def create(self):
-        return create_attack(self.name, **{key: value for key, value in self.options if key not in RUNNER_OPTIONS})
+        return create_attack(self.runs_as or self.name, **{key: value for key, value in self.options if key not in RUNNER_OPTIONS})
 
     @property
     def only_epsilons(self) -> tuple[float, ...] | None:
@@ -70,6 +74,11 @@ class AttackSpec:
     @property
     def kind(self) -> str:
         return ATTACKS[self.name].kind
+
+    def implementation(self) -> dict[str, str]:
+        """``{"implementation": ...}`` for attacks that declare one (``pgd``), else nothing."""
+        declared = getattr(ATTACKS[self.runs_as or self.name], "implementation", None)
+        return {"implementation": declared} if declared else {}
 
     def label(self) -> str:
         return self.name if not self.options else f"{self.name}:{','.join(f'{key}={value}' for key, value in self.options)}"
@@ -185,7 +194,9 @@ class RunConfig:
         return {
             "models": [{"reference": model.reference, "key": model.key, "dataset": model.dataset, "architecture": model.architecture, "architecture_args": dict(model.architecture_args), **model.module_settings()} for model in self.models],
             "threats": [str(threat) for threat in self.threats],
-            "attacks": [{"name": attack.name, "options": dict(attack.options)} for attack in self.attacks],
+            # An attack whose name once meant another implementation records its own (pgd: invarbench's engine;
+            # settings without it were Foolbox's), so that checks re-run stored entries with what made them.
+            "attacks": [{"name": attack.name, "options": dict(attack.options), **attack.implementation()} for attack in self.attacks],
             "n": self.n,
             "seed": self.seed,
             "shard_size": self.shard_size,

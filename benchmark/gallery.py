@@ -119,7 +119,7 @@ def perturbation_gallery(entry: dict, entries_dir: str | Path, out: str | Path, 
     config = _config(entry, min(shard_size, entry["settings"]["n"]))
     first_norm = config.threats[0].norm
     jobs = [job for job in plan(config) if job.attack_index == 0 and job.shard == 0 and job.threat.norm == first_norm]
-    if not jobs or jobs[0].attack.name not in ("fgsm", "pgd"):
+    if not jobs or jobs[0].attack.name not in ("fgsm", "pgd", "foolbox-pgd"):
         raise ConfigError(f"entry {entry['model']}: its first attack is not FGSM or PGD, which keep their examples; no adversarial gallery")
     job = jobs[0]
     dataset = load_dataset(entry["dataset"])

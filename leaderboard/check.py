@@ -45,6 +45,10 @@ NORM_TOLERANCE = 0.01
 AGGREGATE_TOLERANCE = 0.03
 MARGIN_DRIFT_TOLERANCE = 0.05
 COMPARED = {"perturbation": ("success", "adversarial_prediction"), "invariance": ("target_class", "oracle_label", "model_prediction")}
+# Names that once meant another implementation, and the attack that implementation is registered as now:
+# an entry whose settings record no implementation for them (or another than today's) was made with the
+# former one, and its records are re-run with it (``pgd`` was Foolbox's PGD until invarbench's engine).
+FORMER_IMPLEMENTATIONS = {"pgd": "foolbox-pgd"}
 
 
 @dataclass
@@ -67,9 +71,24 @@ def _config(entry: dict, points: int):
     for spec in settings["threats"]:
         norm, _, values = spec.partition(":")
         threats.append(Threat(norm, tuple(float(value) for value in values.split(","))))
-    attacks = tuple(AttackSpec(attack["name"], tuple((key, value) for key, value in attack["options"].items())) for attack in settings["attacks"])
+    attacks = tuple(AttackSpec(attack["name"], tuple((key, value) for key, value in attack["options"].items()), runs_as=_former(attack)) for attack in settings["attacks"])
     model = ModelSpec(entry["reference"], entry["dataset"])
     return RunConfig((model,), tuple(threats), attacks, n=points, seed=settings["seed"], shard_size=settings["shard_size"], cascade=settings["cascade"], oracle=settings.get("oracle"))
+
+
+def rerun_as(attack: dict) -> str:
+    """The registered attack that reproduces an entry's ``attack`` settings (``foolbox-pgd`` for a ``pgd``
+    stored before ``pgd`` was invarbench's engine, which records no implementation)."""
+    name = attack["name"]
+    if name in FORMER_IMPLEMENTATIONS and attack.get("implementation") != getattr(ATTACKS[name], "implementation", None):
+        return FORMER_IMPLEMENTATIONS[name]
+    return name
+
+
+def _former(attack: dict) -> str | None:
+    """``rerun_as`` where it differs from the entry's name (the spec then runs it under that name), else None."""
+    registered = rerun_as(attack)
+    return registered if registered != attack["name"] else None
 
 
 def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, update: bool = False, progress: bool = False) -> CheckResult:

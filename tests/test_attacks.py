@@ -29,7 +29,7 @@ def linear_problem(norm, count=6):
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-@pytest.mark.parametrize("attack,options", [("fgsm", {}), ("pgd", {"steps": 100, "rel_stepsize": 0.05}), ("autoattack", {"version": "custom", "attacks": ["apgd-ce", "fab"]})])
+@pytest.mark.parametrize("attack,options", [("fgsm", {}), ("pgd", {"steps": 100, "rel_stepsize": 0.05}), ("foolbox-pgd", {"steps": 100, "rel_stepsize": 0.05}), ("autoattack", {"version": "custom", "attacks": ["apgd-ce", "fab"]})])
 def test_attack_reaches_the_closed_form_optimum_on_a_linear_model(norm, attack, options):
     model, x, labels, minimal = linear_problem(norm)
     for point in range(len(labels)):
@@ -58,14 +58,14 @@ def test_autoattack_with_two_classes_leaves_out_dlr_attacks():
     assert "apgd-ce" in result.options["sub_attacks"]
 
 
-def test_pgd_restarts_only_add_successes_and_runs_repeat():
+def test_foolbox_pgd_restarts_only_add_successes_and_runs_repeat():
     model, _ = linear_model(seed=1)
     x = torch.randn(60, 30) * 0.2
     labels = model(x).argmax(1).detach()
-    single = create_attack("pgd", steps=5)(model, x, labels, norm="linf", epsilons=(0.01, 0.02), seed=3)
-    repeated = create_attack("pgd", steps=5)(model, x, labels, norm="linf", epsilons=(0.01, 0.02), seed=3)
+    single = create_attack("foolbox-pgd", steps=5)(model, x, labels, norm="linf", epsilons=(0.01, 0.02), seed=3)
+    repeated = create_attack("foolbox-pgd", steps=5)(model, x, labels, norm="linf", epsilons=(0.01, 0.02), seed=3)
     assert torch.equal(single.success, repeated.success)
-    several = create_attack("pgd", steps=5, restarts=3)(model, x, labels, norm="linf", epsilons=(0.01, 0.02), seed=3)
+    several = create_attack("foolbox-pgd", steps=5, restarts=3)(model, x, labels, norm="linf", epsilons=(0.01, 0.02), seed=3)
     assert (several.success | ~single.success).all()
     assert single.robust_accuracy()[0] >= single.robust_accuracy()[1]
     assert several.options["restarts"] == 3 and several.options["steps"] == 5 and "foolbox" in several.options["implementation"]
@@ -83,7 +83,7 @@ def test_threat_specifications():
 
 
 def test_unknown_attack_and_bad_options():
-    assert {"fgsm", "pgd", "fmn", "autoattack"} <= set(ATTACKS)
+    assert {"fgsm", "pgd", "foolbox-pgd", "fmn", "autoattack"} <= set(ATTACKS)
     with pytest.raises(ConfigError, match="Did you mean pgd"):
         create_attack("pgdd")
     with pytest.raises(ConfigError, match="does not accept the options"):
@@ -106,10 +106,11 @@ def test_standard_mnist_model_is_not_robust_at_eps_03(mnist):
     assert (result.norms <= 0.3 + 1e-6).all()
 
 
+@pytest.mark.slow
 def test_foolbox_pgd_and_autoattack_agree_on_the_robust_zoo_model(mnist):
     images, labels = mnist.evaluation_subset(50)
     model = load_model("mnist-cnn-pgd-linf-0.3")
-    pgd = create_attack("pgd", restarts=2)(model, images, labels, norm="linf", epsilons=(0.3,))
+    pgd = create_attack("foolbox-pgd", restarts=2)(model, images, labels, norm="linf", epsilons=(0.3,))
     autoattack = create_attack("autoattack", version="custom", attacks=["apgd-ce", "apgd-t"])(model, images, labels, norm="linf", epsilons=(0.3,))
     assert abs(pgd.robust_accuracy()[0] - autoattack.robust_accuracy()[0]) <= 0.06
     assert autoattack.robust_accuracy()[0] >= 0.7
@@ -133,6 +134,7 @@ def test_autoattack_resumes_from_the_official_state_file(tmp_path):
     assert (result.adversarial_predictions[0, 1:] != labels[1:]).all() and (result.norms[0, 1:] <= eps * (1 + 1e-5)).all()
 
 
+@pytest.mark.slow
 def test_fmn_restarts_points_it_found_nothing_for_from_another_class(mnist):
     model = load_model("mnist-cnn-standard")
     images, labels = mnist.evaluation_subset(40)
