@@ -1,8 +1,9 @@
 """invarbench's full evaluation against calling Foolbox and pyautoattack directly, in one run.
 
 Reference: Foolbox's LinfPGD and the official AutoAttack called the way their READMEs show, each on
-every point. invarbench: ``run_benchmark`` with the same two attacks in a cascade (AutoAttack only on
-points PGD left robust), including its model checks, per-sample records and atomic writes.
+every point. invarbench: ``run_benchmark`` with its own ``pgd`` (the same 40 steps of eps/30 and
+random start as ``LinfPGD()``, with early exit) and the same AutoAttack in a cascade (AutoAttack only
+on points PGD left robust), including its model checks, per-sample records and atomic writes.
 Prints both times and the ratio (target: invarbench never slower, ratio <= 1).
 
     python benchmarks/evaluation_vs_libraries.py [--n 500] [--version standard] [--repeats 2]

@@ -130,6 +130,7 @@ def test_examples_stay_in_the_bounds_and_the_ball(mnist, norm, epsilons):
     assert (result.success[1:] | ~result.success[:-1]).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm,eps", [("linf", 0.3), ("l2", 2.0)])
 def test_pgd_is_not_weaker_than_foolbox_pgd_on_the_robust_zoo_model(mnist, norm, eps):
     images, labels = mnist.evaluation_subset(100)
