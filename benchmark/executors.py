@@ -215,6 +215,11 @@ class RayExecutor:
         if not self.workers:
             cpus = int(ray.cluster_resources().get("CPU", 1))
             self.workers = max(1, cpus // self.threads_per_worker)
+        # Worker processes start and import torch and invarbench (seconds) while the driver loads and
+        # checks the models, instead of after the first jobs are submitted.
+        warm_up = ray.remote(_warm_up).options(num_cpus=self.threads_per_worker)
+        for _ in range(self.workers):
+            warm_up.remote()
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -346,6 +351,11 @@ def _fetched(reference, *, keep: bool = True) -> Any:
     import ray
 
     return _cached(("object", reference.hex()), lambda: ray.get(reference)) if keep else ray.get(reference)
+
+
+def _warm_up() -> int:
+    """A task that only brings a worker process up with this module (torch, pandas, invarbench) imported."""
+    return os.getpid()
 
 
 def _ray_job(task: JobTask, model: _WorkerModel, shared: list, threads: int, earlier: list[pd.DataFrame]) -> JobOutput:
