@@ -106,12 +106,13 @@ def test_square_breaks_what_zero_gradients_hide_and_is_flagged():
     assert "square_beats_white_box" in {reliability_flag(message) for message in result.warnings}
     without_square = create_attack("aa-fast", square_queries=0)(model, x, y, norm="linf", epsilons=(0.3,))
     assert not bool(without_square.success.any()) and without_square.options["stages"] == ["apgd-ce"]
-    # A short Square breaks some points, not all: that is masking, so FAB-T runs on the rest (here in vain).
-    short = create_attack("aa-fast", square_queries=10)(model, x, y, norm="linf", epsilons=(0.3,))
+    # A short Square breaks 1 of the 20 points: above escalate_above, FAB-T runs on the rest (here in vain).
+    short = create_attack("aa-fast", square_queries=10, escalate_above=0.01)(model, x, y, norm="linf", epsilons=(0.3,))
     _, square, fab = short.options["stage_statistics"]
     assert 0 < square["broken"] < 20 and (fab["stage"], fab["attacked"]) == ("fab-t", 20 - square["broken"])
-    plain = create_attack("aa-fast", square_queries=10, escalate=False)(model, x, y, norm="linf", epsilons=(0.3,))
-    assert [entry["stage"] for entry in plain.options["stage_statistics"]] == ["apgd-ce", "square"]
+    for options in ({"escalate": False}, {"escalate_above": 0.1}):
+        plain = create_attack("aa-fast", square_queries=10, **options)(model, x, y, norm="linf", epsilons=(0.3,))
+        assert [entry["stage"] for entry in plain.options["stage_statistics"]] == ["apgd-ce", "square"], options
 
 
 def test_aa_fast_is_deterministic_for_a_seed_and_leaves_the_global_generator_alone():
@@ -137,7 +138,7 @@ def test_aa_fast_respects_the_active_mask_and_bad_options():
     result = create_attack("aa-fast", targets=1, square_queries=0)(model, x, labels, norm="linf", epsilons=(0.005, 0.01), active=active)
     assert (result.adversarial_predictions[0, :4] == -1).all() and torch.isnan(result.norms[0, :4]).all()
     assert result.options["stage_statistics"][0]["attacked"] == 6
-    for options in ({"ranking": "random"}, {"targets": -1}, {"square_queries": 1.5}, {"steps": 0}, {"escalate": "yes"}):
+    for options in ({"ranking": "random"}, {"targets": -1}, {"square_queries": 1.5}, {"steps": 0}, {"escalate": "yes"}, {"escalate_above": 1.5}):
         with pytest.raises(ConfigError, match="aa-fast"):
             create_attack("aa-fast", **options)
 
