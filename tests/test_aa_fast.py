@@ -143,6 +143,7 @@ def test_aa_fast_respects_the_active_mask_and_bad_options():
             create_attack("aa-fast", **options)
 
 
+@pytest.mark.slow
 def test_aa_fast_is_as_strong_as_autoattack_gradient_stages_on_the_robust_zoo_model(mnist):
     images, labels = mnist.evaluation_subset(50)
     model = load_model("mnist-cnn-pgd-linf-0.3")
