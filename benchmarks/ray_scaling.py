@@ -26,10 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
+from invarbench.runner import cpu_description
 
 MODELS = ("mnist-cnn-standard", "mnist-cnn-pgd-linf-0.3")
 CONFIGURATIONS = {
@@ -131,7 +133,7 @@ def main() -> None:
     # Same threads per job: identical records. The local run's 2 threads may round convolutions otherwise.
     identical = frames[1].equals(frames[2])
     columns = ["success", "adversarial_prediction"]
-    outcome_differences = int((frames[0][columns].fillna(-1).astype("int64") != frames[1][columns].fillna(-1).astype("int64")).any(axis=1).sum())
+    outcome_differences = int((frames[0][columns].astype("Int64").fillna(-1) != frames[1][columns].astype("Int64").fillna(-1)).any(axis=1).sum())
     print(f"\n{len(one['job_seconds'])} jobs ({', '.join(MODELS)}; l_inf 0.1-0.4, {args.attack}; n={args.n}, {args.shard_size} points per job)")
     print(f"records of 1 and 2 Ray workers identical: {'yes' if identical else 'NO'}; local at 2 threads vs Ray at 1 thread: {'identical' if frames[0].equals(frames[1]) else f'{outcome_differences} of {len(frames[0])} outcomes differ (float rounding of 2 vs 1 threads)'}\n")
     print("| configuration | whole command (s) | jobs wall (s) | summed job times (s) | jobs speed-up vs 1 Ray worker |")
@@ -154,7 +156,7 @@ def main() -> None:
     print("\nlimited by: workers = the jobs' work divided among them; longest job = fewer jobs than workers, the run waits for its slowest shard (smaller --shard-size gives more jobs);")
     print("cascade = a shard's attacks run one after another; driver = the driver stores one finished job at a time.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"n": args.n, "shard_size": args.shard_size, "attack": args.attack, "models": list(MODELS), "records_identical_ray_1_vs_2_workers": identical, "outcome_differences_local_2_threads_vs_ray_1_thread": outcome_differences, "runs": results, "speedup_2_vs_1_workers": speedup, "speedup_2_workers_vs_local_2_threads": versus_local, "driver_overhead_seconds_per_job": overhead, "ray_startup_seconds": startup, "simulated": simulated, "cpu_count": os.cpu_count()}
+    report = {"benchmark": "ray_scaling", "command": " ".join(["python", *sys.argv]), "date": datetime.now(UTC).isoformat(timespec="seconds"), "threads": 1, "cpu": cpu_description(), "n": args.n, "shard_size": args.shard_size, "attack": args.attack, "models": list(MODELS), "records_identical_ray_1_vs_2_workers": identical, "outcome_differences_local_2_threads_vs_ray_1_thread": outcome_differences, "runs": results, "speedup_2_vs_1_workers": speedup, "speedup_2_workers_vs_local_2_threads": versus_local, "driver_overhead_seconds_per_job": overhead, "ray_startup_seconds": startup, "simulated": simulated, "cpu_count": os.cpu_count()}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 

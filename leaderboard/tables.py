@@ -328,9 +328,10 @@ def build_tables(entries_dir: str | Path = ENTRIES_DIR, out_dir: str | Path = OU
     return written
 
 
-def sync_readme(readme: str | Path, out_dir: str | Path = OUTPUT_DIR) -> list[str]:
-    """Replace every block between ``<!-- leaderboard:NAME -->`` and ``<!-- /leaderboard:NAME -->`` in
-    ``readme`` with the built table ``out_dir/NAME.md``; returns the names replaced."""
+def sync_readme(readme: str | Path, out_dir: str | Path = OUTPUT_DIR, *, prefix: str = "leaderboard") -> list[str]:
+    """Replace every block between ``<!-- PREFIX:NAME -->`` and ``<!-- /PREFIX:NAME -->`` in ``readme``
+    with the built table ``out_dir/NAME.md`` (``leaderboard``: the leaderboard's tables; ``benchmarks``:
+    the speed tables of benchmarks/report.py); returns the names replaced."""
     import re
 
     readme, out_dir = Path(readme), Path(out_dir)
@@ -341,11 +342,11 @@ def sync_readme(readme: str | Path, out_dir: str | Path = OUTPUT_DIR) -> list[st
         name = match.group(1)
         table = out_dir / f"{name}.md"
         if not table.exists():
-            raise FileNotFoundError(f"{readme} asks for the table {name!r} but {table} was not built; build the leaderboard first or remove the markers")
+            raise FileNotFoundError(f"{readme} asks for the table {name!r} but {table} was not built; build it first or remove the markers")
         replaced.append(name)
-        return f"<!-- leaderboard:{name} -->\n{table.read_text(encoding='utf-8')}<!-- /leaderboard:{name} -->"
+        return f"<!-- {prefix}:{name} -->\n{table.read_text(encoding='utf-8')}<!-- /{prefix}:{name} -->"
 
-    updated = re.sub(r"<!-- leaderboard:([A-Za-z0-9_.-]+) -->\n.*?<!-- /leaderboard:\1 -->", replace, text, flags=re.DOTALL)
+    updated = re.sub(rf"<!-- {prefix}:([A-Za-z0-9_.-]+) -->\n.*?<!-- /{prefix}:\1 -->", replace, text, flags=re.DOTALL)
     if updated != text:
         atomic_write_text(readme, updated)
     return replaced

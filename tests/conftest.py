@@ -22,6 +22,19 @@ def mnist():
     return load_dataset("mnist")
 
 
+@pytest.fixture(scope="session")
+def robust_zoo_reference(mnist):
+    """The first 50 test points, ``mnist-cnn-pgd-linf-0.3`` and AutoAttack's gradient stages (APGD-CE,
+    APGD-T) on them at l_inf 0.3: the reference the other attacks are compared with, computed once."""
+    from invarbench.attacks import create_attack
+    from invarbench.models import load_model
+
+    images, labels = mnist.evaluation_subset(50)
+    model = load_model("mnist-cnn-pgd-linf-0.3")
+    reference = create_attack("autoattack", version="custom", attacks=["apgd-ce", "apgd-t"])(model, images, labels, norm="linf", epsilons=(0.3,))
+    return model, images, labels, reference
+
+
 @pytest.fixture
 def isolated_registry(tmp_path, monkeypatch):
     """Point the registry at empty card and checkpoint folders; returns a function that copies zoo models in."""

@@ -4,7 +4,7 @@ from invarbench.attacks import create_attack
 from invarbench.attacks.aa_fast import _Cascade, rank_targets
 from invarbench.attacks.autoattack import reliability_flag
 from invarbench.errors import ConfigError
-from invarbench.models import BenchmarkModel, load_model
+from invarbench.models import BenchmarkModel
 from test_attacks import Staircase, linear_problem
 
 
@@ -144,11 +144,9 @@ def test_aa_fast_respects_the_active_mask_and_bad_options():
 
 
 @pytest.mark.slow
-def test_aa_fast_is_as_strong_as_autoattack_gradient_stages_on_the_robust_zoo_model(mnist):
-    images, labels = mnist.evaluation_subset(50)
-    model = load_model("mnist-cnn-pgd-linf-0.3")
+def test_aa_fast_is_as_strong_as_autoattack_gradient_stages_on_the_robust_zoo_model(robust_zoo_reference):
+    model, images, labels, reference = robust_zoo_reference
     fast = create_attack("aa-fast", square_queries=0)(model, images, labels, norm="linf", epsilons=(0.3,))
-    reference = create_attack("autoattack", version="custom", attacks=["apgd-ce", "apgd-t"])(model, images, labels, norm="linf", epsilons=(0.3,))
     assert fast.robust_accuracy()[0] <= reference.robust_accuracy()[0] + 0.02
     assert fast.robust_accuracy()[0] >= 0.7
     assert (fast.norms[fast.success] <= 0.3 + 1e-6).all()

@@ -107,11 +107,9 @@ def test_standard_mnist_model_is_not_robust_at_eps_03(mnist):
 
 
 @pytest.mark.slow
-def test_foolbox_pgd_and_autoattack_agree_on_the_robust_zoo_model(mnist):
-    images, labels = mnist.evaluation_subset(50)
-    model = load_model("mnist-cnn-pgd-linf-0.3")
+def test_foolbox_pgd_and_autoattack_agree_on_the_robust_zoo_model(robust_zoo_reference):
+    model, images, labels, autoattack = robust_zoo_reference
     pgd = create_attack("foolbox-pgd", restarts=2)(model, images, labels, norm="linf", epsilons=(0.3,))
-    autoattack = create_attack("autoattack", version="custom", attacks=["apgd-ce", "apgd-t"])(model, images, labels, norm="linf", epsilons=(0.3,))
     assert abs(pgd.robust_accuracy()[0] - autoattack.robust_accuracy()[0]) <= 0.06
     assert autoattack.robust_accuracy()[0] >= 0.7
 

@@ -29,10 +29,10 @@ from invarbench.cli import main
 RUN = [
     "run", "spheres-mlp-standard",
     "--attack", "pgd:steps=5", "--attack", "fgsm", "--attack", "invariance-linf",
-    "--threat", "linf:0.02,0.05", "--n", "60", "--shard-size", "10",
+    "--threat", "linf:0.02,0.05", "--n", "40", "--shard-size", "10",
     "--name", "run", "--no-progress",
 ]  # fmt: skip
-JOBS = 18  # 3 attacks x 6 shards of 10 points
+JOBS = 12  # 3 attacks x 4 shards of 10 points
 KILLS = 20
 
 

@@ -64,3 +64,16 @@ def test_readme_and_docs_results_tables_are_built_from_the_stored_entries(tmp_pa
     for page in PAGES:
         for name, block in BLOCK.findall(page.read_text()):
             assert block == (output / f"{name}.md").read_text(), f"{page.relative_to(ROOT)}'s {name} table is stale: run `invarbench leaderboard build --readme {page.relative_to(ROOT)}`"
+
+
+def test_speed_tables_are_generated_from_the_benchmark_outputs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmarks_report", ROOT / "benchmarks" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    tables = report.render()
+    blocks = dict(re.findall(r"<!-- benchmarks:([A-Za-z0-9_.-]+) -->\n(.*?)<!-- /benchmarks:\1 -->", (ROOT / "docs" / "speed.md").read_text(), flags=re.DOTALL))
+    assert blocks, "docs/speed.md has the generated speed tables"
+    for name, text in blocks.items():
+        assert text == tables[name], f"docs/speed.md's {name} table is stale: run `python benchmarks/report.py`"

@@ -1,0 +1,124 @@
+"""The speed tables of docs/speed.md, generated from the benchmarks' JSON outputs (never typed by hand).
+
+Reads what the benchmark scripts wrote into ``benchmarks/results/`` (pgd_sweep.json, pgd_overhead.json,
+aa_fast.json, ray_scaling.json; a missing one is left out), writes one Markdown table per measurement
+as ``benchmarks/results/speed-*.md`` and replaces the blocks between ``<!-- benchmarks:NAME -->``
+markers in the pages given (default docs/speed.md). A table names the command, date, threads and CPU
+of the run it comes from, so a stale figure shows as such.
+
+    python benchmarks/report.py [--results benchmarks/results] [--page docs/speed.md ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from invarbench.io import atomic_write_text
+from invarbench.leaderboard.tables import sync_readme
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def _origin(report: dict) -> str:
+    where = ", ".join(part for part in (f"{report['threads']} thread{'s' if report['threads'] != 1 else ''}" if "threads" in report else "", report.get("cpu") or report.get("machine", "")) if part)
+    command = f"`{report['command']}`, " if report.get("command") else ""
+    return f"Measured by {command}{report.get('date', 'date not recorded')[:10]} ({where})."
+
+
+def _pgd_sweep(report: dict) -> str:
+    lines = [
+        f"{_origin(report)} First {report['n']} MNIST test points, l_inf {', '.join(f'{eps:g}' for eps in report['epsilons'])} in one call, {report['steps']} steps, best time of {report['repeats']} interleaved repeats.",
+        "",
+        "| model | Foolbox LinfPGD (s) | invarbench pgd (s) | speed-up | target | robust accuracy invarbench - Foolbox, per eps (points) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for model, result in report["models"].items():
+        differences = " / ".join(f"{100 * (ours - theirs):+.1f}" for ours, theirs in zip(result["robust_accuracy"]["invarbench"], result["robust_accuracy"]["foolbox"]))
+        target = f">= {result['target_ratio']:g}x" if result.get("target_ratio") else "-"
+        lines.append(f"| {model} | {result['seconds']['foolbox']:.1f} | {result['seconds']['invarbench']:.1f} | {result['ratio']:.2f}x | {target} | {differences} |")
+    return "\n".join(lines) + "\n"
+
+
+def _pgd_overhead(report: dict) -> str:
+    return "\n".join([
+        f"{_origin(report)} `{report['model']}`, batch {report['batch']}, l_inf {report['eps']:g}, {report['steps']} steps, best of {report['repeats']}.",
+        "",
+        "| invarbench pgd (s) | bare forward+backward loop (s) | ratio | target |",
+        "|---|---|---|---|",
+        f"| {report['seconds']['invarbench']:.2f} | {report['seconds']['bare']:.2f} | {report['ratio']:.3f} | <= {report['target_ratio']:g} |",
+    ]) + "\n"
+
+
+def _aa_fast(report: dict) -> str:
+    lines = [
+        f"{_origin(report)} First {report['n']} MNIST test points, seed {report['seed']}, pyautoattack {report['pyautoattack']} standard as the reference.",
+        "",
+        "| model | threat | AutoAttack robust | aa-fast robust | difference (points) | AutoAttack (s) | aa-fast (s) | speed-up | broken only by AutoAttack | broken only by aa-fast |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        lines.append(
+            f"| {row['model']} | {row['threat']} | {100 * row['autoattack_robust_accuracy']:.1f}% | {100 * row['aa_fast_robust_accuracy']:.1f}% | {row['difference_points']:+.1f} | "
+            f"{row['autoattack_seconds']:.1f} | {row['aa_fast_seconds']:.1f} | {row['speedup']:.2f}x | {', '.join(map(str, row['only_autoattack_broke'])) or '-'} | {', '.join(map(str, row['only_aa_fast_broke'])) or '-'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _ray_scaling(report: dict) -> str:
+    lines = [
+        f"{_origin(report)} `invarbench run {' '.join(report['models'])} --threat linf:0.1,0.2,0.3,0.4 --attack {report['attack']} --n {report['n']} --shard-size {report['shard_size']}` on {report['cpu_count']} cores.",
+        "",
+        "| executor | wall time of the jobs (s) | whole command (s) |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {run['label']} | {run['jobs_wall_seconds']:.1f} | {run['seconds']:.1f} |" for run in report["runs"]]
+    lines += [
+        "",
+        f"2 Ray workers against 1: {report['speedup_2_vs_1_workers']:.2f}x (target >= 1.8); against the local executor at 2 threads: {report['speedup_2_workers_vs_local_2_threads']:.2f}x (target >= 1). "
+        f"Records of 1 and 2 workers identical: {'yes' if report['records_identical_ray_1_vs_2_workers'] else 'no'}. Driver time per job {1000 * report['driver_overhead_seconds_per_job']:.0f} ms.",
+        "",
+        "Simulated from the measured job times (list scheduling in the cascade's order, the driver's time per job):",
+        "",
+        "| workers | makespan (s) | limited by |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {row['workers']} | {row['makespan_seconds']:.1f} | {row['limited_by']} |" for row in report["simulated"]]
+    return "\n".join(lines) + "\n"
+
+
+# JSON stem -> (table name, script that writes it, renderer)
+RENDERERS = {
+    "pgd_sweep": ("speed-pgd-sweep", "pgd_sweep.py", _pgd_sweep),
+    "pgd_overhead": ("speed-pgd-overhead", "pgd_overhead.py", _pgd_overhead),
+    "aa_fast": ("speed-aa-fast", "aa_fast_vs_autoattack.py", _aa_fast),
+    "ray_scaling": ("speed-ray-scaling", "ray_scaling.py", _ray_scaling),
+}
+
+
+def render(results: Path = RESULTS) -> dict[str, str]:
+    """Table name -> Markdown for every benchmark (a line saying how to measure it where ``results``
+    holds no output of it)."""
+    tables = {}
+    for stem, (name, script, renderer) in RENDERERS.items():
+        path = results / f"{stem}.json"
+        tables[name] = renderer(json.loads(path.read_text(encoding="utf-8"))) if path.exists() else f"Not measured yet: run `python benchmarks/{script}`.\n"
+    return tables
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--page", type=Path, action="append", help="page whose benchmarks blocks to replace (default docs/speed.md)")
+    args = parser.parse_args()
+    for name, table in render(args.results).items():
+        atomic_write_text(args.results / f"{name}.md", table)
+        print(f"wrote {args.results / f'{name}.md'}")
+    for page in args.page or [HERE.parent / "docs" / "speed.md"]:
+        print(f"{page}: replaced {', '.join(sync_readme(page, args.results, prefix='benchmarks')) or 'nothing'}")
+
+
+if __name__ == "__main__":
+    main()
