@@ -77,6 +77,18 @@ PGD_DEFAULT_STEPS = {"linf": 40, "l2": 50}
 PGD_DEFAULT_REL_STEPSIZE = {"linf": 0.01 / 0.3, "l2": 0.025}
 
 
+def check_pgd_options(name: str, *, steps: int | None, rel_stepsize: float | None, restarts: int, batch_size: int) -> None:
+    """The options both PGDs (``pgd``, ``foolbox-pgd``) take, refused with the fix when out of range."""
+    if restarts < 1:
+        raise ConfigError(f"{name}: restarts={restarts} must be at least 1")
+    if steps is not None and steps < 1:
+        raise ConfigError(f"{name}: steps={steps} must be at least 1")
+    if rel_stepsize is not None and not rel_stepsize > 0:
+        raise ConfigError(f"{name}: rel_stepsize={rel_stepsize} must be positive (a fraction of eps, e.g. 0.0333)")
+    if batch_size < 1:
+        raise ConfigError(f"{name}: batch_size={batch_size} must be at least 1")
+
+
 @register_attack
 class PGD(_FoolboxFixedEpsilon):
     """Untargeted PGD through Foolbox (``LinfPGD`` / ``L2PGD``) with a random start; a point counts as
@@ -89,10 +101,7 @@ class PGD(_FoolboxFixedEpsilon):
     name = "foolbox-pgd"
 
     def __init__(self, *, steps: int | None = None, rel_stepsize: float | None = None, restarts: int = 1, batch_size: int = 500):
-        if restarts < 1:
-            raise ConfigError(f"foolbox-pgd: restarts={restarts} must be at least 1")
-        if steps is not None and steps < 1:
-            raise ConfigError(f"foolbox-pgd: steps={steps} must be at least 1")
+        check_pgd_options(self.name, steps=steps, rel_stepsize=rel_stepsize, restarts=restarts, batch_size=batch_size)
         self.steps, self.rel_stepsize, self.restarts, self.batch_size = steps, rel_stepsize, restarts, batch_size
 
     def _attempts(self) -> int:

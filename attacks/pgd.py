@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from invarbench.attacks.base import Attack, PerturbationResult, perturbation_norm, register_attack
-from invarbench.attacks.foolbox_attacks import PGD_DEFAULT_REL_STEPSIZE, PGD_DEFAULT_STEPS
-from invarbench.errors import ConfigError
+from invarbench.attacks.foolbox_attacks import PGD_DEFAULT_REL_STEPSIZE, PGD_DEFAULT_STEPS, check_pgd_options
 from invarbench.evaluation import label_margins, model_device
 
 
@@ -88,14 +87,7 @@ class PGD(Attack):
     implementation = "invarbench"
 
     def __init__(self, *, steps: int | None = None, rel_stepsize: float | None = None, restarts: int = 1, batch_size: int = 500):
-        if restarts < 1:
-            raise ConfigError(f"pgd: restarts={restarts} must be at least 1")
-        if steps is not None and steps < 1:
-            raise ConfigError(f"pgd: steps={steps} must be at least 1")
-        if rel_stepsize is not None and not rel_stepsize > 0:
-            raise ConfigError(f"pgd: rel_stepsize={rel_stepsize} must be positive (a fraction of eps, e.g. 0.0333)")
-        if batch_size < 1:
-            raise ConfigError(f"pgd: batch_size={batch_size} must be at least 1")
+        check_pgd_options(self.name, steps=steps, rel_stepsize=rel_stepsize, restarts=restarts, batch_size=batch_size)
         self.steps, self.rel_stepsize, self.restarts, self.batch_size = steps, rel_stepsize, restarts, batch_size
 
     def resolved(self, norm: str) -> tuple[int, float]:

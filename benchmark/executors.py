@@ -35,6 +35,7 @@ import torch
 from invarbench.attacks.invariance import InvarianceContext
 from invarbench.config import ModelSpec
 from invarbench.errors import ConfigError, InvarbenchError
+from invarbench.io import invarbench_home
 from invarbench.jobs import execute_invariance_job, execute_job
 from invarbench.plan import Job
 
@@ -114,8 +115,6 @@ def perform(task: JobTask, model: torch.nn.Module, earlier: list[pd.DataFrame], 
     job = task.job
     started = time.perf_counter()
     if job.attack.kind == "invariance":
-        from invarbench.datasets import invarbench_home
-
         context = InvarianceContext(dataset, oracle, torch.arange(job.start, job.stop), cache_dir=invarbench_home() / "cache" / "invariance")
         records, candidates = execute_invariance_job(job, model, task.images, task.labels, task.clean_predictions, context)
         return JobOutput(records, time.perf_counter() - started, candidates=candidates)

@@ -22,7 +22,7 @@ from torch import nn
 CARDS_DIR = Path(__file__).parent / "cards"
 CHECKPOINTS_DIR = Path(__file__).parent / "checkpoints"
 #: A folder of zoo checkpoints looked in before the package's own: the wheel does not ship the zoo's
-#: weights (56 MB), a clone or an editable install (``pip install -e .``) has them in ``CHECKPOINTS_DIR``.
+#: weights (58 MB), a clone or an editable install (``pip install -e .``) has them in ``CHECKPOINTS_DIR``.
 CHECKPOINTS_ENV = "INVARBENCH_CHECKPOINTS"
 
 
