@@ -12,6 +12,11 @@ time per job (the 1-worker run's ``driver_seconds`` per job: writing the records
 
     python benchmarks/ray_scaling.py [--n 1000] [--out benchmarks/results/ray_scaling.json]
 
+Before the runs it measures the machine's own ceiling for 2 workers: the same bare single-thread
+forward+backward loop on mnist-cnn-pgd-linf-0.3, once alone and as two processes at once
+(``2 x alone / together``). Two processes share the caches and memory bandwidth (on this 2-core VM they
+slow each other by about 12%), so no executor with one thread per worker can beat that ratio here.
+
 Measure on an otherwise idle machine with at least 2 cores: other processes on the cores distort
 every ratio.
 """
@@ -40,6 +45,38 @@ CONFIGURATIONS = {
     "ray, 2 workers x 1 thread": ["--executor", "ray", "--workers", "2", "--threads-per-worker", "1"],
 }
 SIMULATED_WORKERS = (1, 2, 8, 64)
+# A worker's work without any executor: 20 PGD-like forward+backward passes on 500 points, one thread;
+# prints its own time (after the imports and model load).
+BARE_LOOP = """
+import time, torch, torch.nn.functional as F
+from invarbench.datasets import load_dataset
+from invarbench.models import get_card, load_model
+torch.set_num_threads(1)
+card = get_card("mnist-cnn-pgd-linf-0.3")
+x, y = load_dataset(card.dataset, **card.dataset_options).evaluation_subset(500)
+model = load_model("mnist-cnn-pgd-linf-0.3").requires_grad_(False)
+started = time.perf_counter()
+for _ in range(20):
+    x = x.detach().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(F.cross_entropy(model(x), y), x)
+    x = (x + 0.01 * gradient.sign()).clamp(0, 1)
+print(time.perf_counter() - started)
+"""
+
+
+def two_process_ceiling(repeats: int = 2) -> dict:
+    """The bare loop alone and as two processes at once (best of ``repeats`` each): the speed-up two
+    single-thread workers can reach on this machine, whatever runs them."""
+    def launch() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", BARE_LOOP], stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    alone, together = [], []
+    for _ in range(repeats):
+        process = launch()
+        alone.append(float(process.communicate()[0]))
+        pair = [launch(), launch()]
+        together.append(max(float(process.communicate()[0]) for process in pair))
+    return {"alone_seconds": min(alone), "together_seconds": min(together), "ceiling": 2 * min(alone) / min(together)}
 
 
 def run(label: str, options: list[str], n: int, shard_size: int, attack: str, out: Path) -> dict:
@@ -123,6 +160,9 @@ def main() -> None:
     parser.add_argument("--attack", default="pgd", help="the attack (default pgd; e.g. pgd:steps=5 for a quick check that the script runs)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ray_scaling.json", help="JSON to write (default benchmarks/results/ray_scaling.json)")
     args = parser.parse_args()
+    print("measuring two bare single-thread processes against one ...", file=sys.stderr, flush=True)
+    ceiling = two_process_ceiling()
+    print(f"machine ceiling for 2 single-thread workers: {ceiling['ceiling']:.2f}x (the bare loop {ceiling['alone_seconds']:.1f} s alone, {ceiling['together_seconds']:.1f} s as two processes at once)")
     results = []
     with tempfile.TemporaryDirectory(prefix="ray-scaling-") as scratch:
         for index, (label, options) in enumerate(CONFIGURATIONS.items()):
@@ -156,7 +196,7 @@ def main() -> None:
     print("\nlimited by: workers = the jobs' work divided among them; longest job = fewer jobs than workers, the run waits for its slowest shard (smaller --shard-size gives more jobs);")
     print("cascade = a shard's attacks run one after another; driver = the driver stores one finished job at a time.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"benchmark": "ray_scaling", "command": " ".join(["python", *sys.argv]), "date": datetime.now(UTC).isoformat(timespec="seconds"), "threads": 1, "cpu": cpu_description(), "n": args.n, "shard_size": args.shard_size, "attack": args.attack, "models": list(MODELS), "records_identical_ray_1_vs_2_workers": identical, "outcome_differences_local_2_threads_vs_ray_1_thread": outcome_differences, "runs": results, "speedup_2_vs_1_workers": speedup, "speedup_2_workers_vs_local_2_threads": versus_local, "driver_overhead_seconds_per_job": overhead, "ray_startup_seconds": startup, "simulated": simulated, "cpu_count": os.cpu_count()}
+    report = {"benchmark": "ray_scaling", "command": " ".join(["python", *sys.argv]), "date": datetime.now(UTC).isoformat(timespec="seconds"), "threads": 1, "cpu": cpu_description(), "n": args.n, "shard_size": args.shard_size, "attack": args.attack, "models": list(MODELS), "records_identical_ray_1_vs_2_workers": identical, "outcome_differences_local_2_threads_vs_ray_1_thread": outcome_differences, "runs": results, "speedup_2_vs_1_workers": speedup, "speedup_2_workers_vs_local_2_threads": versus_local, "two_process_ceiling": ceiling, "driver_overhead_seconds_per_job": overhead, "ray_startup_seconds": startup, "simulated": simulated, "cpu_count": os.cpu_count()}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 

@@ -1,9 +1,9 @@
 """The speed tables of docs/speed.md, generated from the benchmarks' JSON outputs (never typed by hand).
 
 Reads what the benchmark scripts wrote into ``benchmarks/results/`` (pgd_sweep.json, pgd_overhead.json,
-aa_fast.json, ray_scaling.json; a missing one is left out), writes one Markdown table per measurement
-as ``benchmarks/results/speed-*.md`` and replaces the blocks between ``<!-- benchmarks:NAME -->``
-markers in the pages given (default docs/speed.md). A table names the command, date, threads and CPU
+aa_fast.json, ray_scaling.json, checkpoint_weight.json; a missing one is left out), writes one Markdown
+table per measurement as ``benchmarks/results/NAME.md`` and replaces the blocks between
+``<!-- benchmarks:NAME -->`` markers in the pages given (default docs/speed.md and docs/models.md). A table names the command, date, threads and CPU
 of the run it comes from, so a stale figure shows as such.
 
     python benchmarks/report.py [--results benchmarks/results] [--page docs/speed.md ...]
@@ -43,10 +43,11 @@ def _pgd_sweep(report: dict) -> str:
 
 
 def _pgd_overhead(report: dict) -> str:
+    measure = report.get("ratio_measure", f"best wall time of {report['repeats']}")
     return "\n".join([
-        f"{_origin(report)} `{report['model']}`, batch {report['batch']}, l_inf {report['eps']:g}, {report['steps']} steps, best of {report['repeats']}.",
+        f"{_origin(report)} `{report['model']}`, batch {report['batch']}, l_inf {report['eps']:g}, {report['steps']} steps, {report['repeats']} repeats; ratio: {measure}.",
         "",
-        "| invarbench pgd (s) | bare forward+backward loop (s) | ratio | target |",
+        "| invarbench pgd, best wall (s) | bare forward+backward loop, best wall (s) | ratio | target |",
         "|---|---|---|---|",
         f"| {report['seconds']['invarbench']:.2f} | {report['seconds']['bare']:.2f} | {report['ratio']:.3f} | <= {report['target_ratio']:g} |",
     ]) + "\n"
@@ -78,7 +79,8 @@ def _ray_scaling(report: dict) -> str:
     lines += [
         "",
         f"2 Ray workers against 1: {report['speedup_2_vs_1_workers']:.2f}x (target >= 1.8); against the local executor at 2 threads: {report['speedup_2_workers_vs_local_2_threads']:.2f}x (target >= 1). "
-        f"Records of 1 and 2 workers identical: {'yes' if report['records_identical_ray_1_vs_2_workers'] else 'no'}. Driver time per job {1000 * report['driver_overhead_seconds_per_job']:.0f} ms.",
+        f"Records of 1 and 2 workers identical: {'yes' if report['records_identical_ray_1_vs_2_workers'] else 'no'}. Driver time per job {1000 * report['driver_overhead_seconds_per_job']:.0f} ms."
+        + (f" The machine's own ceiling, two bare single-thread processes against one: {report['two_process_ceiling']['ceiling']:.2f}x." if "two_process_ceiling" in report else ""),
         "",
         "Simulated from the measured job times (list scheduling in the cascade's order, the driver's time per job):",
         "",
@@ -89,12 +91,28 @@ def _ray_scaling(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _checkpoint_weight(report: dict) -> str:
+    mb = lambda size: f"{size / 1e6:.2f}"  # noqa: E731
+    lines = [
+        f"{_origin(report)} Float16: the weights rounded to float16 and loaded back as float32, predictions on the first {report['n']} test points of each model's data set.",
+        "",
+        "| checkpoint | role | MB | lzma (MB) | float16 (MB) | float16: predictions changed | float16: largest logit change |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        lines.append(f"| {row['model']} | {row['role']} | {mb(row['bytes'])} | {mb(row['lzma_bytes'])} | {mb(row['float16_bytes'])} | {row['float16_prediction_changes']} of {row['points']} | {row['float16_max_logit_change']:.2g} |")
+    totals = report["totals"]
+    lines.append(f"| **total** | | **{mb(totals['bytes'])}** | **{mb(totals['lzma_bytes'])}** | **{mb(totals['float16_bytes'])}** | | |")
+    return "\n".join(lines) + "\n"
+
+
 # JSON stem -> (table name, script that writes it, renderer)
 RENDERERS = {
     "pgd_sweep": ("speed-pgd-sweep", "pgd_sweep.py", _pgd_sweep),
     "pgd_overhead": ("speed-pgd-overhead", "pgd_overhead.py", _pgd_overhead),
     "aa_fast": ("speed-aa-fast", "aa_fast_vs_autoattack.py", _aa_fast),
     "ray_scaling": ("speed-ray-scaling", "ray_scaling.py", _ray_scaling),
+    "checkpoint_weight": ("checkpoint-weight", "checkpoint_weight.py", _checkpoint_weight),
 }
 
 
@@ -111,12 +129,12 @@ def render(results: Path = RESULTS) -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--page", type=Path, action="append", help="page whose benchmarks blocks to replace (default docs/speed.md)")
+    parser.add_argument("--page", type=Path, action="append", help="page whose benchmarks blocks to replace (default docs/speed.md and docs/models.md)")
     args = parser.parse_args()
     for name, table in render(args.results).items():
         atomic_write_text(args.results / f"{name}.md", table)
         print(f"wrote {args.results / f'{name}.md'}")
-    for page in args.page or [HERE.parent / "docs" / "speed.md"]:
+    for page in args.page or [HERE.parent / "docs" / "speed.md", HERE.parent / "docs" / "models.md"]:
         print(f"{page}: replaced {', '.join(sync_readme(page, args.results, prefix='benchmarks')) or 'nothing'}")
 
 

@@ -73,7 +73,8 @@ def test_speed_tables_are_generated_from_the_benchmark_outputs():
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     tables = report.render()
-    blocks = dict(re.findall(r"<!-- benchmarks:([A-Za-z0-9_.-]+) -->\n(.*?)<!-- /benchmarks:\1 -->", (ROOT / "docs" / "speed.md").read_text(), flags=re.DOTALL))
-    assert blocks, "docs/speed.md has the generated speed tables"
-    for name, text in blocks.items():
-        assert text == tables[name], f"docs/speed.md's {name} table is stale: run `python benchmarks/report.py`"
+    for page in ("speed.md", "models.md"):
+        blocks = dict(re.findall(r"<!-- benchmarks:([A-Za-z0-9_.-]+) -->\n(.*?)<!-- /benchmarks:\1 -->", (ROOT / "docs" / page).read_text(), flags=re.DOTALL))
+        assert blocks, f"docs/{page} has generated benchmark tables"
+        for name, text in blocks.items():
+            assert text == tables[name], f"docs/{page}'s {name} table is stale: run `python benchmarks/report.py`"
