@@ -10,8 +10,10 @@ Per eps, on the points still robust:
    a linear estimate of the distance to class t's decision boundary. Measured on MNIST zoo models (see
    docs/perturbation.md), the top 3 by logits caught at least as many of the points that any target
    breaks as the top 3 by MALT;
-3. Square (pyautoattack's ``SquareAttack``, a gradient-free search) with ``square_queries`` queries, so
-   robustness that masked gradients hide is still found;
+3. Square (a gradient-free search) with ``square_queries`` queries, invarbench's own (attacks/square.py:
+   the same algorithm, each point's own windows, seeded, forward passes through an inference-optimised
+   copy of the model where one matches it) or with ``square="pyautoattack"`` pyautoattack's
+   ``SquareAttack``; so robustness that masked gradients hide is still found;
 4. only where Square broke more than ``escalate_above`` (5%) of the points that the gradient stages
    left (a sign of gradient masking; pyautoattack warns from 0.2%), AutoAttack's full targeted stages on
    the survivors: APGD-T against the other targets, then FAB-T against every target (``escalate=false``
@@ -31,9 +33,10 @@ from collections.abc import Callable
 import pyautoattack
 import torch
 from invarbench.attacks.autoattack import NORM_NAMES, UnitBox, _batches, collected_warnings, image_shape
-from invarbench.attacks.base import Attack, PerturbationResult, perturbation_norm, project, register_attack
+from invarbench.attacks.base import Attack, Outcome, register_attack
+from invarbench.attacks.square import square_l2, square_linf, traced_forward
 from invarbench.errors import ConfigError
-from invarbench.evaluation import label_margins, logits, model_device
+from invarbench.evaluation import logits, model_device
 from pyautoattack import checks
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 from pyautoattack.fab_pt import FABAttack_PT
@@ -44,6 +47,8 @@ DUAL_NORMS = {"linf": 1, "l2": 2}
 # The targeted DLR loss compares the four largest logits.
 TARGETED_MIN_CLASSES = 4
 SQUARE_L2_MIN_SIDE = 5
+# Square's implementations: invarbench's (attacks/square.py) or pyautoattack's ``SquareAttack``.
+SQUARE_IMPLEMENTATIONS = ("invarbench", "pyautoattack")
 
 
 @register_attack
@@ -57,7 +62,7 @@ class AAFast(Attack):
 
     name = "aa-fast"
 
-    def __init__(self, *, targets: int = 3, ranking: str = "logits", steps: int = 100, square_queries: int = 5000, escalate: bool = True, escalate_above: float = 0.05, batch_size: int = 500):
+    def __init__(self, *, targets: int = 3, ranking: str = "logits", steps: int = 100, square_queries: int = 5000, escalate: bool = True, escalate_above: float = 0.05, batch_size: int = 500, square: str = "invarbench"):
         if ranking not in RANKINGS:
             raise ConfigError(f"aa-fast: unknown ranking {ranking!r}; use one of {', '.join(RANKINGS)} (e.g. aa-fast:ranking=malt)")
         for option, value, least in (("targets", targets, 0), ("steps", steps, 1), ("square_queries", square_queries, 0), ("batch_size", batch_size, 1)):
@@ -69,14 +74,12 @@ class AAFast(Attack):
             raise ConfigError(f"aa-fast: escalate_above is the fraction of points Square must break for the full targeted stages to run, in [0, 1), got {escalate_above!r} (e.g. aa-fast:escalate_above=0.002, pyautoattack's warning threshold)")
         self.targets, self.ranking, self.steps, self.square_queries, self.batch_size = targets, ranking, steps, square_queries, batch_size
         self.escalate, self.escalate_above = escalate, escalate_above
+        if square not in SQUARE_IMPLEMENTATIONS:
+            raise ConfigError(f"aa-fast: square is the Square implementation, one of {', '.join(SQUARE_IMPLEMENTATIONS)}, got {square!r} (e.g. aa-fast:square=pyautoattack)")
+        self.square = square
 
-    def run(self, model, images, labels, *, norm, epsilons, seed, active):
-        shape = (len(epsilons), len(labels))
-        success = torch.zeros(shape, dtype=torch.bool)
-        norms = torch.full(shape, float("nan"))
-        predictions = torch.full(shape, -1, dtype=torch.long)
-        margins = torch.full(shape, float("nan"))
-        adversarials = images.detach().cpu().unsqueeze(0).repeat(len(epsilons), *[1] * images.dim())
+    def run(self, model, images, labels, *, norm, epsilons, seed, active, workspace=None):
+        outcome = Outcome.unattacked(images, epsilons)
         device = model_device(model)
         targets = min(self.targets, model.num_classes - 1) if model.num_classes >= TARGETED_MIN_CLASSES else 0
         # pyautoattack's l_2 Square tiles the image with 5x5 windows: smaller images (flat inputs) cannot have it.
@@ -110,16 +113,11 @@ class AAFast(Attack):
                             cascade.run_stage(stage, **self._stage_options(stage, targets, norm, classes=model.num_classes))
                 messages.extend(f"eps {eps:g}: {message}" for message in raised)
                 statistics.extend({"eps": eps, **entry} for entry in cascade.statistics)
-                adversarial = project(x, low + cascade.adversarial.reshape(x.shape) * (high - low), norm=norm, eps=eps, bounds=model.bounds)
-                output = logits(model, adversarial, batch_size=self.batch_size)
-                success[index, points] = output.argmax(1) != y
-                norms[index, points] = perturbation_norm(adversarial - x, norm)
-                predictions[index, points] = output.argmax(1)
-                margins[index, points] = label_margins(output, y)
-                adversarials[index, points] = adversarial
+                outcome.judge(model, index, points, x, y, low + cascade.adversarial.reshape(x.shape) * (high - low), norm=norm, eps=eps, batch_size=self.batch_size)
         details = {
             "stages": stages,
             "escalation_stages": escalation,
+            "square_implementation": self.square,
             "n_target_classes": targets,
             "stage_statistics": statistics,
             "implementation": f"pyautoattack {pyautoattack.__version__}: "
@@ -130,7 +128,7 @@ class AAFast(Attack):
             details["left_out_for_num_classes"] = ["apgd-t"]
         if self.square_queries > 0 and not square_fits:
             details["left_out_for_input_shape"] = ["square"]
-        return PerturbationResult(self.name, norm, epsilons, success, norms, predictions, {**self.options(), **details}, adversarials, margins, tuple(dict.fromkeys(messages)))
+        return outcome.result(self.name, norm, epsilons, {**self.options(), **details}, tuple(dict.fromkeys(messages)))
 
     def _describe(self, stage: str, targets: int) -> str:
         if stage == "apgd-ce":
@@ -149,7 +147,7 @@ class AAFast(Attack):
             return {"steps": self.steps, "ranks": range(first, last), "ranking": self.ranking, "dual": DUAL_NORMS[norm]}
         if stage == "fab-t":
             return {"steps": self.steps, "targets": classes - 1}
-        return {"queries": self.square_queries}
+        return {"queries": self.square_queries, "implementation": self.square}
 
 
 class _Cascade:
@@ -162,6 +160,7 @@ class _Cascade:
         self.robust = logits(box, unit, batch_size=batch_size).argmax(1) == labels
         self.accuracies = {"clean": self.robust.float().mean().item()}
         self.statistics: list[dict] = []
+        self.square_forward = "eager"
 
     def check_model(self) -> None:
         """pyautoattack's checks of the model (randomised, probability outputs, dynamic), on the first batch."""
@@ -191,11 +190,19 @@ class _Cascade:
         elif stage == "fab-t":
             fab = FABAttack_PT(self.box, norm=self.norm, n_restarts=1, n_iter=options["steps"], eps=self.eps, seed=self.seed, targeted=True, device=self.device, n_target_classes=options["targets"])
             self._on_survivors(lambda x, y, _: fab.perturb(x, y))
+        elif options["implementation"] == "invarbench":
+            if self.robust.any():
+                forward, self.square_forward = _unit_forward(self.box, self.x[self.robust][:8].to(self.device))
+                generator = torch.Generator().manual_seed(self.seed)
+                search = square_linf if self.norm == "Linf" else square_l2
+                self._on_survivors(lambda x, y, _: search(forward, x, y, eps=self.eps, queries=options["queries"], generator=generator, p_init=0.8)[0])
         else:
             square = SquareAttack(self.box, p_init=0.8, n_queries=options["queries"], eps=self.eps, norm=self.norm, n_restarts=1, seed=self.seed, verbose=False, device=self.device, resc_schedule=False)
             self._on_survivors(lambda x, y, _: square.perturb(x, y))
         self.accuracies[stage] = self.robust.float().mean().item()
         entry = {"stage": stage, "attacked": attacked, "broken": attacked - int(self.robust.sum())}
+        if stage == "square":
+            entry["implementation"] = options["implementation"] + (f", {self.square_forward} forward" if options["implementation"] == "invarbench" else "")
         self.statistics.append({**entry, "broken_per_target": broken} if stage.startswith("apgd-t") else entry)
 
     def square_beat_gradients(self, fraction: float) -> bool:
@@ -214,6 +221,18 @@ class _Cascade:
                 fooled = (self.box(adversarial).argmax(1) != y).cpu()
             self.robust[chosen[fooled]] = False
             self.adversarial[chosen[fooled]] = adversarial[fooled].cpu()
+
+
+def _unit_forward(box: UnitBox, example: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """``box``'s forward pass through an inference-optimised copy of its model where one matches it
+    (:func:`invarbench.attacks.square.traced_forward`), and how it is computed."""
+    low, high = box.low, box.high
+
+    def to_model(unit: torch.Tensor) -> torch.Tensor:
+        return low + unit.reshape(len(unit), *box.input_shape) * (high - low)
+
+    model, how = traced_forward(box.model, to_model(example))
+    return (lambda unit: model(to_model(unit))), how
 
 
 def _targeted(apgd: APGDAttack_targeted, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

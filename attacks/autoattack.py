@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pyautoattack
 import torch
-from invarbench.attacks.base import Attack, PerturbationResult, perturbation_norm, project, register_attack
+from invarbench.attacks.base import Attack, PerturbationResult, register_attack
+from invarbench.attacks.norms import perturbation_norm, project_perturbation
 from invarbench.errors import ConfigError
 from invarbench.evaluation import model_device
 from pyautoattack.state import EvaluationState
@@ -81,7 +82,6 @@ class AutoAttack(Attack):
         if unknown:
             raise ConfigError(f"autoattack: unknown sub-attacks {unknown}; choose from {', '.join(SUB_ATTACKS)}")
         self.version, self.attacks, self.batch_size = version, list(attacks) if attacks else None, batch_size
-        self.workspace: Path | None = None
 
     def _ensemble(self, model, *, norm: str, eps: float, seed: int, input_shape: tuple[int, ...]) -> tuple[pyautoattack.AutoAttack, dict]:
         device = model_device(model)
@@ -98,13 +98,15 @@ class AutoAttack(Attack):
         details = {"sub_attacks": list(ensemble.attacks_to_run), "left_out_for_num_classes": left_out, "n_target_classes": targets}
         return ensemble, details
 
-    def run(self, model, images, labels, *, norm, epsilons, seed, active):
+    def run(self, model, images, labels, *, norm, epsilons, seed, active, workspace=None):
         success = torch.ones(len(epsilons), len(labels), dtype=torch.bool)
         norms = torch.full((len(epsilons), len(labels)), float("nan"))
         predictions = torch.full((len(epsilons), len(labels)), -1, dtype=torch.long)
         details: dict = {}
         messages: list[str] = []
         device = model_device(model)
+        if workspace is not None:
+            workspace.mkdir(parents=True, exist_ok=True)
         for index, eps in enumerate(epsilons):
             points = active[index].nonzero().flatten()
             if len(points) == 0:
@@ -112,7 +114,7 @@ class AutoAttack(Attack):
             low, high = model.bounds
             # pyautoattack clips to [0, 1]: attack in unit-box coordinates, where eps scales by 1/(high - low).
             ensemble, details = self._ensemble(model, norm=norm, eps=eps / (high - low), seed=seed, input_shape=tuple(images.shape[1:]))
-            state_path = self.workspace / f"autoattack-{norm}-{eps:g}.json" if self.workspace is not None else None
+            state_path = workspace / f"autoattack-{norm}-{eps:g}.json" if workspace is not None else None
             still_robust, resumed = self._resume(ensemble, state_path, len(points))
             attacked = points[still_robust]
             if len(attacked) and ensemble.attacks_to_run:
@@ -125,7 +127,7 @@ class AutoAttack(Attack):
                 with collected_warnings(ensemble.logger, raised):
                     unit_adversarial, _ = ensemble.run_standard_evaluation(unit_x, y, batch_size=self.batch_size, state_path=None if resumed else state_path)
                 messages.extend(f"eps {eps:g}: {message}" for message in raised)
-                adversarial = project(x, low + unit_adversarial.reshape(x.shape) * (high - low), norm=norm, eps=eps, bounds=model.bounds)
+                adversarial = project_perturbation(x, low + unit_adversarial.reshape(x.shape) * (high - low), norm=norm, eps=eps, bounds=model.bounds)
                 with torch.no_grad():
                     adversarial_labels = torch.cat([model(adversarial[batch].to(device)).argmax(1) for batch in _batches(len(adversarial), self.batch_size)]).cpu()
                 success[index, attacked] = adversarial_labels != y.cpu()

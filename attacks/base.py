@@ -1,19 +1,26 @@
-"""The attack protocol shared by every attack, threat-model specifications and the attack registry."""
+"""The attack protocol and its taxonomy, threat models, budgets and the attack registry.
+
+Like Foolbox's: :class:`Attack`, a perturbation attack at fixed eps values (FGSM, PGD, AutoAttack);
+:class:`MinimumNormAttack`, one that finds each point's smallest adversarial norm (FMN); and
+``InvarianceAttack`` (``attacks/invariance``), which changes the true label instead, called with an
+``InvarianceContext`` and run at a :class:`Budget` each.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from invarbench.attacks.norms import NORMS, perturbation_norm, project_perturbation
 from invarbench.errors import ConfigError, did_you_mean
 from invarbench.evaluation import label_margins, logits
-
-NORMS = ("linf", "l2")
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,63 @@ class ThreatModel:
         return f"{self.norm}:{','.join(f'{eps:g}' if float(f'{eps:g}') == eps else repr(eps) for eps in self.epsilons)}"
 
 
+BUDGET_EXAMPLES = "e.g. linf:0.3, l2:2, l0:25, metamer:0 or set:0"
+#: The pseudo-norms of invariance attacks, and what a budget under each counts.
+PSEUDO_NORMS = {"l0": "changed pixels, a whole number from 1 (e.g. l0:25)", "metamer": "nothing: exact metamers do not depend on a ball (metamer:0)", "set": "the position of a fixed invariance set, a whole number from 0 (e.g. set:0)"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One setting of an invariance attack: a norm ball's eps (``linf:0.3``, ``l2:2``) or a pseudo-norm's
+    budget (``l0:25`` changed pixels, ``metamer:0`` for exact metamers, ``set:1`` for the second fixed
+    invariance set). Its text, ``NORM:VALUE`` with the value as ``f"{value:g}"``, is how records,
+    summaries, entries and tables name the setting; :meth:`parse` reads it back."""
+
+    norm: str
+    value: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "value", float(self.value))
+
+    @classmethod
+    def parse(cls, text: str, *, lenient: bool = False) -> Budget:
+        """The budget of ``NORM:VALUE``; a clear error naming the fix on a bad one. ``lenient`` (for
+        reading stored settings that must not fail) keeps any norm and reads a value that is not a number as NaN."""
+        norm, separator, value = str(text).strip().rpartition(":")
+        norm = norm.strip().lower()
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if lenient:
+            return cls(norm, float("nan") if number is None else number)
+        if not separator or not norm:
+            raise ConfigError(f"budget {text!r} has no norm; write NORM:VALUE, {BUDGET_EXAMPLES}")
+        if number is None or math.isnan(number):
+            raise ConfigError(f"budget {text!r}: the value {value.strip()!r} is not a number; write NORM:VALUE, {BUDGET_EXAMPLES}")
+        budget = cls(norm, number)
+        budget.check(text)
+        return budget
+
+    def check(self, text: str | None = None) -> None:
+        """Refuse an unknown norm, or a value the norm cannot take, naming the fix."""
+        name = repr(str(self) if text is None else text)
+        known = (*NORMS, *PSEUDO_NORMS)
+        if self.norm not in known:
+            raise ConfigError(f"budget {name}: unknown norm {self.norm!r}; use one of {', '.join(known)} ({BUDGET_EXAMPLES}){did_you_mean(self.norm, known)}")
+        if self.norm in NORMS:
+            if not 0 < self.value < math.inf:
+                raise ConfigError(f"budget {name}: eps must be a positive number, e.g. {self.norm}:0.3")
+        elif self.norm == "metamer":
+            if self.value != 0:
+                raise ConfigError(f"budget {name}: exact metamers have no budget; write metamer:0")
+        elif not (math.isfinite(self.value) and self.value == int(self.value) and self.value >= (1 if self.norm == "l0" else 0)):
+            raise ConfigError(f"budget {name}: {self.norm} counts {PSEUDO_NORMS[self.norm]}")
+
+    def __str__(self) -> str:
+        return f"{self.norm}:{self.value:g}"
+
+
 @dataclass(frozen=True)
 class PerturbationResult:
     """Per-sample outcome of a perturbation attack at each eps.
@@ -84,23 +148,37 @@ class PerturbationResult:
         return (~self.success).float().mean(dim=1).tolist()
 
 
-def perturbation_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
-    flat = delta.flatten(1)
-    return flat.abs().amax(dim=1) if norm == "linf" else flat.norm(dim=1)
+@dataclass
+class Outcome:
+    """A perturbation result's per-eps tensors while an attack fills them in: ``success``, ``norms``,
+    ``predictions``, ``margins`` (each eps x points) and ``adversarials`` (eps x points x input)."""
 
+    success: torch.Tensor
+    norms: torch.Tensor
+    predictions: torch.Tensor
+    margins: torch.Tensor
+    adversarials: torch.Tensor
 
-def project(images: torch.Tensor, adversarial: torch.Tensor, *, norm: str, eps: float, bounds: tuple[float, float]) -> torch.Tensor:
-    """Project ``adversarial`` onto the eps-ball around ``images`` and the input bounds.
+    @classmethod
+    def unattacked(cls, images: torch.Tensor, epsilons: tuple[float, ...]) -> Outcome:
+        """Before any attack: no success, NaN norms and margins, predictions -1, the clean images."""
+        shape = (len(epsilons), len(images))
+        adversarials = images.detach().cpu().unsqueeze(0).repeat(len(epsilons), *[1] * images.dim())
+        return cls(torch.zeros(shape, dtype=torch.bool), torch.full(shape, float("nan")), torch.full(shape, -1, dtype=torch.long), torch.full(shape, float("nan")), adversarials)
 
-    Used after a change of coordinates, whose float rounding can leave a perturbation a hair outside the ball.
-    """
-    delta = adversarial - images
-    if norm == "linf":
-        delta = delta.clamp(-eps, eps)
-    else:
-        size = delta.flatten(1).norm(dim=1).view(-1, *[1] * (delta.dim() - 1))
-        delta = delta * torch.where(size > eps, eps / size, torch.ones_like(size))
-    return (images + delta).clamp(*bounds)
+    def judge(self, model: torch.nn.Module, index: int, points: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, adversarial: torch.Tensor, *, norm: str, eps: float, batch_size: int) -> None:
+        """Record eps ``index`` for ``points`` from an attack's examples: moved onto the ball and bounds
+        (removing float rounding from a change of coordinates), then judged by the model itself."""
+        adversarial = project_perturbation(images, adversarial, norm=norm, eps=eps, bounds=model.bounds)
+        output = logits(model, adversarial, batch_size=batch_size)
+        self.success[index, points] = output.argmax(1) != labels
+        self.norms[index, points] = perturbation_norm(adversarial - images, norm)
+        self.predictions[index, points] = output.argmax(1)
+        self.margins[index, points] = label_margins(output, labels)
+        self.adversarials[index, points] = adversarial
+
+    def result(self, attack: str, norm: str, epsilons: tuple[float, ...], options: dict[str, Any], warnings: tuple[str, ...] = ()) -> PerturbationResult:
+        return PerturbationResult(attack, norm, tuple(epsilons), self.success, self.norms, self.predictions, options, self.adversarials, self.margins, warnings)
 
 
 @contextmanager
@@ -141,10 +219,12 @@ class Attack(ABC):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "options": self.options()}
 
-    def __call__(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, norm: str, epsilons: tuple[float, ...], seed: int = 0, active: torch.Tensor | None = None) -> PerturbationResult:
+    def __call__(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, norm: str, epsilons: tuple[float, ...], seed: int = 0, active: torch.Tensor | None = None, workspace: Path | None = None) -> PerturbationResult:
         """Attack ``images``; ``active[e, i]`` (optional) marks the points that still need eps ``e``.
 
         Attacks that handle one eps at a time skip inactive points; the rest attack every point given.
+        ``workspace`` (optional) is a folder of the job's own where an attack that can resume keeps
+        its state (AutoAttack's state file); the others ignore it.
         """
         if norm not in self.norms:
             raise ConfigError(f"attack {self.name!r} does not support norm {norm!r}; it supports {', '.join(self.norms)}")
@@ -154,15 +234,25 @@ class Attack(ABC):
         if active is None:
             active = torch.ones(len(epsilons), len(labels), dtype=torch.bool)
         with frozen_parameters(model):
-            result = self.run(model, images, labels, norm=norm, epsilons=epsilons, seed=seed, active=active)
+            result = self.run(model, images, labels, norm=norm, epsilons=epsilons, seed=seed, active=active, workspace=workspace)
             if result.margins is None and result.adversarials is not None:
                 margins = torch.stack([label_margins(logits(model, examples), labels.cpu()) for examples in result.adversarials])
                 result = dataclasses.replace(result, margins=margins)
             return result
 
     @abstractmethod
-    def run(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, norm: str, epsilons: tuple[float, ...], seed: int, active: torch.Tensor) -> PerturbationResult:
+    def run(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, norm: str, epsilons: tuple[float, ...], seed: int, active: torch.Tensor, workspace: Path | None = None) -> PerturbationResult:
         ...
+
+
+class MinimumNormAttack(Attack):
+    """An attack that finds each point's smallest adversarial perturbation (FMN): one search gives the
+    whole robust-accuracy-versus-eps curve, and a point is broken at every eps at least its norm.
+    Entries store that curve, and regression checks allow a flip where the norm sits at eps."""
+
+    @abstractmethod
+    def minimal_norms(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, norm: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each point's smallest adversarial norm found (+inf where none) and the model's label there."""
 
 
 ATTACKS: dict[str, type[Attack]] = {}

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from invarbench.attacks.oracles import ABSTAIN, InvarianceSet, Oracle, load_invariance_sets
 from invarbench.errors import DataError
+from invarbench.labelling import majority_sets
 from invarbench.statistics import wilson_interval
 
 
@@ -127,8 +128,6 @@ def labelled_sets(source: str | Path) -> list[InvarianceSet]:
     ``invarbench label`` (majority labels); set names are prefixed with the source's name."""
     path = Path(source)
     if path.is_file():
-        from invarbench.labelling import majority_sets
-
         sets = majority_sets(path)
     else:
         sets = load_invariance_sets(path)

@@ -6,7 +6,8 @@ import eagerpy as ep
 import foolbox
 import torch
 from foolbox.devutils import atleast_kd, flatten
-from invarbench.attacks.base import Attack, PerturbationResult, perturbation_norm, register_attack
+from invarbench.attacks.base import Attack, MinimumNormAttack, PerturbationResult, register_attack
+from invarbench.attacks.norms import perturbation_norm
 from invarbench.errors import ConfigError
 from invarbench.evaluation import label_margins, logits, model_device
 
@@ -35,7 +36,7 @@ class _FoolboxFixedEpsilon(Attack):
     def _attempts(self) -> int:
         return 1
 
-    def run(self, model, images, labels, *, norm, epsilons, seed, active):
+    def run(self, model, images, labels, *, norm, epsilons, seed, active, workspace=None):
         attack = self._foolbox_attack(norm)
         fmodel = foolbox_model(model)
         device = model_device(model)
@@ -113,8 +114,8 @@ class PGD(_FoolboxFixedEpsilon):
         attack_class = foolbox.attacks.LinfPGD if norm == "linf" else foolbox.attacks.L2PGD
         return attack_class(steps=steps, rel_stepsize=rel_stepsize, random_start=True)
 
-    def run(self, model, images, labels, *, norm, epsilons, seed, active):
-        result = super().run(model, images, labels, norm=norm, epsilons=epsilons, seed=seed, active=active)
+    def run(self, model, images, labels, *, norm, epsilons, seed, active, workspace=None):
+        result = super().run(model, images, labels, norm=norm, epsilons=epsilons, seed=seed, active=active, workspace=workspace)
         result.options.update(steps=PGD_DEFAULT_STEPS[norm] if self.steps is None else self.steps, rel_stepsize=PGD_DEFAULT_REL_STEPSIZE[norm] if self.rel_stepsize is None else self.rel_stepsize, random_start=True)
         return result
 
@@ -147,7 +148,7 @@ class _L2FMNProjected(foolbox.attacks.L2FMNAttack):
 
 
 @register_attack
-class FMN(Attack):
+class FMN(MinimumNormAttack):
     """Fast Minimum-Norm attack (Pintor et al.) through Foolbox: each point's smallest adversarial norm.
 
     One run gives the whole robust-accuracy-versus-eps curve: a point is broken at eps when the
@@ -197,7 +198,7 @@ class FMN(Attack):
             margins[batch] = label_margins(output, y.cpu())
         return minimal, predictions, margins
 
-    def run(self, model, images, labels, *, norm, epsilons, seed, active):
+    def run(self, model, images, labels, *, norm, epsilons, seed, active, workspace=None):
         minimal, predictions, margins = self._search(model, images, labels, norm=norm, seed=seed)
         # A small tolerance absorbs float rounding of the norm of a perturbation clipped to exactly eps.
         success = torch.stack([minimal <= eps * (1 + 1e-5) for eps in epsilons])

@@ -26,8 +26,10 @@ import numpy as np
 import tomli_w
 import torch
 from invarbench.attacks.neighbours import nearest
+from invarbench.datasets import SPHERE_INNER_RADIUS, SPHERE_OUTER_RADIUS, spheres_label
 from invarbench.errors import ConfigError, DataError, did_you_mean
 from invarbench.io import atomic_write_text
+from invarbench.models import get_card, load_model, registry
 
 ABSTAIN = -1
 
@@ -281,8 +283,6 @@ class ProxyOracle(Oracle):
 
 def spheres_margin(points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """How far past the midpoint between the spheres a point lies, towards the other class than ``labels``."""
-    from invarbench.datasets import SPHERE_INNER_RADIUS, SPHERE_OUTER_RADIUS
-
     outward = points.flatten(1).norm(dim=1) - (SPHERE_INNER_RADIUS + SPHERE_OUTER_RADIUS) / 2
     return torch.where(labels == 0, outward, -outward)
 
@@ -336,8 +336,6 @@ class OracleDefinition:
         return atomic_write_text(self.path, self.to_toml())
 
     def build(self, dataset) -> ProxyOracle:
-        from invarbench.models import load_model
-
         if dataset.name != self.dataset:
             raise ConfigError(f"oracle {self.name} judges {self.dataset} images, not {dataset.name}; pick an oracle of that data set (invarbench oracle list)")
         members = [load_model(member).eval() for member in self.members]
@@ -349,8 +347,6 @@ class OracleDefinition:
 
     def member_checkpoints(self) -> dict[str, str]:
         """Each member's checkpoint sha256, by card name: what a regression check compares."""
-        from invarbench.models import get_card
-
         return {member: get_card(member).checkpoint_sha256 for member in self.members}
 
 
@@ -362,9 +358,8 @@ def _view(data: dict, path: Path) -> View:
 
 
 def oracles_dir() -> Path:
-    from invarbench.models.registry import CARDS_DIR
-
-    return CARDS_DIR.parent / "oracles"
+    # Read when called: tests (and users) point registry.CARDS_DIR elsewhere after import.
+    return registry.CARDS_DIR.parent / "oracles"
 
 
 def list_oracles() -> dict[str, OracleDefinition]:
@@ -386,23 +381,11 @@ DEFAULT_ORACLES = {"mnist": "proxy:mnist-readers"}
 
 def load_oracle(name: str, dataset) -> Oracle:
     """A named oracle for a data set: ``exact:spheres`` or a proxy oracle of ``models/oracles``."""
-    from invarbench.datasets import spheres_label
-
     if name == "exact:spheres":
         if dataset.name != "spheres":
             raise ConfigError(f"oracle exact:spheres judges spheres points, not {dataset.name}")
         return ExactOracle("exact:spheres", spheres_label, spheres_margin)
     return get_oracle_definition(name).build(dataset)
-
-
-def resolve_oracle(spec: str, dataset) -> Oracle:
-    """An oracle from a name: a named oracle (``invarbench oracle list``), ``exact:spheres``, or
-    ``people:DB``, the majority labels of a labels database of ``invarbench label``."""
-    if spec.startswith("people:"):
-        from invarbench.labelling import PeopleOracle
-
-        return PeopleOracle(spec[len("people:") :])
-    return load_oracle(spec, dataset)
 
 
 def default_oracle(dataset) -> Oracle:

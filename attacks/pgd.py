@@ -21,25 +21,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from invarbench.attacks.base import Attack, PerturbationResult, perturbation_norm, register_attack
+from invarbench.attacks.base import Attack, PerturbationResult, register_attack
 from invarbench.attacks.foolbox_attacks import PGD_DEFAULT_REL_STEPSIZE, PGD_DEFAULT_STEPS, check_pgd_options
+from invarbench.attacks.norms import per_sample, perturbation_norm, project
 from invarbench.evaluation import label_margins, model_device
-
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``values`` (one per point) shaped to broadcast over ``like``'s points."""
-    return values.view(-1, *[1] * (like.dim() - 1))
-
-
-def _project(x: torch.Tensor, x0: torch.Tensor, *, norm: str, eps: float, bounds: tuple[float, float]) -> torch.Tensor:
-    """``x`` moved onto the eps-ball around ``x0`` (l_inf: clipped; l_2: ``x - x0`` scaled), then into the bounds."""
-    if norm == "linf":
-        x = torch.minimum(torch.maximum(x, x0 - eps), x0 + eps)
-    else:
-        delta = x - x0
-        size = delta.flatten(1).norm(dim=1)
-        x = x0 + delta * _per_sample((eps / size.clamp_min(1e-12)).clamp(max=1.0), delta)
-    return x.clamp(*bounds)
 
 
 def _random_starts(x0: torch.Tensor, *, norm: str, eps: float, bounds: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
@@ -48,9 +33,9 @@ def _random_starts(x0: torch.Tensor, *, norm: str, eps: float, bounds: tuple[flo
         delta = torch.rand(x0.shape, generator=generator) * (2 * eps) - eps
     else:
         direction = torch.randn(x0.shape, generator=generator)
-        direction = direction / _per_sample(direction.flatten(1).norm(dim=1).clamp_min(1e-12), direction)
+        direction = direction / per_sample(direction.flatten(1).norm(dim=1).clamp_min(1e-12), direction)
         radius = eps * torch.rand(len(x0), generator=generator) ** (1.0 / x0[0].numel())
-        delta = direction * _per_sample(radius, direction)
+        delta = direction * per_sample(radius, direction)
     return (x0 + delta.to(x0.device, x0.dtype)).clamp(*bounds)
 
 
@@ -70,7 +55,7 @@ class _Batch:
     def returned(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each point's example and its logits: the first misclassified iterate, else the best iterate."""
         broken = self.broken.view(-1, 1)
-        return torch.where(_per_sample(self.broken, self.x0), self.adversarial, self.best), torch.where(broken, self.adversarial_logits, self.best_logits)
+        return torch.where(per_sample(self.broken, self.x0), self.adversarial, self.best), torch.where(broken, self.adversarial_logits, self.best_logits)
 
 
 @register_attack
@@ -95,7 +80,7 @@ class PGD(Attack):
         steps = PGD_DEFAULT_STEPS[norm] if self.steps is None else self.steps
         return steps, PGD_DEFAULT_REL_STEPSIZE[norm] if self.rel_stepsize is None else self.rel_stepsize
 
-    def run(self, model, images, labels, *, norm, epsilons, seed, active):
+    def run(self, model, images, labels, *, norm, epsilons, seed, active, workspace=None):
         steps, rel_stepsize = self.resolved(norm)
         device = model_device(model)
         bounds = tuple(float(bound) for bound in model.bounds)
@@ -122,7 +107,7 @@ class PGD(Attack):
                     x = _random_starts(x0[points], norm=norm, eps=eps, bounds=bounds, generator=generator)
                     if restart == 0:
                         warm = state.started[points]
-                        x = torch.where(_per_sample(warm, x), state.best[points], x)
+                        x = torch.where(per_sample(warm, x), state.best[points], x)
                     self._attack(model, state, points, x, norm=norm, eps=eps, step_size=rel_stepsize * eps, steps=steps, bounds=bounds)
                 example, output = state.returned()
                 adversarials[index, batch] = example.cpu()
@@ -151,7 +136,7 @@ class PGD(Attack):
             with torch.no_grad():
                 x, output, losses = x.detach(), output.detach(), losses.detach()
                 better = losses > best_loss
-                best = torch.where(_per_sample(better, best), x, best)
+                best = torch.where(per_sample(better, best), x, best)
                 best_logits = torch.where(better.view(-1, 1), output, best_logits)
                 best_loss = torch.where(better, losses, best_loss)
                 broken = output.argmax(1) != labels
@@ -169,7 +154,7 @@ class PGD(Attack):
                 if norm == "linf":
                     direction = gradient.sign()
                 else:
-                    direction = gradient / _per_sample(gradient.flatten(1).norm(dim=1).clamp_min(1e-12), gradient)
-                x = _project(x + step_size * direction, x0, norm=norm, eps=eps, bounds=bounds)
+                    direction = gradient / per_sample(gradient.flatten(1).norm(dim=1).clamp_min(1e-12), gradient)
+                x = project(x + step_size * direction, x0, norm=norm, eps=eps, bounds=bounds)
         state.best[points], state.best_logits[points], state.best_loss[points] = best, best_logits, best_loss
         state.started[points] = True

@@ -12,6 +12,9 @@ from invarbench import __version__
 from invarbench.api import DEFAULT_RUNS_DIR, format_table
 from invarbench.errors import InvarbenchError
 
+# Each command imports what it runs inside its function, so that `invarbench --help` loads no torch, pandas
+# or jinja2 (tests/test_cli_help.py); the other modules import at the top (tests/test_imports.py).
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 

@@ -237,3 +237,34 @@ def merge_threats(threats: list[ThreatModel]) -> tuple[ThreatModel, ...]:
     for threat in threats:
         merged.setdefault(threat.norm, set()).update(threat.epsilons)
     return tuple(ThreatModel(norm, tuple(sorted(epsilons))) for norm, epsilons in merged.items())
+
+
+# Names that once meant another implementation, and the attack that implementation is registered as now:
+# an entry whose settings record no implementation for them (or another than today's) was made with the
+# former one, and its records are re-run with it (``pgd`` was Foolbox's PGD until invarbench's engine).
+FORMER_IMPLEMENTATIONS = {"pgd": "foolbox-pgd"}
+
+
+def entry_config(entry: dict, points: int) -> RunConfig:
+    """The configuration that re-runs a leaderboard entry's settings on its first ``points`` points (what
+    ``invarbench check`` and the entry's adversarial gallery evaluate)."""
+    settings = entry["settings"]
+    threats = [ThreatModel.parse(spec) for spec in settings["threats"]]
+    attacks = tuple(AttackSpec(attack["name"], tuple((key, value) for key, value in attack["options"].items()), runs_as=_former(attack)) for attack in settings["attacks"])
+    model = ModelSpec(entry["reference"], entry["dataset"])
+    return RunConfig((model,), tuple(threats), attacks, n=points, seed=settings["seed"], shard_size=settings["shard_size"], cascade=settings["cascade"], oracle=settings.get("oracle"))
+
+
+def rerun_as(attack: dict) -> str:
+    """The registered attack that reproduces an entry's ``attack`` settings (``foolbox-pgd`` for a ``pgd``
+    stored before ``pgd`` was invarbench's engine, which records no implementation)."""
+    name = attack["name"]
+    if name in FORMER_IMPLEMENTATIONS and attack.get("implementation") != getattr(ATTACKS[name], "implementation", None):
+        return FORMER_IMPLEMENTATIONS[name]
+    return name
+
+
+def _former(attack: dict) -> str | None:
+    """``rerun_as`` where it differs from the entry's name (the spec then runs it under that name), else None."""
+    registered = rerun_as(attack)
+    return registered if registered != attack["name"] else None

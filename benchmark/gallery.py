@@ -9,8 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from invarbench.attacks.oracles import default_oracle
+from invarbench.config import entry_config
+from invarbench.datasets import load_dataset
 from invarbench.errors import ConfigError
+from invarbench.evaluation import predict
 from invarbench.io import atomic_write
+from invarbench.plan import plan
 from invarbench.store import RunStore, read_json
 
 
@@ -36,7 +42,6 @@ def invariance_gallery(run_dir: str | Path, out: str | Path, *, model: str | Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from invarbench.datasets import load_dataset
 
     run_dir = Path(run_dir)
     store = RunStore(run_dir)
@@ -106,17 +111,11 @@ def perturbation_gallery(entry: dict, entries_dir: str | Path, out: str | Path, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
-    from invarbench.attacks.oracles import default_oracle
-    from invarbench.datasets import load_dataset
-    from invarbench.evaluation import predict
-    from invarbench.leaderboard.check import _config
-    from invarbench.plan import plan
 
     if entry["track"] != "perturbation":
         raise ConfigError(f"entry {entry['model']} ({entry['track']}) is not a perturbation entry")
     shard_size = entry["settings"]["shard_size"]
-    config = _config(entry, min(shard_size, entry["settings"]["n"]))
+    config = entry_config(entry, min(shard_size, entry["settings"]["n"]))
     first_norm = config.threats[0].norm
     jobs = [job for job in plan(config) if job.attack_index == 0 and job.shard == 0 and job.threat.norm == first_norm]
     if not jobs or jobs[0].attack.name not in ("fgsm", "pgd", "foolbox-pgd"):

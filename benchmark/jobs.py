@@ -51,10 +51,7 @@ def execute_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: 
     warnings: tuple[str, ...] = ()
     if len(points):
         attack = job.attack.create()
-        if workspace is not None and hasattr(attack, "workspace"):
-            workspace.mkdir(parents=True, exist_ok=True)
-            attack.workspace = workspace
-        result = attack(model, images[points], labels[points], norm=job.threat.norm, epsilons=epsilons, seed=job.seed, active=active[:, points])
+        result = attack(model, images[points], labels[points], norm=job.threat.norm, epsilons=epsilons, seed=job.seed, active=active[:, points], workspace=workspace)
         success[:, points], norms[:, points], predictions[:, points] = result.success, result.norms, result.adversarial_predictions
         if result.margins is not None:
             margins[:, points] = result.margins.float()
@@ -79,9 +76,7 @@ def execute_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: 
 
 def execute_invariance_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, clean_predictions: torch.Tensor, context: InvarianceContext) -> tuple[pd.DataFrame, torch.Tensor]:
     """Run one invariance job on its shard: per-candidate records and the candidate images."""
-    attack = job.attack.create()
-    attack.context = context
-    result = attack(model, images, labels, norm=job.threat.norm, epsilons=job.threat.epsilons, seed=job.seed)
+    result = job.attack.create()(model, images, labels, norm=job.threat.norm, epsilons=job.threat.epsilons, seed=job.seed, context=context)
     model_margins, oracle_margins = decision_margins(model, result)
     rows = []
     for eps_index, eps in enumerate(result.epsilons):

@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from invarbench.attacks.oracles import ABSTAIN, InvarianceSet, Oracle, image_key, load_invariance_sets
+from invarbench.attacks.oracles import ABSTAIN, InvarianceSet, Oracle, image_key, load_invariance_sets, load_oracle
 from invarbench.errors import ConfigError, DataError
 from invarbench.io import atomic_write_bytes
+from invarbench.store import RunStore, read_json
 
 LABELS = tuple("0123456789") + ("n", "?")
 SCHEMA = """
@@ -74,8 +75,6 @@ def _run_items(run_dir: Path) -> list[LabelItem]:
     """The candidates of a run's invariance jobs that exist (record ``ran``), one item per distinct image
     of a set. A record's eps picks the row of its job's candidate array, ``index - shard * shard_size``
     the point (as in ``gallery.candidate_image``)."""
-    from invarbench.store import RunStore, read_json
-
     store = RunStore(run_dir)
     try:
         shard_size = int(read_json(store.manifest_path)["config"]["shard_size"])
@@ -358,3 +357,12 @@ class PeopleOracle(Oracle):
 
     def label(self, images: torch.Tensor) -> torch.Tensor:
         return torch.tensor([self.labels.get(image_key(image), ABSTAIN) for image in images], dtype=torch.long)
+
+
+def resolve_oracle(spec: str, dataset) -> Oracle:
+    """An oracle from a name: a named oracle (``invarbench oracle list``), ``exact:spheres``, or
+    ``people:DB``, the majority labels of a labels database of ``invarbench label``. It lives here, not
+    in ``attacks.oracles``, because people's labels (this module) are read through those oracles' types."""
+    if spec.startswith("people:"):
+        return PeopleOracle(spec[len("people:") :])
+    return load_oracle(spec, dataset)

@@ -6,6 +6,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from invarbench.attacks import Budget
 from invarbench.attacks.oracles import ABSTAIN
 from invarbench.config import RunConfig
 from invarbench.plan import Job
@@ -95,7 +96,7 @@ def summarize(records: pd.DataFrame, config: RunConfig, models: dict[str, dict[s
             for attack_index, attack in enumerate(config.attacks):
                 rows = model_rows[model_rows["attack_index"] == attack_index]
                 if len(rows):
-                    entry["invariance"][attack.label()] = {f"{norm}:{eps:g}": invariance_metrics(group) for (norm, eps), group in rows.groupby(["norm", "eps"], sort=True)}
+                    entry["invariance"][attack.label()] = {str(Budget(norm, eps)): invariance_metrics(group) for (norm, eps), group in rows.groupby(["norm", "eps"], sort=True)}
         summary["models"][model] = entry
     return summary
 

@@ -49,10 +49,11 @@ def attack_threats(attack: AttackSpec, threats: tuple[ThreatModel, ...], inverti
     instance = attack.create()
     selected: list[ThreatModel] = []
     for threat in threats:
-        norm = instance.threat_norm(threat.norm, invertible)
-        if norm is None:
+        budgets = instance.budgets(threat, invertible)
+        if not budgets:
             continue
-        candidate = ThreatModel(norm, threat.epsilons) if norm == threat.norm else ThreatModel(norm, instance.budgets())
+        # A job runs one norm (or pseudo-norm) at every budget of it.
+        candidate = ThreatModel(budgets[0].norm, tuple(budget.value for budget in budgets))
         if candidate not in selected:
             selected.append(candidate)
     return selected

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pandas as pd
+from invarbench.attacks import Budget
 
 #: The ``attack`` of the row that holds the worst case over every attack at a threat.
 WORST_CASE = "worst case"
@@ -50,16 +51,9 @@ def invariance_frame(results: Iterable[tuple[str, Mapping[str, Any]]]) -> pd.Dat
     for model, result in results:
         for attack, per_setting in result.get("invariance", {}).items():
             for setting, metrics in per_setting.items():
-                norm, _, budget = setting.rpartition(":")
-                rows.append({"model": model, "attack": attack, "setting": setting, "norm": norm, "eps": _number(budget), **metrics})
+                budget = Budget.parse(setting, lenient=True)
+                rows.append({"model": model, "attack": attack, "setting": setting, "norm": budget.norm, "eps": budget.value, **metrics})
     return pd.DataFrame(rows, columns=None if rows else INVARIANCE_COLUMNS)
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        return float("nan")
 
 
 def entry_results(entries: Iterable[Mapping[str, Any]]) -> list[tuple[str, Mapping[str, Any]]]:

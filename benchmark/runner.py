@@ -14,22 +14,21 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
-from invarbench import __version__
 from invarbench.attacks import ATTACKS
-from invarbench.attacks.oracles import default_oracle, resolve_oracle
+from invarbench.attacks.oracles import default_oracle
 from invarbench.checks import CHECKS, check_compatible, check_model
 from invarbench.config import HEADLINE_THREATS, RUNNER_OPTIONS, AttackSpec, ModelSpec, RunConfig, default_threats, merge_threats  # noqa: F401  (re-exported)
 from invarbench.datasets import load_dataset
+from invarbench.environment import cpu_description, package_versions, resolve_device  # noqa: F401  (re-exported)
 from invarbench.errors import ConfigError
 from invarbench.evaluation import predict
 from invarbench.executors import ExecutorSettings, JobOutput, JobTask, ModelInputs, create_executor
 from invarbench.jobs import decision_margins, execute_invariance_job, execute_job  # noqa: F401  (re-exported)
+from invarbench.labelling import resolve_oracle
 from invarbench.metrics import _tally, invariance_metrics, oracle_report, summarize  # noqa: F401  (re-exported)
 from invarbench.models import get_card
 from invarbench.plan import Job, attack_threats, derive_seed, plan  # noqa: F401  (re-exported)
@@ -37,42 +36,6 @@ from invarbench.preflight import check_models, check_run_dir, discarded_on_failu
 from invarbench.statistics import wilson_interval  # noqa: F401  (re-exported)
 from invarbench.store import RECORD_COLUMNS, RunLock, RunStore, as_records, read_json, write_json
 from tqdm.auto import tqdm
-
-PACKAGES = ("torch", "numpy", "foolbox", "pyautoattack", "pandas", "pyarrow")
-
-
-def cpu_description() -> str:
-    """The CPU's model name and the vector kernels torch uses on it: what float rounding depends on."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("model name"):
-                name = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
-
-
-def package_versions() -> dict[str, str]:
-    versions = {"python": sys.version.split()[0], "invarbench": __version__}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda")
-    return torch.device(device)
-
 
 @dataclass
 class RunOutcome:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from invarbench.datasets import load_dataset
 from invarbench.models import get_card, list_models, load_model
-from invarbench.runner import cpu_description
+from invarbench.environment import cpu_description
 
 
 def _half_bytes(path: Path) -> int:

@@ -29,7 +29,7 @@ from invarbench.attacks import create_attack
 from invarbench.attacks.base import frozen_parameters
 from invarbench.datasets import load_dataset
 from invarbench.models import get_card, load_model
-from invarbench.runner import cpu_description
+from invarbench.environment import cpu_description
 
 TARGET_RATIO = 1.05
 

@@ -27,7 +27,7 @@ import torch
 from invarbench.attacks import create_attack
 from invarbench.datasets import load_dataset
 from invarbench.models import load_model
-from invarbench.runner import cpu_description
+from invarbench.environment import cpu_description
 
 TARGET_RATIO = {"mnist-cnn-standard": 4.0, "mnist-cnn-pgd-linf-0.3": 1.5}
 ACCURACY_TOLERANCE = 0.005

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
-from invarbench.runner import cpu_description
+from invarbench.environment import cpu_description
 
 MODELS = ("mnist-cnn-standard", "mnist-cnn-pgd-linf-0.3")
 CONFIGURATIONS = {

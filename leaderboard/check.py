@@ -31,10 +31,15 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from invarbench.attacks import ATTACKS
+from invarbench.attacks import ATTACKS, MinimumNormAttack
+from invarbench.attacks.oracles import list_oracles
+from invarbench.config import entry_config
+from invarbench.environment import cpu_description
 from invarbench.errors import InvarbenchError
 from invarbench.io import atomic_write, sha256_file
 from invarbench.leaderboard.entries import ENTRIES_DIR, entry_stem, load_entries
+from invarbench.models import get_card, list_models
+from invarbench.runner import run_benchmark
 from invarbench.store import as_records
 
 # Robust-accuracy tolerance (absolute) of attacks whose outcome is random.
@@ -45,10 +50,6 @@ NORM_TOLERANCE = 0.01
 AGGREGATE_TOLERANCE = 0.03
 MARGIN_DRIFT_TOLERANCE = 0.05
 COMPARED = {"perturbation": ("success", "adversarial_prediction"), "invariance": ("target_class", "oracle_label", "model_prediction")}
-# Names that once meant another implementation, and the attack that implementation is registered as now:
-# an entry whose settings record no implementation for them (or another than today's) was made with the
-# former one, and its records are re-run with it (``pgd`` was Foolbox's PGD until invarbench's engine).
-FORMER_IMPLEMENTATIONS = {"pgd": "foolbox-pgd"}
 
 
 @dataclass
@@ -62,39 +63,7 @@ class CheckResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _config(entry: dict, points: int):
-    from invarbench.attacks.base import ThreatModel as Threat
-    from invarbench.config import AttackSpec, ModelSpec, RunConfig
-
-    settings = entry["settings"]
-    threats = []
-    for spec in settings["threats"]:
-        norm, _, values = spec.partition(":")
-        threats.append(Threat(norm, tuple(float(value) for value in values.split(","))))
-    attacks = tuple(AttackSpec(attack["name"], tuple((key, value) for key, value in attack["options"].items()), runs_as=_former(attack)) for attack in settings["attacks"])
-    model = ModelSpec(entry["reference"], entry["dataset"])
-    return RunConfig((model,), tuple(threats), attacks, n=points, seed=settings["seed"], shard_size=settings["shard_size"], cascade=settings["cascade"], oracle=settings.get("oracle"))
-
-
-def rerun_as(attack: dict) -> str:
-    """The registered attack that reproduces an entry's ``attack`` settings (``foolbox-pgd`` for a ``pgd``
-    stored before ``pgd`` was invarbench's engine, which records no implementation)."""
-    name = attack["name"]
-    if name in FORMER_IMPLEMENTATIONS and attack.get("implementation") != getattr(ATTACKS[name], "implementation", None):
-        return FORMER_IMPLEMENTATIONS[name]
-    return name
-
-
-def _former(attack: dict) -> str | None:
-    """``rerun_as`` where it differs from the entry's name (the spec then runs it under that name), else None."""
-    registered = rerun_as(attack)
-    return registered if registered != attack["name"] else None
-
-
 def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, update: bool = False, progress: bool = False) -> CheckResult:
-    from invarbench.models import get_card, list_models
-    from invarbench.runner import run_benchmark
-
     name = entry_stem(entry["model"], entry["dataset"], entry["track"])
     if entry["reference"] in list_models(role=None):
         card = get_card(entry["reference"])
@@ -114,7 +83,7 @@ def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, up
         try:
             # On the entry's device: floating-point paths differ between devices, and exact comparisons need the same one.
             device = "cuda" if str(entry.get("device", "cpu")).startswith("cuda") else "cpu"
-            run_benchmark(_config(entry, points), Path(scratch), name="check", progress=progress, device=device)
+            run_benchmark(entry_config(entry, points), Path(scratch), name="check", progress=progress, device=device)
         except InvarbenchError as error:
             return CheckResult(name, False, [f"re-evaluation failed: {error}"])
         run = Path(scratch) / "check"
@@ -164,8 +133,6 @@ def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, up
 def oracle_changes(entry: dict) -> list[str]:
     """How the named oracles that judged an invariance entry differ today from when it was stored
     (members' checkpoints, views, agreement): a changed judge changes the figures."""
-    from invarbench.attacks.oracles import list_oracles
-
     definitions = list_oracles()
     changes = []
     for name, report in sorted(entry["results"].get("oracles", {}).items()):
@@ -198,7 +165,7 @@ def _borderline(column: str, row: pd.Series, attack: str, eps: float, votes: int
     if column in ("success", "adversarial_prediction"):
         if _within((row["logit_margin_stored"], row["logit_margin_new"]), LOGIT_TOLERANCE):
             return f"logit margin within {LOGIT_TOLERANCE}"
-        if hasattr(ATTACKS[attack], "minimal_norms") and eps > 0 and _within((row["perturbation_norm_stored"] / eps - 1, row["perturbation_norm_new"] / eps - 1), NORM_TOLERANCE):
+        if issubclass(ATTACKS[attack], MinimumNormAttack) and eps > 0 and _within((row["perturbation_norm_stored"] / eps - 1, row["perturbation_norm_new"] / eps - 1), NORM_TOLERANCE):
             return f"norm within {NORM_TOLERANCE:.0%} of eps"
         return ""
     if column == "model_prediction":
@@ -238,8 +205,6 @@ def _rates(group: pd.DataFrame, track: str):
 
 def machine_warnings(entry: dict) -> list[str]:
     """How this machine differs from the one the entry was evaluated on (thread count, CPU)."""
-    from invarbench.runner import cpu_description
-
     machine = entry.get("machine")
     if not machine:
         return ["the entry does not record the thread count and CPU it was evaluated with (stored before they were recorded); outcomes decided within the tolerances may flip"]

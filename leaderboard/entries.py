@@ -14,9 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from invarbench.attacks import ATTACKS, MinimumNormAttack
 from invarbench.errors import ConfigError
+from invarbench.gallery import invariance_gallery, perturbation_gallery
 from invarbench.io import atomic_write
 from invarbench.leaderboard import ENTRIES_DIR
+from invarbench.models import get_card, list_models
+from invarbench.models.external import is_robustbench
 from invarbench.store import RunStore, as_records, read_json, read_records, write_json
 
 SCHEMA = 1
@@ -30,10 +34,6 @@ def entry_stem(model: str, dataset: str, track: str) -> str:
 
 def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> list[tuple[dict[str, Any], pd.DataFrame]]:
     """The entries a finished run gives: (entry, regression records) per model and track present."""
-    from invarbench.attacks import ATTACKS
-    from invarbench.models import get_card, list_models
-    from invarbench.models.external import is_robustbench
-
     run_dir = Path(run_dir)
     store = RunStore(run_dir)
     for path in (store.manifest_path, store.summary_path, store.results_path):
@@ -121,15 +121,13 @@ def _computed_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def minimum_norm_curves(records: pd.DataFrame, attacks: list[dict[str, Any]], n: int) -> dict[str, dict[str, Any]]:
-    """Per norm, the smallest adversarial norm a minimum-norm attack (one with ``minimal_norms``, e.g.
+    """Per norm, the smallest adversarial norm a minimum-norm attack (a ``MinimumNormAttack``, e.g.
     FMN) found for every point it ran on, sorted: the whole robust-accuracy-versus-eps curve, since a
     point counts as robust at eps when its smallest norm is larger (see :func:`curve_robust_accuracy`).
     The first such attack of the cascade per norm is kept; +inf (none found) is stored as a count."""
-    from invarbench.attacks import ATTACKS
-
     curves: dict[str, dict[str, Any]] = {}
     for position, attack in enumerate(attacks):
-        if not hasattr(ATTACKS[attack["name"]], "minimal_norms"):
+        if not issubclass(ATTACKS[attack["name"]], MinimumNormAttack):
             continue
         rows = records[(records["attack"] == attack["name"]) & (records["attack_index"] == position) & records["ran"].astype(bool)]
         for norm, per_norm in rows.groupby("norm", sort=True):
@@ -189,8 +187,6 @@ def add_run(run_dir: str | Path, entries_dir: str | Path = ENTRIES_DIR, *, repla
     for entry, subset in found:
         stem = entry_stem(entry["model"], entry["dataset"], entry["track"])
         if entry["track"] == "invariance":
-            from invarbench.gallery import invariance_gallery
-
             # Galleries need the candidate images, which only the run directory holds.
             for attack in sorted({attack["name"] for attack in entry["settings"]["attacks"]}):
                 try:
@@ -202,8 +198,6 @@ def add_run(run_dir: str | Path, entries_dir: str | Path = ENTRIES_DIR, *, repla
         write_json(path, entry)
         written.append(path)
         if entry["track"] == "perturbation" and galleries:
-            from invarbench.gallery import perturbation_gallery
-
             # Recomputed from the entry's first shard and checked against its stored records (on disk now).
             try:
                 written.append(perturbation_gallery(entry, entries_dir, entries_dir / f"{stem}__{entry['settings']['attacks'][0]['name']}.gallery.png"))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from invarbench.attacks import Budget
 from invarbench.io import atomic_write
 from invarbench.leaderboard.entries import curve_robust_accuracy
 from invarbench.results import WORST_CASE, entry_results, invariance_frame, robustness_frame
@@ -72,7 +73,7 @@ def build_plots(entries: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         robust = dict(zip(zip(linf_worst["model"], linf_worst["setting"]), linf_worst["robust_accuracy"]))
         figures = {(row["model"], row["setting"]): row for row in linf_invariance.to_dict("records")}
         for setting in sorted(set(linf_invariance["setting"])):
-            eps = setting.partition(":")[2]
+            eps = f"{Budget.parse(setting).value:g}"
             figure, axis = plt.subplots(figsize=(6, 4))
             for entry in perturbation:
                 metrics = figures.get((entry["model"], setting))

@@ -16,6 +16,7 @@ from invarbench.leaderboard import OUTPUT_DIR, SITE_DIR
 from invarbench.leaderboard.entries import ENTRIES_DIR, load_entries
 from invarbench.leaderboard.plots import build_plots
 from invarbench.leaderboard.tables import calibration_summary, html_table, invariance_table, oracle_table, perturbation_table, reliability_notes
+from invarbench.models import get_card, list_models
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=jinja2.select_autoescape(["html", "j2"]), keep_trailing_newline=True)
@@ -34,8 +35,6 @@ def _links(page_dir: Path) -> dict[str, str]:
 def build_site(entries_dir: str | Path = ENTRIES_DIR, site_dir: str | Path = SITE_DIR, output_dir: str | Path = OUTPUT_DIR) -> list[Path]:
     """Write the index and model pages into ``site_dir``, linking the plots of ``output_dir`` (built
     there if missing) and the galleries of ``entries_dir``."""
-    from invarbench.models import get_card, list_models
-
     entries_dir, site_dir, output_dir = Path(entries_dir), Path(site_dir), Path(output_dir)
     entries = load_entries(entries_dir)
     # Sites built before pages linked their images kept copies in assets/.

@@ -14,10 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from invarbench.attacks import ThreatModel
+from invarbench.attacks.autoattack import reliability_flag
 from invarbench.attacks.calibration import format_rate
+from invarbench.attacks.oracles import list_oracles
+from invarbench.config import HEADLINE_THREATS, RUNNER_OPTIONS, AttackSpec
 from invarbench.io import atomic_write_text
 from invarbench.leaderboard import OUTPUT_DIR
 from invarbench.leaderboard.entries import ENTRIES_DIR, curve_median_norm, load_entries
+from invarbench.leaderboard.plots import build_plots
 from invarbench.results import WORST_CASE, entry_results, invariance_frame, robustness_frame
 
 
@@ -26,13 +31,7 @@ def _percent(value: float | None) -> str:
 
 
 def _headline(dataset: str) -> list[tuple[str, str]]:
-    from invarbench.config import HEADLINE_THREATS
-
-    pairs = []
-    for spec in HEADLINE_THREATS.get(dataset, ()):
-        norm, _, values = spec.partition(":")
-        pairs += [(norm, f"{float(value):g}") for value in values.split(",")]
-    return pairs
+    return [(threat.norm, f"{eps:g}") for threat in map(ThreatModel.parse, HEADLINE_THREATS.get(dataset, ())) for eps in threat.epsilons]
 
 
 NORM_ORDER = ("linf", "l2")
@@ -54,8 +53,6 @@ def _lookup(frame: pd.DataFrame, keys: list[str], column: str) -> dict[tuple, An
 def _attack_columns(entry: dict[str, Any]) -> list[tuple[str, str]]:
     """(summary key, shown name) of each attack of an entry in cascade order; the shown name leaves
     out the runner's own options (eps=, cascade=), which say where an attack ran, not what it is."""
-    from invarbench.config import RUNNER_OPTIONS, AttackSpec
-
     columns = []
     for attack in entry["settings"]["attacks"]:
         options = tuple(attack.get("options", {}).items())
@@ -132,8 +129,6 @@ def perturbation_table(entries: list[dict[str, Any]], dataset: str, *, summary: 
 def reliability_flags(entry: dict[str, Any]) -> list[str]:
     """Short names of what makes an entry's figures less reliable: the model checks that were raised and
     each attack's own warnings (AutoAttack's checks, e.g. Square beating the gradient attacks)."""
-    from invarbench.attacks.autoattack import reliability_flag
-
     results = entry["results"]
     flags = [check for check, raised in results.get("checks", {}).items() if raised]
     for attack, messages in sorted(results.get("attack_warnings", {}).items()):
@@ -169,8 +164,6 @@ def oracle_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
     """Every named oracle of a data set and every oracle that judged one of its stored invariance
     figures, with its calibration against people's labels per labelled set (counts, rates and 95%
     intervals); an entry's own record of its oracle wins over the oracle's file."""
-    from invarbench.attacks.oracles import list_oracles
-
     reports: dict[str, dict[str, Any]] = {name: {"name": name, "calibration": list(definition.calibration)} for name, definition in list_oracles().items() if definition.dataset == dataset}
     for entry in entries:
         if entry["dataset"] == dataset and entry["track"] == "invariance":
@@ -322,8 +315,6 @@ def build_tables(entries_dir: str | Path = ENTRIES_DIR, out_dir: str | Path = OU
             written.append(atomic_write_text(stem.with_suffix(".csv"), csv.to_csv(index=False, float_format="%.6f", lineterminator="\n")))
             written.append(atomic_write_text(stem.with_suffix(".tex"), latex(frame)))
             written.append(atomic_write_text(stem.with_suffix(".html"), html_table(frame, table_id=f"{dataset}-{track}")))
-    from invarbench.leaderboard.plots import build_plots
-
     written += build_plots(entries, out_dir)
     return written
 

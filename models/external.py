@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from invarbench.errors import ModelError, did_you_mean
-from invarbench.io import sha256_file
+from invarbench.io import invarbench_home, sha256_file
 from torch import nn
 
 ROBUSTBENCH_PREFIX = "robustbench:"
@@ -132,8 +132,6 @@ def is_robustbench(reference: str | os.PathLike) -> bool:
 
 def robustbench_dir() -> Path:
     """Where zoo weights are read from: ``$INVARBENCH_ROBUSTBENCH_DIR``, else ``$INVARBENCH_HOME/robustbench``."""
-    from invarbench.datasets import invarbench_home
-
     return Path(os.environ.get(ROBUSTBENCH_DIR_ENV) or invarbench_home() / "robustbench")
 
 

@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from invarbench.attacks.norms import project
 from invarbench.datasets import load_dataset
 from invarbench.errors import ConfigError
 from invarbench.models.augmentation import ReaderAugmentation, reader_augment
 from invarbench.models.measure import measure_card
 from invarbench.models.registry import ModelCard, build_network, load_model, save_state_dict, wrap
+from invarbench.environment import resolve_device
 from tqdm.auto import tqdm
 
 RECIPES = ("standard", "pgd", "ice", "reader")
@@ -35,8 +37,9 @@ class TrainingReport:
 def pgd_training_examples(model, images, labels, *, norm: str, eps: float, steps: int, step_size: float, bounds: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
     """Adversarial examples for the training loop: PGD with a random start inside the eps-ball.
 
-    Kept apart from the evaluation attacks (Foolbox) on purpose: evaluation must not share code
-    with the training procedure it evaluates.
+    Its own loop, apart from the evaluation attacks (Foolbox, invarbench's PGD), so that evaluation does
+    not run the training procedure it evaluates; only the norm-ball projection (``attacks/norms.py``,
+    plain geometry) is shared.
     """
     low, high = bounds
     if norm == "linf":
@@ -53,15 +56,11 @@ def pgd_training_examples(model, images, labels, *, norm: str, eps: float, steps
         with torch.no_grad():
             if norm == "linf":
                 adversarial = adversarial + step_size * gradient.sign()
-                adversarial = torch.min(torch.max(adversarial, images - eps), images + eps)
             else:
                 shape = (-1, *[1] * (images.dim() - 1))
                 adversarial = adversarial + step_size * gradient / gradient.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-                delta = adversarial - images
-                # Scale down only the perturbations outside the ball; safe for eps = 0 (start of the eps ramp).
-                factor = (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
-                adversarial = images + delta * factor.view(shape)
-            adversarial = adversarial.clamp(low, high)
+            # l_2: scales down only the perturbations outside the ball; safe for eps = 0 (start of the eps ramp).
+            adversarial = project(adversarial, images, norm=norm, eps=eps, bounds=(low, high))
     return adversarial.detach()
 
 
@@ -156,8 +155,6 @@ def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = 
     ``clean_accuracy.n`` test points, see :func:`measure_card`) are replaced by the values measured here.
     ``device`` (cpu or cuda) overrides the card's ``[training] device`` and is recorded in the card.
     """
-    from invarbench.runner import resolve_device
-
     if device is not None:
         card = replace(card, training={**card.training, "device": device})
     training = card.training

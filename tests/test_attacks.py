@@ -120,13 +120,12 @@ def test_autoattack_resumes_from_the_official_state_file(tmp_path):
     model, x, labels, minimal = linear_problem("linf", count=6)
     eps = 1.05 * minimal.max().item()
     attack = create_attack("autoattack", version="custom", attacks=["apgd-ce", "fab"])
-    attack.workspace = tmp_path
     # What pyautoattack leaves behind when killed after APGD-CE: flags of the points still robust.
     state = EvaluationState({"apgd-ce", "fab"}, path=tmp_path / f"autoattack-linf-{eps:g}.json")
     state.robust_flags = torch.tensor([False, True, True, True, True, True])
     state.add_run_attack("apgd-ce")
     state.to_disk(force=True)
-    result = attack(model, x, labels, norm="linf", epsilons=(eps,))
+    result = attack(model, x, labels, norm="linf", epsilons=(eps,), workspace=tmp_path)
     assert result.success.all()
     assert result.adversarial_predictions[0, 0] == -1 and torch.isnan(result.norms[0, 0]), "broken before the interruption: label and norm unknown"
     assert (result.adversarial_predictions[0, 1:] != labels[1:]).all() and (result.norms[0, 1:] <= eps * (1 + 1e-5)).all()

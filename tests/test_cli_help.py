@@ -9,7 +9,7 @@ import sys
 import pytest
 from invarbench.cli import build_parser
 
-HEAVY = ("torch", "pandas", "pyarrow", "jinja2", "matplotlib", "foolbox", "pyautoattack")
+HEAVY = ("numpy", "torch", "pandas", "pyarrow", "jinja2", "matplotlib", "scipy", "foolbox", "pyautoattack", "ray")
 
 
 def _commands(parser: argparse.ArgumentParser, prefix=()):

@@ -54,9 +54,8 @@ def test_linf_search_on_spheres_is_exact_and_inside_the_ball():
     images, labels = dataset.evaluation_subset(300)
     model = load_model("spheres-mlp-pgd-linf")
     attack = create_attack("invariance-linf")
-    attack.context = InvarianceContext(dataset, default_oracle(dataset), torch.arange(300))
     eps = 0.025
-    result = attack(model, images, labels, norm="linf", epsilons=(eps,))
+    result = attack(model, images, labels, norm="linf", epsilons=(eps,), context=InvarianceContext(dataset, default_oracle(dataset), torch.arange(300)))
     assert result.oracle == "exact:spheres"
     assert (result.perturbation_norms <= eps + 1e-6).all()
     # Closed form: the largest l_inf move of a point's radius is x +- eps sign(x); the label can change
@@ -95,8 +94,7 @@ def test_linf_neighbour_search_projects_aligns_and_keeps_least_ink():
     model = BenchmarkModel(build_architecture("mlp", input_dim=784, hidden=(8,), num_classes=2), bounds=(0, 1), num_classes=2)
     oracle = ExactOracle("exact:toy", lambda images: (images[:, 0, 14, 6:22].sum(1) > images[:, 0, 6:22, 14].sum(1)).long())
     attack = create_attack("invariance-linf", targets="all", shifts=(0.0, 1.0), rotations=(0.0,))
-    attack.context = InvarianceContext(dataset, oracle, torch.arange(6))
-    result = attack(model, test_x, test_y, norm="linf", epsilons=(0.3, 1.0))
+    result = attack(model, test_x, test_y, norm="linf", epsilons=(0.3, 1.0), context=InvarianceContext(dataset, oracle, torch.arange(6)))
     assert result.candidates.shape == (2, 6, 1, 28, 28)
     assert ((result.candidates[0] - test_x).abs() <= 0.3 + 1e-6).all()
     assert torch.equal(result.target_classes, (1 - test_y).repeat(2, 1))
@@ -193,8 +191,7 @@ def test_exact_metamers_of_an_invertible_network(mnist):
         assert z.shape == (12, 784)
         assert (model.decode(z) - images).abs().max() < 1e-4, "exact inverse"
     attack = create_attack("metameric")
-    attack.context = InvarianceContext(mnist, ExactOracle("exact:test", lambda x: torch.zeros(len(x), dtype=torch.long)), torch.arange(12))
-    result = attack(model, images, labels, norm="metamer", epsilons=(0.0,))
+    result = attack(model, images, labels, norm="metamer", epsilons=(0.0,), context=InvarianceContext(mnist, ExactOracle("exact:test", lambda x: torch.zeros(len(x), dtype=torch.long)), torch.arange(12)))
     assert result.logit_errors.max() < 1e-4
     partners = metamer_partners(labels)
     assert (labels[partners] != labels).all()
@@ -207,8 +204,7 @@ def test_gradient_metamers_pull_logits_towards_the_source():
     model = BenchmarkModel(network, bounds=(0, 1), num_classes=3)
     images, labels = torch.rand(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     attack = create_attack("metameric", steps=50)
-    attack.context = InvarianceContext(None, ExactOracle("exact:test", lambda x: torch.zeros(len(x), dtype=torch.long)), torch.arange(6))
-    result = attack(model, images, labels, norm="linf", epsilons=(0.05, 0.5))
+    result = attack(model, images, labels, norm="linf", epsilons=(0.05, 0.5), context=InvarianceContext(None, ExactOracle("exact:test", lambda x: torch.zeros(len(x), dtype=torch.long)), torch.arange(6)))
     partners = metamer_partners(labels)
     with torch.no_grad():
         start_error = (model(images[partners]) - model(images)).abs().amax(1)
@@ -222,9 +218,8 @@ def test_l0_search_changes_at_most_the_budget(mnist):
     model = load_model("mnist-cnn-standard")
     oracle = ProxyOracle("proxy:test", [load_model("mnist-cnn-pgd-l2-2.0")], agreement=1.0)
     attack = create_attack("invariance-l0", pixels=25, copies=1, max_clusters=4)
-    attack.context = InvarianceContext(small, oracle, torch.arange(5))
     images, labels = mnist.evaluation_subset(5)
-    result = attack(model, images, labels, norm="l0", epsilons=(25.0,))
+    result = attack(model, images, labels, norm="l0", epsilons=(25.0,), context=InvarianceContext(small, oracle, torch.arange(5)))
     binary = (images > 0.5).float()
     changed = (result.candidates[0] != binary).flatten(1).sum(1)
     assert (changed <= 25).all() and torch.equal(changed.float(), result.perturbation_norms[0])

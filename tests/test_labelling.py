@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from invarbench.attacks.oracles import ABSTAIN, LabelFileOracle, load_invariance_sets, resolve_oracle
+from invarbench.attacks.oracles import ABSTAIN, LabelFileOracle, load_invariance_sets
 from invarbench.cli import main
 from invarbench.errors import ConfigError, DataError
-from invarbench.labelling import LabelStore, PeopleOracle, fleiss_kappa, majority_label, majority_sets
+from invarbench.labelling import LabelStore, PeopleOracle, fleiss_kappa, majority_label, majority_sets, resolve_oracle
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]

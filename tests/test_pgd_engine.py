@@ -9,8 +9,8 @@ import pytest
 import torch
 from invarbench.attacks import ATTACKS, ThreatModel, create_attack, perturbation_norm
 from invarbench.cli import main
+from invarbench.config import entry_config, rerun_as
 from invarbench.errors import ConfigError
-from invarbench.leaderboard.check import _config, rerun_as
 from invarbench.leaderboard.entries import add_run
 from invarbench.models import BenchmarkModel, load_model
 from invarbench.runner import AttackSpec, ModelSpec, RunConfig, run_benchmark
@@ -168,7 +168,7 @@ def test_runs_record_the_engine_and_entries_without_it_are_checked_with_foolbox_
     assert entry["settings"]["attacks"] == [{"name": "pgd", "options": {"steps": 10}}]
     assert set(pd.read_parquet(entries / f"{stem}.parquet")["attack"]) == {"pgd"}
     # Re-run under the entry's name: the label, and so the jobs' seeds, are those that made the records.
-    assert _config(entry, 40).attacks == (AttackSpec("pgd", (("steps", 10),), runs_as="foolbox-pgd"),)
+    assert entry_config(entry, 40).attacks == (AttackSpec("pgd", (("steps", 10),), runs_as="foolbox-pgd"),)
     engines = []
     for name in ("pgd", "foolbox-pgd"):
         monkeypatch.setattr(ATTACKS[name], "run", lambda self, *args, original=ATTACKS[name].run, **kwargs: engines.append(self.name) or original(self, *args, **kwargs))

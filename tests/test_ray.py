@@ -24,10 +24,9 @@ import ray
 import torch
 from invarbench.attacks import ThreatModel
 from invarbench.cli import main
-from invarbench.config import AttackSpec, ModelSpec, RunConfig
+from invarbench.config import AttackSpec, ModelSpec, RunConfig, entry_config
 from invarbench.errors import ConfigError
 from invarbench.executors import ExecutorSettings
-from invarbench.leaderboard.check import _config
 from invarbench.leaderboard.entries import add_run
 from invarbench.models import load_model
 from invarbench.runner import run_benchmark
@@ -137,7 +136,7 @@ def test_ray_run_has_the_local_runs_records_and_records_its_executor(tmp_path, c
     assert (entry["settings"]["executor"], entry["settings"]["workers"]) == ("ray", 2)
     # `invarbench check` rebuilds the configuration from entries with and without them (older ones).
     for settings in (entry["settings"], {key: value for key, value in entry["settings"].items() if key not in ("executor", "workers")}):
-        config = _config({**entry, "settings": settings}, 20)
+        config = entry_config({**entry, "settings": settings}, 20)
         assert config.n == 20 and [attack.name for attack in config.attacks][-1] == "fgsm"
 
 

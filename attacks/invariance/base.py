@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from invarbench.attacks.base import Attack, frozen_parameters
+from invarbench.attacks.base import Attack, Budget, ThreatModel, frozen_parameters
 from invarbench.attacks.oracles import Oracle
 from invarbench.errors import ConfigError
 from invarbench.evaluation import logits, model_device, top_margins
@@ -59,29 +60,37 @@ class InvarianceContext:
 
 
 class InvarianceAttack(Attack):
+    """An attack that changes the true label (judged by an oracle) while the model's prediction may stay
+    put. Called with an :class:`InvarianceContext` (``context=``), it runs at :class:`Budget` settings:
+    a norm ball's eps, or its own pseudo-norm's budget (``l0:25``, ``metamer:0``, ``set:0``)."""
+
     kind: ClassVar[str] = "invariance"
     norms: ClassVar[tuple[str, ...]] = ("linf",)
     #: False for attacks that bring their own judge (fixed sets with people's labels).
     needs_oracle: ClassVar[bool] = True
-    context: InvarianceContext | None = None
 
-    def threat_norm(self, threat_norm: str, invertible: bool) -> str | None:
-        """The norm of the job this attack runs in for a configured threat norm, or None to skip it."""
-        return threat_norm if threat_norm in self.norms else None
+    def budgets(self, threat: ThreatModel, invertible: bool) -> tuple[Budget, ...]:
+        """The settings this attack runs at for a configured threat model (none: it skips it): the
+        threat's eps values where its norm is one of the attack's; attacks with a pseudo-norm give their
+        own budgets instead (once, whatever threats are configured)."""
+        return tuple(Budget(threat.norm, eps) for eps in threat.epsilons) if threat.norm in self.norms else ()
 
-    def budgets(self) -> tuple[float, ...]:
-        """The eps values of a job under the attack's own pseudo-norm (l_0 budget; 0 for exact metamers)."""
-        return (0.0,)
-
-    def __call__(self, model, images, labels, *, norm, epsilons, seed=0, active=None) -> InvarianceResult:
-        if self.context is None:
-            raise ConfigError(f"attack {self.name!r} needs a data set and an oracle; run it through `invarbench run` (or set .context)")
+    def __call__(self, model, images, labels, *, norm, epsilons, seed=0, active=None, context: InvarianceContext | None = None) -> InvarianceResult:
+        if context is None:
+            raise ConfigError(
+                f"attack {self.name!r} needs context=InvarianceContext(dataset, oracle, indices) (the data set its candidates come from, the oracle that judges them, "
+                "the points' indices in the test set); pass it in the call, or run the attack through `invarbench run` or invarbench.evaluate"
+            )
         if len(images) != len(labels):
             raise ConfigError(f"attack {self.name!r} got {len(images)} images but {len(labels)} labels")
         with frozen_parameters(model):
-            return self.run(_on_cpu_tensors(model), images, labels, norm=norm, epsilons=tuple(float(eps) for eps in epsilons), seed=seed, active=active)
+            return self.run(_on_cpu_tensors(model), images, labels, norm=norm, epsilons=tuple(float(eps) for eps in epsilons), seed=seed, active=active, context=context)
 
-    def _judge(self, model, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    @abstractmethod
+    def run(self, model, images, labels, *, norm: str, epsilons: tuple[float, ...], seed: int, active: torch.Tensor | None, context: InvarianceContext) -> InvarianceResult:  # type: ignore[override]
+        ...
+
+    def _judge(self, model, candidates: torch.Tensor, oracle: Oracle) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """The oracle's labels and the model's predictions for (eps, points, ...) candidates, and the
         margins that decided them (``InvarianceResult`` keyword arguments)."""
         shape = candidates.shape[:2]
@@ -90,7 +99,7 @@ class InvarianceAttack(Attack):
             empty = torch.zeros(shape, dtype=torch.long)
             return empty, empty.clone(), {"model_margins": torch.zeros(shape), "oracle_margins": torch.full(shape, -1, dtype=torch.long)}
         output = logits(model, flat)
-        oracle_labels, votes = self.context.oracle.decide(flat)
+        oracle_labels, votes = oracle.decide(flat)
         margins = {"model_margins": top_margins(output).view(shape), "oracle_margins": (torch.full_like(oracle_labels, -1) if votes is None else votes).view(shape)}
         return oracle_labels.view(shape), output.argmax(1).view(shape), margins
 

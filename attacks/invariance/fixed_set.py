@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from invarbench.attacks.base import register_attack
+from invarbench.attacks.base import Budget, ThreatModel, register_attack
 from invarbench.attacks.invariance.base import InvarianceAttack, InvarianceResult
 from invarbench.attacks.oracles import ABSTAIN, LabelFileOracle, load_invariance_sets
 from invarbench.errors import ConfigError
@@ -27,15 +27,13 @@ class InvarianceSetAttack(InvarianceAttack):
     def sets(self):
         return load_invariance_sets(self.directory)
 
-    def threat_norm(self, threat_norm: str, invertible: bool) -> str | None:
-        return "set"
+    def budgets(self, threat: ThreatModel, invertible: bool) -> tuple[Budget, ...]:
+        # One budget per set (its position), once, whatever threats are configured.
+        return tuple(Budget("set", position) for position in range(len(self.sets())))
 
-    def budgets(self) -> tuple[float, ...]:
-        return tuple(float(position) for position in range(len(self.sets())))
-
-    def run(self, model, images, labels, *, norm, epsilons, seed, active):
+    def run(self, model, images, labels, *, norm, epsilons, seed, active, context):
         sets = self.sets()
-        indices = self.context.indices
+        indices = context.indices
         count = len(labels)
         candidates = images.unsqueeze(0).repeat(len(epsilons), *[1] * images.dim()).clone()
         ran = torch.zeros(len(epsilons), count, dtype=torch.bool)

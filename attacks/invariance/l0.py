@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 import torch
-from invarbench.attacks.base import register_attack
+from invarbench.attacks.base import Budget, ThreatModel, register_attack
 from invarbench.attacks.invariance.base import InvarianceAttack, InvarianceResult
 from invarbench.attacks.invariance.transforms import _cache_path, _cached, _is_image, random_affine_copies
 from invarbench.attacks.neighbours import nearest_per_class
@@ -35,17 +35,13 @@ class InvarianceL0(InvarianceAttack):
         self.max_clusters = max_clusters
         self.threshold = threshold
 
-    def threat_norm(self, threat_norm: str, invertible: bool) -> str | None:
+    def budgets(self, threat: ThreatModel, invertible: bool) -> tuple[Budget, ...]:
         # Its own budget, once, whatever norm-ball threats are configured.
-        return "l0"
+        return (Budget("l0", self.pixels),)
 
-    def budgets(self) -> tuple[float, ...]:
-        return (float(self.pixels),)
-
-    def run(self, model, images, labels, *, norm, epsilons, seed, active):
+    def run(self, model, images, labels, *, norm, epsilons, seed, active, context):
         from scipy import ndimage
 
-        context = self.context
         dataset = context.dataset
         if not _is_image(images):
             raise ConfigError(f"invariance-l0 works on images; data set {dataset.name!r} has inputs of shape {tuple(images.shape[1:])}")
@@ -87,6 +83,6 @@ class InvarianceL0(InvarianceAttack):
             else:
                 scores = (context.oracle.label(stacked) == target).float()
             candidates[point] = stacked[int(scores.argmax())]
-        oracle_labels, predictions, margins = self._judge(model, candidates.unsqueeze(0))
+        oracle_labels, predictions, margins = self._judge(model, candidates.unsqueeze(0), context.oracle)
         norms = (candidates != binary).flatten(1).sum(1).float().unsqueeze(0)
         return InvarianceResult(self.name, "l0", (float(self.pixels),), candidates.unsqueeze(0), found["target"].unsqueeze(0), found["source"].unsqueeze(0), context.oracle.name, oracle_labels, predictions, norms, torch.full((1, len(labels)), float("nan")), self.options(), **margins)

@@ -7,6 +7,7 @@ from invarbench.attacks.base import register_attack
 from invarbench.attacks.invariance.base import InvarianceAttack, InvarianceResult
 from invarbench.attacks.invariance.transforms import ROTATIONS, SHIFTS, _cache_path, _cached, _is_image, affine_matrices, transform_grid, warp
 from invarbench.attacks.neighbours import ClassIndex, nearest_per_class
+from invarbench.attacks.norms import project
 from invarbench.errors import ConfigError
 
 # Tramèr et al.'s allowed target classes for the l_inf search: the changes a person reads as a new digit.
@@ -65,15 +66,14 @@ class InvarianceLinf(InvarianceAttack):
         self.shifts = tuple(float(value) for value in shifts)
         self.rotations = tuple(float(value) for value in rotations)
 
-    def run(self, model, images, labels, *, norm, epsilons, seed, active):
-        context = self.context
+    def run(self, model, images, labels, *, norm, epsilons, seed, active, context):
         dataset = context.dataset
         margin = getattr(context.oracle, "margin", None)
         search = self.search if self.search != "auto" else ("oracle-gradient" if margin is not None else "neighbours")
         if search == "oracle-gradient":
             if margin is None:
                 raise ConfigError(f"invariance-linf search=oracle-gradient needs an exact oracle with a margin; {context.oracle.name} has none (use search=neighbours)")
-            return self._oracle_gradient(model, images, labels, epsilons, margin)
+            return self._oracle_gradient(model, images, labels, epsilons, margin, context.oracle)
         transforms = transform_grid(self.shifts, self.rotations)
         path = _cache_path(context.cache_dir, "neighbours", dataset.source, dataset.name, context.indices.tolist(), self.shifts, self.rotations)
         found = _cached(path, lambda: search_neighbours(images, dataset.train_images, dataset.train_labels, dataset.num_classes, transforms=transforms))
@@ -93,7 +93,7 @@ class InvarianceLinf(InvarianceAttack):
         candidates = torch.empty(len(epsilons), *images.shape)
         targets = torch.empty(len(epsilons), count, dtype=torch.long)
         for eps_index, eps in enumerate(epsilons):
-            projected = torch.stack([torch.min(torch.max(aligned[label], images - eps), images + eps).clamp(low, high) for label in range(classes)], dim=1)
+            projected = torch.stack([project(aligned[label], images, norm="linf", eps=eps, bounds=(low, high)) for label in range(classes)], dim=1)
             ink = (images.unsqueeze(1) - projected).clamp_min(0).flatten(2).sum(2)
             ink = torch.where(allowed, ink, torch.full_like(ink, float("inf")))
             targets[eps_index] = ink.argmin(dim=1)
@@ -103,9 +103,9 @@ class InvarianceLinf(InvarianceAttack):
         candidates[:, stranded] = images[stranded]
         sources = torch.where(stranded, -1, found["index"].gather(1, targets.T).T)
         targets[:, stranded] = -1
-        return self._finish(model, images, labels, candidates, epsilons, targets, sources, norm="linf")
+        return self._finish(model, images, labels, candidates, epsilons, targets, sources, context.oracle, norm="linf")
 
-    def _oracle_gradient(self, model, images, labels, epsilons, margin):
+    def _oracle_gradient(self, model, images, labels, epsilons, margin, oracle):
         """Exact search on synthetic data: sign-gradient ascent on the oracle's margin inside the ball.
         On the spheres one step already reaches the optimum x + eps sign(x) (inner) or x - eps sign(x)."""
         low, high = model.bounds
@@ -116,17 +116,17 @@ class InvarianceLinf(InvarianceAttack):
                 candidate.requires_grad_(True)
                 (gradient,) = torch.autograd.grad(margin(candidate, labels).sum(), candidate)
                 with torch.no_grad():
-                    candidate = torch.min(torch.max(candidate + eps / 4 * gradient.sign(), images - eps), images + eps).clamp(low, high)
+                    candidate = project(candidate + eps / 4 * gradient.sign(), images, norm="linf", eps=eps, bounds=(low, high))
             candidates[eps_index] = candidate.detach()
-        oracle_labels = self.context.oracle.label(candidates.flatten(0, 1)).view(len(epsilons), -1)
+        oracle_labels = oracle.label(candidates.flatten(0, 1)).view(len(epsilons), -1)
         targets = torch.where(oracle_labels != labels, oracle_labels, torch.full_like(oracle_labels, -1))
-        return self._finish(model, images, labels, candidates, epsilons, targets, torch.full_like(targets, -1), norm="linf")
+        return self._finish(model, images, labels, candidates, epsilons, targets, torch.full_like(targets, -1), oracle, norm="linf")
 
-    def _finish(self, model, images, labels, candidates, epsilons, targets, sources, *, norm):
-        oracle_labels, predictions, margins = self._judge(model, candidates)
+    def _finish(self, model, images, labels, candidates, epsilons, targets, sources, oracle, *, norm):
+        oracle_labels, predictions, margins = self._judge(model, candidates, oracle)
         delta = (candidates - images.unsqueeze(0)).flatten(2)
         norms = delta.abs().amax(2) if norm == "linf" else (delta != 0).sum(2).float()
         count = len(labels)
         return InvarianceResult(
-            self.name, norm, epsilons, candidates, targets, sources, self.context.oracle.name, oracle_labels, predictions, norms, torch.full((len(epsilons), count), float("nan")), self.options(), **margins,
+            self.name, norm, epsilons, candidates, targets, sources, oracle.name, oracle_labels, predictions, norms, torch.full((len(epsilons), count), float("nan")), self.options(), **margins,
         )

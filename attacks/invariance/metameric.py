@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 
 import torch
-from invarbench.attacks.base import register_attack
+from invarbench.attacks.base import Budget, ThreatModel, register_attack
 from invarbench.attacks.invariance.base import InvarianceAttack, InvarianceResult
+from invarbench.attacks.norms import project
 from invarbench.attacks.oracles import ABSTAIN
 from invarbench.errors import ConfigError
 
@@ -43,17 +44,17 @@ class Metameric(InvarianceAttack):
         self.steps = steps
         self.step_fraction = step_fraction
 
-    def threat_norm(self, threat_norm: str, invertible: bool) -> str | None:
+    def budgets(self, threat: ThreatModel, invertible: bool) -> tuple[Budget, ...]:
         if invertible:
             # Exact metamers do not depend on a ball: one job, whatever threats are configured.
-            return "metamer" if threat_norm == "linf" or threat_norm == "metamer" else None
-        return threat_norm if threat_norm in self.norms else None
+            return (Budget("metamer", 0),) if threat.norm in ("linf", "metamer") else ()
+        return super().budgets(threat, invertible)
 
-    def run(self, model, images, labels, *, norm, epsilons, seed, active):
+    def run(self, model, images, labels, *, norm, epsilons, seed, active, context):
         partners = metamer_partners(labels)
         has_partner = partners >= 0
         partner_positions = partners.clamp_min(0)
-        sources = torch.where(has_partner, self.context.indices[partner_positions], torch.full_like(partners, -1))
+        sources = torch.where(has_partner, context.indices[partner_positions], torch.full_like(partners, -1))
         targets = torch.where(has_partner, labels[partner_positions], torch.full_like(partners, -1))
         low, high = model.bounds
         with torch.no_grad():
@@ -87,20 +88,17 @@ class Metameric(InvarianceAttack):
                     with torch.no_grad():
                         if norm == "linf":
                             candidate = candidate - step * gradient.sign()
-                            candidate = torch.min(torch.max(candidate, starts - eps), starts + eps)
                         else:
                             shape = (-1, *[1] * (images.dim() - 1))
                             candidate = candidate - step * gradient / gradient.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-                            delta = candidate - starts
-                            candidate = starts + delta * (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1).view(shape)
-                        candidate = candidate.clamp(low, high)
+                        candidate = project(candidate, starts, norm=norm, eps=eps, bounds=(low, high))
                 candidates[eps_index] = candidate.detach()
                 with torch.no_grad():
                     logit_errors[eps_index] = (model(candidates[eps_index]) - wanted_logits).abs().amax(1)
             delta = (candidates - starts.unsqueeze(0)).flatten(2)
             norms = delta.abs().amax(2) if norm == "linf" else delta.norm(dim=2)
-        oracle_labels, predictions, margins = self._judge(model, candidates)
+        oracle_labels, predictions, margins = self._judge(model, candidates, context.oracle)
         # Points without a partner get no metamer: the oracle label counts as an abstention (decided by no vote).
         oracle_labels[:, ~has_partner] = ABSTAIN
         margins["oracle_margins"][:, ~has_partner] = -1
-        return InvarianceResult(self.name, norm, epsilons, candidates, targets.repeat(len(epsilons), 1), sources.repeat(len(epsilons), 1), self.context.oracle.name, oracle_labels, predictions, norms, logit_errors, self.options(), **margins)
+        return InvarianceResult(self.name, norm, epsilons, candidates, targets.repeat(len(epsilons), 1), sources.repeat(len(epsilons), 1), context.oracle.name, oracle_labels, predictions, norms, logit_errors, self.options(), **margins)

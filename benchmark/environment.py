@@ -1,0 +1,48 @@
+"""Where a run happens: the device to run on, and the CPU and package versions recorded with every
+result (float rounding depends on them)."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from invarbench import __version__
+from invarbench.errors import ConfigError
+
+PACKAGES = ("torch", "numpy", "foolbox", "pyautoattack", "pandas", "pyarrow")
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the vector kernels torch uses on it: what float rounding depends on."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0], "invarbench": __version__}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
