@@ -33,7 +33,7 @@ RUN = [
     "--name", "run", "--no-progress",
 ]  # fmt: skip
 JOBS = 12  # 3 attacks x 4 shards of 10 points
-KILLS = 20
+KILLS = 10
 
 
 # Imports everything a run needs, says it is ready, and runs once told to go (a line on stdin; if the
