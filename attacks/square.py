@@ -22,10 +22,9 @@ What differs from pyautoattack's implementation:
   point's search does not depend on when the other points left it;
 - on the CPU the forward passes can go through an inference-optimised copy of the model (traced,
   frozen, oneDNN convolutions: ``trace=True``), used only where it gives the same logits as the model
-  on a sample batch (1e-4 relative); measured 3x faster forward passes on the MNIST CNNs with one
-  thread. The forward passes are where the time goes (94% of pyautoattack's Square on
-  ``mnist-cnn-pgd-linf-0.4``), so this, not the placement, is what makes it cheaper. Which points are
-  broken is always decided on the model itself.
+  on a sample batch (1e-4 relative). The forward passes are where Square's time goes, so this, not
+  the placement, is what makes it cheaper (``benchmarks/aa_fast_vs_autoattack.py`` measures it inside
+  aa-fast). Which points are broken is always decided on the model itself.
 
 l_2 (:func:`square_l2`) follows the paper the same way: the centred-rectangles pattern, two windows per query,
 the mass of both moved into the first, the perturbation kept at norm eps.
@@ -44,7 +43,7 @@ import torch
 from invarbench.attacks.autoattack import image_shape
 from invarbench.attacks.base import Attack, Outcome, register_attack
 from invarbench.errors import ConfigError
-from invarbench.evaluation import logits, model_device
+from invarbench.evaluation import label_margins, logits, model_device
 
 #: Queries (counted from 0) after which the share ``p`` of the image a window covers halves again.
 P_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -60,15 +59,10 @@ def p_selection(query: int, *, p_init: float, queries: int, rescale_schedule: bo
     return p_init / 2 ** bisect_left(P_HALVINGS, query)
 
 
-def _margins(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    own = output.gather(1, labels.view(-1, 1)).squeeze(1)
-    return own - output.scatter(1, labels.view(-1, 1), float("-inf")).amax(1)
-
-
 @torch.no_grad()
 def _accept(forward: Callable[[torch.Tensor], torch.Tensor], proposal: torch.Tensor, labels: torch.Tensor, todo: torch.Tensor, best: torch.Tensor, margin: torch.Tensor, used: torch.Tensor) -> None:
     """One query: the points ``todo`` take their ``proposal`` where it lowers their margin (in place)."""
-    candidate = _margins(forward(proposal), labels[todo])
+    candidate = label_margins(forward(proposal), labels[todo])
     used[todo] += 1
     better = candidate < margin[todo]
     improved = todo[better]
@@ -93,7 +87,7 @@ def square_linf(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
         return (torch.randint(0, 2, shape, generator=generator) * 2 - 1).to(device=device, dtype=x.dtype)
 
     best = (x + eps * draw_signs((count, channels, 1, width))).clamp(low, high)
-    margin = _margins(forward(best), labels)
+    margin = label_margins(forward(best), labels)
     used = torch.ones(count, dtype=torch.long, device=device)
     rows = torch.arange(height, device=device)
     columns = torch.arange(width, device=device)
@@ -191,7 +185,7 @@ def square_l2(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
         for column in range(start, width - tile + 1, tile):
             delta[:, :, row : row + tile, column : column + tile] += draw_patterns(tile, count).unsqueeze(1) * draw_signs((count, channels, 1, 1))
     best = (x + eps * delta / _norms(delta, every).clamp_min(1e-12)).clamp(low, high)
-    margin = _margins(forward(best), labels)
+    margin = label_margins(forward(best), labels)
     used = torch.ones(count, dtype=torch.long, device=device)
     for query in range(queries):
         todo = (margin > 0).nonzero().flatten()

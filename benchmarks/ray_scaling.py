@@ -15,7 +15,7 @@ time per job (the 1-worker run's ``driver_seconds`` per job: writing the records
 Before the runs it measures the machine's own ceiling for 2 workers: the same bare single-thread
 forward+backward loop on mnist-cnn-pgd-linf-0.3, once alone and as two processes at once
 (``2 x alone / together``). Two processes share the caches and memory bandwidth (on this 2-core VM they
-slow each other by about 12%), so no executor with one thread per worker can beat that ratio here.
+slow each other: the ceiling is printed and stored), so no executor with one thread per worker can beat that ratio here.
 
 Measure on an otherwise idle machine with at least 2 cores: other processes on the cores distort
 every ratio.
