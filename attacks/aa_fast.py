@@ -226,13 +226,8 @@ class _Cascade:
 def _unit_forward(box: UnitBox, example: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """``box``'s forward pass through an inference-optimised copy of its model where one matches it
     (:func:`invarbench.attacks.square.traced_forward`), and how it is computed."""
-    low, high = box.low, box.high
-
-    def to_model(unit: torch.Tensor) -> torch.Tensor:
-        return low + unit.reshape(len(unit), *box.input_shape) * (high - low)
-
-    model, how = traced_forward(box.model, to_model(example))
-    return (lambda unit: model(to_model(unit))), how
+    model, how = traced_forward(box.model, box.to_model(example))
+    return (lambda unit: model(box.to_model(unit))), how
 
 
 def _targeted(apgd: APGDAttack_targeted, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -163,8 +163,12 @@ class UnitBox(torch.nn.Module):
         self.input_shape = tuple(input_shape)
         self.low, self.high = model.bounds
 
+    def to_model(self, unit_x: torch.Tensor) -> torch.Tensor:
+        """Flat inputs in [0, 1] as the model's inputs (its shape and bounds)."""
+        return self.low + unit_x.reshape(len(unit_x), *self.input_shape) * (self.high - self.low)
+
     def forward(self, unit_x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.low + unit_x.reshape(len(unit_x), *self.input_shape) * (self.high - self.low))
+        return self.model(self.to_model(unit_x))
 
 
 def image_shape(shape: torch.Size) -> tuple[int, ...]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import tomllib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import torch
 from invarbench.attacks.neighbours import nearest
 from invarbench.datasets import SPHERE_INNER_RADIUS, SPHERE_OUTER_RADIUS, spheres_label
 from invarbench.errors import ConfigError, DataError, did_you_mean
-from invarbench.io import atomic_write_text
+from invarbench.io import atomic_write_text, read_toml
 from invarbench.models import get_card, load_model, registry
 
 ABSTAIN = -1
@@ -305,10 +304,7 @@ class OracleDefinition:
 
     @classmethod
     def from_toml(cls, path: Path) -> OracleDefinition:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as error:
-            raise ConfigError(f"oracle file {path} cannot be read ({error}); fix its TOML syntax") from error
+        data = read_toml(path, "oracle file", ConfigError)
         missing = [key for key in ("name", "dataset", "members", "agreement", "notes") if key not in data]
         if missing:
             raise ConfigError(f"oracle file {path} lacks {', '.join(missing)}; add them (see models/oracles/mnist-readers.toml)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -26,6 +27,18 @@ def cpu_description() -> str:
     except OSError:
         pass
     return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def measurement_header(benchmark: str, threads: int | None = None) -> dict[str, object]:
+    """What every file in benchmarks/results/ opens with: the benchmark, the command that measured it,
+    when, with how many torch threads (default: this process's) and on which CPU."""
+    return {
+        "benchmark": benchmark,
+        "command": " ".join(["python", *sys.argv]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "threads": torch.get_num_threads() if threads is None else threads,
+        "cpu": cpu_description(),
+    }
 
 
 def package_versions() -> dict[str, str]:

@@ -1,10 +1,12 @@
-"""Atomic file writes and hashing (results and checkpoints are never left half-written), and the cache directory."""
+"""Atomic file writes and hashing (results and checkpoints are never left half-written), TOML files read
+with errors that name them, and the cache directory."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +14,15 @@ from pathlib import Path
 def invarbench_home() -> Path:
     """The cache directory: ``$INVARBENCH_HOME``, default ``~/.cache/invarbench``."""
     return Path(os.environ.get("INVARBENCH_HOME") or Path.home() / ".cache" / "invarbench")
+
+
+def read_toml(path: Path, what: str, error: type[Exception]) -> dict:
+    """The TOML file ``path`` (a model card, an oracle definition: ``what``); ``error`` names the file
+    and the fix where it cannot be read or parsed."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as problem:
+        raise error(f"{what} {path} cannot be read ({problem}); fix its TOML syntax") from problem
 
 
 def sha256_file(path: str | os.PathLike) -> str:

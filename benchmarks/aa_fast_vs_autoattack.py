@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pyautoattack
 import torch
 from invarbench.attacks import ThreatModel, create_attack
 from invarbench.datasets import load_dataset
+from invarbench.environment import measurement_header
 from invarbench.evaluation import predict
 from invarbench.models import load_model
 
@@ -114,15 +112,11 @@ def main() -> None:
         print(f"\nspeed-up min {min(speedups):.2f}x (target >= 3); largest robust-accuracy excess {max(row['difference_points'] for row in rows):+.1f} points (target <= +0.2)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "benchmark": "aa_fast_vs_autoattack",
-        "command": " ".join(["python", *sys.argv]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **measurement_header("aa_fast_vs_autoattack"),
         "n": args.n,
         "seed": args.seed,
-        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "pyautoattack": pyautoattack.__version__,
-        "machine": platform.processor() or platform.machine(),
         "rows": rows,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -16,14 +16,12 @@ import argparse
 import io
 import json
 import lzma
-import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 from invarbench.datasets import load_dataset
+from invarbench.environment import measurement_header
 from invarbench.models import get_card, list_models, load_model
-from invarbench.environment import cpu_description
 
 
 def _half_bytes(path: Path) -> int:
@@ -76,7 +74,7 @@ def main() -> None:
         print(f"{name}: {row['bytes'] / 1e6:.2f} MB, lzma {row['lzma_bytes'] / 1e6:.2f} MB, float16 {row['float16_bytes'] / 1e6:.2f} MB; float16 changes {row['float16_prediction_changes']} of {row['points']} predictions, logits by at most {row['float16_max_logit_change']:.2g}", flush=True)
     totals = {key: sum(row[key] for row in rows) for key in ("bytes", "lzma_bytes", "float16_bytes")}
     print(f"total: {totals['bytes'] / 1e6:.2f} MB, lzma {totals['lzma_bytes'] / 1e6:.2f} MB, float16 {totals['float16_bytes'] / 1e6:.2f} MB")
-    report = {"benchmark": "checkpoint_weight", "command": " ".join(["python", *sys.argv]), "date": datetime.now(UTC).isoformat(timespec="seconds"), "threads": torch.get_num_threads(), "cpu": cpu_description(), "n": args.n, "rows": rows, "totals": totals}
+    report = {**measurement_header("checkpoint_weight"), "n": args.n, "rows": rows, "totals": totals}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -28,8 +26,8 @@ import torch.nn.functional as F
 from invarbench.attacks import create_attack
 from invarbench.attacks.base import frozen_parameters
 from invarbench.datasets import load_dataset
+from invarbench.environment import measurement_header
 from invarbench.models import get_card, load_model
-from invarbench.environment import cpu_description
 
 TARGET_RATIO = 1.05
 
@@ -100,11 +98,7 @@ def main() -> None:
     print(f"bare loop of the same passes: best {bare:.3f} s wall, CPU per repeat {', '.join(f'{t:.2f}' for t in cpu_times['bare'])} s")
     print(f"ratio (median over repeats, CPU time): {ratio:.3f} (target <= {TARGET_RATIO}); best wall times: {ours / bare:.3f}")
     measurement = {
-        "benchmark": "pgd_overhead",
-        "command": " ".join(["python", *sys.argv]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "threads": torch.get_num_threads(),
-        "cpu": cpu_description(),
+        **measurement_header("pgd_overhead"),
         "model": args.model,
         "batch": args.batch,
         "eps": args.eps,

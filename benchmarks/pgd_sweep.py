@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import foolbox
 import torch
 from invarbench.attacks import create_attack
 from invarbench.datasets import load_dataset
+from invarbench.environment import measurement_header
 from invarbench.models import load_model
-from invarbench.environment import cpu_description
 
 TARGET_RATIO = {"mnist-cnn-standard": 4.0, "mnist-cnn-pgd-linf-0.3": 1.5}
 ACCURACY_TOLERANCE = 0.005
@@ -65,11 +63,7 @@ def main() -> None:
     epsilons = sorted(float(value) for value in args.eps.split(","))
     images, labels = load_dataset("mnist").evaluation_subset(args.n)
     measurement = {
-        "benchmark": "pgd_sweep",
-        "command": " ".join(["python", *sys.argv]),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "threads": torch.get_num_threads(),
-        "cpu": cpu_description(),
+        **measurement_header("pgd_sweep"),
         "versions": {"torch": torch.__version__, "foolbox": foolbox.__version__},
         "n": args.n,
         "epsilons": epsilons,

@@ -31,12 +31,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
-from invarbench.environment import cpu_description
+from invarbench.environment import measurement_header
 
 MODELS = ("mnist-cnn-standard", "mnist-cnn-pgd-linf-0.3")
 CONFIGURATIONS = {
@@ -196,7 +195,7 @@ def main() -> None:
     print("\nlimited by: workers = the jobs' work divided among them; longest job = fewer jobs than workers, the run waits for its slowest shard (smaller --shard-size gives more jobs);")
     print("cascade = a shard's attacks run one after another; driver = the driver stores one finished job at a time.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"benchmark": "ray_scaling", "command": " ".join(["python", *sys.argv]), "date": datetime.now(UTC).isoformat(timespec="seconds"), "threads": 1, "cpu": cpu_description(), "n": args.n, "shard_size": args.shard_size, "attack": args.attack, "models": list(MODELS), "records_identical_ray_1_vs_2_workers": identical, "outcome_differences_local_2_threads_vs_ray_1_thread": outcome_differences, "runs": results, "speedup_2_vs_1_workers": speedup, "speedup_2_workers_vs_local_2_threads": versus_local, "two_process_ceiling": ceiling, "driver_overhead_seconds_per_job": overhead, "ray_startup_seconds": startup, "simulated": simulated, "cpu_count": os.cpu_count()}
+    report = {**measurement_header("ray_scaling", threads=1), "n": args.n, "shard_size": args.shard_size, "attack": args.attack, "models": list(MODELS), "records_identical_ray_1_vs_2_workers": identical, "outcome_differences_local_2_threads_vs_ray_1_thread": outcome_differences, "runs": results, "speedup_2_vs_1_workers": speedup, "speedup_2_workers_vs_local_2_threads": versus_local, "two_process_ceiling": ceiling, "driver_overhead_seconds_per_job": overhead, "ray_startup_seconds": startup, "simulated": simulated, "cpu_count": os.cpu_count()}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 

@@ -1,8 +1,9 @@
 """The speed tables of docs/speed.md, generated from the benchmarks' JSON outputs (never typed by hand).
 
 Reads what the benchmark scripts wrote into ``benchmarks/results/`` (pgd_sweep.json, pgd_overhead.json,
-aa_fast.json, ray_scaling.json, checkpoint_weight.json; a missing one is left out), writes one Markdown
-table per measurement as ``benchmarks/results/NAME.md`` and replaces the blocks between
+aa_fast.json, ray_scaling.json, checkpoint_weight.json; a missing one is left out; further measurements
+of one benchmark as STEM-WHAT.json, e.g. aa_fast-l2.json, each add a table), writes the Markdown tables
+of each benchmark as ``benchmarks/results/NAME.md`` and replaces the blocks between
 ``<!-- benchmarks:NAME -->`` markers in the pages given (default docs/speed.md and docs/models.md). A table names the command, date, threads and CPU
 of the run it comes from, so a stale figure shows as such.
 
@@ -121,8 +122,9 @@ def render(results: Path = RESULTS) -> dict[str, str]:
     holds no output of it)."""
     tables = {}
     for stem, (name, script, renderer) in RENDERERS.items():
-        path = results / f"{stem}.json"
-        tables[name] = renderer(json.loads(path.read_text(encoding="utf-8"))) if path.exists() else f"Not measured yet: run `python benchmarks/{script}`.\n"
+        # A benchmark's main output, then any further measurements of it (``STEM-WHAT.json``), each its own table.
+        paths = [path for path in (results / f"{stem}.json", *sorted(results.glob(f"{stem}-*.json"))) if path.exists()]
+        tables[name] = "\n".join(renderer(json.loads(path.read_text(encoding="utf-8"))) for path in paths) if paths else f"Not measured yet: run `python benchmarks/{script}`.\n"
     return tables
 
 

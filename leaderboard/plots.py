@@ -16,12 +16,20 @@ from invarbench.leaderboard.entries import curve_robust_accuracy
 from invarbench.results import WORST_CASE, entry_results, invariance_frame, robustness_frame
 
 
-def _save(figure, stem: Path) -> list[Path]:
+def _save(figure, axis, stem: Path) -> list[Path]:
+    """Finish ``figure`` (a legend where something is labelled, a tight layout), write it as PNG and SVG
+    without the metadata that changes on every build, and close it."""
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=7)
+    figure.tight_layout()
     written = []
     for suffix, metadata in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
         path = stem.parent / f"{stem.name}.{suffix}"
         atomic_write(path, lambda tmp, suffix=suffix, metadata=metadata: figure.savefig(tmp, format=suffix, dpi=100, metadata=metadata))
         written.append(path)
+    import matplotlib.pyplot as plt  # imported by build_plots already, with its backend chosen
+
+    plt.close(figure)
     return written
 
 
@@ -64,11 +72,7 @@ def build_plots(entries: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             what = "markers: worst case over all attacks; lines: minimum-norm attack" if curves else "worst case over all attacks"
             sizes = "/".join(str(size) for size in sorted({entry["settings"]["n"] for entry in perturbation if entry["model"] in set(worst.loc[worst["norm"] == norm, "model"])}))
             axis.set_title(f"{dataset}: robust accuracy versus {norm} eps (n={sizes or '-'})\n{what}", fontsize=9)
-            if axis.get_legend_handles_labels()[0]:
-                axis.legend(fontsize=7)
-            figure.tight_layout()
-            written += _save(figure, out_dir / f"{dataset}-robustness-{norm}")
-            plt.close(figure)
+            written += _save(figure, axis, out_dir / f"{dataset}-robustness-{norm}")
         linf_worst = worst[worst["norm"] == "linf"]
         robust = dict(zip(zip(linf_worst["model"], linf_worst["setting"]), linf_worst["robust_accuracy"]))
         figures = {(row["model"], row["setting"]): row for row in linf_invariance.to_dict("records")}
@@ -86,9 +90,5 @@ def build_plots(entries: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             axis.set_xlim(-0.02, 1.02)
             axis.set_ylim(-0.02, 1.02)
             axis.set_title(f"{dataset}: sensitivity against invariance at linf {eps} (95% intervals)", fontsize=9)
-            if axis.get_legend_handles_labels()[0]:
-                axis.legend(fontsize=7)
-            figure.tight_layout()
-            written += _save(figure, out_dir / f"{dataset}-tradeoff-linf-{eps}")
-            plt.close(figure)
+            written += _save(figure, axis, out_dir / f"{dataset}-tradeoff-linf-{eps}")
     return written

@@ -13,7 +13,7 @@ from typing import Any
 import tomli_w
 import torch
 from invarbench.errors import ModelError, did_you_mean
-from invarbench.io import atomic_write_bytes, atomic_write_text, sha256_file
+from invarbench.io import atomic_write_bytes, atomic_write_text, read_toml, sha256_file
 from invarbench.models import external
 from invarbench.models.architectures import build_architecture
 from invarbench.models.wrapper import BenchmarkModel
@@ -79,10 +79,7 @@ class ModelCard:
 
     @classmethod
     def from_toml(cls, path: Path) -> ModelCard:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError) as error:
-            raise ModelError(f"model card {path} cannot be read ({error}); fix its TOML syntax") from error
+        data = read_toml(path, "model card", ModelError)
         for table, keys in REQUIRED_FIELDS.items():
             section = data.get(table, {}) if table else data
             if not isinstance(section, dict):

@@ -96,7 +96,8 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
                 low[node] = min(low[node], index[target])
         if low[node] == index[node]:
             component = set()
-            while not component or member != node:
+            member = None
+            while member != node:
                 member = stack.pop()
                 on_stack.discard(member)
                 component.add(member)
