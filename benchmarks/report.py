@@ -1,7 +1,7 @@
 """The speed tables of docs/speed.md, generated from the benchmarks' JSON outputs (never typed by hand).
 
 Reads what the benchmark scripts wrote into ``benchmarks/results/`` (pgd_sweep.json, pgd_overhead.json,
-aa_fast.json, ray_scaling.json, checkpoint_weight.json; a missing one is left out; further measurements
+aa_fast.json, ray_scaling.json, leaderboard_cost.json, checkpoint_weight.json; a missing one is left out; further measurements
 of one benchmark as STEM-WHAT.json, e.g. aa_fast-l2.json, each add a table), writes the Markdown tables
 of each benchmark as ``benchmarks/results/NAME.md`` and replaces the blocks between
 ``<!-- benchmarks:NAME -->`` markers in the pages given (default docs/speed.md and docs/models.md). A table names the command, date, threads and CPU
@@ -107,12 +107,32 @@ def _checkpoint_weight(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _leaderboard_cost(report: dict) -> str:
+    runs = {label: min(measured, key=lambda run: run["jobs_wall_seconds"]) for label, measured in report["runs"].items()}
+    threats = sorted(runs["stored"]["worst_case"], key=lambda threat: (threat.partition(":")[0] != "linf", float(threat.partition(":")[2])))
+    repeats = len(report["runs"]["stored"])
+    lines = [
+        f"{_origin(report)} `{report['model']}`, first {report['n']} test points, Ray with {report['workers']} workers x 1 thread (best of {repeats} alternating run{'s' if repeats != 1 else ''} each). "
+        f"Stored: the entry's settings of {report['stored_settings']['date'][:10]} ({', '.join(report['stored_settings']['attacks'])}; a `pgd` of then runs as `foolbox-pgd`); "
+        f"make leaderboard: `{' '.join(report['make_leaderboard_arguments'])}`.",
+        "",
+        "| settings | jobs wall (s) | summed job time per attack (s) | " + " | ".join(f"worst case {threat}" for threat in threats) + " |",
+        "|---|---|---|" + "---|" * len(threats),
+    ]
+    for label, run in runs.items():
+        per_attack = ", ".join(f"{attack} {seconds:.1f}" for attack, seconds in run["attack_seconds"].items())
+        lines.append(f"| {label} | {run['jobs_wall_seconds']:.1f} | {per_attack} | " + " | ".join(f"{100 * run['worst_case'][threat]:.1f}%" for threat in threats) + " |")
+    lines += ["", f"make leaderboard takes {report['ratio']:.2f}x the stored settings' time on this model."]
+    return "\n".join(lines) + "\n"
+
+
 # JSON stem -> (table name, script that writes it, renderer)
 RENDERERS = {
     "pgd_sweep": ("speed-pgd-sweep", "pgd_sweep.py", _pgd_sweep),
     "pgd_overhead": ("speed-pgd-overhead", "pgd_overhead.py", _pgd_overhead),
     "aa_fast": ("speed-aa-fast", "aa_fast_vs_autoattack.py", _aa_fast),
     "ray_scaling": ("speed-ray-scaling", "ray_scaling.py", _ray_scaling),
+    "leaderboard_cost": ("speed-leaderboard-cost", "leaderboard_cost.py", _leaderboard_cost),
     "checkpoint_weight": ("checkpoint-weight", "checkpoint_weight.py", _checkpoint_weight),
 }
 
