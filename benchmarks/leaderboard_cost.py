@@ -68,9 +68,12 @@ def main() -> None:
     if not entry_path.is_file():
         raise SystemExit(f"no stored perturbation entry {entry_path}; pass --model with one of leaderboard/entries/*__mnist__perturbation.json")
     entry = json.loads(entry_path.read_text(encoding="utf-8"))
-    words = makefile_variable("PERTURBATION")
-    # The Makefile's own --n (1000) replaced by this script's.
-    leaderboard_arguments = [word for index, word in enumerate(words) if word != "--n" and (index == 0 or words[index - 1] != "--n")] + ["--n", str(args.n)]
+    leaderboard_arguments = makefile_variable("PERTURBATION")
+    if "--n" in leaderboard_arguments:  # the Makefile's own --n (1000), replaced by this script's
+        at = leaderboard_arguments.index("--n")
+        del leaderboard_arguments[at : at + 2]
+    leaderboard_arguments += ["--n", str(args.n)]
+    stored = entry_config(entry, args.n)
     executor = ExecutorSettings("ray", workers=args.workers, threads_per_worker=1)
     ray_arguments = ["--executor", "ray", "--workers", str(args.workers), "--threads-per-worker", "1"]
     runs: dict[str, list[dict]] = {"stored": [], "make leaderboard": []}
@@ -81,17 +84,16 @@ def main() -> None:
                 name = f"{label.replace(' ', '-')}-{repeat}"
                 print(f"running {label} ({repeat + 1}/{args.repeats}) ...", flush=True)
                 if label == "stored":
-                    run_benchmark(entry_config(entry, args.n), Path(scratch), name=name, progress=False, executor=executor)
+                    run_benchmark(stored, Path(scratch), name=name, progress=False, executor=executor)
                 elif invarbench(["run", args.model, *leaderboard_arguments, *ray_arguments, "--out", scratch, "--name", name, "--no-progress"]) != 0:
                     raise SystemExit(f"`invarbench run {args.model} {shlex.join(leaderboard_arguments)}` failed")
                 runs[label].append(_measure(Path(scratch) / name))
-    stored_settings = [attack["name"] + "".join(f":{key}={value}" for key, value in attack["options"].items()) for attack in entry["settings"]["attacks"]]
     report = {
         **measurement_header("leaderboard_cost", threads=1),
         "model": args.model,
         "n": args.n,
         "workers": args.workers,
-        "stored_settings": {"threats": entry["settings"]["threats"], "attacks": stored_settings, "date": entry["date"]},
+        "stored_settings": {"threats": entry["settings"]["threats"], "attacks": [attack.label() for attack in stored.attacks], "date": entry["date"]},
         "make_leaderboard_arguments": leaderboard_arguments,
         "runs": runs,
         "ratio": min(run["jobs_wall_seconds"] for run in runs["make leaderboard"]) / min(run["jobs_wall_seconds"] for run in runs["stored"]),
