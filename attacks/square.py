@@ -24,7 +24,13 @@ What differs from pyautoattack's implementation:
   frozen, oneDNN convolutions: ``trace=True``), used only where it gives the same logits as the model
   on a sample batch (1e-4 relative). The forward passes are where Square's time goes, so this, not
   the placement, is what makes it cheaper (``benchmarks/aa_fast_vs_autoattack.py`` measures it inside
-  aa-fast). Which points are broken is always decided on the model itself.
+  aa-fast). Which points are broken is always decided on the model itself;
+- at l_inf, once the window covers at most 1/12 of the image (from query 500 of 5000 on MNIST), a
+  proposal's logits come from the incremental forward pass (attacks/incremental.py, ``incremental=True``)
+  where the model is a convolutional network it can read: only the part of each layer's maps that the
+  window reaches is computed again. It is checked against the model's logits like the traced copy.
+  Measured on ``mnist-cnn-pgd-linf-0.3`` (first 100 test points, l_inf 0.3, 5000 queries, one thread):
+  Square took 77.5 s with it and 118.8 s without, and broke the same 7 points.
 
 l_2 (:func:`square_l2`) follows the paper the same way: the centred-rectangles pattern, two windows per query,
 the mass of both moved into the first, the perturbation kept at norm eps.
@@ -42,6 +48,7 @@ from pathlib import Path
 import torch
 from invarbench.attacks.autoattack import image_shape
 from invarbench.attacks.base import Attack, Outcome, register_attack
+from invarbench.attacks.incremental import IncrementalForward
 from invarbench.errors import ConfigError
 from invarbench.evaluation import label_margins, logits, model_device
 
@@ -59,19 +66,50 @@ def p_selection(query: int, *, p_init: float, queries: int, rescale_schedule: bo
     return p_init / 2 ** bisect_left(P_HALVINGS, query)
 
 
-@torch.no_grad()
-def _accept(forward: Callable[[torch.Tensor], torch.Tensor], proposal: torch.Tensor, labels: torch.Tensor, todo: torch.Tensor, best: torch.Tensor, margin: torch.Tensor, used: torch.Tensor) -> None:
-    """One query: the points ``todo`` take their ``proposal`` where it lowers their margin (in place)."""
-    candidate = label_margins(forward(proposal), labels[todo])
-    used[todo] += 1
-    better = candidate < margin[todo]
-    improved = todo[better]
-    best[improved] = proposal[better]
-    margin[improved] = candidate[better]
+def incremental_pays(windows: int, side: int, height: int, width: int) -> bool:
+    """Whether the incremental forward pass (attacks/incremental.py) is used for queries of ``windows``
+    windows of ``side``: one window covering at most 1/12 of the image. Measured on ``mnist-cnn``
+    (28 x 28, 100 points, one thread, AMD EPYC): 2.3x faster than the traced model at side 3, 1.9x at 5,
+    1.5x at 7, 1.2x at 9, slower at 13; two windows (l_2): 1.0x at side 3, slower above."""
+    return windows == 1 and side * side * 12 <= height * width
 
 
-def square_linf(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor, *, eps: float, queries: int, generator: torch.Generator, p_init: float = 0.8, rescale_schedule: bool = False, bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Square l_inf on images ``x`` (N, C, H, W) with ``forward`` giving logits.
+class _Queries:
+    """Square's forward passes: the model's (``forward``), or the incremental one (``incremental``) where
+    :func:`incremental_pays`; its maps are recomputed from the current examples whenever the window's
+    side changes, so rounding does not pile up."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], incremental: IncrementalForward | None, labels: torch.Tensor, shape: torch.Size):
+        self.forward, self.incremental, self.labels = forward, incremental, labels
+        self.height, self.width = shape[-2:]
+        self.side: int | None = None
+        self.local = False
+
+    @torch.no_grad()
+    def margins(self, proposal: torch.Tensor, todo: torch.Tensor, corners, side: int, best: torch.Tensor) -> torch.Tensor:
+        """The margins of ``proposal``, the points ``todo``'s examples changed inside ``side`` x ``side`` windows at ``corners``."""
+        self.local = self.incremental is not None and incremental_pays(len(corners), side, self.height, self.width)
+        if not self.local:
+            return label_margins(self.forward(proposal), self.labels[todo])
+        if side != self.side:
+            self.incremental.reset(best)
+            self.side = side
+        return label_margins(self.incremental.propose(proposal, todo, corners, side), self.labels[todo])
+
+    def accept(self, proposal: torch.Tensor, candidate: torch.Tensor, todo: torch.Tensor, best: torch.Tensor, margin: torch.Tensor, used: torch.Tensor) -> None:
+        """The points ``todo`` take their ``proposal`` where its margin ``candidate`` is lower (in place)."""
+        used[todo] += 1
+        better = candidate < margin[todo]
+        improved = todo[better]
+        best[improved] = proposal[better]
+        margin[improved] = candidate[better]
+        if self.local:
+            self.incremental.commit(better)
+
+
+def square_linf(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor, *, eps: float, queries: int, generator: torch.Generator, p_init: float = 0.8, rescale_schedule: bool = False, bounds: tuple[float, float] = (0.0, 1.0), incremental: IncrementalForward | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Square l_inf on images ``x`` (N, C, H, W) with ``forward`` giving logits (and ``incremental``, built
+    for the same model, for the queries of small windows).
 
     Returns each point's best example (its first misclassified one where it was broken), the margin
     there (``forward``'s logits) and the number of forward passes it took (the start counts one; at
@@ -89,6 +127,7 @@ def square_linf(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     best = (x + eps * draw_signs((count, channels, 1, width))).clamp(low, high)
     margin = label_margins(forward(best), labels)
     used = torch.ones(count, dtype=torch.long, device=device)
+    evaluate = _Queries(forward, incremental, labels, x.shape)
     rows = torch.arange(height, device=device)
     columns = torch.arange(width, device=device)
     for query in range(queries):
@@ -110,7 +149,7 @@ def square_linf(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
         if unchanged.any():
             signs = torch.where(unchanged.view(-1, 1, 1, 1), -signs, signs)
             proposal = torch.where(window, (x0 + eps * signs).clamp(low, high), current)
-        _accept(forward, proposal, labels, todo, best, margin, used)
+        evaluate.accept(proposal, evaluate.margins(proposal, todo, [(top, left)], side, best), todo, best, margin, used)
     return best, margin, used
 
 
@@ -135,16 +174,18 @@ def square_pattern(side: int) -> torch.Tensor:
     return pattern / pattern.norm().clamp_min(1e-12)
 
 
-def _place(patterns: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each point's s x s pattern (``patterns`` (K, s, s)) placed at its own corner in an (K, 1, H, W)
-    image of zeros, and the window it covers (bool, same shape)."""
-    side = patterns.shape[-1]
-    row = torch.arange(height, device=top.device).view(1, -1) - top.view(-1, 1)
-    column = torch.arange(width, device=top.device).view(1, -1) - left.view(-1, 1)
-    window = ((row >= 0) & (row < side)).view(-1, 1, height, 1) & ((column >= 0) & (column < side)).view(-1, 1, 1, width)
-    points = torch.arange(len(patterns), device=top.device).view(-1, 1, 1)
-    placed = patterns[points, row.clamp(0, side - 1).view(-1, height, 1), column.clamp(0, side - 1).view(-1, 1, width)]
-    return placed.unsqueeze(1) * window, window
+def _place(patterns: torch.Tensor | None, top: torch.Tensor, left: torch.Tensor, height: int, width: int, side: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Each point's ``side`` x ``side`` pattern (``patterns`` (K, s, s), or None for none) placed at its own
+    corner in a (K, 1, H, W) image of zeros, and the window it covers (bool, same shape). Written
+    through flat indices of the windows alone."""
+    count, device = len(top), top.device
+    span = torch.arange(side, device=device)
+    flat = ((torch.arange(count, device=device).view(-1, 1, 1) * height + (top.view(-1, 1) + span).view(-1, side, 1)) * width + (left.view(-1, 1) + span).view(-1, 1, side)).flatten()
+    window = torch.zeros(count * height * width, dtype=torch.bool, device=device).index_fill_(0, flat, True).view(count, 1, height, width)
+    if patterns is None:
+        return None, window
+    placed = torch.zeros(count * height * width, dtype=patterns.dtype, device=device).index_copy_(0, flat, patterns.flatten())
+    return placed.view(count, 1, height, width), window
 
 
 def _norms(values: torch.Tensor, dims) -> torch.Tensor:
@@ -187,6 +228,7 @@ def square_l2(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     best = (x + eps * delta / _norms(delta, every).clamp_min(1e-12)).clamp(low, high)
     margin = label_margins(forward(best), labels)
     used = torch.ones(count, dtype=torch.long, device=device)
+    evaluate = _Queries(forward, None, labels, x.shape)
     for query in range(queries):
         todo = (margin > 0).nonzero().flatten()
         if len(todo) == 0:
@@ -200,15 +242,15 @@ def square_l2(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
         signs = draw_signs((count, channels, 1, 1))[todo]
         x0 = x[todo]
         delta = best[todo] - x0
-        placed, first = _place(patterns, corners[0], corners[1], height, width)
-        _, second = _place(patterns, corners[2], corners[3], height, width)
+        placed, first = _place(patterns, corners[0], corners[1], height, width, side)
+        _, second = _place(None, corners[2], corners[3], height, width, side)
         room = (eps**2 - _norms(delta, every).square()).clamp_min(0) / channels
         mass = _norms(delta * (first | second), spatial)
         update = placed * signs + delta * first / _norms(delta * first, spatial).clamp_min(1e-12)
         update = update / _norms(update, spatial).clamp_min(1e-12) * (room + mass.square()).sqrt()
         delta = torch.where(first, update, torch.where(second, torch.zeros_like(delta), delta))
         proposal = (x0 + eps * delta / _norms(delta, every).clamp_min(1e-12)).clamp(low, high)
-        _accept(forward, proposal, labels, todo, best, margin, used)
+        evaluate.accept(proposal, label_margins(forward(proposal), labels[todo]), todo, best, margin, used)
     return best, margin, used
 
 
@@ -244,16 +286,16 @@ class Square(Attack):
 
     name = "square"
 
-    def __init__(self, *, queries: int = 5000, p_init: float = 0.8, rescale_schedule: bool = False, trace: bool = True, batch_size: int = 500):
+    def __init__(self, *, queries: int = 5000, p_init: float = 0.8, rescale_schedule: bool = False, trace: bool = True, incremental: bool = True, batch_size: int = 500):
         for option, value, least in (("queries", queries, 0), ("batch_size", batch_size, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ConfigError(f"square: {option} must be an integer >= {least}, got {value!r} (e.g. square:{option}={max(least, 1000)})")
         if isinstance(p_init, bool) or not isinstance(p_init, (int, float)) or not 0 < p_init <= 1:
             raise ConfigError(f"square: p_init is the share of the image the first windows cover, in (0, 1], got {p_init!r} (e.g. square:p_init=0.8)")
-        for option, value in (("rescale_schedule", rescale_schedule), ("trace", trace)):
+        for option, value in (("rescale_schedule", rescale_schedule), ("trace", trace), ("incremental", incremental)):
             if not isinstance(value, bool):
                 raise ConfigError(f"square: {option} must be true or false, got {value!r} (e.g. square:{option}=false)")
-        self.queries, self.p_init, self.rescale_schedule, self.trace, self.batch_size = queries, float(p_init), rescale_schedule, trace, batch_size
+        self.queries, self.p_init, self.rescale_schedule, self.trace, self.incremental, self.batch_size = queries, float(p_init), rescale_schedule, trace, incremental, batch_size
 
     def run(self, model, images, labels, *, norm, epsilons, seed, active, workspace: Path | None = None):
         outcome = Outcome.unattacked(images, epsilons)
@@ -261,7 +303,7 @@ class Square(Attack):
         grid = image_shape(images.shape[1:])
         if norm == "l2" and min(grid[1:]) < 5:
             raise ConfigError(f"square: l_2 Square tiles the image with 5 x 5 windows and needs images of at least 5 x 5 pixels, got inputs of shape {tuple(images.shape[1:])}")
-        forward, how = None, "eager"
+        forward, incremental, how = None, None, "eager"
         queries_used: list[dict] = []
         for index, eps in enumerate(epsilons):
             points = active[index].nonzero().flatten()
@@ -276,10 +318,16 @@ class Square(Attack):
                 x0 = x[chosen].to(device)
                 if forward is None:
                     forward, how = traced_forward(model, x0) if self.trace else (model, "eager")
+                    if self.incremental and norm == "linf":
+                        incremental, built = IncrementalForward.build(model, x0.reshape(len(x0), *grid))
+                        how += f"; {built}"
                 call = lambda flat, forward=forward, shape=x0.shape[1:]: forward(flat.reshape(len(flat), *shape))  # noqa: E731
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + index * 1009 + start)
-                search = square_linf if norm == "linf" else square_l2
-                best, _, queries = search(call, x0.reshape(len(x0), *grid), y[chosen].to(device), eps=eps, queries=self.queries, generator=generator, p_init=self.p_init, rescale_schedule=self.rescale_schedule, bounds=model.bounds)
+                options = {"eps": eps, "queries": self.queries, "generator": generator, "p_init": self.p_init, "rescale_schedule": self.rescale_schedule, "bounds": model.bounds}
+                if norm == "linf":
+                    best, _, queries = square_linf(call, x0.reshape(len(x0), *grid), y[chosen].to(device), incremental=incremental, **options)
+                else:
+                    best, _, queries = square_l2(call, x0.reshape(len(x0), *grid), y[chosen].to(device), **options)
                 adversarial[chosen] = best.reshape(x0.shape).cpu()
                 used += int(queries.sum())
             # The search's examples lie in the ball and the bounds up to float rounding (l_2's rescaling), removed

@@ -41,9 +41,13 @@ class BenchmarkModel(nn.Module):
             return self.mean.view(1, -1, 1, 1), self.std.view(1, -1, 1, 1)
         return self.mean, self.std
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs in the bounds as the network takes them."""
         mean, std = self._statistics(x)
-        return self.network((x - mean) / std)
+        return (x - mean) / std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(self.normalise(x))
 
     @property
     def invertible(self) -> bool:
@@ -53,8 +57,7 @@ class BenchmarkModel(nn.Module):
         """z = F(x) of an invertible network (normalisation included) and log|det| per sample, up to
         the normalisation's constant."""
         self._require_invertible()
-        mean, std = self._statistics(x)
-        return self.network.encode((x - mean) / std)
+        return self.network.encode(self.normalise(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """x = F^-1(z), in input space (not clipped to the bounds: the inverse is exact)."""
