@@ -23,10 +23,14 @@ Per eps, on the points still robust:
 
 Each stage runs only on the points every earlier stage left robust, one eps at a time. Without masking,
 FAB-T (AutoAttack's third stage) and APGD-T's other targets are left out: that is where the time goes.
+The other savings are in how the model runs: every stage on a channels-last copy of it (where that
+gives its logits, :func:`channels_last_copy`), invarbench's Square through a traced copy and, at l_inf,
+the incremental forward pass for small windows (attacks/square.py). Success is judged on the model.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 
@@ -34,7 +38,8 @@ import pyautoattack
 import torch
 from invarbench.attacks.autoattack import NORM_NAMES, UnitBox, _batches, collected_warnings, image_shape
 from invarbench.attacks.base import Attack, Outcome, register_attack
-from invarbench.attacks.square import square_l2, square_linf, traced_forward
+from invarbench.attacks.incremental import IncrementalForward
+from invarbench.attacks.square import TRACE_TOLERANCE, square_l2, square_linf, traced_forward
 from invarbench.errors import ConfigError
 from invarbench.evaluation import logits, model_device
 from pyautoattack import checks
@@ -92,7 +97,8 @@ class AAFast(Attack):
         logger = logging.getLogger("auto-attack")
         logger.setLevel(logging.WARNING)
         low, high = model.bounds
-        box = UnitBox(model, tuple(images.shape[1:]))
+        fast, layout = channels_last_copy(model, images[:8].to(device))
+        box = UnitBox(fast, tuple(images.shape[1:]))
         # pyautoattack seeds torch's global generator: keep the caller's random state as it was.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for index, eps in enumerate(epsilons):
@@ -118,6 +124,7 @@ class AAFast(Attack):
             "stages": stages,
             "escalation_stages": escalation,
             "square_implementation": self.square,
+            "memory_format": layout,
             "n_target_classes": targets,
             "stage_statistics": statistics,
             "implementation": f"pyautoattack {pyautoattack.__version__}: "
@@ -192,10 +199,12 @@ class _Cascade:
             self._on_survivors(lambda x, y, _: fab.perturb(x, y))
         elif options["implementation"] == "invarbench":
             if self.robust.any():
-                forward, self.square_forward = _unit_forward(self.box, self.x[self.robust][:8].to(self.device))
+                forward, incremental, self.square_forward = _unit_forward(self.box, self.x[self.robust][:8].to(self.device), local=self.norm == "Linf")
                 generator = torch.Generator().manual_seed(self.seed)
-                search = square_linf if self.norm == "Linf" else square_l2
-                self._on_survivors(lambda x, y, _: search(forward, x, y, eps=self.eps, queries=options["queries"], generator=generator, p_init=0.8)[0])
+                if self.norm == "Linf":
+                    self._on_survivors(lambda x, y, _: square_linf(forward, x, y, eps=self.eps, queries=options["queries"], generator=generator, p_init=0.8, incremental=incremental)[0])
+                else:
+                    self._on_survivors(lambda x, y, _: square_l2(forward, x, y, eps=self.eps, queries=options["queries"], generator=generator, p_init=0.8)[0])
         else:
             square = SquareAttack(self.box, p_init=0.8, n_queries=options["queries"], eps=self.eps, norm=self.norm, n_restarts=1, seed=self.seed, verbose=False, device=self.device, resc_schedule=False)
             self._on_survivors(lambda x, y, _: square.perturb(x, y))
@@ -223,11 +232,34 @@ class _Cascade:
             self.adversarial[chosen[fooled]] = adversarial[fooled].cpu()
 
 
-def _unit_forward(box: UnitBox, example: torch.Tensor) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+def channels_last_copy(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, str]:
+    """A copy of ``model`` in channels-last memory format, where its logits on ``example`` match the
+    model's (1e-4 relative); else ``model``; and which one. On the CPU, oneDNN's pooling and
+    convolutions are faster in that format: measured on ``mnist-cnn`` (100 points, one thread),
+    pyautoattack's APGD-CE took 8.7 s against 10.7 s."""
+    if example.dim() != 4 or example.device.type != "cpu" or any(isinstance(module, torch.jit.ScriptModule) for module in model.modules()):
+        return model, "as given"
+    try:
+        faster = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            expected, got = model(example), faster(example)
+    except Exception as error:  # noqa: BLE001  (a model that cannot be copied or converted runs as given)
+        return model, f"as given ({type(error).__name__})"
+    if got.shape != expected.shape or not ((got - expected).abs().max() <= TRACE_TOLERANCE * max(1.0, expected.abs().max().item())):
+        return model, "as given (channels last changes its logits)"
+    return faster, "channels last"
+
+
+def _unit_forward(box: UnitBox, example: torch.Tensor, *, local: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], IncrementalForward | None, str]:
     """``box``'s forward pass through an inference-optimised copy of its model where one matches it
-    (:func:`invarbench.attacks.square.traced_forward`), and how it is computed."""
+    (:func:`invarbench.attacks.square.traced_forward`), with ``local`` the incremental one for Square's
+    small windows where it matches the model (attacks/incremental.py), and how they are computed."""
     model, how = traced_forward(box.model, box.to_model(example))
-    return (lambda unit: model(box.to_model(unit))), how
+    incremental = None
+    if local:
+        incremental, built = IncrementalForward.build(box.model, example, to_model=lambda unit: box.low + unit * (box.high - box.low))
+        how += f"; {built}"
+    return (lambda unit: model(box.to_model(unit))), incremental, how
 
 
 def _targeted(apgd: APGDAttack_targeted, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,11 @@
 import pytest
 import torch
 from invarbench.attacks import create_attack
-from invarbench.attacks.aa_fast import _Cascade, rank_targets
+from invarbench.attacks.aa_fast import _Cascade, channels_last_copy, rank_targets
 from invarbench.attacks.autoattack import reliability_flag
 from invarbench.errors import ConfigError
 from invarbench.models import BenchmarkModel
+from invarbench.models.architectures import MnistCNN
 from test_attacks import Staircase, linear_problem
 
 
@@ -151,3 +152,16 @@ def test_aa_fast_is_as_strong_as_autoattack_gradient_stages_on_the_robust_zoo_mo
     assert fast.robust_accuracy()[0] <= reference.robust_accuracy()[0] + 0.02
     assert fast.robust_accuracy()[0] >= 0.7
     assert (fast.norms[fast.success] <= 0.3 + 1e-6).all()
+
+
+def test_channels_last_copy_gives_the_models_logits_or_the_model_itself():
+    torch.manual_seed(0)
+    model = BenchmarkModel(MnistCNN(), bounds=(0.0, 1.0), num_classes=10, mean=(0.1307,), std=(0.3081,)).eval()
+    x = torch.rand(5, 1, 28, 28)
+    faster, how = channels_last_copy(model, x)
+    assert faster is not model and how == "channels last"
+    with torch.no_grad():
+        assert torch.allclose(faster(x), model(x), atol=1e-5)
+    assert all(parameter.is_contiguous(memory_format=torch.channels_last) for parameter in faster.parameters() if parameter.dim() == 4)
+    flat = BenchmarkModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), bounds=(0.0, 1.0), num_classes=10).eval()
+    assert channels_last_copy(flat, x.flatten(1))[0] is flat
