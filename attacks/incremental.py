@@ -55,7 +55,7 @@ def _span(start: torch.Tensor, size: int) -> torch.Tensor:
     return start.view(-1, 1) + torch.arange(size, device=start.device)
 
 
-def _positions(points: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, height: int, width: int, shape: Sequence[int]) -> torch.Tensor:
+def window_positions(points: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, height: int, width: int, shape: Sequence[int]) -> torch.Tensor:
     """Flat indices (B * height * width,) of each point's window in maps of ``shape`` (N, H, W, ...)."""
     rows = (points.view(-1, 1) * shape[1] + _span(rows, height)).view(-1, height, 1)
     return (rows * shape[2] + _span(columns, width).view(-1, 1, width)).flatten()
@@ -64,13 +64,13 @@ def _positions(points: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, 
 def _gather(maps: torch.Tensor, points: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Each point's window of ``maps`` (N, H, W, C): (B, height, width, C)."""
     channels = maps.shape[3]
-    return maps.view(-1, channels).index_select(0, _positions(points, rows, columns, height, width, maps.shape)).view(-1, height, width, channels)
+    return maps.view(-1, channels).index_select(0, window_positions(points, rows, columns, height, width, maps.shape)).view(-1, height, width, channels)
 
 
 def _paste(maps: torch.Tensor, points: torch.Tensor, windows: Windows) -> None:
     """Write ``windows`` into ``maps`` (N, H, W, C, contiguous) at rows ``points`` (in place)."""
     _, height, width, channels = windows.values.shape
-    maps.view(-1, channels).index_copy_(0, _positions(points, windows.rows, windows.columns, height, width, maps.shape), windows.values.reshape(-1, channels))
+    maps.view(-1, channels).index_copy_(0, window_positions(points, windows.rows, windows.columns, height, width, maps.shape), windows.values.reshape(-1, channels))
 
 
 def _write_over(values: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, sources: Sequence[Windows], *, add: bool = False, shifts: Sequence[int] = (0,)) -> torch.Tensor:

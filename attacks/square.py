@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from invarbench.attacks.autoattack import image_shape
 from invarbench.attacks.base import Attack, Outcome, register_attack
-from invarbench.attacks.incremental import IncrementalForward
+from invarbench.attacks.incremental import IncrementalForward, window_positions
 from invarbench.errors import ConfigError
 from invarbench.evaluation import label_margins, logits, model_device
 
@@ -179,8 +179,7 @@ def _place(patterns: torch.Tensor | None, top: torch.Tensor, left: torch.Tensor,
     corner in a (K, 1, H, W) image of zeros, and the window it covers (bool, same shape). Written
     through flat indices of the windows alone."""
     count, device = len(top), top.device
-    span = torch.arange(side, device=device)
-    flat = ((torch.arange(count, device=device).view(-1, 1, 1) * height + (top.view(-1, 1) + span).view(-1, side, 1)) * width + (left.view(-1, 1) + span).view(-1, 1, side)).flatten()
+    flat = window_positions(torch.arange(count, device=device), top, left, side, side, (count, height, width))
     window = torch.zeros(count * height * width, dtype=torch.bool, device=device).index_fill_(0, flat, True).view(count, 1, height, width)
     if patterns is None:
         return None, window
