@@ -165,3 +165,30 @@ def test_channels_last_copy_gives_the_models_logits_or_the_model_itself():
     assert all(parameter.is_contiguous(memory_format=torch.channels_last) for parameter in faster.parameters() if parameter.dim() == 4)
     flat = BenchmarkModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), bounds=(0.0, 1.0), num_classes=10).eval()
     assert channels_last_copy(flat, x.flatten(1))[0] is flat
+
+
+def test_the_escalation_stages_run_on_the_model_as_given(monkeypatch):
+    """FAB-T's path depends on the last bits of the logits: AutoAttack's own stages see the model as given."""
+    import invarbench.attacks.aa_fast as aa_fast
+    from invarbench.attacks.autoattack import UnitBox
+
+    torch.manual_seed(0)
+    model = BenchmarkModel(MnistCNN(), bounds=(0.0, 1.0), num_classes=10).eval()
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    fast, how = channels_last_copy(model, x)
+    assert how == "channels last"
+    seen = []
+
+    class Fab:
+        def __init__(self, predict, **options):
+            seen.append(predict.model)
+
+        def perturb(self, images, labels):
+            return images
+
+    monkeypatch.setattr(aa_fast, "FABAttack_PT", Fab)
+    cascade = _Cascade(UnitBox(fast, (1, 28, 28)), x, y, given=UnitBox(model, (1, 28, 28)), norm="linf", eps=0.1, seed=0, batch_size=10, device=torch.device("cpu"), logger=None)
+    cascade.run_stage("fab-t", steps=10, targets=9)
+    assert len(seen) == 1 and seen[0] is model and cascade.box.model is fast
