@@ -39,9 +39,9 @@ import torch
 from invarbench.attacks.autoattack import NORM_NAMES, UnitBox, _batches, collected_warnings, image_shape
 from invarbench.attacks.base import Attack, Outcome, register_attack
 from invarbench.attacks.incremental import IncrementalForward
-from invarbench.attacks.square import TRACE_TOLERANCE, square_l2, square_linf, traced_forward
+from invarbench.attacks.square import square_l2, square_linf, traced_forward
 from invarbench.errors import ConfigError
-from invarbench.evaluation import logits, model_device
+from invarbench.evaluation import logits, model_device, same_logits
 from pyautoattack import checks
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 from pyautoattack.fab_pt import FABAttack_PT
@@ -163,7 +163,7 @@ class _Cascade:
     ``box`` is the model as the cascade runs it (a channels-last copy where one matches it), ``given`` the
     model as given: the escalation stages (AutoAttack's own APGD-T and FAB-T) run on that one, so that
     on the points they attack they compute what AutoAttack computes. FAB-T's path is sensitive to the
-    last bits of the logits: measured on ``mnist-cnn-pgd-linf-0.3`` at l_2 2, test point 13, it broke the
+    last bits of the logits: measured with a one-off script on ``mnist-cnn-pgd-linf-0.3`` at l_2 2, test point 13, it broke the
     point on the model as given and not on the channels-last copy."""
 
     def __init__(self, box, unit, labels, *, given, norm, eps, seed, batch_size, device, logger):
@@ -242,10 +242,10 @@ class _Cascade:
 
 def channels_last_copy(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, str]:
     """A copy of ``model`` in channels-last memory format, where its logits on ``example`` match the
-    model's (1e-4 relative); else ``model``; and which one. On the CPU, oneDNN's pooling and
-    convolutions are faster in that format: measured on ``mnist-cnn`` (100 points, one thread),
-    pyautoattack's APGD-CE took 8.7 s against 10.7 s."""
-    if example.dim() != 4 or example.device.type != "cpu" or any(isinstance(module, torch.jit.ScriptModule) for module in model.modules()):
+    model's (:func:`invarbench.evaluation.same_logits`); else ``model``; and which one. On the CPU,
+    oneDNN's pooling and convolutions are faster in that format: measured with a one-off script on
+    ``mnist-cnn`` (100 points, one thread), pyautoattack's APGD-CE took 8.7 s against 10.7 s."""
+    if example.dim() != 4 or example.device.type != "cpu":
         return model, "as given"
     try:
         faster = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -253,7 +253,7 @@ def channels_last_copy(model: torch.nn.Module, example: torch.Tensor) -> tuple[t
             expected, got = model(example), faster(example)
     except Exception as error:  # noqa: BLE001  (a model that cannot be copied or converted runs as given)
         return model, f"as given ({type(error).__name__})"
-    if got.shape != expected.shape or not ((got - expected).abs().max() <= TRACE_TOLERANCE * max(1.0, expected.abs().max().item())):
+    if not same_logits(got, expected):
         return model, "as given (channels last changes its logits)"
     return faster, "channels last"
 

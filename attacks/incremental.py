@@ -29,12 +29,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from invarbench.evaluation import same_logits
 from torch import nn
 
 #: Layers that act on each value alone (batch norm only in eval mode).
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Identity, nn.Dropout, nn.BatchNorm2d)
-#: Largest relative difference from the model's logits for the incremental forward pass to be used.
-TOLERANCE = 1e-4
 
 
 @dataclass
@@ -111,9 +110,16 @@ def _fit(start: torch.Tensor, size: int, limit: int) -> tuple[torch.Tensor, int]
     return start.clamp(0, limit - size), size
 
 
-class _Convolution:
-    def __init__(self, layer: nn.Conv2d, output_size: tuple[int, int]):
+class _Stage:
+    """One layer of the prefix (``layer``) and the size of its output maps."""
+
+    def __init__(self, layer: nn.Module, output_size: tuple[int, int]):
         self.layer, self.output_size = layer, output_size
+
+
+class _Convolution(_Stage):
+    def __init__(self, layer: nn.Conv2d, output_size: tuple[int, int]):
+        super().__init__(layer, output_size)
         kernel = tuple(layer.kernel_size)
         # The change of the output is the "full" convolution of the input's change: conv_transpose2d with the kernel
         # flipped, starting kernel - 1 - padding above and left of the change.
@@ -137,9 +143,9 @@ class _Convolution:
         return Windows(rows, columns, _write_over(_gather(after, points, rows, columns, height, width), rows, columns, [delta], add=True, shifts=_partner_shifts(len(points), count)))
 
 
-class _Pooling:
+class _Pooling(_Stage):
     def __init__(self, layer: nn.Module, output_size: tuple[int, int]):
-        self.layer, self.output_size = layer, output_size
+        super().__init__(layer, output_size)
         self.kernel = _pair(layer.kernel_size)
         self.stride = _pair(layer.stride if layer.stride is not None else layer.kernel_size)
 
@@ -158,10 +164,7 @@ class _Pooling:
         return Windows(corner[0], corner[1], self.layer(region.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
-class _Elementwise:
-    def __init__(self, layer: nn.Module, output_size: tuple[int, int]):
-        self.layer, self.output_size = layer, output_size
-
+class _Elementwise(_Stage):
     def windows(self, before: torch.Tensor, after: torch.Tensor, points: torch.Tensor, changes: Windows, count: int) -> Windows:
         return Windows(changes.rows, changes.columns, self.layer(changes.values.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
@@ -208,7 +211,7 @@ class IncrementalForward:
 
     def __init__(self, prefix: Sequence[nn.Module], head: nn.Module, to_input: Callable[[torch.Tensor], torch.Tensor], image_size: tuple[int, int], channels: int):
         self.head, self.to_input = head, to_input
-        self.layers = []
+        self.layers: list[_Stage] = []
         with torch.no_grad():
             maps = torch.zeros(1, channels, *image_size)
             for layer in prefix:
@@ -240,7 +243,7 @@ class IncrementalForward:
                     for _ in range(2):
                         proposal, corners = _random_proposal(sample, windows, side, generator)
                         got, expected = forward.propose(proposal, torch.arange(len(sample)), corners, side), model(to_model(proposal))
-                        if got.shape != expected.shape or not ((got - expected).abs().max() <= TOLERANCE * max(1.0, expected.abs().max().item())):
+                        if not same_logits(got, expected):
                             return None, "not incremental (its logits differ from the model's)"
                         forward.commit(torch.ones(len(sample), dtype=torch.bool))
                         sample = proposal
