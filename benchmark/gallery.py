@@ -15,7 +15,7 @@ from invarbench.config import entry_config
 from invarbench.datasets import load_dataset
 from invarbench.errors import ConfigError
 from invarbench.evaluation import predict
-from invarbench.io import atomic_write
+from invarbench.io import write_figure
 from invarbench.plan import plan
 from invarbench.store import RunStore, read_json
 
@@ -93,8 +93,7 @@ def invariance_gallery(run_dir: str | Path, out: str | Path, *, model: str | Non
     figure.tight_layout()
     out = Path(out)
     suffix = out.suffix.lstrip(".") or "png"
-    # Fixed metadata so that the same records always give the same bytes.
-    atomic_write(out, lambda tmp: figure.savefig(tmp, format=suffix, dpi=100, metadata={"Software": None} if suffix == "png" else {"Creator": None, "Date": None}))
+    write_figure(out, figure, suffix)
     plt.close(figure)
     return out
 
@@ -173,6 +172,6 @@ def perturbation_gallery(entry: dict, entries_dir: str | Path, out: str | Path, 
     figure.suptitle(f"{entry['model']}\n{job.attack.name} examples, oracle {oracle.name}", fontsize=8)
     figure.tight_layout()
     out = Path(out)
-    atomic_write(out, lambda tmp: figure.savefig(tmp, format="png", dpi=100, metadata={"Software": None}))
+    write_figure(out, figure)
     plt.close(figure)
     return out

@@ -4,6 +4,7 @@ with errors that name them, and the cache directory."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 import tomllib
@@ -61,3 +62,33 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_figure(path: str | os.PathLike, figure, suffix: str = "png") -> Path:
+    """Write a matplotlib figure atomically as PNG or SVG at 100 dpi, without the metadata that changes
+    on every build (so the same figure always gives the same bytes). A PNG goes through
+    :func:`compact_png`."""
+    if suffix != "png":
+        return atomic_write(path, lambda tmp: figure.savefig(tmp, format=suffix, dpi=100, metadata={"Creator": None, "Date": None}))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    return atomic_write_bytes(path, compact_png(buffer.getvalue()))
+
+
+def compact_png(data: bytes) -> bytes:
+    """The same PNG as a palette image where that keeps every pixel: an opaque picture of at most 256
+    colours (galleries of grey digits, most plots) takes 2-3x fewer bytes so, and the repository that
+    travels to a GPU machine stays small. Anything else is returned as it is."""
+    import numpy as np
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    pixels = np.asarray(image.convert("RGBA"))
+    if pixels[..., 3].min() < 255:
+        return data
+    palette = image.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=256)
+    if not np.array_equal(np.asarray(palette.convert("RGBA")), pixels):
+        return data
+    buffer = io.BytesIO()
+    palette.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue() if len(buffer.getvalue()) < len(data) else data

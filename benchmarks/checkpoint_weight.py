@@ -69,6 +69,9 @@ def main() -> None:
     args = parser.parse_args()
     rows, subsets = [], {}
     for name in list_models(None):
+        if get_card(name).checkpoint_retired and not get_card(name).checkpoint_path.exists():
+            print(f"{name}: checkpoint retired from the repository, left out")
+            continue
         rows.append(measure(name, args.n, subsets))
         row = rows[-1]
         print(f"{name}: {row['bytes'] / 1e6:.2f} MB, lzma {row['lzma_bytes'] / 1e6:.2f} MB, float16 {row['float16_bytes'] / 1e6:.2f} MB; float16 changes {row['float16_prediction_changes']} of {row['points']} predictions, logits by at most {row['float16_max_logit_change']:.2g}", flush=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 from invarbench.attacks import Budget
-from invarbench.io import atomic_write
+from invarbench.io import write_figure
 from invarbench.leaderboard.entries import curve_robust_accuracy
 from invarbench.results import WORST_CASE, entry_results, invariance_frame, robustness_frame
 
@@ -23,10 +23,8 @@ def _save(figure, axis, stem: Path) -> list[Path]:
         axis.legend(fontsize=7)
     figure.tight_layout()
     written = []
-    for suffix, metadata in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
-        path = stem.parent / f"{stem.name}.{suffix}"
-        atomic_write(path, lambda tmp, suffix=suffix, metadata=metadata: figure.savefig(tmp, format=suffix, dpi=100, metadata=metadata))
-        written.append(path)
+    for suffix in ("png", "svg"):
+        written.append(write_figure(stem.parent / f"{stem.name}.{suffix}", figure, suffix))
     import matplotlib.pyplot as plt  # imported by build_plots already, with its backend chosen
 
     plt.close(figure)

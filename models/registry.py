@@ -22,7 +22,7 @@ from torch import nn
 CARDS_DIR = Path(__file__).parent / "cards"
 CHECKPOINTS_DIR = Path(__file__).parent / "checkpoints"
 #: A folder of zoo checkpoints looked in before the package's own: the wheel does not ship the zoo's
-#: weights (58 MB), a clone or an editable install (``pip install -e .``) has them in ``CHECKPOINTS_DIR``.
+#: weights (46 MB), a clone or an editable install (``pip install -e .``) has them in ``CHECKPOINTS_DIR``.
 CHECKPOINTS_ENV = "INVARBENCH_CHECKPOINTS"
 
 
@@ -69,6 +69,8 @@ class ModelCard:
     role: str = "benchmark"
     #: Invertible models: error of a classifier trained after the fact on the nuisance z_n.
     nuisance_classifier: dict[str, Any] = field(default_factory=dict)
+    #: Why the checkpoint is not kept in the repository (``[checkpoint] retired``); empty where it is.
+    checkpoint_retired: str = ""
     path: Path | None = None
 
     @property
@@ -113,6 +115,7 @@ class ModelCard:
             robust_accuracy=tuple(data.get("robust_accuracy", ())),
             role=str(data.get("role", "benchmark")),
             nuisance_classifier=dict(data.get("nuisance_classifier", {})),
+            checkpoint_retired=str(data["checkpoint"].get("retired", "")),
             path=path,
         )
 
@@ -132,7 +135,7 @@ class ModelCard:
         data["input"] = {"shape": list(self.input_shape), "bounds": list(self.bounds), "mean": list(self.mean), "std": list(self.std)}
         data["training"] = self.training
         data["threat_model"] = self.threat_model
-        data["checkpoint"] = {"file": self.checkpoint_file, "sha256": self.checkpoint_sha256}
+        data["checkpoint"] = {"file": self.checkpoint_file, "sha256": self.checkpoint_sha256, **({"retired": self.checkpoint_retired} if self.checkpoint_retired else {})}
         data["clean_accuracy"] = {"value": self.clean_accuracy, "n": self.clean_accuracy_n}
         if self.robust_accuracy:
             data["robust_accuracy"] = list(self.robust_accuracy)
@@ -245,6 +248,11 @@ def declared_dataset(reference: str | os.PathLike) -> str | None:
 
 def _load_registered(card: ModelCard, *, verify_checksum: bool) -> BenchmarkModel:
     path = card.checkpoint_path
+    if not path.exists() and card.checkpoint_retired:
+        raise ModelError(
+            f"checkpoint {card.checkpoint_file} of model {card.name} is in none of {', '.join(str(folder) for folder in checkpoint_dirs())}: {card.checkpoint_retired} "
+            f"(or set {CHECKPOINTS_ENV} to a folder holding the original file)"
+        )
     if not path.exists():
         raise ModelError(
             f"checkpoint {card.checkpoint_file} of model {card.name} is in none of {', '.join(str(folder) for folder in checkpoint_dirs())}; "

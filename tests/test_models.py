@@ -54,6 +54,16 @@ def test_missing_registered_checkpoint_names_the_fix(isolated_registry, monkeypa
         load_model("spheres-mlp-standard")
 
 
+def test_retired_checkpoint_says_why_and_how_to_train_it_again(monkeypatch):
+    """The round-1 ensemble's members keep their cards (and recipes) but not their weights."""
+    monkeypatch.delenv(registry.CHECKPOINTS_ENV, raising=False)
+    card = get_card("oracle-mnist-cnn-wide")
+    assert card.checkpoint_retired and not card.checkpoint_path.exists()
+    assert tomllib.loads(card.to_toml())["checkpoint"]["retired"] == card.checkpoint_retired
+    with pytest.raises(ModelError, match="Not kept in the repository.*`invarbench models train oracle-mnist-cnn-wide`.*set INVARBENCH_CHECKPOINTS"):
+        load_model("oracle-mnist-cnn-wide")
+
+
 def test_checkpoints_are_found_in_the_folder_the_environment_names(isolated_registry, tmp_path, monkeypatch):
     """As after installing the wheel, which leaves the zoo's weights out: the package's folder lacks them."""
     _, checkpoint = isolated_registry("spheres-mlp-standard")
