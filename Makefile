@@ -9,7 +9,7 @@ BENCH_N ?= 100
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: install bench test test-fast clean browser leaderboard
+.PHONY: install bench test test-fast clean browser leaderboard device-wheels device-check
 
 install: $(STAMP)
 
@@ -60,6 +60,20 @@ leaderboard: $(STAMP)
 		$(INVARBENCH) leaderboard add $(RUNS)/invariance-500-$$model --replace --track invariance; \
 	done
 	$(INVARBENCH) leaderboard build $(foreach page,README.md $(sort $(wildcard docs/*.md)),--readme $(page))
+
+# A lent GPU machine (the device tool) reaches no package registry: `make device-wheels` writes what it
+# needs into .device/ (ignored by git): the wheels its image lacks, for Python 3.12, and MNIST packed
+# small. There, `make device-check` (benchmarks/device_check.sh) installs them and the project, runs the
+# tests marked cuda and the GPU timings, and writes JSON into $(DEVICE_OUT) (the device tool's $$OUT).
+# `python benchmarks/report.py` turns the JSON, copied to benchmarks/results/, into docs/speed.md's tables.
+DEVICE_OUT ?= $(if $(OUT),$(OUT),benchmarks/results/device)
+
+device-wheels: $(STAMP)
+	$(INVARBENCH) data fetch mnist
+	$(PYTHON) benchmarks/device_wheels.py
+
+device-check:
+	bash benchmarks/device_check.sh --out $(DEVICE_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

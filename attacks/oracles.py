@@ -52,6 +52,11 @@ class Oracle(ABC):
     def describe(self) -> dict:
         return {"name": self.name, "exact": self.exact, "calibration": list(self.calibration)}
 
+    def to(self, device: torch.device | str) -> Oracle:
+        """This oracle with its networks on ``device`` (it still takes and returns CPU tensors); an oracle
+        without networks stays as it is."""
+        return self
+
 
 class ExactOracle(Oracle):
     """A data set's own labelling function, e.g. :func:`invarbench.datasets.spheres_label`.
@@ -225,6 +230,17 @@ class ProxyOracle(Oracle):
         self.batch_size = batch_size
         #: Member card name -> checkpoint sha256, for an oracle built from a definition file.
         self.member_checkpoints: dict[str, str] = {}
+        self.device = torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> ProxyOracle:
+        """The members' passes on ``device`` (a GPU judges many candidates faster); images in and labels out
+        stay on the CPU, and so does the k-NN vote."""
+        device = torch.device(device)
+        if device.type != "cpu" and not all(isinstance(member, torch.nn.Module) for member in self.members):
+            raise ConfigError(f"oracle {self.name}: only torch.nn.Module members can move to {device}; give modules or judge on the CPU")
+        self.device = device
+        self.members = [member.to(device) if isinstance(member, torch.nn.Module) else member for member in self.members]
+        return self
 
     @property
     def voters(self) -> int:
@@ -235,7 +251,7 @@ class ProxyOracle(Oracle):
         for member in self.members:
             for view in self.views:
                 seen = view(images)
-                yield torch.cat([member(seen[start : start + self.batch_size]) for start in range(0, len(images), self.batch_size)])
+                yield torch.cat([member(seen[start : start + self.batch_size].to(self.device)).cpu() for start in range(0, len(images), self.batch_size)])
 
     def votes(self, images: torch.Tensor) -> torch.Tensor:
         """(images, voters) labels, one column per member and view (the k-NN vote last)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from invarbench import __version__
 from invarbench.api import DEFAULT_RUNS_DIR, format_table
-from invarbench.errors import InvarbenchError
+from invarbench.errors import ConfigError, InvarbenchError
 
 # Each command imports what it runs inside its function, so that `invarbench --help` loads no torch, pandas
 # or jinja2 (tests/test_cli_help.py); the other modules import at the top (tests/test_imports.py).
@@ -142,7 +142,9 @@ def _leaderboard_build(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from invarbench.leaderboard.check import check_entries
 
-    results = check_entries(args.entries, names=args.names, points=args.points, update=args.update, progress=not args.no_progress)
+    if args.update and args.device:
+        raise ConfigError("--update rewrites an entry's records, which must come from the entry's own device; drop --device (or --update)")
+    results = check_entries(args.entries, names=args.names, points=args.points, update=args.update, progress=not args.no_progress, device=args.device)
     if not results:
         raise InvarbenchError(f"no leaderboard entries in {args.entries}; add finished runs with `invarbench leaderboard add RUN_DIR`")
     failed = [result for result in results if not result.passed]
@@ -397,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--entries", type=Path, default=ENTRIES_DIR, help=f"entries folder (default: {ENTRIES_DIR})")
     check.add_argument("--points", type=int, help="check only the first N points (rounded up to whole shards; default: every stored point)")
     check.add_argument("--update", action="store_true", help="rewrite the stored regression records from the new evaluation")
+    check.add_argument("--device", choices=["cpu", "cuda"], help="re-run on this device instead of each entry's own (e.g. check on a GPU that CPU-made entries reproduce; not with --update)")
     check.add_argument("--no-progress", action="store_true", help="hide progress bars")
     check.set_defaults(handler=_check)
 

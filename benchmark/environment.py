@@ -29,15 +29,24 @@ def cpu_description() -> str:
     return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
-def measurement_header(benchmark: str, threads: int | None = None) -> dict[str, object]:
+def gpu_description(device: torch.device) -> str:
+    """The GPU a CUDA device is, with the CUDA and driver-facing versions torch was built for."""
+    properties = torch.cuda.get_device_properties(device)
+    return f"{properties.name}, {properties.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
+
+
+def measurement_header(benchmark: str, threads: int | None = None, device: str | torch.device = "cpu") -> dict[str, object]:
     """What every file in benchmarks/results/ opens with: the benchmark, the command that measured it,
-    when, with how many torch threads (default: this process's) and on which CPU."""
+    when, with how many torch threads (default: this process's), on which CPU and, for a measurement
+    on CUDA, which GPU."""
+    device = torch.device(device)
     return {
         "benchmark": benchmark,
         "command": " ".join(["python", *sys.argv]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "threads": torch.get_num_threads() if threads is None else threads,
         "cpu": cpu_description(),
+        **({"device": "cuda", "gpu": gpu_description(device), "torch": torch.__version__} if device.type == "cuda" else {}),
     }
 
 
@@ -51,7 +60,24 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def full_float32_on_cuda() -> None:
+    """Compute in full float32 on CUDA: torch lets cuDNN's convolutions use TF32 (10-bit mantissa) on
+    Ampere and later GPUs by default, which moves logits by about 1e-3 of their size, so a run on a GPU
+    would no longer give the CPU's figures within rounding. Robust accuracy decided at that scale is
+    what a benchmark must not leave to the hardware."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def resolve_device(device: str) -> torch.device:
+    """The torch device for ``auto``, ``cpu`` or ``cuda``; on CUDA in full float32 (see :func:`full_float32_on_cuda`)."""
+    chosen = _resolve_device(device)
+    if chosen.type == "cuda":
+        full_float32_on_cuda()
+    return chosen
+
+
+def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():

@@ -119,7 +119,7 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
                 "warnings": [CHECKS[check] for check, raised in flags.items() if raised],
             }
             if key not in oracles and any(attack.kind == "invariance" and ATTACKS[attack.name].needs_oracle for attack in config.attacks):
-                oracles[key] = oracle or (resolve_oracle(config.oracle, dataset) if config.oracle else default_oracle(dataset))
+                oracles[key] = (oracle or (resolve_oracle(config.oracle, dataset) if config.oracle else default_oracle(dataset))).to(torch_device)
                 oracle_reports[oracles[key].name] = oracle_report(oracles[key], images, labels)
             inputs[spec.key] = ModelInputs(spec, model, dataset.num_classes, dataset.bounds, model_info[spec.key]["checkpoint_sha256"], dataset, oracles.get(key))
             # Per norm, not per threat: an attack restricted to some eps (eps=...) still sees what the

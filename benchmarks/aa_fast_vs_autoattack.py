@@ -21,7 +21,7 @@ import pyautoattack
 import torch
 from invarbench.attacks import ThreatModel, create_attack
 from invarbench.datasets import load_dataset
-from invarbench.environment import measurement_header
+from invarbench.environment import measurement_header, resolve_device
 from invarbench.evaluation import predict
 from invarbench.models import load_model
 
@@ -37,14 +37,16 @@ def timed(name: str, options: dict, model, images, labels, threat: ThreatModel, 
     return seconds, active[0] & ~result.success[0], result
 
 
-def compare(model_name: str, threat: ThreatModel, images, labels, *, fast_options: dict, seed: int, fast_first: bool) -> dict:
-    model = load_model(model_name)
+def compare(model_name: str, threat: ThreatModel, images, labels, *, fast_options: dict, seed: int, fast_first: bool, device: str = "cpu", reference_options: dict | None = None) -> dict:
+    """Both attacks on ``model_name``'s correctly classified points; the reference is AutoAttack standard
+    unless ``reference_options`` say otherwise (a dry run's cheaper version)."""
+    model = load_model(model_name).to(resolve_device(device))
     correct = predict(model, images) == labels
     active = correct.unsqueeze(0)
     runs = {}
     order = ("aa-fast", "autoattack") if fast_first else ("autoattack", "aa-fast")
     for name in order:
-        options = fast_options if name == "aa-fast" else {"version": "standard"}
+        options = fast_options if name == "aa-fast" else (reference_options or {"version": "standard"})
         runs[name] = timed(name, options, model, images, labels, threat, active, seed)
     (reference_seconds, reference_robust, reference), (fast_seconds, fast_robust, fast) = runs["autoattack"], runs["aa-fast"]
     count = len(labels)
@@ -91,6 +93,7 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=None, help="aa-fast targets (default: the attack's)")
     parser.add_argument("--square-queries", type=int, default=None, help="aa-fast Square queries (default: the attack's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both attacks run (default cpu)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/aa_fast.json"))
     args = parser.parse_args()
 
@@ -102,7 +105,7 @@ def main() -> None:
     rows = []
     for position, model_name in enumerate(args.models):
         for threat in threats:
-            rows.append(compare(model_name, threat, images, labels, fast_options=fast_options, seed=args.seed, fast_first=position % 2 == 1))
+            rows.append(compare(model_name, threat, images, labels, fast_options=fast_options, seed=args.seed, fast_first=position % 2 == 1, device=args.device))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(f"first {args.n} MNIST test points, {torch.get_num_threads()} threads, pyautoattack {pyautoattack.__version__}, aa-fast options {rows[0]['aa_fast_options']['implementation'] if rows else ''}")
@@ -112,7 +115,7 @@ def main() -> None:
         print(f"\nspeed-up min {min(speedups):.2f}x (target >= 3); largest robust-accuracy excess {max(row['difference_points'] for row in rows):+.1f} points (target <= +0.2)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        **measurement_header("aa_fast_vs_autoattack"),
+        **measurement_header("aa_fast_vs_autoattack", device=args.device),
         "n": args.n,
         "seed": args.seed,
         "torch": torch.__version__,

@@ -24,7 +24,7 @@ import foolbox
 import torch
 from invarbench.attacks import create_attack
 from invarbench.datasets import load_dataset
-from invarbench.environment import measurement_header
+from invarbench.environment import measurement_header, resolve_device
 from invarbench.models import load_model
 
 TARGET_RATIO = {"mnist-cnn-standard": 4.0, "mnist-cnn-pgd-linf-0.3": 1.5}
@@ -34,8 +34,9 @@ ACCURACY_TOLERANCE = 0.005
 def foolbox_sweep(model, images, labels, *, epsilons: list[float], steps: int, seed: int) -> list[float]:
     """Robust accuracy per eps of Foolbox's LinfPGD called directly (its random start uses the global generator)."""
     torch.manual_seed(seed)
+    device = next(model.parameters()).device
     attack = foolbox.attacks.LinfPGD(steps=steps, rel_stepsize=1 / 30, random_start=True)
-    _, _, success = attack(foolbox.PyTorchModel(model, bounds=model.bounds), images, labels, epsilons=epsilons)
+    _, _, success = attack(foolbox.PyTorchModel(model, bounds=model.bounds, device=device), images.to(device), labels.to(device), epsilons=epsilons)
     return (1 - success.float().mean(dim=1)).tolist()
 
 
@@ -57,30 +58,38 @@ def main() -> None:
     parser.add_argument("--eps", default="0.1,0.2,0.3,0.4", help="comma-separated l_inf eps values")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best time of each side is reported")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides run (default cpu)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pgd_sweep.json"))
     args = parser.parse_args()
-
     epsilons = sorted(float(value) for value in args.eps.split(","))
-    images, labels = load_dataset("mnist").evaluation_subset(args.n)
+    measurement = sweep(args.models, args.n, epsilons, args.steps, args.repeats, device=args.device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(measurement, indent=1) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+def sweep(models: list[str], n: int, epsilons: list[float], steps: int, repeats: int, *, device: str = "cpu") -> dict:
+    """Measure every model (see the module's docstring), print the tables and return the measurement."""
+    images, labels = load_dataset("mnist").evaluation_subset(n)
     measurement = {
-        **measurement_header("pgd_sweep"),
+        **measurement_header("pgd_sweep", device=device),
         "versions": {"torch": torch.__version__, "foolbox": foolbox.__version__},
-        "n": args.n,
+        "n": n,
         "epsilons": epsilons,
-        "steps": args.steps,
+        "steps": steps,
         "rel_stepsize": 1 / 30,
-        "repeats": args.repeats,
+        "repeats": repeats,
         "models": {},
     }
     rows = []
-    for name in args.models:
-        model = load_model(name)
+    for name in models:
+        model = load_model(name).to(resolve_device(device))
         times = {"foolbox": [], "invarbench": []}
         accuracies = {"foolbox": [], "invarbench": []}
-        for repeat in range(args.repeats):
+        for repeat in range(repeats):
             for side, function in (("foolbox", foolbox_sweep), ("invarbench", invarbench_sweep)):
-                options = {"batch_size": args.n} if side == "invarbench" else {}
-                accuracy, seconds = timed(lambda function=function, options=options: function(model, images, labels, epsilons=epsilons, steps=args.steps, seed=repeat, **options))
+                options = {"batch_size": n} if side == "invarbench" else {}
+                accuracy, seconds = timed(lambda function=function, options=options, model=model, repeat=repeat: function(model, images, labels, epsilons=epsilons, steps=steps, seed=repeat, **options))
                 times[side].append(seconds)
                 accuracies[side].append(accuracy)
         mean = {side: [sum(values) / len(values) for values in zip(*runs)] for side, runs in accuracies.items()}
@@ -97,7 +106,7 @@ def main() -> None:
         }
         rows += [(name, eps, ours, theirs, ours - theirs) for eps, ours, theirs in zip(epsilons, mean["invarbench"], mean["foolbox"])]
 
-    print(f"first {args.n} MNIST test points, l_inf, {args.steps} steps of eps/30, random start, {torch.get_num_threads()} threads, best time of {args.repeats} interleaved repeats")
+    print(f"first {n} MNIST test points, l_inf, {steps} steps of eps/30, random start, {torch.get_num_threads()} threads, best time of {repeats} interleaved repeats")
     print()
     print("| model | eps | robust accuracy, invarbench pgd | robust accuracy, Foolbox LinfPGD | difference (points) |")
     print("| --- | --- | --- | --- | --- |")
@@ -109,9 +118,7 @@ def main() -> None:
     for name, result in measurement["models"].items():
         target = f">= {result['target_ratio']}" if result["target_ratio"] else "-"
         print(f"| {name} | {result['seconds']['foolbox']:.1f} | {result['seconds']['invarbench']:.1f} | {result['ratio']:.2f}x | {target} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(measurement, indent=1) + "\n")
-    print(f"\nwrote {args.out}")
+    return measurement
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ RESULTS = HERE / "results"
 
 
 def _origin(report: dict) -> str:
-    where = ", ".join(part for part in (f"{report['threads']} thread{'s' if report['threads'] != 1 else ''}" if "threads" in report else "", report.get("cpu") or report.get("machine", "")) if part)
+    processor = f"GPU {report['gpu']}, torch {report.get('torch', '?')}; CPU {report.get('cpu', '?')}" if report.get("gpu") else report.get("cpu") or report.get("machine", "")
+    where = ", ".join(part for part in (f"{report['threads']} thread{'s' if report['threads'] != 1 else ''}" if "threads" in report else "", processor) if part)
     command = f"`{report['command']}`, " if report.get("command") else ""
     return f"Measured by {command}{report.get('date', 'date not recorded')[:10]} ({where})."
 
@@ -126,6 +127,37 @@ def _leaderboard_cost(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _device_tests(report: dict) -> str:
+    if report.get("status") == "error":
+        return f"The cuda tests did not run: {report['error']}\n"
+    counts = {}
+    for test in report["tests"]:
+        counts[test["outcome"]] = counts.get(test["outcome"], 0) + 1
+    lines = [
+        f"{_origin(report)} `pytest -m cuda` ({report['mode']}): " + ", ".join(f"{count} {outcome}" for outcome, count in sorted(counts.items())) + f", {report['seconds']:.0f} s in all.",
+        "",
+        "| test | outcome | seconds | message |",
+        "|---|---|---|---|",
+    ]
+    for test in report["tests"]:
+        message = " ".join(test["message"].split())[:200].replace("|", "\\|")
+        lines.append(f"| `{test['test'].rpartition('::')[2]}` | {test['outcome']} | {test['seconds']:.1f} | {message} |")
+    return "\n".join(lines) + "\n"
+
+
+def _invariance_speed(report: dict) -> str:
+    attacks = report["attacks"]
+    lines = [
+        f"{_origin(report)} `{report['model']}`, {report['threat']}, the invariance track's attacks ({', '.join(attacks)}), oracle judged on the run's device; CPU runs use {report['cpu_threads']} threads.",
+        "",
+        "| device | points | whole run (s) | " + " | ".join(f"{attack} (s)" for attack in attacks) + " | per point (ms) |",
+        "|---|---|---|" + "---|" * len(attacks) + "---|",
+    ]
+    for run in report["runs"]:
+        lines.append(f"| {run['device']} | {run['n']} | {run['seconds']:.1f} | " + " | ".join(f"{run['attack_seconds'].get(attack, float('nan')):.1f}" for attack in attacks) + f" | {1000 * run['seconds'] / run['n']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 # JSON stem -> (table name, script that writes it, renderer)
 RENDERERS = {
     "pgd_sweep": ("speed-pgd-sweep", "pgd_sweep.py", _pgd_sweep),
@@ -134,7 +166,12 @@ RENDERERS = {
     "ray_scaling": ("speed-ray-scaling", "ray_scaling.py", _ray_scaling),
     "leaderboard_cost": ("speed-leaderboard-cost", "leaderboard_cost.py", _leaderboard_cost),
     "checkpoint_weight": ("checkpoint-weight", "checkpoint_weight.py", _checkpoint_weight),
+    "device_tests": ("device-tests", "device_check.py", _device_tests),
+    "invariance_speed": ("speed-invariance", "device_check.py", _invariance_speed),
 }
+#: Measurements made on a lent GPU machine (``STEM-gpu.json``, by benchmarks/device_check.py) go to a
+#: table of their own, ``NAME-gpu``, beside the CPU's.
+GPU_SUFFIX = "gpu"
 
 
 def render(results: Path = RESULTS) -> dict[str, str]:
@@ -144,7 +181,12 @@ def render(results: Path = RESULTS) -> dict[str, str]:
     for stem, (name, script, renderer) in RENDERERS.items():
         # A benchmark's main output, then any further measurements of it (``STEM-WHAT.json``), each its own table.
         paths = [path for path in (results / f"{stem}.json", *sorted(results.glob(f"{stem}-*.json"))) if path.exists()]
-        tables[name] = "\n".join(renderer(json.loads(path.read_text(encoding="utf-8"))) for path in paths) if paths else f"Not measured yet: run `python benchmarks/{script}`.\n"
+        on_gpu = [path for path in paths if path.stem == f"{stem}-{GPU_SUFFIX}"]
+        on_cpu = [path for path in paths if path not in on_gpu]
+        if script != "device_check.py":
+            tables[name] = "\n".join(renderer(json.loads(path.read_text(encoding="utf-8"))) for path in on_cpu) if on_cpu else f"Not measured yet: run `python benchmarks/{script}`.\n"
+        gpu_name = name if script == "device_check.py" else f"{name}-{GPU_SUFFIX}"
+        tables[gpu_name] = "\n".join(renderer(json.loads(path.read_text(encoding="utf-8"))) for path in on_gpu) if on_gpu else "Not measured on a GPU yet: run `make device-check` on a lent GPU machine (docs/speed.md says how).\n"
     return tables
 
 

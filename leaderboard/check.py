@@ -34,7 +34,7 @@ import torch
 from invarbench.attacks import ATTACKS, MinimumNormAttack
 from invarbench.attacks.oracles import list_oracles
 from invarbench.config import entry_config
-from invarbench.environment import cpu_description
+from invarbench.environment import cpu_description, resolve_device
 from invarbench.errors import InvarbenchError
 from invarbench.io import atomic_write, sha256_file
 from invarbench.leaderboard.entries import ENTRIES_DIR, entry_stem, load_entries
@@ -63,7 +63,10 @@ class CheckResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, update: bool = False, progress: bool = False) -> CheckResult:
+def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, update: bool = False, progress: bool = False, device: str | None = None) -> CheckResult:
+    """Re-run ``entry``'s first ``points`` points with its settings and compare them with its stored
+    records. ``device`` (cpu or cuda) re-runs them elsewhere than the entry's own device: outcomes
+    decided within the tolerances may then flip, and are reported as borderline, not as differences."""
     name = entry_stem(entry["model"], entry["dataset"], entry["track"])
     if entry["reference"] in list_models(role=None):
         card = get_card(entry["reference"])
@@ -81,9 +84,9 @@ def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, up
     stored = stored[stored["index"] < points]
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            # On the entry's device: floating-point paths differ between devices, and exact comparisons need the same one.
-            device = "cuda" if str(entry.get("device", "cpu")).startswith("cuda") else "cpu"
-            run_benchmark(entry_config(entry, points), Path(scratch), name="check", progress=progress, device=device)
+            # By default on the entry's device: floating-point paths differ between devices, and exact comparisons need the same one.
+            stored_device = "cuda" if str(entry.get("device", "cpu")).startswith("cuda") else "cpu"
+            run_benchmark(entry_config(entry, points), Path(scratch), name="check", progress=progress, device=device or stored_device)
         except InvarbenchError as error:
             return CheckResult(name, False, [f"re-evaluation failed: {error}"])
         run = Path(scratch) / "check"
@@ -127,7 +130,8 @@ def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, up
     if update and differences:
         path = entries_dir / entry["regression"]["file"]
         atomic_write(path, lambda tmp: fresh.to_parquet(tmp, index=False))
-    return CheckResult(name, not differences, differences, borderline, machine_warnings(entry))
+    moved = [f"stored on {stored_device}, re-run on {device}: outcomes decided within the tolerances may flip"] if device and device != stored_device else []
+    return CheckResult(name, not differences, differences, borderline, machine_warnings(entry) + moved)
 
 
 def oracle_changes(entry: dict) -> list[str]:
@@ -224,7 +228,7 @@ def _show(value) -> str:
     return "NA" if pd.isna(value) else str(value)
 
 
-def check_entries(entries_dir: str | Path = ENTRIES_DIR, *, names: list[str] | None = None, points: int | None = None, update: bool = False, progress: bool = False) -> list[CheckResult]:
+def check_entries(entries_dir: str | Path = ENTRIES_DIR, *, names: list[str] | None = None, points: int | None = None, update: bool = False, progress: bool = False, device: str | None = None) -> list[CheckResult]:
     entries_dir = Path(entries_dir)
     entries = load_entries(entries_dir)
     if names:
@@ -233,7 +237,9 @@ def check_entries(entries_dir: str | Path = ENTRIES_DIR, *, names: list[str] | N
         if missing:
             raise InvarbenchError(f"no leaderboard entry named {', '.join(missing)} in {entries_dir}; use an entry file's stem (MODEL__DATASET__TRACK) or a model name")
         entries = [entry for stem, entry in known.items() if stem in names or entry["model"] in names]
-    return [check_entry(entry, entries_dir, points=points, update=update, progress=progress) for entry in entries]
+    if device is not None:
+        resolve_device(device)
+    return [check_entry(entry, entries_dir, points=points, update=update, progress=progress, device=device) for entry in entries]
 
 
 __all__ = ["CheckResult", "check_entries", "check_entry"]

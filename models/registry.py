@@ -278,7 +278,13 @@ def save_state_dict(network: nn.Module, path: Path) -> str:
     saving straight to a temporary file would make the bytes (and the sha256) depend on that name.
     """
     buffer = io.BytesIO()
-    torch.save(network.state_dict(), buffer)
+    # On the CPU whatever device trained it: the file then loads anywhere, and its bytes (and sha256) do
+    # not say where it was trained. The same mapping type and version metadata as state_dict() gives.
+    state = network.state_dict()
+    on_cpu = type(state)((key, value.cpu()) for key, value in state.items())
+    if hasattr(state, "_metadata"):
+        on_cpu._metadata = state._metadata
+    torch.save(on_cpu, buffer)
     atomic_write_bytes(path, buffer.getvalue())
     return hashlib.sha256(buffer.getvalue()).hexdigest()
 
