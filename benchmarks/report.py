@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from invarbench.io import atomic_write_text
@@ -133,14 +134,16 @@ def _device_tests(report: dict) -> str:
     counts = {}
     for test in report["tests"]:
         counts[test["outcome"]] = counts.get(test["outcome"], 0) + 1
+    origin = _origin(report) if "date" in report else "From `make device-check` on a lent GPU machine (this file records no machine header)."
     lines = [
-        f"{_origin(report)} `pytest -m cuda` ({report['mode']}): " + ", ".join(f"{count} {outcome}" for outcome, count in sorted(counts.items())) + f", {report['seconds']:.0f} s in all.",
+        f"{origin} `pytest -m cuda` ({report['mode']}): " + ", ".join(f"{count} {outcome}" for outcome, count in sorted(counts.items())) + f", {report['seconds']:.0f} s in all.",
         "",
         "| test | outcome | seconds | message |",
         "|---|---|---|---|",
     ]
     for test in report["tests"]:
-        message = " ".join(test["message"].split())[:200].replace("|", "\\|")
+        # The assertion, without pytest's explanation of how each side was computed.
+        message = " ".join(re.split(r"\s\+\s+where ", test["message"])[0].split())[:240].replace("|", "\\|")
         lines.append(f"| `{test['test'].rpartition('::')[2]}` | {test['outcome']} | {test['seconds']:.1f} | {message} |")
     return "\n".join(lines) + "\n"
 
