@@ -298,6 +298,13 @@ def test_a_guide_that_is_the_judge_is_refused(tmp_path):
         create_attack("invariance-l0", copies=0, guide="spheres-mlp-standard")(model, images, labels, norm="l0", epsilons=(25.0,), context=context)
 
 
+def test_a_run_guided_by_a_member_of_its_judge_is_refused_before_anything_is_written(tmp_path):
+    config = RunConfig((ModelSpec("mnist-cnn-standard", "mnist"),), (ThreatModel("linf", (0.3,)),), (AttackSpec.parse("invariance-l0:guide=oracle-mnist-reader-0"),), n=10)
+    with pytest.raises(ConfigError, match="oracle-mnist-reader-0 is oracle-mnist-reader-0, a member of proxy:mnist-readers, the oracle that judges this run"):
+        run_benchmark(config, tmp_path, name="run", progress=False)
+    assert not any(tmp_path.iterdir())
+
+
 def test_runs_record_the_guide_and_entries_without_one_are_checked_with_the_former_search():
     config = RunConfig((ModelSpec("mnist-cnn-standard", "mnist"),), (ThreatModel("linf", (0.3,)),), (AttackSpec("invariance-l0"), AttackSpec.parse("invariance-l0:guide=mnist-cnn-pgd-linf-0.1+mnist-cnn-pgd-l2-2.0")))
     assert config.to_dict()["attacks"] == [
