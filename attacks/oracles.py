@@ -387,6 +387,12 @@ def get_oracle_definition(name: str) -> OracleDefinition:
     return known[name]
 
 
+def oracle_members(name: str) -> dict[str, str]:
+    """The members of a named proxy oracle by card name, with their checkpoints' sha256; none for others."""
+    definition = list_oracles().get(name)
+    return definition.member_checkpoints() if definition else {}
+
+
 #: The oracle each data set's invariance figures are judged by unless another is asked for.
 DEFAULT_ORACLES = {"mnist": "proxy:mnist-readers"}
 

@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="registered model name, RobustBench zoo name (robustbench:cifar10/Linf/NAME) or checkpoint path (ONNX .onnx, TorchScript, or a state_dict with --architecture)",
     )
     run.add_argument("--threat", action="append", metavar="NORM:EPS[,EPS...]", help="threat model, e.g. linf:0.1,0.2,0.3 or l2:2.0; repeatable (default: the model's training threat model, else its data set's headline one)")
-    run.add_argument("--attack", action="append", metavar="NAME[:KEY=VALUE,...]", help="attack in cascade order, e.g. pgd, pgd:restarts=5, autoattack:version=plus, fmn, invariance-linf, invariance-l0:pixels=25, metameric; repeatable (default: pgd)")
+    run.add_argument("--attack", action="append", metavar="NAME[:KEY=VALUE,...]", help="attack in cascade order, e.g. pgd, pgd:restarts=5, autoattack:version=plus, fmn, invariance-linf, invariance-l0:pixels=25,guide=mnist-cnn-standard, metameric; repeatable (default: pgd)")
     run.add_argument("--n", type=int, default=None, help="number of test points, the first N in fixed order (default 1000; with --invariance-set, up to the largest index in the set)")
     run.add_argument("--invariance-set", metavar="DIR", help="evaluate on a fixed set of changed images with people's labels (NAME.npy + NAME_labels.npy + indexs.npy, Tramèr et al.'s format), judged by those labels")
     run.add_argument("--oracle", metavar="NAME", help="who judges invariance candidates: a named oracle (see `invarbench oracle list`) or people:DB, the majority labels of an `invarbench label` database (default: the data set's default oracle)")

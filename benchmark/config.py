@@ -75,10 +75,13 @@ class AttackSpec:
     def kind(self) -> str:
         return ATTACKS[self.name].kind
 
-    def implementation(self) -> dict[str, str]:
-        """``{"implementation": ...}`` for attacks that declare one (``pgd``), else nothing."""
+    def provenance(self) -> dict[str, str]:
+        """What the settings record beside the given options, so that a check re-runs an entry with what
+        made it: the implementation of attacks that declare one (``pgd``), and the guide of attacks that
+        choose by one (``invariance-l0``), the default included."""
         declared = getattr(ATTACKS[self.runs_as or self.name], "implementation", None)
-        return {"implementation": declared} if declared else {}
+        guide = self.create().options().get("guide")
+        return {**({"implementation": declared} if declared else {}), **({"guide": guide} if guide else {})}
 
     def label(self) -> str:
         return self.name if not self.options else f"{self.name}:{','.join(f'{key}={value}' for key, value in self.options)}"
@@ -196,7 +199,8 @@ class RunConfig:
             "threats": [str(threat) for threat in self.threats],
             # An attack whose name once meant another implementation records its own (pgd: invarbench's engine;
             # settings without it were Foolbox's), so that checks re-run stored entries with what made them.
-            "attacks": [{"name": attack.name, "options": dict(attack.options), **attack.implementation()} for attack in self.attacks],
+            # An attack that chooses by a guide records it (settings without one were made by the former search).
+            "attacks": [{"name": attack.name, "options": dict(attack.options), **attack.provenance()} for attack in self.attacks],
             "n": self.n,
             "seed": self.seed,
             "shard_size": self.shard_size,
@@ -241,8 +245,10 @@ def merge_threats(threats: list[ThreatModel]) -> tuple[ThreatModel, ...]:
 
 # Names that once meant another implementation, and the attack that implementation is registered as now:
 # an entry whose settings record no implementation for them (or another than today's) was made with the
-# former one, and its records are re-run with it (``pgd`` was Foolbox's PGD until invarbench's engine).
+# former one, and its records are re-run with it (``pgd`` was Foolbox's PGD until invarbench's engine);
+# likewise an ``invariance-l0`` whose settings record no guide, made by the search that chose by its judge.
 FORMER_IMPLEMENTATIONS = {"pgd": "foolbox-pgd"}
+FORMER_UNGUIDED = {"invariance-l0": "invariance-l0-judge-guided"}
 
 
 def entry_config(entry: dict, points: int) -> RunConfig:
@@ -250,17 +256,27 @@ def entry_config(entry: dict, points: int) -> RunConfig:
     ``invarbench check`` and the entry's adversarial gallery evaluate)."""
     settings = entry["settings"]
     threats = [ThreatModel.parse(spec) for spec in settings["threats"]]
-    attacks = tuple(AttackSpec(attack["name"], tuple((key, value) for key, value in attack["options"].items()), runs_as=_former(attack)) for attack in settings["attacks"])
+    attacks = tuple(AttackSpec(attack["name"], _recorded_options(attack), runs_as=_former(attack)) for attack in settings["attacks"])
     model = ModelSpec(entry["reference"], entry["dataset"])
     return RunConfig((model,), tuple(threats), attacks, n=points, seed=settings["seed"], shard_size=settings["shard_size"], cascade=settings["cascade"], oracle=settings.get("oracle"))
 
 
+def _recorded_options(attack: dict) -> tuple[tuple[str, Any], ...]:
+    """An entry's attack options with the guide its settings record: the entry is re-run with its guide,
+    whatever today's default."""
+    guide = {"guide": attack["guide"]} if "guide" in attack else {}
+    return tuple({**attack["options"], **guide}.items())
+
+
 def rerun_as(attack: dict) -> str:
     """The registered attack that reproduces an entry's ``attack`` settings (``foolbox-pgd`` for a ``pgd``
-    stored before ``pgd`` was invarbench's engine, which records no implementation)."""
+    stored before ``pgd`` was invarbench's engine, which records no implementation;
+    ``invariance-l0-judge-guided`` for an ``invariance-l0`` stored before it had a guide)."""
     name = attack["name"]
     if name in FORMER_IMPLEMENTATIONS and attack.get("implementation") != getattr(ATTACKS[name], "implementation", None):
         return FORMER_IMPLEMENTATIONS[name]
+    if name in FORMER_UNGUIDED and "guide" not in attack:
+        return FORMER_UNGUIDED[name]
     return name
 
 

@@ -1,8 +1,9 @@
 """Checks of a run's inputs before anything is written, so that a bad input leaves every file as it was.
 
-``check_models`` runs before the run directory is created or locked, ``check_run_dir`` under the run
-lock before the manifest is rewritten; ``discarded_on_failure`` removes a run directory this run
-created when the run fails (e.g. on a checkpoint that does not load) before its first job is stored.
+``check_models`` and ``check_guides`` run before the run directory is created or locked,
+``check_run_dir`` under the run lock before the manifest is rewritten; ``discarded_on_failure``
+removes a run directory this run created when the run fails (e.g. on a checkpoint that does not
+load) before its first job is stored.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from invarbench.attacks.invariance import load_guide
+from invarbench.attacks.oracles import DEFAULT_ORACLES, Oracle, oracle_members
 from invarbench.config import RunConfig
 from invarbench.errors import ConfigError, InvarbenchError
 from invarbench.models import get_card, load_model
@@ -35,6 +38,19 @@ def check_models(config: RunConfig) -> None:
             load_model(spec.reference)
             for threat in config.threats:
                 threat.check_against_bounds(card.bounds, math.prod(card.input_shape), source=spec.key)
+
+
+def check_guides(config: RunConfig, oracle: Oracle | None = None) -> None:
+    """Every guide of a search that chooses by one loads and is not the oracle that will judge the run
+    (``oracle``, else the configured one, else each data set's default) nor one of its members."""
+    for attack in config.attacks:
+        guide = attack.provenance().get("guide")
+        if guide is None:
+            continue
+        for dataset in sorted({spec.dataset for spec in config.models}):
+            judge = oracle.name if oracle is not None else config.oracle or DEFAULT_ORACLES.get(dataset)
+            if judge is not None:
+                load_guide(attack.name, guide, judge=judge, judge_members=getattr(oracle, "member_checkpoints", {}) if oracle is not None else oracle_members(judge))
 
 
 def check_run_dir(store: RunStore, config: RunConfig) -> None:

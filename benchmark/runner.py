@@ -32,10 +32,11 @@ from invarbench.labelling import resolve_oracle
 from invarbench.metrics import _tally, invariance_metrics, oracle_report, summarize  # noqa: F401  (re-exported)
 from invarbench.models import get_card
 from invarbench.plan import Job, attack_threats, derive_seed, plan  # noqa: F401  (re-exported)
-from invarbench.preflight import check_models, check_run_dir, discarded_on_failure
+from invarbench.preflight import check_guides, check_models, check_run_dir, discarded_on_failure
 from invarbench.statistics import wilson_interval  # noqa: F401  (re-exported)
 from invarbench.store import RECORD_COLUMNS, RunLock, RunStore, as_records, read_json, write_json
 from tqdm.auto import tqdm
+
 
 @dataclass
 class RunOutcome:
@@ -61,6 +62,7 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
     on_disk = tuple(spec for spec in config.models if spec.module is None)
     if on_disk:  # in-memory models need no loading checks
         check_models(replace(config, models=on_disk))
+    check_guides(config, oracle)
     # Started (Ray joined) before the run directory is touched: an unreachable cluster leaves no files.
     with create_executor(executor) as executor_run, RunLock(run_dir) as lock, discarded_on_failure(store, created=run_dir in lock.created):
         store.remove_stale_temporaries()

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from invarbench.attacks import ATTACKS, MinimumNormAttack
 from invarbench.attacks.oracles import list_oracles
-from invarbench.config import entry_config
+from invarbench.config import FORMER_UNGUIDED, entry_config, rerun_as
 from invarbench.environment import cpu_description, resolve_device
 from invarbench.errors import InvarbenchError
 from invarbench.io import atomic_write, sha256_file
@@ -59,7 +59,8 @@ class CheckResult:
     differences: list[str] = field(default_factory=list)
     #: Flips of outcomes decided within the tolerances (allowed).
     borderline: list[str] = field(default_factory=list)
-    #: The machine differs from the entry's (thread count, CPU): borderline flips are to be expected.
+    #: The machine differs from the entry's (thread count, CPU): borderline flips are to be expected; or a
+    #: search was re-checked with the former one that chose by its judge.
     warnings: list[str] = field(default_factory=list)
 
 
@@ -135,7 +136,7 @@ def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, up
         path = entries_dir / entry["regression"]["file"]
         atomic_write(path, lambda tmp: fresh.to_parquet(tmp, index=False))
     moved = [f"stored on {stored_device}, re-run on {device}: each point's outcome may flip (listed as borderline); every rate must stay within {AGGREGATE_TOLERANCE}"] if other_device else []
-    return CheckResult(name, not differences, differences, borderline, machine_warnings(entry) + moved)
+    return CheckResult(name, not differences, differences, borderline, machine_warnings(entry) + judge_guided_warnings(entry) + moved)
 
 
 def oracle_changes(entry: dict) -> list[str]:
@@ -209,6 +210,16 @@ def _rates(group: pd.DataFrame, track: str):
             rates[name].append(float(values.mean()))
     for name, (stored, new) in rates.items():
         yield name, stored, new
+
+
+def judge_guided_warnings(entry: dict) -> list[str]:
+    """The entry's searches that were re-checked with the former search that chose by its judge."""
+    return [
+        f"{attack['name']} was stored by the former search, which chose its candidates by its judge; re-checked with it ({rerun_as(attack)}); "
+        f"its figures are inflated by candidates made to please the judge: re-run the entry for figures from a guide that is not the judge"
+        for attack in entry["settings"]["attacks"]
+        if attack["name"] in FORMER_UNGUIDED and rerun_as(attack) != attack["name"]
+    ]
 
 
 def machine_warnings(entry: dict) -> list[str]:

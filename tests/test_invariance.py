@@ -1,6 +1,7 @@
 """Invariance attacks, oracles and metrics, each checked against something independent."""
 
 import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,8 +10,11 @@ from invarbench.attacks import ThreatModel, create_attack
 from invarbench.attacks.invariance import TRAMER_TARGETS, InvarianceContext, affine_matrices, metamer_partners, random_affine_copies, transform_grid, warp
 from invarbench.attacks.neighbours import nearest, nearest_per_class
 from invarbench.attacks.oracles import ABSTAIN, ExactOracle, LabelFileOracle, ProxyOracle, default_oracle, load_invariance_sets, spheres_margin
+from invarbench.config import entry_config, rerun_as
 from invarbench.datasets import SPHERE_INNER_RADIUS, SPHERE_OUTER_RADIUS, Dataset, load_dataset, spheres_label
 from invarbench.errors import ConfigError, DataError
+from invarbench.io import sha256_file
+from invarbench.leaderboard.check import judge_guided_warnings
 from invarbench.models import build_architecture, load_model
 from invarbench.models.wrapper import BenchmarkModel
 from invarbench.runner import AttackSpec, ModelSpec, RunConfig, invariance_metrics, run_benchmark, wilson_interval
@@ -227,6 +231,93 @@ def test_l0_search_changes_at_most_the_budget(mnist):
     assert (result.target_classes[0] != labels).all()
     copies = random_affine_copies(images, 2, seed=0)
     assert copies.shape == (10, 1, 28, 28) and not torch.equal(copies[:5], images)
+
+
+# The ink the nearest class-1 training image adds to a blank class-0 point: two blobs in opposite corners
+# of an 8 x 8 image, so the l_0 search has three candidates (blob A, blob B, both).
+_BLOB_A = ((0, 0), (0, 1))
+_BLOB_B = ((7, 7), (7, 6), (6, 7))
+
+
+def _blob_image(*blobs):
+    image = torch.zeros(1, 8, 8)
+    for blob in blobs:
+        for row, column in blob:
+            image[0, row, column] = 1.0
+    return image
+
+
+def _blob_reader(prefer, avoid):
+    """A linear reader of 8 x 8 images: class 1 where ``prefer`` has ink and ``avoid`` none, else class 0."""
+    network = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    with torch.no_grad():
+        network[1].weight.zero_()
+        network[1].bias.copy_(torch.tensor([5.0, 0.0] + [-100.0] * 8))
+        for blob, weight in ((prefer, 10.0), (avoid, -10.0)):
+            for row, column in blob:
+                network[1].weight[1, row * 8 + column] = weight
+    return network
+
+
+def _blob_search(tmp_path):
+    """A data set whose one test point's l_0 candidates are blob A, blob B or both; a guide (a TorchScript
+    file) that prefers A, and a voting judge that prefers B."""
+    dataset = Dataset("blobs", torch.stack([_blob_image(), _blob_image(_BLOB_A, _BLOB_B)]), torch.tensor([0, 1]), _blob_image().unsqueeze(0), torch.tensor([0]), 10, (0.0, 1.0), "synthetic")
+    guide = tmp_path / "guide-prefers-a.pt"
+    torch.jit.save(torch.jit.script(_blob_reader(_BLOB_A, _BLOB_B)), guide)
+    judge = ProxyOracle("proxy:judge", [_blob_reader(_BLOB_B, _BLOB_A)], agreement=1.0)
+    model = BenchmarkModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), bounds=(0, 1), num_classes=10).eval()
+    return dataset, guide, judge, model
+
+
+def test_l0_candidates_are_chosen_by_the_guide_and_labelled_by_the_judge(tmp_path):
+    dataset, guide, judge, model = _blob_search(tmp_path)
+    images, labels = dataset.evaluation_subset(1)
+    context = InvarianceContext(dataset, judge, torch.arange(1))
+    guided = create_attack("invariance-l0", copies=0, guide=str(guide))(model, images, labels, norm="l0", epsilons=(25.0,), context=context)
+    assert torch.equal(guided.candidates[0, 0], _blob_image(_BLOB_A)), "the guide's choice: blob A"
+    assert guided.target_classes.tolist() == [[1]] and guided.options["guide"] == str(guide)
+    assert guided.oracle == "proxy:judge" and guided.oracle_labels.tolist() == [[0]], "the judge reads blob A as the original digit"
+    # The former search chose by its judge: blob B, which the judge then reads as changed.
+    former = create_attack("invariance-l0-judge-guided", copies=0)(model, images, labels, norm="l0", epsilons=(25.0,), context=context)
+    assert torch.equal(former.candidates[0, 0], _blob_image(_BLOB_B)) and former.oracle_labels.tolist() == [[1]]
+    assert "guide" not in former.options
+
+
+def test_a_guide_that_is_the_judge_is_refused(tmp_path):
+    dataset, guide, judge, model = _blob_search(tmp_path)
+    images, labels = dataset.evaluation_subset(1)
+    context = InvarianceContext(dataset, judge, torch.arange(1))
+    with pytest.raises(ConfigError, match=r"invariance-l0 guide=proxy:judge: proxy:judge is the oracle that judges this run; .*pass invariance-l0:guide=MODEL with a model that is neither the judge nor one of its members"):
+        create_attack("invariance-l0", copies=0, guide="proxy:judge")(model, images, labels, norm="l0", epsilons=(25.0,), context=context)
+    # A member of the judge, known by its checkpoint's sha256 whatever the guide is called.
+    judge.member_checkpoints = {"judge-member": sha256_file(guide)}
+    with pytest.raises(ConfigError, match=r"guide=.*guide-prefers-a\.pt is judge-member, a member of proxy:judge, the oracle that judges this run"):
+        create_attack("invariance-l0", copies=0, guide=f"mnist-cnn-standard+{guide}")(model, images, labels, norm="l0", epsilons=(25.0,), context=context)
+    with pytest.raises(ConfigError, match="spheres-mlp-standard is a model of spheres with 2 classes; the data set searched is blobs"):
+        create_attack("invariance-l0", copies=0, guide="spheres-mlp-standard")(model, images, labels, norm="l0", epsilons=(25.0,), context=context)
+
+
+def test_a_run_guided_by_a_member_of_its_judge_is_refused_before_anything_is_written(tmp_path):
+    config = RunConfig((ModelSpec("mnist-cnn-standard", "mnist"),), (ThreatModel("linf", (0.3,)),), (AttackSpec.parse("invariance-l0:guide=oracle-mnist-reader-0"),), n=10)
+    with pytest.raises(ConfigError, match="oracle-mnist-reader-0 is oracle-mnist-reader-0, a member of proxy:mnist-readers, the oracle that judges this run"):
+        run_benchmark(config, tmp_path, name="run", progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_runs_record_the_guide_and_entries_without_one_are_checked_with_the_former_search():
+    config = RunConfig((ModelSpec("mnist-cnn-standard", "mnist"),), (ThreatModel("linf", (0.3,)),), (AttackSpec("invariance-l0"), AttackSpec.parse("invariance-l0:guide=mnist-cnn-pgd-linf-0.1+mnist-cnn-pgd-l2-2.0")))
+    assert config.to_dict()["attacks"] == [
+        {"name": "invariance-l0", "options": {}, "guide": "mnist-cnn-standard"},
+        {"name": "invariance-l0", "options": {"guide": ["mnist-cnn-pgd-linf-0.1", "mnist-cnn-pgd-l2-2.0"]}, "guide": "mnist-cnn-pgd-linf-0.1+mnist-cnn-pgd-l2-2.0"},
+    ]
+    assert rerun_as({"name": "invariance-l0", "options": {}}) == "invariance-l0-judge-guided"
+    assert rerun_as({"name": "invariance-l0", "options": {}, "guide": "mnist-cnn-standard"}) == "invariance-l0"
+    # An entry is re-run with the guide it records, whatever today's default.
+    entry = {"model": "mnist-cnn-standard", "reference": "mnist-cnn-standard", "dataset": "mnist", "settings": {**config.to_dict(), "attacks": [{"name": "invariance-l0", "options": {"pixels": 20}, "guide": "mnist-cnn-pgd-linf-0.1"}, {"name": "invariance-l0", "options": {}}]}}
+    assert entry_config(entry, 100).attacks == (AttackSpec("invariance-l0", (("pixels", 20), ("guide", "mnist-cnn-pgd-linf-0.1"))), AttackSpec("invariance-l0", (), runs_as="invariance-l0-judge-guided"))
+    # ... and `invarbench check` says which of its searches chose by the judge.
+    assert len(judge_guided_warnings(entry)) == 1 and "re-checked with it (invariance-l0-judge-guided)" in judge_guided_warnings(entry)[0]
 
 
 def test_runner_runs_invariance_attacks_and_resumes(tmp_path):

@@ -6,11 +6,15 @@
   eps-ball; among the allowed target classes the candidate that removes the least ink is kept.
 - ``invariance-l0``: binarised images; the nearest other-class training image over random affine
   copies of the training set, then the subset of connected clusters of differing pixels, within a
-  budget of k changed pixels, that the oracle finds most convincingly the target class.
+  budget of k changed pixels, that its guide (``guide.py``: a model that is not the judge) finds most
+  convincingly the target class. ``invariance-l0-judge-guided`` is the former search, which chose by
+  its judge; it re-checks the entries stored by it.
 - ``metameric``: Jacobsen et al.'s metamers F^-1(z_s(x_a), z_n(x_b)) for invertible models; for other
   models, gradient metamers: from x_b, inside an eps-ball around it, match the model's logits on x_a.
 
-Candidates are judged by an oracle (see ``oracles.py``), never by the attacked model. The search
+Candidates are judged by an oracle (see ``oracles.py``), never by the attacked model; a search that
+chooses among candidates chooses by a guide, never by that oracle (the one exception: an exact
+oracle, a synthetic data set's own labelling function, which the l_inf search may climb). The search
 steps that do not depend on the model (nearest neighbours) are cached per data set and points.
 """
 
@@ -20,6 +24,7 @@ from invarbench.attacks.invariance.base import InvarianceAttack, InvarianceConte
 from invarbench.attacks.invariance.transforms import CACHE_VERSION, ROTATIONS, SHIFTS, _cache_path, _cached, _is_image, affine_matrices, random_affine_copies, transform_grid, warp  # noqa: F401
 from invarbench.attacks.invariance.linf import TRAMER_TARGETS, InvarianceLinf, allowed_targets, search_neighbours  # noqa: F401
 from invarbench.attacks.invariance.metameric import Metameric, metamer_partners  # noqa: F401
-from invarbench.attacks.invariance.l0 import InvarianceL0  # noqa: F401
+from invarbench.attacks.invariance.guide import DEFAULT_GUIDE, load_guide  # noqa: F401
+from invarbench.attacks.invariance.l0 import InvarianceL0, InvarianceL0JudgeGuided  # noqa: F401
 from invarbench.attacks.invariance.fixed_set import InvarianceSetAttack  # noqa: F401
 # isort: on

@@ -68,6 +68,8 @@ class InvarianceLinf(InvarianceAttack):
 
     def run(self, model, images, labels, *, norm, epsilons, seed, active, context):
         dataset = context.dataset
+        # The one search that chooses by its judge: only an exact oracle has a margin, a synthetic data set's
+        # own labelling function, which has no errors for the search to exploit (its climb is the exact optimum).
         margin = getattr(context.oracle, "margin", None)
         search = self.search if self.search != "auto" else ("oracle-gradient" if margin is not None else "neighbours")
         if search == "oracle-gradient":
