@@ -208,15 +208,17 @@ def _snapshot(root: Path) -> dict[str, object]:
     return found
 
 
-def _invoke(args: list[str], in_subprocess: bool, capsys) -> tuple[int, str]:
+def _invoke(args: list[str], in_subprocess: bool, capsys) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of the command."""
     if in_subprocess:
         completed = subprocess.run([sys.executable, "-m", "invarbench.cli", *args], capture_output=True, text=True, timeout=120)
-        return completed.returncode, completed.stderr
+        return completed.returncode, completed.stdout, completed.stderr
     try:
         status = main(args)
     except SystemExit as error:  # argparse's usage errors
         status = error.code
-    return status, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
 @pytest.mark.parametrize(("setup", "fix", "in_subprocess"), [pytest.param(setup, fix, in_subprocess, id=name) for name, setup, fix, in_subprocess in CASES])
@@ -226,9 +228,13 @@ def test_bad_input_gets_one_clear_error_and_changes_nothing(setup, fix, in_subpr
     args, named = setup(Workspace(tmp_path, finished_run, request))
     capsys.readouterr()
     before = _snapshot(tmp_path)
-    status, stderr = _invoke(args, in_subprocess, capsys)
+    # With progress bars on: input is checked before any progress or other output starts.
+    status, stdout, stderr = _invoke([arg for arg in args if arg != "--no-progress"], in_subprocess, capsys)
     assert status in (EXIT_FAILURE, EXIT_USAGE), stderr
-    assert "Traceback" not in stderr and stderr.count("error:") == 1, stderr
+    assert stdout == "", f"printed before the error: {stdout!r}"
+    # Nothing but the error: argparse's usage line and its error, or invarbench's one error line.
+    expected = r"usage: invarbench .*\ninvarbench[ a-z-]*: error: [^\n]+\n" if status == EXIT_USAGE else r"invarbench: error: [^\n]+\n"
+    assert re.fullmatch(expected, stderr, flags=re.DOTALL), f"printed more than the error: {stderr!r}"
     message = stderr[stderr.index("error:") :]
     assert named in message, f"the error does not name {named}: {message}"
     assert fix in message, f"the error does not say how to fix it ({fix!r}): {message}"
