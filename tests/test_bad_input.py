@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from invarbench.cli import EXIT_FAILURE, EXIT_USAGE, main
+from invarbench.labelling import LabelStore
 from invarbench.leaderboard.entries import ENTRIES_DIR
 from invarbench.models import registry
 
@@ -76,6 +77,19 @@ class Workspace:
         np.save(folder / "x_labels.npy", np.asarray(labels))
         np.save(folder / "indexs.npy", np.arange(len(labels)))
         return folder
+
+    def labels_db(self, *invited: str) -> Path:
+        """A labels database of four blank images (no control items) with ``invited`` annotators."""
+        with LabelStore.create(self.root / "labels.sqlite", self.labels([1, 2, 3, 4]), control_share=0) as store:
+            for name in invited:
+                store.invite(name)
+        return store.path
+
+    def busy_port(self) -> int:
+        """A port on 127.0.0.1 another socket listens on (until the test ends)."""
+        taken = socket.create_server(("127.0.0.1", 0))
+        self.request.addfinalizer(taken.close)
+        return taken.getsockname()[1]
 
 
 def _truncate(path: Path) -> Path:
@@ -178,10 +192,18 @@ CASES = [
     # people's labels
     ("label folder missing", lambda ws: (["oracle", "evaluate", "proxy:mnist-readers", "--labels", str(ws.root / "labels")], str(ws.root / "labels")), "pass a folder holding NAME.npy", False),
     ("label outside 0-9", lambda ws: (["oracle", "evaluate", "proxy:mnist-readers", "--labels", str(ws.labels([1, 2, 12]))], str(ws.root / "labels" / "x_labels.npy")), "digits 0-9", False),
-    ("labels DB not SQLite (evaluate)", lambda ws: (["oracle", "evaluate", "proxy:mnist-readers", "--labels", str(_not_sqlite(ws))], str(ws.root / "labels.sqlite")), "pass the file `invarbench label serve --db` created", False),
-    ("labels DB not SQLite (summary)", lambda ws: (["label", "summary", "--db", str(_not_sqlite(ws))], str(ws.root / "labels.sqlite")), "pass the file `invarbench label serve --db` created", False),
-    ("labels DB empty file", lambda ws: (["label", "summary", "--db", str(ws.file("empty.sqlite", b""))], str(ws.root / "empty.sqlite")), "pass the file `invarbench label serve --db` created", False),
-    ("labels DB of another program", lambda ws: (["label", "summary", "--db", str(_other_database(ws))], str(ws.root / "other.sqlite")), "pass the file `invarbench label serve --db` created", False),
+    ("labels DB not SQLite (evaluate)", lambda ws: (["oracle", "evaluate", "proxy:mnist-readers", "--labels", str(_not_sqlite(ws))], str(ws.root / "labels.sqlite")), "pass the file `invarbench label create` created", False),
+    ("labels DB not SQLite (summary)", lambda ws: (["label", "summary", "--db", str(_not_sqlite(ws))], str(ws.root / "labels.sqlite")), "pass the file `invarbench label create` created", False),
+    ("labels DB empty file", lambda ws: (["label", "summary", "--db", str(ws.file("empty.sqlite", b""))], str(ws.root / "empty.sqlite")), "pass the file `invarbench label create` created", False),
+    ("labels DB of another program", lambda ws: (["label", "summary", "--db", str(_other_database(ws))], str(ws.root / "other.sqlite")), "pass the file `invarbench label create` created", False),
+    ("label serve without database", lambda ws: (["label", "serve", "--db", str(ws.root / "labels.sqlite")], str(ws.root / "labels.sqlite")), "invarbench label create SOURCE", False),
+    ("label serve off loopback uninvited", lambda ws: (["label", "serve", "--db", str(ws.labels_db()), "--host", "0.0.0.0"], "--host 0.0.0.0"), "invarbench label invite NAME", False),
+    ("label serve on a busy port", lambda ws: (["label", "serve", "--db", str(ws.labels_db()), "--port", str(port := ws.busy_port())], f"port {port}"), "pass another --port", False),
+    ("label create control share", lambda ws: (["label", "create", str(ws.labels([1, 2])), "--db", str(ws.root / "new.sqlite"), "--control-share", "0.7"], "--control-share 0.7"), "between 0 and 0.5", False),
+    ("label invite twice", lambda ws: (["label", "invite", "alice", "--db", str(ws.labels_db("alice"))], "alice"), "invarbench label revoke alice", False),
+    ("label invite bad name", lambda ws: (["label", "invite", "alice smith", "--db", str(ws.labels_db())], "'alice smith'"), "1-64 letters", False),
+    ("label invite bad url", lambda ws: (["label", "invite", "alice", "--db", str(ws.labels_db()), "--url", "lab-pc:8000"], "--url lab-pc:8000"), "http://lab-pc.example.org:8000/", False),
+    ("label revoke unknown", lambda ws: (["label", "revoke", "alcie", "--db", str(ws.labels_db("alice"))], "'alcie'"), "Did you mean alice", False),
     ("oracle evaluate unknown oracle", lambda ws: (["oracle", "evaluate", "proxy:nope", "--labels", str(ws.labels([1, 2]))], "'proxy:nope'"), "named oracles", False),
 ]
 
