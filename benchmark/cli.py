@@ -262,8 +262,8 @@ def _label_serve(args: argparse.Namespace) -> int:
         listening = listen(store, args.host, args.port)
         host, port = listening.getsockname()[:2]
         active = sum(store.invitations().values())
-        who = f"annotators label through their invitation links ({active} active)" if store.invitations() else "nobody is invited, so whoever opens it types a name (loopback only)"
-        print(f"labelling {store.total()} items of {store.meta('source')} into {args.db} at http://{args.host}:{port}/: {who} (Ctrl-C stops; every label is already stored)", flush=True)
+        who = f"annotators label through their invitation links, {active} active" if store.invitations() else "nobody is invited, so whoever opens it types a name (loopback only)"
+        print(f"labelling {store.total()} items of {store.meta('source')} into {args.db} at http://{args.host}:{port}/: {who}. Ctrl-C stops; every label is already stored", flush=True)
         serve(store, listening)
     return EXIT_OK
 

@@ -343,6 +343,27 @@ def test_bad_requests_get_a_4xx_with_a_clear_message_and_change_nothing(mnist, t
         assert client.get(f"/image/{shown}.png", headers=auth).content.startswith(b"\x89PNG")
 
 
+def test_a_server_killed_under_load_keeps_every_acknowledged_label_once(mnist, tmp_path):
+    load = _load_benchmark()
+    db = tmp_path / "labels.sqlite"
+    # 27 candidates and 3 control items; four annotators label all 30 at once through HTTP.
+    tokens = load.create_study(db, _folder(tmp_path / "set", mnist, range(27)), annotators=4)
+    with load.LabelServer(db) as server:
+        server.start()
+        running = load.Load(server.port, tokens, seconds=90)
+        deadline = time.monotonic() + 30
+        while running.acknowledged() < 30 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        server.kill()
+        killed_at = running.acknowledged()
+        server.start(port=server.port)
+        running.wait()
+    assert 30 <= killed_at < 100, f"killed after {killed_at} of 120 labels, not in the middle"
+    assert sum(annotation.reconnects for annotation in running.annotations.values()) >= 1, "the annotators lost their connections"
+    assert running.acknowledged() >= 120 - 4, "at most one label per annotator was in flight, stored without its answer"
+    assert load.check_stored(db, running.annotations, 30) == 120
+
+
 def _invite(db: Path, name: str, url: str, capsys) -> str:
     assert main(["label", "invite", name, "--db", str(db), "--url", url]) == 0
     return capsys.readouterr().out.splitlines()[-1]
