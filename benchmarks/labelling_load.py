@@ -230,6 +230,7 @@ def main() -> None:
     candidates = round(args.items * (1 - DEFAULT_CONTROL_SHARE))
     if candidates + control_count(candidates, DEFAULT_CONTROL_SHARE) != args.items:
         parser.error(f"--items {args.items} cannot be split into candidates and {DEFAULT_CONTROL_SHARE:.0%} control items; pass a multiple of 10")
+    load_average = os.getloadavg()[0]  # other work on the machine shares its cores with the server and the clients
     with tempfile.TemporaryDirectory() as work:
         db = Path(work) / "labels.sqlite"
         tokens = create_study(db, digits_folder(Path(work) / "digits", candidates), args.annotators)
@@ -242,6 +243,7 @@ def main() -> None:
     report = {
         **measurement_header("labelling_load"),
         "cores": os.cpu_count(),
+        "load_average_before": load_average,
         "annotators": args.annotators,
         "items": args.items,
         "control_items": args.items - candidates,

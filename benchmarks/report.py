@@ -1,10 +1,10 @@
 """The speed tables of docs/speed.md, generated from the benchmarks' JSON outputs (never typed by hand).
 
 Reads what the benchmark scripts wrote into ``benchmarks/results/`` (pgd_sweep.json, pgd_overhead.json,
-aa_fast.json, ray_scaling.json, leaderboard_cost.json, checkpoint_weight.json; a missing one is left out; further measurements
+aa_fast.json, ray_scaling.json, leaderboard_cost.json, checkpoint_weight.json, labelling_load.json; a missing one is left out; further measurements
 of one benchmark as STEM-WHAT.json, e.g. aa_fast-l2.json, each add a table), writes the Markdown tables
 of each benchmark as ``benchmarks/results/NAME.md`` and replaces the blocks between
-``<!-- benchmarks:NAME -->`` markers in the pages given (default docs/speed.md and docs/models.md). A table names the command, date, threads and CPU
+``<!-- benchmarks:NAME -->`` markers in the pages given (default docs/speed.md, docs/models.md and docs/labelling.md). A table names the command, date, threads and CPU
 of the run it comes from, so a stale figure shows as such.
 
     python benchmarks/report.py [--results benchmarks/results] [--page docs/speed.md ...]
@@ -126,6 +126,19 @@ def _leaderboard_cost(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _labelling_load(report: dict) -> str:
+    return "\n".join([
+        f"{_origin(report)} {report['annotators']} annotators at once, each labelling all {report['items']} items ({report['control_items']} control items) through the HTTP API of `invarbench label serve` "
+        f"on 127.0.0.1, on a keep-alive connection of their own, on {report['cores']} cores shared with the clients (load average {report['load_average_before']:.1f} from other work when it started). Every acknowledged label was stored exactly once, as acknowledged: {report['labels_stored']} labels.",
+        "",
+        "| requests | count | p50 (ms) | p99 (ms) |",
+        "|---|---|---|---|",
+        *(f"| {what} | {report[key]['requests']} | {report[key]['p50_ms']:.1f} | {report[key]['p99_ms']:.1f} |" for what, key in (("label (`POST /api/label`)", "label_requests"), ("image (`GET /image/ID.png`)", "image_requests"))),
+        "",
+        f"Throughput: {report['labels_per_second']:.0f} labels stored per second ({report['labels_stored']} labels in {report['seconds']:.1f} s).",
+    ]) + "\n"
+
+
 # JSON stem -> (table name, script that writes it, renderer)
 RENDERERS = {
     "pgd_sweep": ("speed-pgd-sweep", "pgd_sweep.py", _pgd_sweep),
@@ -134,6 +147,7 @@ RENDERERS = {
     "ray_scaling": ("speed-ray-scaling", "ray_scaling.py", _ray_scaling),
     "leaderboard_cost": ("speed-leaderboard-cost", "leaderboard_cost.py", _leaderboard_cost),
     "checkpoint_weight": ("checkpoint-weight", "checkpoint_weight.py", _checkpoint_weight),
+    "labelling_load": ("labelling-load", "labelling_load.py", _labelling_load),
 }
 
 
@@ -151,12 +165,12 @@ def render(results: Path = RESULTS) -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--page", type=Path, action="append", help="page whose benchmarks blocks to replace (default docs/speed.md and docs/models.md)")
+    parser.add_argument("--page", type=Path, action="append", help="page whose benchmarks blocks to replace (default docs/speed.md, docs/models.md and docs/labelling.md)")
     args = parser.parse_args()
     for name, table in render(args.results).items():
         atomic_write_text(args.results / f"{name}.md", table)
         print(f"wrote {args.results / f'{name}.md'}")
-    for page in args.page or [HERE.parent / "docs" / "speed.md", HERE.parent / "docs" / "models.md"]:
+    for page in args.page or [HERE.parent / "docs" / name for name in ("speed.md", "models.md", "labelling.md")]:
         print(f"{page}: replaced {', '.join(sync_readme(page, args.results, prefix='benchmarks')) or 'nothing'}")
 
 
