@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from http import HTTPStatus
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 MAX_BODY_BYTES = 1024
 ROUTES = "GET /, GET /api/next, GET /image/ID.png, POST /api/label, POST /api/undo"
 EXAMPLE_BODIES = {"/api/label": '{"item": 12, "label": "7"}', "/api/undo": "{}"}
+#: The token of ``Authorization: Bearer TOKEN``, None when the header is missing or not of that form.
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))]
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer"><title>invarbench label</title>
@@ -151,7 +154,6 @@ def create_app(store: LabelStore, *, loopback: bool) -> FastAPI:
     """The app over ``store``; ``loopback``: it listens on a loopback address only (see the module's docstring)."""
     app = FastAPI(title="invarbench label", docs_url=None, redoc_url=None, openapi_url=None)
     page = PAGE.replace("LABELS_JSON", "[" + ", ".join(f'"{label}"' for label in LABELS) + "]")
-    bearer = HTTPBearer(auto_error=False)
 
     def invited(credentials: HTTPAuthorizationCredentials | None) -> str | None:
         """The annotator of a valid token; None where tokens are not needed (under ``store.lock``)."""
@@ -211,12 +213,12 @@ def create_app(store: LabelStore, *, loopback: bool) -> FastAPI:
         return page
 
     @app.get("/api/next")
-    def next_item(annotator: str | None = None, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+    def next_item(credentials: Credentials, annotator: str | None = None) -> dict:
         with store.lock:
             return state(annotator_of(credentials, annotator))
 
     @app.get("/image/{item_id}.png")
-    def image(item_id: int, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Response:
+    def image(item_id: int, credentials: Credentials) -> Response:
         with store.lock:
             invited(credentials)
             try:
@@ -226,7 +228,7 @@ def create_app(store: LabelStore, *, loopback: bool) -> FastAPI:
         return Response(png_bytes(pixels), media_type="image/png")
 
     @app.post("/api/label")
-    def label(request: LabelRequest, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+    def label(request: LabelRequest, credentials: Credentials) -> dict:
         with store.lock:
             annotator = annotator_of(credentials, request.annotator)
             if not store.has_item(request.item):
@@ -242,7 +244,7 @@ def create_app(store: LabelStore, *, loopback: bool) -> FastAPI:
             return state(annotator)
 
     @app.post("/api/undo")
-    def undo(request: UndoRequest, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> dict:
+    def undo(request: UndoRequest, credentials: Credentials) -> dict:
         with store.lock:
             annotator = annotator_of(credentials, request.annotator)
             store.undo(annotator)

@@ -37,6 +37,7 @@ from invarbench.statistics import wilson_interval  # noqa: F401  (re-exported)
 from invarbench.store import RECORD_COLUMNS, RunLock, RunStore, as_records, read_json, write_json
 from tqdm.auto import tqdm
 
+
 @dataclass
 class RunOutcome:
     run_dir: Path
