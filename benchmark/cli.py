@@ -254,34 +254,80 @@ def _oracle_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _label_create(args: argparse.Namespace) -> int:
+    from invarbench.labelling import LabelStore
+
+    with LabelStore.create(args.db, args.source, control_share=args.control_share, min_control_accuracy=args.min_control_accuracy) as store:
+        controls = store.total() - len(store.items())
+        flagging = f"; annotators below {100 * float(store.meta('min_control_accuracy')):.0f}% on those are flagged" if controls else " (nobody can be flagged)"
+        print(f"{args.db}: {store.total()} items of {store.meta('source')}, {controls} of them control items{flagging}")
+    return EXIT_OK
+
+
 def _label_serve(args: argparse.Namespace) -> int:
     from invarbench.labelling import LabelStore
-    from invarbench.labelling_app import serve
+    from invarbench.labelling_app import listen, serve
 
-    store = LabelStore.create(args.db, args.source)
-    print(f"labelling {store.total()} items of {store.meta('source')} into {args.db}: open http://{args.host}:{args.port}/ (Ctrl-C stops; every label is already stored)")
-    serve(store, host=args.host, port=args.port)
+    with LabelStore.open(args.db) as store:
+        listening = listen(store, args.host, args.port)
+        host, port = listening.getsockname()[:2]
+        active = sum(store.invitations().values())
+        who = f"annotators label through their invitation links, {active} active" if store.invitations() else "nobody is invited, so whoever opens it types a name (loopback only)"
+        print(f"labelling {store.total()} items of {store.meta('source')} into {args.db} at http://{args.host}:{port}/: {who}. Ctrl-C stops; every label is already stored", flush=True)
+        serve(store, listening)
+    return EXIT_OK
+
+
+def _label_invite(args: argparse.Namespace) -> int:
+    from urllib.parse import urlsplit, urlunsplit
+
+    from invarbench.labelling import LabelStore
+
+    url = urlsplit(args.url)
+    if url.scheme not in ("http", "https") or not url.hostname or url.fragment:
+        raise InvarbenchError(f"--url {args.url} is not the http(s) address of the labelling page; pass e.g. http://lab-pc.example.org:8000/ (the machine and --port of `invarbench label serve`)")
+    with LabelStore.open(args.db) as store:
+        token = store.invite(args.name)
+    print(f"invited {args.name} to {args.db}; send them this link (shown only now: the database keeps only a hash of it; `invarbench label revoke {args.name} --db {args.db}` ends it):")
+    print(urlunsplit(url._replace(fragment=f"token={token}")))
+    return EXIT_OK
+
+
+def _label_revoke(args: argparse.Namespace) -> int:
+    from invarbench.labelling import LabelStore
+
+    with LabelStore.open(args.db) as store:
+        store.revoke(args.name)
+        labelled = store.done(args.name)
+    print(f"revoked {args.name}'s invitation to {args.db}: their link no longer works; the {labelled} labels they gave stay")
     return EXIT_OK
 
 
 def _label_summary(args: argparse.Namespace) -> int:
     from invarbench.labelling import LabelStore
 
+    with LabelStore.open(args.db) as store:
+        sets, annotators, threshold = store.summary(), store.annotators(), float(store.meta("min_control_accuracy"))
     table = []
-    for row in LabelStore.open(args.db).summary():
+    for row in sets:
         rate = "-" if row["majority_rate"] is None else f"{100 * row['majority_rate']:.0f}%"
         kappa = "-" if row["fleiss_kappa"] is None else f"{row['fleiss_kappa']:.3f}"
         table.append([row["set"], row["items"], row["labelled"], row["labelled_twice"], f"{row['majority']} ({rate})", kappa])
     print(format_table(["set", "items", "labelled", "labelled by 2+", "majority digit (of labelled)", "Fleiss' kappa"], table))
-    print("majority: more than half of an item's annotators gave one digit; kappa over the items with the most common number of annotators (2+)")
+    print("majority: more than half of an item's annotators gave one digit; kappa over the items with the most common number of annotators (2+); flagged annotators left out\n")
+    rows = [[row.name, row.invitation, row.labelled, row.controls, row.controls_right, "-" if row.accuracy is None else f"{100 * row.accuracy:.0f}%", "FLAGGED" if row.flagged else ""] for row in annotators]
+    print(format_table(["annotator", "invitation", "items labelled", "control items labelled", "right", "accuracy on control items", "flagged"], rows))
+    print(f"flagged: accuracy on control items below {100 * threshold:.0f}%; their labels are left out of the majorities above, `label export` (unless --keep-flagged) and the people:DB oracle")
     return EXIT_OK
 
 
 def _label_export(args: argparse.Namespace) -> int:
     from invarbench.labelling import LabelStore
 
-    written = LabelStore.open(args.db).export(args.out)
-    print(f"wrote {len(written)} files (Tramèr et al.'s layout: SET.npy, SET_labels.npy, SET_indexs.npy) into {args.out}")
+    with LabelStore.open(args.db) as store:
+        written = store.export(args.out, keep_flagged=args.keep_flagged)
+        left_out = "" if args.keep_flagged else f"; left out: {', '.join(sorted(store.flagged())) or 'nobody'} (flagged)"
+    print(f"wrote {len(written)} files (Tramèr et al.'s layout: SET.npy, SET_labels.npy, SET_indexs.npy) into {args.out}{left_out}")
     return EXIT_OK
 
 
@@ -357,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--attack", action="append", metavar="NAME[:KEY=VALUE,...]", help="attack in cascade order, e.g. pgd, pgd:restarts=5, autoattack:version=plus, fmn, invariance-linf, invariance-l0:pixels=25,guide=mnist-cnn-standard, metameric; repeatable (default: pgd)")
     run.add_argument("--n", type=int, default=None, help="number of test points, the first N in fixed order (default 1000; with --invariance-set, up to the largest index in the set)")
     run.add_argument("--invariance-set", metavar="DIR", help="evaluate on a fixed set of changed images with people's labels (NAME.npy + NAME_labels.npy + indexs.npy, Tramèr et al.'s format), judged by those labels")
-    run.add_argument("--oracle", metavar="NAME", help="who judges invariance candidates: a named oracle (see `invarbench oracle list`) or people:DB, the majority labels of an `invarbench label` database (default: the data set's default oracle)")
+    run.add_argument("--oracle", metavar="NAME", help="who judges invariance candidates: a named oracle (see `invarbench oracle list`) or people:DB, the majority labels of an `invarbench label` database, flagged annotators left out (default: the data set's default oracle)")
     run.add_argument("--seed", type=int, default=0, help="base seed; each job derives its own (default 0)")
     run.add_argument("--out", type=Path, default=DEFAULT_RUNS_DIR, help=f"parent folder of run directories (default {DEFAULT_RUNS_DIR}/)")
     run.add_argument("--name", help="run directory name (default: derived from the configuration, so the same command resumes)")
@@ -425,20 +471,45 @@ def build_parser() -> argparse.ArgumentParser:
     oracle_evaluate.add_argument("--update", action="store_true", help="store the measured calibration in the oracle's file (shown beside every invariance figure it judges)")
     oracle_evaluate.set_defaults(handler=_oracle_evaluate)
 
-    label = commands.add_parser("label", help="people's labels for invariance candidates", description="A local web app that collects people's labels for invariance candidates (SQLite store), their aggregation and export.")
+    label = commands.add_parser("label", help="people's labels for invariance candidates", description="A web app that collects people's labels for invariance candidates (SQLite store), with invitations and control items, their aggregation and export (docs/labelling.md).")
     label_commands = label.add_subparsers(dest="label_command", required=True, metavar="ACTION")
-    label_serve = label_commands.add_parser("serve", help="serve the labelling page", description="Show the candidates of SOURCE one at a time (never the original); keys 0-9, n (not a digit), ? (unsure), Backspace (undo). Several annotators at once; each resumes where they stopped.")
-    label_serve.add_argument("source", help="a run directory with invariance candidates, or a folder in Tramèr et al.'s layout")
-    label_serve.add_argument("--db", type=Path, required=True, help="labels database (SQLite), created on first use")
-    label_serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    label_serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    label_create = label_commands.add_parser("create", help="create a labels database", description="Fill a labels database with the candidates of SOURCE and control items (unchanged MNIST test images with known labels), in one shuffled order shown to every annotator.")
+    label_create.add_argument("source", help="a run directory with invariance candidates, or a folder in Tramèr et al.'s layout")
+    label_create.add_argument("--db", type=Path, required=True, help="labels database (SQLite) to create")
+    label_create.add_argument("--control-share", type=float, help="share of the items shown that are control items, 0 to 0.5 (default 0.1)")
+    label_create.add_argument("--min-control-accuracy", type=float, help="flag annotators whose accuracy on control items is below this, 0 to 1 (default 0.8)")
+    label_create.set_defaults(handler=_label_create)
+    label_serve = label_commands.add_parser(
+        "serve",
+        help="serve the labelling page",
+        description="Show the items of a labels database one at a time (never the original); keys 0-9, n (not a digit), ? (unsure), Backspace (undo). Several annotators at once; each resumes where they stopped. "
+        "Once anyone is invited, labels are taken only through invitation links; an address other than loopback needs invitations.",
+    )
+    label_serve.add_argument("--db", type=Path, required=True, help="labels database of `invarbench label create`")
+    label_serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface, which needs invitations)")
+    label_serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
     label_serve.set_defaults(handler=_label_serve)
-    label_summary = label_commands.add_parser("summary", help="labelling progress and agreement per set", description="Per set: items, labelled, labelled by two or more annotators, items with a majority digit (count and share of the labelled items), Fleiss' kappa over the items with the most common number of annotators (two or more).")
+    label_invite = label_commands.add_parser("invite", help="invite an annotator and print their link", description="Give NAME a random token, stored only as its SHA-256, and print the link that labels as NAME; revoke ends it.")
+    label_invite.add_argument("name", help="annotator name: 1-64 letters, digits or . _ @ + -")
+    label_invite.add_argument("--db", type=Path, required=True, help="labels database")
+    label_invite.add_argument("--url", default="http://127.0.0.1:8000/", help="address of the labelling page as annotators reach it (default http://127.0.0.1:8000/)")
+    label_invite.set_defaults(handler=_label_invite)
+    label_revoke = label_commands.add_parser("revoke", help="end an annotator's invitation", description="NAME's link stops working at once, on a running server too; the labels they gave stay.")
+    label_revoke.add_argument("name", help="invited annotator")
+    label_revoke.add_argument("--db", type=Path, required=True, help="labels database")
+    label_revoke.set_defaults(handler=_label_revoke)
+    label_summary = label_commands.add_parser(
+        "summary",
+        help="labelling progress, agreement and annotator accuracy",
+        description="Per set: items, labelled, labelled by two or more annotators, items with a majority digit (count and share of the labelled items), Fleiss' kappa over the items with the most common number of annotators (two or more). "
+        "Per annotator: invitation, items labelled, accuracy on control items, flagged below the database's threshold (flagged annotators' labels are left out).",
+    )
     label_summary.add_argument("--db", type=Path, required=True, help="labels database")
     label_summary.set_defaults(handler=_label_summary)
-    label_export = label_commands.add_parser("export", help="export majority labels in Tramèr et al.'s layout", description="Write SET.npy, SET_labels.npy and SET_indexs.npy per set, for the items with a majority digit (usable with --invariance-set and oracle evaluate --labels).")
+    label_export = label_commands.add_parser("export", help="export majority labels in Tramèr et al.'s layout", description="Write SET.npy, SET_labels.npy and SET_indexs.npy per set, for the items with a majority digit (usable with --invariance-set and oracle evaluate --labels); flagged annotators left out.")
     label_export.add_argument("--db", type=Path, required=True, help="labels database")
     label_export.add_argument("--out", type=Path, required=True, help="folder to write")
+    label_export.add_argument("--keep-flagged", action="store_true", help="count flagged annotators' labels too")
     label_export.set_defaults(handler=_label_export)
 
     bench = commands.add_parser("bench", help="quick benchmark of the reference zoo", description="Clean and PGD robust accuracy of zoo models on the first N test points, printed as a table.")

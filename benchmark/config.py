@@ -186,7 +186,7 @@ class RunConfig:
             raise ConfigError(f"--n ({self.n}) and --shard-size ({self.shard_size}) must be positive")
         # Refused before anything is written: a misspelt oracle must not leave a run directory behind.
         if self.oracle and self.oracle.startswith("people:") and not Path(self.oracle[len("people:") :]).is_file():
-            raise ConfigError(f"--oracle {self.oracle}: labels database {self.oracle[len('people:'):]} does not exist; create it with `invarbench label serve SOURCE --db FILE`")
+            raise ConfigError(f"--oracle {self.oracle}: labels database {self.oracle[len('people:'):]} does not exist; create it with `invarbench label create SOURCE --db FILE`")
         if self.oracle and not self.oracle.startswith(("people:", "exact:")):
             get_oracle_definition(self.oracle)
         keys = [model.key for model in self.models]

@@ -12,13 +12,25 @@ another number of annotators are left out of kappa (not of the majority counts).
 
 A run's items are named ``ATTACK/NORM:EPS`` (e.g. ``invariance-linf/linf:0.4``); an image that occurs
 twice in one set (the same candidate for several models) is one item, so nobody labels it twice.
+
+Control items (default 10% of the items shown) are unchanged MNIST test images, other than the
+candidates' own test points, shown like any other item; their label is the test label. An annotator whose
+accuracy on the control items they labelled is below the database's threshold is *flagged*, and their
+labels are left out of the majorities, the export and the ``people:DB`` oracle. Item ids follow the
+(shuffled) order items are shown in, so an id tells nothing about an item.
+
+Annotators of a study are invited (:meth:`LabelStore.invite`): each gets a random token, stored only as
+its SHA-256, and the server takes the annotator's name from the token alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import random
+import re
+import secrets
 import sqlite3
 import threading
 import time
@@ -29,31 +41,58 @@ from pathlib import Path
 import numpy as np
 import torch
 from invarbench.attacks.oracles import ABSTAIN, InvarianceSet, Oracle, image_key, load_invariance_sets, load_oracle
-from invarbench.errors import ConfigError, DataError
+from invarbench.datasets import load_dataset
+from invarbench.errors import ConfigError, DataError, did_you_mean
 from invarbench.io import atomic_write_bytes
 from invarbench.store import RunStore, read_json
 
 LABELS = tuple("0123456789") + ("n", "?")
+DEFAULT_CONTROL_SHARE = 0.1
+DEFAULT_MIN_CONTROL_ACCURACY = 0.8
+#: The set name of control items (in the database only; they belong to no set of the source).
+CONTROL = "control"
+ANNOTATOR_NAME = re.compile(r"[A-Za-z0-9_.@+-]{1,64}")
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS items (
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE items (
     id INTEGER PRIMARY KEY, set_name TEXT NOT NULL, position INTEGER NOT NULL, test_index INTEGER NOT NULL,
-    original_label INTEGER NOT NULL, image BLOB NOT NULL, image_key BLOB NOT NULL, shown_order INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS labels (
+    original_label INTEGER NOT NULL, image BLOB NOT NULL, image_key BLOB NOT NULL, control INTEGER NOT NULL);
+CREATE TABLE labels (
     annotator TEXT NOT NULL, item_id INTEGER NOT NULL REFERENCES items(id), label TEXT NOT NULL, time REAL NOT NULL,
     PRIMARY KEY (annotator, item_id));
+CREATE TABLE annotators (name TEXT PRIMARY KEY, token_sha256 TEXT UNIQUE, invited REAL NOT NULL, revoked REAL);
 """
 
 
 @dataclass(frozen=True)
 class LabelItem:
-    """One image to label: where it came from (set, position, test index, original label) and its pixels."""
+    """One image to label: where it came from (set, position, test index, original label) and its pixels;
+    a control item is an unchanged test image, its original label the known answer."""
 
     set_name: str
     position: int
     test_index: int
     original_label: int
     pixels: np.ndarray  # (28, 28) uint8
+    control: bool = False
+
+
+@dataclass(frozen=True)
+class AnnotatorQuality:
+    """One annotator: their invitation (``active``, ``revoked``, or ``none`` for a name typed on a loopback
+    server without invitations), items labelled, control items labelled and labelled right, and whether
+    they are flagged (accuracy on the control items below the database's threshold)."""
+
+    name: str
+    invitation: str
+    labelled: int
+    controls: int
+    controls_right: int
+    flagged: bool
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.controls_right / self.controls if self.controls else None
 
 
 def items_from_source(source: str | Path) -> tuple[str, list[LabelItem]]:
@@ -106,6 +145,39 @@ def _run_items(run_dir: Path) -> list[LabelItem]:
     return items
 
 
+def control_items(count: int, excluded: set[int], seed: int) -> list[LabelItem]:
+    """``count`` MNIST test images, none of the ``excluded`` test points (the candidates' own: their
+    originals would bias the reading), each with its test label."""
+    if count == 0:
+        return []
+    mnist = load_dataset("mnist")
+    allowed = [index for index in range(len(mnist.test_labels)) if index not in excluded]
+    chosen = sorted(random.Random(seed).sample(allowed, count))
+    return [LabelItem(CONTROL, position, index, int(mnist.test_labels[index]), _to_uint8(mnist.test_images[index]), control=True) for position, index in enumerate(chosen)]
+
+
+def control_count(candidates: int, share: float) -> int:
+    """How many control items make ``share`` of all items shown, beside ``candidates`` items."""
+    return round(share * candidates / (1 - share))
+
+
+def check_study_settings(control_share: float | None, min_control_accuracy: float | None) -> None:
+    if control_share is not None and not 0 <= control_share <= 0.5:
+        raise ConfigError(f"--control-share {control_share:g} is not between 0 and 0.5; pass e.g. 0.1 (one item in ten is a control item) or 0 for none")
+    if min_control_accuracy is not None and not 0 <= min_control_accuracy <= 1:
+        raise ConfigError(f"--min-control-accuracy {min_control_accuracy:g} is not between 0 and 1; pass e.g. 0.8 (flag annotators who get more than one control item in five wrong)")
+
+
+def check_annotator_name(name: str) -> None:
+    if not ANNOTATOR_NAME.fullmatch(name):
+        raise ConfigError(f"annotator name {name!r} is not 1-64 letters, digits or . _ @ + -; pass e.g. alice or a.smith")
+
+
+def token_digest(token: str) -> str:
+    """What the database stores of a token: its SHA-256 (tokens are 256 random bits, so a fast hash suffices)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def png_bytes(pixels: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -139,38 +211,52 @@ class LabelStore:
     def open(cls, path: str | Path) -> LabelStore:
         path = Path(path)
         if not path.is_file():
-            raise DataError(f"labels database {path} does not exist; create it with `invarbench label serve SOURCE --db {path}`")
+            raise DataError(f"labels database {path} does not exist; create it with `invarbench label create SOURCE --db {path}`")
         connection = None
         try:
             # Read-only first: opening for writing switches the file to WAL mode, which would change a
             # file that is not a labels database (an empty file, another program's database).
             with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as probe:
                 probe.execute("SELECT value FROM meta WHERE key = 'source'").fetchone()
+                current = "control" in {row[1] for row in probe.execute("PRAGMA table_info(items)")} and probe.execute("SELECT 1 FROM sqlite_master WHERE name = 'annotators'").fetchone()
+            if not current:
+                raise DataError(f"labels database {path} was made by an earlier invarbench, without control items and invitations; create a new one with `invarbench label create SOURCE --db NEW.sqlite`")
             connection = _connect(path)
         except sqlite3.DatabaseError as error:
             if connection is not None:
                 connection.close()
-            raise DataError(f"{path} is not a labels database of invarbench ({error}); pass the file `invarbench label serve --db` created") from error
+            raise DataError(f"{path} is not a labels database of invarbench ({error}); pass the file `invarbench label create` created") from error
         return cls(path, connection)
 
     @classmethod
-    def create(cls, path: str | Path, source: str | Path, *, seed: int = 0) -> LabelStore:
-        """Open ``path`` for ``source``, filling a new database with the source's items in a shuffled order."""
+    def create(cls, path: str | Path, source: str | Path, *, seed: int = 0, control_share: float | None = None, min_control_accuracy: float | None = None) -> LabelStore:
+        """Open ``path`` for ``source``, filling a new database with the source's items and control items
+        (``control_share`` of the items shown, default 10%) in a shuffled order. ``min_control_accuracy``
+        (default 0.8) is the accuracy on control items below which an annotator is flagged. Given for an
+        existing database, both must be what it was created with."""
+        check_study_settings(control_share, min_control_accuracy)
         path, source_text = Path(path), str(Path(source).resolve())
+        settings = {"control_share": control_share, "min_control_accuracy": min_control_accuracy}
         if path.exists():
             store = cls.open(path)
             stored = store.meta("source")
             if stored != source_text:
                 store.close()
                 raise ConfigError(f"labels database {path} holds items of {stored}, not {source_text}; pass that source again or another --db")
+            for key, value in settings.items():
+                if value is not None and float(created := store.meta(key)) != value:
+                    store.close()
+                    raise ConfigError(f"labels database {path} was created with --{key.replace('_', '-')} {created}, not {value:g}; leave the option out or pass another --db")
             return store
         if not path.parent.is_dir():
             raise DataError(f"folder {path.parent} of labels database {path} does not exist; create it or pass another --db")
         kind, items = items_from_source(source)
-        order = list(range(len(items)))
-        random.Random(seed).shuffle(order)
-        shown = {item: rank for rank, item in enumerate(order)}
-        rows = [(number, item.set_name, item.position, item.test_index, item.original_label, item.pixels.tobytes(), image_key(torch.from_numpy(item.pixels.astype(np.float32) / 255)), shown[number]) for number, item in enumerate(items)]
+        share = DEFAULT_CONTROL_SHARE if control_share is None else control_share
+        items += control_items(control_count(len(items), share), {item.test_index for item in items}, seed)
+        random.Random(seed).shuffle(items)
+        # Ids in the shuffled order shown: an id says nothing about an item's set or whether it is a control.
+        rows = [(number, item.set_name, item.position, item.test_index, item.original_label, item.pixels.tobytes(), image_key(torch.from_numpy(item.pixels.astype(np.float32) / 255)), item.control) for number, item in enumerate(items)]
+        meta = {"source": source_text, "kind": kind, "seed": seed, "control_share": share, "min_control_accuracy": DEFAULT_MIN_CONTROL_ACCURACY if min_control_accuracy is None else min_control_accuracy}
         # Filled under a temporary name: a half-filled database never appears under the final one.
         temporary = path.with_name(path.name + ".tmp")
         leftovers = [temporary.with_name(temporary.name + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
@@ -181,8 +267,8 @@ class LabelStore:
             connection = _connect(temporary)
             connection.executescript(SCHEMA)
             connection.execute("BEGIN")
-            connection.executemany("INSERT INTO meta VALUES (?, ?)", [("source", source_text), ("kind", kind), ("seed", str(seed))])
-            connection.executemany("INSERT INTO items (id, set_name, position, test_index, original_label, image, image_key, shown_order) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            connection.executemany("INSERT INTO meta VALUES (?, ?)", [(key, str(value)) for key, value in meta.items()])
+            connection.executemany("INSERT INTO items (id, set_name, position, test_index, original_label, image, image_key, control) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             connection.execute("COMMIT")
             connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             connection.close()
@@ -198,11 +284,29 @@ class LabelStore:
     def close(self) -> None:
         self.connection.close()
 
+    def __enter__(self) -> LabelStore:
+        return self
+
+    def __exit__(self, *exception) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One write transaction, begun at once: another process (a server, another command) waits for it."""
+        self.connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.connection.execute("ROLLBACK")
+            raise
+        self.connection.execute("COMMIT")
+
     def meta(self, key: str) -> str | None:
         row = self.connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def total(self) -> int:
+        """Items shown to every annotator, control items included."""
         return self.connection.execute("SELECT COUNT(*) FROM items").fetchone()[0]
 
     def done(self, annotator: str) -> int:
@@ -210,8 +314,11 @@ class LabelStore:
 
     def next_item(self, annotator: str) -> int | None:
         """The first item in shown order this annotator has not labelled, or None when all are."""
-        row = self.connection.execute("SELECT id FROM items WHERE id NOT IN (SELECT item_id FROM labels WHERE annotator = ?) ORDER BY shown_order LIMIT 1", (annotator,)).fetchone()
+        row = self.connection.execute("SELECT id FROM items WHERE id NOT IN (SELECT item_id FROM labels WHERE annotator = ?) ORDER BY id LIMIT 1", (annotator,)).fetchone()
         return row[0] if row else None
+
+    def has_item(self, item_id: int) -> bool:
+        return self.connection.execute("SELECT 1 FROM items WHERE id = ?", (item_id,)).fetchone() is not None
 
     def image(self, item_id: int) -> np.ndarray:
         row = self.connection.execute("SELECT image FROM items WHERE id = ?", (item_id,)).fetchone()
@@ -222,9 +329,8 @@ class LabelStore:
     def label(self, annotator: str, item_id: int, label: str) -> None:
         if label not in LABELS:
             raise ConfigError(f"label {label!r} is not one of 0-9, n (not a digit), ? (unsure)")
-        if not annotator.strip():
-            raise ConfigError("an annotator needs a name")
-        if self.connection.execute("SELECT 1 FROM items WHERE id = ?", (item_id,)).fetchone() is None:
+        check_annotator_name(annotator)
+        if not self.has_item(item_id):
             raise DataError(f"no item {item_id} in {self.path}")
         self.connection.execute("INSERT OR REPLACE INTO labels VALUES (?, ?, ?, ?)", (annotator, item_id, label, time.time()))
 
@@ -236,19 +342,72 @@ class LabelStore:
         self.connection.execute("DELETE FROM labels WHERE annotator = ? AND item_id = ?", (annotator, row[0]))
         return row[0]
 
-    def votes(self) -> dict[int, list[str]]:
+    def invite(self, name: str) -> str:
+        """Invite ``name`` (again, after a revocation) and return their new token; only its SHA-256 is stored."""
+        check_annotator_name(name)
+        token = secrets.token_urlsafe(32)
+        with self._transaction():
+            row = self.connection.execute("SELECT revoked FROM annotators WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] is None:
+                raise ConfigError(f"annotator {name} already has an invitation to {self.path}; end it with `invarbench label revoke {name} --db {self.path}`, then invite them again for a new link")
+            self.connection.execute("INSERT OR REPLACE INTO annotators VALUES (?, ?, ?, NULL)", (name, token_digest(token), time.time()))
+        return token
+
+    def revoke(self, name: str) -> None:
+        """End ``name``'s invitation: their token no longer works; the labels they gave stay."""
+        with self._transaction():
+            row = self.connection.execute("SELECT revoked FROM annotators WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise ConfigError(f"nobody called {name!r} was invited to {self.path}; `invarbench label summary --db {self.path}` lists the annotators.{did_you_mean(name, self.invitations())}")
+            if row[0] is not None:
+                raise ConfigError(f"annotator {name}'s invitation to {self.path} is already revoked; `invarbench label invite {name} --db {self.path}` gives them a new one")
+            self.connection.execute("UPDATE annotators SET token_sha256 = NULL, revoked = ? WHERE name = ?", (time.time(), name))
+
+    def invitations(self) -> dict[str, bool]:
+        """Every annotator ever invited, and whether their invitation is still active."""
+        return {name: revoked is None for name, revoked in self.connection.execute("SELECT name, revoked FROM annotators ORDER BY name")}
+
+    def annotator_for(self, token: str) -> str | None:
+        """The annotator whose active invitation ``token`` is, else None."""
+        row = self.connection.execute("SELECT name FROM annotators WHERE token_sha256 = ? AND revoked IS NULL", (token_digest(token),)).fetchone()
+        return row[0] if row else None
+
+    def annotators(self) -> list[AnnotatorQuality]:
+        """Every annotator who was invited or gave a label, by name, with their accuracy on control items."""
+        threshold = float(self.meta("min_control_accuracy"))
+        invitations = self.invitations()
+        counts = {
+            name: (labelled, controls, right)
+            for name, labelled, controls, right in self.connection.execute(
+                "SELECT labels.annotator, COUNT(*), SUM(items.control), SUM(items.control AND labels.label = CAST(items.original_label AS TEXT)) FROM labels JOIN items ON items.id = labels.item_id GROUP BY labels.annotator"
+            )
+        }
+        rows = []
+        for name in sorted(set(invitations) | set(counts)):
+            labelled, controls, right = counts.get(name, (0, 0, 0))
+            invitation = "none" if name not in invitations else "active" if invitations[name] else "revoked"
+            rows.append(AnnotatorQuality(name, invitation, labelled, controls, right, flagged=bool(controls) and right / controls < threshold))
+        return rows
+
+    def flagged(self) -> set[str]:
+        return {row.name for row in self.annotators() if row.flagged}
+
+    def votes(self, *, keep_flagged: bool = False) -> dict[int, list[str]]:
+        """Labels of the items that are not control items, by item; flagged annotators' left out unless ``keep_flagged``."""
+        left_out = set() if keep_flagged else self.flagged()
         votes: dict[int, list[str]] = {}
-        for item_id, label in self.connection.execute("SELECT item_id, label FROM labels ORDER BY item_id, annotator"):
-            votes.setdefault(item_id, []).append(label)
+        for item_id, annotator, label in self.connection.execute("SELECT labels.item_id, labels.annotator, labels.label FROM labels JOIN items ON items.id = labels.item_id WHERE NOT items.control ORDER BY labels.item_id, labels.annotator"):
+            if annotator not in left_out:
+                votes.setdefault(item_id, []).append(label)
         return votes
 
     def items(self) -> list[tuple[int, str, int, int, int]]:
-        """(id, set name, position, test index, original label) of every item, by set and position."""
-        return self.connection.execute("SELECT id, set_name, position, test_index, original_label FROM items ORDER BY set_name, position").fetchall()
+        """(id, set name, position, test index, original label) of every item but the control items, by set and position."""
+        return self.connection.execute("SELECT id, set_name, position, test_index, original_label FROM items WHERE NOT control ORDER BY set_name, position").fetchall()
 
     def summary(self) -> list[dict]:
         """Per set: items, items with a label, with two or more, with a majority digit (and its share of
-        the labelled items), Fleiss' kappa."""
+        the labelled items), Fleiss' kappa; flagged annotators' labels left out."""
         votes = self.votes()
         rows: dict[str, dict] = {}
         for item_id, set_name, *_ in self.items():
@@ -265,9 +424,9 @@ class LabelStore:
             row["majority_rate"] = row["majority"] / row["labelled"] if row["labelled"] else None
         return list(rows.values())
 
-    def majority_sets(self) -> list[InvarianceSet]:
+    def majority_sets(self, *, keep_flagged: bool = False) -> list[InvarianceSet]:
         """Items with a majority digit as invariance sets (images, people's labels, test indices)."""
-        votes = self.votes()
+        votes = self.votes(keep_flagged=keep_flagged)
         grouped: dict[str, list[tuple[np.ndarray, int, int]]] = {}
         for item_id, set_name, _, test_index, _ in self.items():
             majority = majority_label(votes.get(item_id, []))
@@ -278,13 +437,13 @@ class LabelStore:
             for name, rows in grouped.items()
         ]
 
-    def export(self, out: str | Path) -> list[Path]:
+    def export(self, out: str | Path, *, keep_flagged: bool = False) -> list[Path]:
         """Tramèr et al.'s layout: SET.npy (uint8), SET_labels.npy (majority digits), SET_indexs.npy."""
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise DataError(f"export folder {out} is a file; pass a folder path to --out")
         written = []
-        sets = self.majority_sets()
+        sets = self.majority_sets(keep_flagged=keep_flagged)
         if not sets:
             raise DataError(f"{self.path} has no item with a majority label yet; label some items first (`invarbench label summary --db {self.path}`)")
         out.mkdir(parents=True, exist_ok=True)
@@ -338,8 +497,8 @@ def majority_sets(db_path: str | Path) -> list[InvarianceSet]:
 
 
 class PeopleOracle(Oracle):
-    """People's majority labels from a labels database; abstains on unknown images and on items without
-    a majority digit. Images are matched at 8-bit precision."""
+    """People's majority labels from a labels database, flagged annotators left out; abstains on unknown
+    images, control items and items without a majority digit. Images are matched at 8-bit precision."""
 
     exact = True
 
@@ -348,7 +507,7 @@ class PeopleOracle(Oracle):
         self.name = f"people:{Path(db_path).name}"
         votes = store.votes()
         majorities: dict[bytes, set[int]] = {}
-        for item_id, key in store.connection.execute("SELECT id, image_key FROM items"):
+        for item_id, key in store.connection.execute("SELECT id, image_key FROM items WHERE NOT control"):
             if (label := majority_label(votes.get(item_id, []))) is not None:
                 majorities.setdefault(bytes(key), set()).add(label)
         store.close()

@@ -96,7 +96,7 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
         # Every job's records by id: read from disk for finished jobs, handed back by the executor for the others.
         records_of: dict[str, pd.DataFrame] = {}
         seconds_of: dict[str, float] = {}
-        bar = tqdm(total=sum(job.stop - job.start for job in jobs), desc="invarbench run", unit="pt", disable=not progress, dynamic_ncols=True)
+        resumed_points = 0
         for spec in config.models:
             card = get_card(spec.reference) if spec.is_registered else None
             dataset_options = card.dataset_options if card else {}
@@ -136,10 +136,13 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
                 if store.job_done(job.id):
                     records_of[job.id], seconds_of[job.id] = store.read_job(job.id)
                     outcome.jobs_resumed += 1
-                    bar.update(job.stop - job.start)
+                    resumed_points += job.stop - job.start
                     continue
                 window = slice(job.start, job.stop)
                 tasks.append(JobTask(job, images[window], labels[window], clean_predictions[window], config.cascade, earlier))
+        # Started once every model, data set and oracle has loaded and passed its checks: an input error
+        # is the only thing printed.
+        bar = tqdm(total=sum(job.stop - job.start for job in jobs), initial=resumed_points, desc="invarbench run", unit="pt", disable=not progress, dynamic_ncols=True)
 
         driver_seconds = 0.0  # the driver's own time per finished job: storing it, progress (manifest: driver_seconds)
 

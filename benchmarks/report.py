@@ -1,10 +1,10 @@
 """The speed tables of docs/speed.md, generated from the benchmarks' JSON outputs (never typed by hand).
 
 Reads what the benchmark scripts wrote into ``benchmarks/results/`` (pgd_sweep.json, pgd_overhead.json,
-aa_fast.json, ray_scaling.json, leaderboard_cost.json, checkpoint_weight.json; a missing one is left out; further measurements
+aa_fast.json, ray_scaling.json, leaderboard_cost.json, checkpoint_weight.json, labelling_load.json; a missing one is left out; further measurements
 of one benchmark as STEM-WHAT.json, e.g. aa_fast-l2.json, each add a table), writes the Markdown tables
 of each benchmark as ``benchmarks/results/NAME.md`` and replaces the blocks between
-``<!-- benchmarks:NAME -->`` markers in the pages given (default docs/speed.md and docs/models.md). A table names the command, date, threads and CPU
+``<!-- benchmarks:NAME -->`` markers in the pages given (default docs/speed.md, docs/models.md and docs/labelling.md). A table names the command, date, threads and CPU
 of the run it comes from, so a stale figure shows as such.
 
     python benchmarks/report.py [--results benchmarks/results] [--page docs/speed.md ...]
@@ -161,6 +161,19 @@ def _invariance_speed(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _labelling_load(report: dict) -> str:
+    return "\n".join([
+        f"{_origin(report)} {report['annotators']} annotators at once, each labelling all {report['items']} items ({report['control_items']} control items) through the HTTP API of `invarbench label serve` "
+        f"on 127.0.0.1, on a keep-alive connection of their own, on {report['cores']} cores shared with the clients (load average {report['load_average_before']:.1f} from other work when it started). Every acknowledged label was stored exactly once, as acknowledged: {report['labels_stored']} labels.",
+        "",
+        "| requests | count | p50 (ms) | p99 (ms) |",
+        "|---|---|---|---|",
+        *(f"| {what} | {report[key]['requests']} | {report[key]['p50_ms']:.1f} | {report[key]['p99_ms']:.1f} |" for what, key in (("label (`POST /api/label`)", "label_requests"), ("image (`GET /image/ID.png`)", "image_requests"))),
+        "",
+        f"Throughput: {report['labels_per_second']:.0f} labels stored per second ({report['labels_stored']} labels in {report['seconds']:.1f} s).",
+    ]) + "\n"
+
+
 # JSON stem -> (table name, script that writes it, renderer)
 RENDERERS = {
     "pgd_sweep": ("speed-pgd-sweep", "pgd_sweep.py", _pgd_sweep),
@@ -171,10 +184,12 @@ RENDERERS = {
     "checkpoint_weight": ("checkpoint-weight", "checkpoint_weight.py", _checkpoint_weight),
     "device_tests": ("device-tests", "device_check.py", _device_tests),
     "invariance_speed": ("speed-invariance", "device_check.py", _invariance_speed),
+    "labelling_load": ("labelling-load", "labelling_load.py", _labelling_load),
 }
 #: Measurements made on a lent GPU machine (``STEM-gpu.json``, by benchmarks/device_check.py) go to a
-#: table of their own, ``NAME-gpu``, beside the CPU's.
+#: table of their own, ``NAME-gpu``, beside the CPU's: these benchmarks', and device_check.py's own.
 GPU_SUFFIX = "gpu"
+MEASURED_ON_GPU = ("pgd_sweep", "aa_fast")
 
 
 def render(results: Path = RESULTS) -> dict[str, str]:
@@ -188,6 +203,8 @@ def render(results: Path = RESULTS) -> dict[str, str]:
         on_cpu = [path for path in paths if path not in on_gpu]
         if script != "device_check.py":
             tables[name] = "\n".join(renderer(json.loads(path.read_text(encoding="utf-8"))) for path in on_cpu) if on_cpu else f"Not measured yet: run `python benchmarks/{script}`.\n"
+        if script != "device_check.py" and stem not in MEASURED_ON_GPU:
+            continue
         gpu_name = name if script == "device_check.py" else f"{name}-{GPU_SUFFIX}"
         tables[gpu_name] = "\n".join(renderer(json.loads(path.read_text(encoding="utf-8"))) for path in on_gpu) if on_gpu else "Not measured on a GPU yet: run `make device-check` on a lent GPU machine (docs/speed.md says how).\n"
     return tables
@@ -196,12 +213,12 @@ def render(results: Path = RESULTS) -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--page", type=Path, action="append", help="page whose benchmarks blocks to replace (default docs/speed.md and docs/models.md)")
+    parser.add_argument("--page", type=Path, action="append", help="page whose benchmarks blocks to replace (default docs/speed.md, docs/models.md and docs/labelling.md)")
     args = parser.parse_args()
     for name, table in render(args.results).items():
         atomic_write_text(args.results / f"{name}.md", table)
         print(f"wrote {args.results / f'{name}.md'}")
-    for page in args.page or [HERE.parent / "docs" / "speed.md", HERE.parent / "docs" / "models.md"]:
+    for page in args.page or [HERE.parent / "docs" / name for name in ("speed.md", "models.md", "labelling.md")]:
         print(f"{page}: replaced {', '.join(sync_readme(page, args.results, prefix='benchmarks')) or 'nothing'}")
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from invarbench.cli import EXIT_FAILURE, EXIT_USAGE, main
+from invarbench.labelling import LabelStore
 from invarbench.leaderboard.entries import ENTRIES_DIR
 from invarbench.models import registry
 
@@ -76,6 +77,19 @@ class Workspace:
         np.save(folder / "x_labels.npy", np.asarray(labels))
         np.save(folder / "indexs.npy", np.arange(len(labels)))
         return folder
+
+    def labels_db(self, *invited: str) -> Path:
+        """A labels database of four blank images (no control items) with ``invited`` annotators."""
+        with LabelStore.create(self.root / "labels.sqlite", self.labels([1, 2, 3, 4]), control_share=0) as store:
+            for name in invited:
+                store.invite(name)
+        return store.path
+
+    def busy_port(self) -> int:
+        """A port on 127.0.0.1 another socket listens on (until the test ends)."""
+        taken = socket.create_server(("127.0.0.1", 0))
+        self.request.addfinalizer(taken.close)
+        return taken.getsockname()[1]
 
 
 def _truncate(path: Path) -> Path:
@@ -178,10 +192,18 @@ CASES = [
     # people's labels
     ("label folder missing", lambda ws: (["oracle", "evaluate", "proxy:mnist-readers", "--labels", str(ws.root / "labels")], str(ws.root / "labels")), "pass a folder holding NAME.npy", False),
     ("label outside 0-9", lambda ws: (["oracle", "evaluate", "proxy:mnist-readers", "--labels", str(ws.labels([1, 2, 12]))], str(ws.root / "labels" / "x_labels.npy")), "digits 0-9", False),
-    ("labels DB not SQLite (evaluate)", lambda ws: (["oracle", "evaluate", "proxy:mnist-readers", "--labels", str(_not_sqlite(ws))], str(ws.root / "labels.sqlite")), "pass the file `invarbench label serve --db` created", False),
-    ("labels DB not SQLite (summary)", lambda ws: (["label", "summary", "--db", str(_not_sqlite(ws))], str(ws.root / "labels.sqlite")), "pass the file `invarbench label serve --db` created", False),
-    ("labels DB empty file", lambda ws: (["label", "summary", "--db", str(ws.file("empty.sqlite", b""))], str(ws.root / "empty.sqlite")), "pass the file `invarbench label serve --db` created", False),
-    ("labels DB of another program", lambda ws: (["label", "summary", "--db", str(_other_database(ws))], str(ws.root / "other.sqlite")), "pass the file `invarbench label serve --db` created", False),
+    ("labels DB not SQLite (evaluate)", lambda ws: (["oracle", "evaluate", "proxy:mnist-readers", "--labels", str(_not_sqlite(ws))], str(ws.root / "labels.sqlite")), "pass the file `invarbench label create` created", False),
+    ("labels DB not SQLite (summary)", lambda ws: (["label", "summary", "--db", str(_not_sqlite(ws))], str(ws.root / "labels.sqlite")), "pass the file `invarbench label create` created", False),
+    ("labels DB empty file", lambda ws: (["label", "summary", "--db", str(ws.file("empty.sqlite", b""))], str(ws.root / "empty.sqlite")), "pass the file `invarbench label create` created", False),
+    ("labels DB of another program", lambda ws: (["label", "summary", "--db", str(_other_database(ws))], str(ws.root / "other.sqlite")), "pass the file `invarbench label create` created", False),
+    ("label serve without database", lambda ws: (["label", "serve", "--db", str(ws.root / "labels.sqlite")], str(ws.root / "labels.sqlite")), "invarbench label create SOURCE", False),
+    ("label serve off loopback uninvited", lambda ws: (["label", "serve", "--db", str(ws.labels_db()), "--host", "0.0.0.0"], "--host 0.0.0.0"), "invarbench label invite NAME", False),
+    ("label serve on a busy port", lambda ws: (["label", "serve", "--db", str(ws.labels_db()), "--port", str(port := ws.busy_port())], f"port {port}"), "pass another --port", False),
+    ("label create control share", lambda ws: (["label", "create", str(ws.labels([1, 2])), "--db", str(ws.root / "new.sqlite"), "--control-share", "0.7"], "--control-share 0.7"), "between 0 and 0.5", False),
+    ("label invite twice", lambda ws: (["label", "invite", "alice", "--db", str(ws.labels_db("alice"))], "alice"), "invarbench label revoke alice", False),
+    ("label invite bad name", lambda ws: (["label", "invite", "alice smith", "--db", str(ws.labels_db())], "'alice smith'"), "1-64 letters", False),
+    ("label invite bad url", lambda ws: (["label", "invite", "alice", "--db", str(ws.labels_db()), "--url", "lab-pc:8000"], "--url lab-pc:8000"), "http://lab-pc.example.org:8000/", False),
+    ("label revoke unknown", lambda ws: (["label", "revoke", "alcie", "--db", str(ws.labels_db("alice"))], "'alcie'"), "Did you mean alice", False),
     ("oracle evaluate unknown oracle", lambda ws: (["oracle", "evaluate", "proxy:nope", "--labels", str(ws.labels([1, 2]))], "'proxy:nope'"), "named oracles", False),
 ]
 
@@ -208,15 +230,17 @@ def _snapshot(root: Path) -> dict[str, object]:
     return found
 
 
-def _invoke(args: list[str], in_subprocess: bool, capsys) -> tuple[int, str]:
+def _invoke(args: list[str], in_subprocess: bool, capsys) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of the command."""
     if in_subprocess:
         completed = subprocess.run([sys.executable, "-m", "invarbench.cli", *args], capture_output=True, text=True, timeout=120)
-        return completed.returncode, completed.stderr
+        return completed.returncode, completed.stdout, completed.stderr
     try:
         status = main(args)
     except SystemExit as error:  # argparse's usage errors
         status = error.code
-    return status, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
 
 
 @pytest.mark.parametrize(("setup", "fix", "in_subprocess"), [pytest.param(setup, fix, in_subprocess, id=name) for name, setup, fix, in_subprocess in CASES])
@@ -226,9 +250,13 @@ def test_bad_input_gets_one_clear_error_and_changes_nothing(setup, fix, in_subpr
     args, named = setup(Workspace(tmp_path, finished_run, request))
     capsys.readouterr()
     before = _snapshot(tmp_path)
-    status, stderr = _invoke(args, in_subprocess, capsys)
+    # With progress bars on: input is checked before any progress or other output starts.
+    status, stdout, stderr = _invoke([arg for arg in args if arg != "--no-progress"], in_subprocess, capsys)
     assert status in (EXIT_FAILURE, EXIT_USAGE), stderr
-    assert "Traceback" not in stderr and stderr.count("error:") == 1, stderr
+    assert stdout == "", f"printed before the error: {stdout!r}"
+    # Nothing but the error: argparse's usage line and its error, or invarbench's one error line.
+    expected = r"usage: invarbench .*\ninvarbench[ a-z-]*: error: [^\n]+\n" if status == EXIT_USAGE else r"invarbench: error: [^\n]+\n"
+    assert re.fullmatch(expected, stderr, flags=re.DOTALL), f"printed more than the error: {stderr!r}"
     message = stderr[stderr.index("error:") :]
     assert named in message, f"the error does not name {named}: {message}"
     assert fix in message, f"the error does not say how to fix it ({fix!r}): {message}"

@@ -73,7 +73,7 @@ def test_speed_tables_are_generated_from_the_benchmark_outputs():
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     tables = report.render()
-    for page in ("speed.md", "models.md"):
+    for page in ("speed.md", "models.md", "labelling.md"):
         blocks = dict(re.findall(r"<!-- benchmarks:([A-Za-z0-9_.-]+) -->\n(.*?)<!-- /benchmarks:\1 -->", (ROOT / "docs" / page).read_text(), flags=re.DOTALL))
         assert blocks, f"docs/{page} has generated benchmark tables"
         for name, text in blocks.items():
