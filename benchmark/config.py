@@ -245,10 +245,9 @@ def merge_threats(threats: list[ThreatModel]) -> tuple[ThreatModel, ...]:
 
 # Names that once meant another implementation, and the attack that implementation is registered as now:
 # an entry whose settings record no implementation for them (or another than today's) was made with the
-# former one, and its records are re-run with it (``pgd`` was Foolbox's PGD until invarbench's engine;
-# ``metameric`` stepped every pixel by its gradient's sign, rounding's too, until ``min_gradient``);
+# former one, and its records are re-run with it (``pgd`` was Foolbox's PGD until invarbench's engine);
 # likewise an ``invariance-l0`` whose settings record no guide, made by the search that chose by its judge.
-FORMER_IMPLEMENTATIONS = {"pgd": "foolbox-pgd", "metameric": "metameric-every-sign"}
+FORMER_IMPLEMENTATIONS = {"pgd": "foolbox-pgd"}
 FORMER_UNGUIDED = {"invariance-l0": "invariance-l0-judge-guided"}
 
 

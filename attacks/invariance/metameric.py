@@ -34,26 +34,15 @@ class Metameric(InvarianceAttack):
     computed in float64 so that its logits match x_a's to ~1e-10; it is clipped to the input bounds
     only for judging (the oracle and the model's recorded prediction see the clipped image).
     Other models: a gradient metamer, x_b changed inside the eps-ball around it (sign-gradient steps
-    on the squared logit difference) so that the model's logits approach those of x_a. At l_inf a pixel
-    steps only where its gradient is above ``min_gradient`` of the image's largest: below that its sign
-    is float rounding's, and a sign step would move it a full step either way. Measured on
-    ``mnist-cnn-pgd-linf-0.3`` (first 100 points, l_inf 0.4): adding noise of 1e-7 of the largest
-    gradient (the size of rounding) changed the oracle's label of 40 of the 100 metamers stepping every
-    sign, and of none with ``min_gradient`` 1e-4; the stored entry's metamers did not reproduce on a CPU
-    with other vector kernels (AVX2 against AVX512).
+    on the squared logit difference) so that the model's logits approach those of x_a.
     """
 
     name = "metameric"
     norms = ("linf", "l2")
-    #: Recorded in a run's settings; an entry that records none was made by ``metameric-every-sign``.
-    implementation = "sign-steps-above-rounding"
 
-    def __init__(self, *, steps: int = 100, step_fraction: float = 0.05, min_gradient: float = 1e-4):
-        if not 0 <= min_gradient < 1:
-            raise ConfigError(f"metameric min_gradient={min_gradient} must be in [0, 1): the share of an image's largest gradient below which a pixel does not step")
+    def __init__(self, *, steps: int = 100, step_fraction: float = 0.05):
         self.steps = steps
         self.step_fraction = step_fraction
-        self.min_gradient = min_gradient
 
     def budgets(self, threat: ThreatModel, invertible: bool) -> tuple[Budget, ...]:
         if invertible:
@@ -98,9 +87,7 @@ class Metameric(InvarianceAttack):
                     (gradient,) = torch.autograd.grad(loss, candidate)
                     with torch.no_grad():
                         if norm == "linf":
-                            largest = gradient.flatten(1).abs().amax(1).view(-1, *[1] * (images.dim() - 1))
-                            decided = gradient.abs() > self.min_gradient * largest
-                            candidate = candidate - step * torch.where(decided, gradient.sign(), torch.zeros_like(gradient))
+                            candidate = candidate - step * gradient.sign()
                         else:
                             shape = (-1, *[1] * (images.dim() - 1))
                             candidate = candidate - step * gradient / gradient.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
@@ -115,16 +102,3 @@ class Metameric(InvarianceAttack):
         oracle_labels[:, ~has_partner] = ABSTAIN
         margins["oracle_margins"][:, ~has_partner] = -1
         return InvarianceResult(self.name, norm, epsilons, candidates, targets.repeat(len(epsilons), 1), sources.repeat(len(epsilons), 1), context.oracle.name, oracle_labels, predictions, norms, logit_errors, self.options(), **margins)
-
-
-@register_attack
-class MetamericEverySign(Metameric):
-    """``metameric`` as entries stored before ``min_gradient`` were made: every pixel steps by its
-    gradient's sign, also where float rounding decides it. Kept so that those entries stay checkable
-    (on the CPU they were made on); new runs use ``metameric``."""
-
-    name = "metameric-every-sign"
-    implementation = None
-
-    def __init__(self, *, steps: int = 100, step_fraction: float = 0.05):
-        super().__init__(steps=steps, step_fraction=step_fraction, min_gradient=0.0)
