@@ -243,7 +243,7 @@ def main() -> None:
     summary = {"dry_run": args.dry_run, "size": size, "parts": {}}
     for name in args.parts:
         started = time.perf_counter()
-        command = [sys.executable, __file__, "--out", str(args.out), "--part", name, *(["--dry-run"] if args.dry_run else []), *(["--rehearse"] if args.rehearse else [])]
+        command = [sys.executable, str(Path(__file__).relative_to(ROOT)), "--out", str(args.out), "--part", name, *(["--dry-run"] if args.dry_run else []), *(["--rehearse"] if args.rehearse else [])]
         try:
             code = subprocess.run(command, cwd=ROOT, timeout=limits[name] * (6 if args.rehearse and name == "tests" else 1)).returncode
         except subprocess.TimeoutExpired:

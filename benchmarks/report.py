@@ -27,7 +27,9 @@ RESULTS = HERE / "results"
 def _origin(report: dict) -> str:
     processor = f"GPU {report['gpu']}, torch {report.get('torch', '?')}; CPU {report.get('cpu', '?')}" if report.get("gpu") else report.get("cpu") or report.get("machine", "")
     where = ", ".join(part for part in (f"{report['threads']} thread{'s' if report['threads'] != 1 else ''}" if "threads" in report else "", processor) if part)
-    command = f"`{report['command']}`, " if report.get("command") else ""
+    # Scripts named by the path they were run from (device_check.py's parts: an absolute path) are shown from the repository's root.
+    shown = re.sub(r"[^ ]*/(benchmarks/[^ ]+)", r"\1", report.get("command", ""))
+    command = f"`{shown}`, " if shown else ""
     return f"Measured by {command}{report.get('date', 'date not recorded')[:10]} ({where})."
 
 
