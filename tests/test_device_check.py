@@ -41,7 +41,7 @@ def test_device_check_dry_run_writes_every_part_and_the_report_renders_it(tmp_pa
         (results / name.replace("dry-run", "gpu")).write_text(json.dumps(data))
     tables = report.render(results)
     assert "mnist-cnn-standard" in tables["speed-pgd-sweep-gpu"] and "mnist-cnn-standard" in tables["speed-aa-fast-gpu"]
-    assert "invariance-l0" in tables["speed-invariance"] and "collected" in tables["device-tests"]
+    assert "invariance-linf" in tables["speed-invariance"] and "collected" in tables["device-tests"]
     assert tables["speed-pgd-sweep"].startswith("Not measured yet")
 
 
