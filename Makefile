@@ -9,7 +9,7 @@ BENCH_N ?= 100
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: install bench test test-fast clean browser leaderboard device-wheels device-check
+.PHONY: install bench lint format test test-fast clean browser leaderboard device-wheels device-check
 
 install: $(STAMP)
 
@@ -28,7 +28,18 @@ browser:
 	@test -x $(CHROMIUM) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) || \
 		echo "warning: could not install chromium with apt-get (not root?); the browser test will be skipped"
 
-test: $(STAMP) browser
+# Lint: ruff's rules and formatting over the whole tree, and mypy on the core modules (tools/typecheck.py).
+# `make test` runs it first, so that CI fails on a finding; `make format` applies ruff's fixes and format.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PYTHON) tools/typecheck.py
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint browser
 	$(INVARBENCH) data fetch mnist
 	$(PYTHON) -m pytest
 	# Regression check on a small subset: the first 100 points of one entry of every kind (perturbation with AutoAttack; each invariance attack with gradient metamers of a robust model; exact metamers), with their settings and seeds.

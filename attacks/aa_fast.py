@@ -36,16 +36,17 @@ from collections.abc import Callable
 
 import pyautoattack
 import torch
+from pyautoattack import checks
+from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+from pyautoattack.fab_pt import FABAttack_PT
+from pyautoattack.square import SquareAttack
+
 from invarbench.attacks.autoattack import NORM_NAMES, UnitBox, _batches, collected_warnings, image_shape
 from invarbench.attacks.base import Attack, Outcome, register_attack
 from invarbench.attacks.incremental import IncrementalForward
 from invarbench.attacks.square import square_l2, square_linf, traced_forward
 from invarbench.errors import ConfigError
 from invarbench.evaluation import logits, model_device, same_logits
-from pyautoattack import checks
-from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
-from pyautoattack.fab_pt import FABAttack_PT
-from pyautoattack.square import SquareAttack
 
 RANKINGS = ("malt", "logits")
 DUAL_NORMS = {"linf": 1, "l2": 2}
@@ -67,20 +68,56 @@ class AAFast(Attack):
 
     name = "aa-fast"
 
-    def __init__(self, *, targets: int = 3, ranking: str = "logits", steps: int = 100, square_queries: int = 5000, escalate: bool = True, escalate_above: float = 0.05, batch_size: int = 500, square: str = "invarbench"):
+    def __init__(
+        self,
+        *,
+        targets: int = 3,
+        ranking: str = "logits",
+        steps: int = 100,
+        square_queries: int = 5000,
+        escalate: bool = True,
+        escalate_above: float = 0.05,
+        batch_size: int = 500,
+        square: str = "invarbench",
+    ):
         if ranking not in RANKINGS:
-            raise ConfigError(f"aa-fast: unknown ranking {ranking!r}; use one of {', '.join(RANKINGS)} (e.g. aa-fast:ranking=malt)")
-        for option, value, least in (("targets", targets, 0), ("steps", steps, 1), ("square_queries", square_queries, 0), ("batch_size", batch_size, 1)):
+            raise ConfigError(
+                f"aa-fast: unknown ranking {ranking!r}; use one of {', '.join(RANKINGS)} (e.g. aa-fast:ranking=malt)"
+            )
+        for option, value, least in (
+            ("targets", targets, 0),
+            ("steps", steps, 1),
+            ("square_queries", square_queries, 0),
+            ("batch_size", batch_size, 1),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ConfigError(f"aa-fast: {option} must be an integer >= {least}, got {value!r} (e.g. aa-fast:{option}={max(least, 1)})")
+                raise ConfigError(
+                    f"aa-fast: {option} must be an integer >= {least}, got {value!r} (e.g. aa-fast:{option}={max(least, 1)})"
+                )
         if not isinstance(escalate, bool):
-            raise ConfigError(f"aa-fast: escalate must be true or false, got {escalate!r} (e.g. aa-fast:escalate=false)")
-        if isinstance(escalate_above, bool) or not isinstance(escalate_above, (int, float)) or not 0 <= escalate_above < 1:
-            raise ConfigError(f"aa-fast: escalate_above is the fraction of points Square must break for the full targeted stages to run, in [0, 1), got {escalate_above!r} (e.g. aa-fast:escalate_above=0.002, pyautoattack's warning threshold)")
-        self.targets, self.ranking, self.steps, self.square_queries, self.batch_size = targets, ranking, steps, square_queries, batch_size
+            raise ConfigError(
+                f"aa-fast: escalate must be true or false, got {escalate!r} (e.g. aa-fast:escalate=false)"
+            )
+        if (
+            isinstance(escalate_above, bool)
+            or not isinstance(escalate_above, (int, float))
+            or not 0 <= escalate_above < 1
+        ):
+            raise ConfigError(
+                f"aa-fast: escalate_above is the fraction of points Square must break for the full targeted stages to run, in [0, 1), got {escalate_above!r} (e.g. aa-fast:escalate_above=0.002, pyautoattack's warning threshold)"
+            )
+        self.targets, self.ranking, self.steps, self.square_queries, self.batch_size = (
+            targets,
+            ranking,
+            steps,
+            square_queries,
+            batch_size,
+        )
         self.escalate, self.escalate_above = escalate, escalate_above
         if square not in SQUARE_IMPLEMENTATIONS:
-            raise ConfigError(f"aa-fast: square is the Square implementation, one of {', '.join(SQUARE_IMPLEMENTATIONS)}, got {square!r} (e.g. aa-fast:square=pyautoattack)")
+            raise ConfigError(
+                f"aa-fast: square is the Square implementation, one of {', '.join(SQUARE_IMPLEMENTATIONS)}, got {square!r} (e.g. aa-fast:square=pyautoattack)"
+            )
         self.square = square
 
     def run(self, model, images, labels, *, norm, epsilons, seed, active, workspace=None):
@@ -91,7 +128,9 @@ class AAFast(Attack):
         square_fits = norm != "l2" or min(image_shape(images.shape[1:])[1:]) >= SQUARE_L2_MIN_SIDE
         stages = ["apgd-ce"] + ["apgd-t"] * (targets > 0) + ["square"] * (self.square_queries > 0 and square_fits)
         all_targets = model.num_classes - 1 if targets else 0
-        escalation = (["apgd-t-rest"] * (all_targets > targets) + ["fab-t"]) if self.escalate and "square" in stages else []
+        escalation = (
+            (["apgd-t-rest"] * (all_targets > targets) + ["fab-t"]) if self.escalate and "square" in stages else []
+        )
         statistics: list[dict] = []
         messages: list[str] = []
         logger = logging.getLogger("auto-attack")
@@ -109,17 +148,40 @@ class AAFast(Attack):
                 unit = ((x - low) / (high - low)).reshape(len(x), *image_shape(x.shape[1:]))
                 raised: list[str] = []
                 with collected_warnings(logger, raised):
-                    cascade = _Cascade(box, unit, y, given=given, norm=norm, eps=eps / (high - low), seed=seed, batch_size=self.batch_size, device=device, logger=logger)
+                    cascade = _Cascade(
+                        box,
+                        unit,
+                        y,
+                        given=given,
+                        norm=norm,
+                        eps=eps / (high - low),
+                        seed=seed,
+                        batch_size=self.batch_size,
+                        device=device,
+                        logger=logger,
+                    )
                     cascade.check_model()
                     for stage in stages:
                         cascade.run_stage(stage, **self._stage_options(stage, targets, norm))
                     checks.check_square_sr(cascade.accuracies, logger=logger)
                     if escalation and cascade.square_beat_gradients(self.escalate_above) and cascade.robust.any():
                         for stage in escalation:
-                            cascade.run_stage(stage, **self._stage_options(stage, targets, norm, classes=model.num_classes))
+                            cascade.run_stage(
+                                stage, **self._stage_options(stage, targets, norm, classes=model.num_classes)
+                            )
                 messages.extend(f"eps {eps:g}: {message}" for message in raised)
                 statistics.extend({"eps": eps, **entry} for entry in cascade.statistics)
-                outcome.judge(model, index, points, x, y, low + cascade.adversarial.reshape(x.shape) * (high - low), norm=norm, eps=eps, batch_size=self.batch_size)
+                outcome.judge(
+                    model,
+                    index,
+                    points,
+                    x,
+                    y,
+                    low + cascade.adversarial.reshape(x.shape) * (high - low),
+                    norm=norm,
+                    eps=eps,
+                    batch_size=self.batch_size,
+                )
         details = {
             "stages": stages,
             "escalation_stages": escalation,
@@ -129,7 +191,11 @@ class AAFast(Attack):
             "stage_statistics": statistics,
             "implementation": f"pyautoattack {pyautoattack.__version__}: "
             + " -> ".join(self._describe(stage, targets) for stage in stages)
-            + (f"; where Square beat the gradient stages: {' -> '.join(self._describe(stage, targets) for stage in escalation)}" if escalation else ""),
+            + (
+                f"; where Square beat the gradient stages: {' -> '.join(self._describe(stage, targets) for stage in escalation)}"
+                if escalation
+                else ""
+            ),
         }
         if 0 < self.targets and targets == 0:
             details["left_out_for_num_classes"] = ["apgd-t"]
@@ -168,7 +234,14 @@ class _Cascade:
 
     def __init__(self, box, unit, labels, *, given, norm, eps, seed, batch_size, device, logger):
         self.box, self.given, self.x, self.y = box, given, unit, labels
-        self.norm, self.eps, self.seed, self.batch_size, self.device, self.logger = NORM_NAMES[norm], eps, seed, batch_size, device, logger
+        self.norm, self.eps, self.seed, self.batch_size, self.device, self.logger = (
+            NORM_NAMES[norm],
+            eps,
+            seed,
+            batch_size,
+            device,
+            logger,
+        )
         self.adversarial = unit.clone()
         self.robust = logits(box, unit, batch_size=batch_size).argmax(1) == labels
         self.accuracies = {"clean": self.robust.float().mean().item()}
@@ -185,7 +258,18 @@ class _Cascade:
     def run_stage(self, stage: str, **options) -> None:
         attacked = int(self.robust.sum())
         if stage == "apgd-ce":
-            apgd = APGDAttack(self.box, n_iter=options["steps"], norm=self.norm, n_restarts=1, eps=self.eps, seed=self.seed, loss="ce", rho=0.75, device=self.device, logger=self.logger)
+            apgd = APGDAttack(
+                self.box,
+                n_iter=options["steps"],
+                norm=self.norm,
+                n_restarts=1,
+                eps=self.eps,
+                seed=self.seed,
+                loss="ce",
+                rho=0.75,
+                device=self.device,
+                logger=self.logger,
+            )
             self._on_survivors(lambda x, y, _: apgd.perturb(x, y))
         elif stage in ("apgd-t", "apgd-t-rest"):
             ranks = options["ranks"]
@@ -193,32 +277,90 @@ class _Cascade:
             survivors = self.robust.nonzero().flatten()
             for batch in _batches(len(survivors), self.batch_size):
                 chosen = survivors[batch]
-                ranked[chosen] = rank_targets(self.box, self.x[chosen].to(self.device), self.y[chosen].to(self.device), dual=options["dual"], ranking=options["ranking"])[:, : ranks.stop].cpu()
+                ranked[chosen] = rank_targets(
+                    self.box,
+                    self.x[chosen].to(self.device),
+                    self.y[chosen].to(self.device),
+                    dual=options["dual"],
+                    ranking=options["ranking"],
+                )[:, : ranks.stop].cpu()
             box = self.given if stage == "apgd-t-rest" else self.box
-            apgd = APGDAttack_targeted(box, n_iter=options["steps"], norm=self.norm, n_restarts=1, eps=self.eps, seed=self.seed, rho=0.75, device=self.device, logger=self.logger)
+            apgd = APGDAttack_targeted(
+                box,
+                n_iter=options["steps"],
+                norm=self.norm,
+                n_restarts=1,
+                eps=self.eps,
+                seed=self.seed,
+                rho=0.75,
+                device=self.device,
+                logger=self.logger,
+            )
             broken = []
             for rank in ranks:
                 before = int(self.robust.sum())
-                self._on_survivors(lambda x, y, chosen: _targeted(apgd, x, y, ranked[chosen, rank].to(self.device)), box)
+                self._on_survivors(
+                    lambda x, y, chosen: _targeted(apgd, x, y, ranked[chosen, rank].to(self.device)), box
+                )
                 broken.append(before - int(self.robust.sum()))
         elif stage == "fab-t":
-            fab = FABAttack_PT(self.given, norm=self.norm, n_restarts=1, n_iter=options["steps"], eps=self.eps, seed=self.seed, targeted=True, device=self.device, n_target_classes=options["targets"])
+            fab = FABAttack_PT(
+                self.given,
+                norm=self.norm,
+                n_restarts=1,
+                n_iter=options["steps"],
+                eps=self.eps,
+                seed=self.seed,
+                targeted=True,
+                device=self.device,
+                n_target_classes=options["targets"],
+            )
             self._on_survivors(lambda x, y, _: fab.perturb(x, y), self.given)
         elif options["implementation"] == "invarbench":
             if self.robust.any():
-                forward, incremental, self.square_forward = _unit_forward(self.box, self.x[self.robust][:8].to(self.device), local=self.norm == "Linf")
+                forward, incremental, self.square_forward = _unit_forward(
+                    self.box, self.x[self.robust][:8].to(self.device), local=self.norm == "Linf"
+                )
                 generator = torch.Generator().manual_seed(self.seed)
                 if self.norm == "Linf":
-                    self._on_survivors(lambda x, y, _: square_linf(forward, x, y, eps=self.eps, queries=options["queries"], generator=generator, p_init=0.8, incremental=incremental)[0])
+                    self._on_survivors(
+                        lambda x, y, _: square_linf(
+                            forward,
+                            x,
+                            y,
+                            eps=self.eps,
+                            queries=options["queries"],
+                            generator=generator,
+                            p_init=0.8,
+                            incremental=incremental,
+                        )[0]
+                    )
                 else:
-                    self._on_survivors(lambda x, y, _: square_l2(forward, x, y, eps=self.eps, queries=options["queries"], generator=generator, p_init=0.8)[0])
+                    self._on_survivors(
+                        lambda x, y, _: square_l2(
+                            forward, x, y, eps=self.eps, queries=options["queries"], generator=generator, p_init=0.8
+                        )[0]
+                    )
         else:
-            square = SquareAttack(self.box, p_init=0.8, n_queries=options["queries"], eps=self.eps, norm=self.norm, n_restarts=1, seed=self.seed, verbose=False, device=self.device, resc_schedule=False)
+            square = SquareAttack(
+                self.box,
+                p_init=0.8,
+                n_queries=options["queries"],
+                eps=self.eps,
+                norm=self.norm,
+                n_restarts=1,
+                seed=self.seed,
+                verbose=False,
+                device=self.device,
+                resc_schedule=False,
+            )
             self._on_survivors(lambda x, y, _: square.perturb(x, y))
         self.accuracies[stage] = self.robust.float().mean().item()
         entry = {"stage": stage, "attacked": attacked, "broken": attacked - int(self.robust.sum())}
         if stage == "square":
-            entry["implementation"] = options["implementation"] + (f", {self.square_forward} forward" if options["implementation"] == "invarbench" else "")
+            entry["implementation"] = options["implementation"] + (
+                f", {self.square_forward} forward" if options["implementation"] == "invarbench" else ""
+            )
         self.statistics.append({**entry, "broken_per_target": broken} if stage.startswith("apgd-t") else entry)
 
     def square_beat_gradients(self, fraction: float) -> bool:
@@ -226,7 +368,9 @@ class _Cascade:
         before = min(accuracy for stage, accuracy in self.accuracies.items() if stage != "square")
         return "square" in self.accuracies and self.accuracies["square"] < before - fraction
 
-    def _on_survivors(self, attack: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], box: UnitBox | None = None) -> None:
+    def _on_survivors(
+        self, attack: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], box: UnitBox | None = None
+    ) -> None:
         """Run ``attack(x, y, indices)`` on the points still robust, in batches; keep what fools the model
         (``box``, by default the cascade's)."""
         survivors = self.robust.nonzero().flatten()
@@ -258,14 +402,18 @@ def channels_last_copy(model: torch.nn.Module, example: torch.Tensor) -> tuple[t
     return faster, "channels last"
 
 
-def _unit_forward(box: UnitBox, example: torch.Tensor, *, local: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], IncrementalForward | None, str]:
+def _unit_forward(
+    box: UnitBox, example: torch.Tensor, *, local: bool
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], IncrementalForward | None, str]:
     """``box``'s forward pass through an inference-optimised copy of its model where one matches it
     (:func:`invarbench.attacks.square.traced_forward`), with ``local`` the incremental one for Square's
     small windows where it matches the model (attacks/incremental.py), and how they are computed."""
     model, how = traced_forward(box.model, box.to_model(example))
     incremental = None
     if local:
-        incremental, built = IncrementalForward.build(box.model, example, to_model=lambda unit: box.low + unit * (box.high - box.low))
+        incremental, built = IncrementalForward.build(
+            box.model, example, to_model=lambda unit: box.low + unit * (box.high - box.low)
+        )
         how += f"; {built}"
     return (lambda unit: model(box.to_model(unit))), incremental, how
 
@@ -282,7 +430,14 @@ def _targeted(apgd: APGDAttack_targeted, x: torch.Tensor, y: torch.Tensor, targe
     return adversarial
 
 
-def rank_targets(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, *, dual: float, ranking: str = "logits") -> torch.Tensor:
+def rank_targets(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    dual: float,
+    ranking: str = "logits",
+) -> torch.Tensor:
     """Classes other than ``y``, most promising target first: ascending (z_y - z_t) / ||grad_x (z_y - z_t)||_dual
     (MALT), or ascending z_y - z_t (``ranking="logits"``). Returns (N, classes - 1) class indices."""
     x = x.detach().clone().requires_grad_(True)
@@ -291,9 +446,14 @@ def rank_targets(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         own = output.gather(1, y.view(-1, 1))
         differences = own - output
         if ranking == "malt":
-            gradients = torch.stack([torch.autograd.grad(output[:, c].sum(), x, retain_graph=c < output.shape[1] - 1)[0].flatten(1) for c in range(output.shape[1])], 1)
+            gradients = torch.stack(
+                [
+                    torch.autograd.grad(output[:, c].sum(), x, retain_graph=c < output.shape[1] - 1)[0].flatten(1)
+                    for c in range(output.shape[1])
+                ],
+                1,
+            )
             own_gradient = gradients.gather(1, y.view(-1, 1, 1).expand(-1, 1, gradients.shape[2]))
             differences = differences / ((own_gradient - gradients).norm(p=dual, dim=2) + 1e-12)
     scores = differences.detach().scatter(1, y.view(-1, 1), float("inf"))
     return scores.argsort(1)[:, :-1]
-

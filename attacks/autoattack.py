@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pyautoattack
 import torch
+from pyautoattack.state import EvaluationState
+
 from invarbench.attacks.base import Attack, PerturbationResult, register_attack
 from invarbench.attacks.norms import perturbation_norm, project_perturbation
 from invarbench.errors import ConfigError
 from invarbench.evaluation import model_device
-from pyautoattack.state import EvaluationState
 
 VERSIONS = ("standard", "plus", "rand", "custom")
 SUB_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
@@ -54,7 +55,11 @@ def collected_warnings(logger: logging.Logger, messages: list[str]):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             yield
-        messages.extend(str(warning.message) for warning in caught if "pyautoattack" in (warning.filename or "") or reliability_flag(str(warning.message)) != "other")
+        messages.extend(
+            str(warning.message)
+            for warning in caught
+            if "pyautoattack" in (warning.filename or "") or reliability_flag(str(warning.message)) != "other"
+        )
     finally:
         logger.removeHandler(handler)
 
@@ -77,16 +82,28 @@ class AutoAttack(Attack):
         if version not in VERSIONS:
             raise ConfigError(f"autoattack: unknown version {version!r}; use one of {', '.join(VERSIONS)}")
         if (version == "custom") != (attacks is not None):
-            raise ConfigError("autoattack: give a list of attacks exactly when version='custom' (e.g. attacks=['apgd-ce', 'square'])")
+            raise ConfigError(
+                "autoattack: give a list of attacks exactly when version='custom' (e.g. attacks=['apgd-ce', 'square'])"
+            )
         unknown = sorted(set(attacks or ()) - set(SUB_ATTACKS))
         if unknown:
             raise ConfigError(f"autoattack: unknown sub-attacks {unknown}; choose from {', '.join(SUB_ATTACKS)}")
         self.version, self.attacks, self.batch_size = version, list(attacks) if attacks else None, batch_size
 
-    def _ensemble(self, model, *, norm: str, eps: float, seed: int, input_shape: tuple[int, ...]) -> tuple[pyautoattack.AutoAttack, dict]:
+    def _ensemble(
+        self, model, *, norm: str, eps: float, seed: int, input_shape: tuple[int, ...]
+    ) -> tuple[pyautoattack.AutoAttack, dict]:
         device = model_device(model)
         num_classes = model.num_classes
-        ensemble = pyautoattack.AutoAttack(UnitBox(model, input_shape), norm=NORM_NAMES[norm], eps=eps, version=self.version, attacks=self.attacks, seed=seed, device=device)
+        ensemble = pyautoattack.AutoAttack(
+            UnitBox(model, input_shape),
+            norm=NORM_NAMES[norm],
+            eps=eps,
+            version=self.version,
+            attacks=self.attacks,
+            seed=seed,
+            device=device,
+        )
         ensemble.logger.setLevel(logging.WARNING)
         targets = min(9, num_classes - 1)
         ensemble.apgd_targeted.n_target_classes = targets
@@ -94,8 +111,14 @@ class AutoAttack(Attack):
         left_out = [attack for attack in ensemble.attacks_to_run if num_classes < MIN_CLASSES.get(attack, 0)]
         ensemble.attacks_to_run = [attack for attack in ensemble.attacks_to_run if attack not in left_out]
         if not ensemble.attacks_to_run:
-            raise ConfigError(f"autoattack: none of the sub-attacks {left_out} works with {num_classes} classes; choose version='custom' with apgd-ce, fab or square")
-        details = {"sub_attacks": list(ensemble.attacks_to_run), "left_out_for_num_classes": left_out, "n_target_classes": targets}
+            raise ConfigError(
+                f"autoattack: none of the sub-attacks {left_out} works with {num_classes} classes; choose version='custom' with apgd-ce, fab or square"
+            )
+        details = {
+            "sub_attacks": list(ensemble.attacks_to_run),
+            "left_out_for_num_classes": left_out,
+            "n_target_classes": targets,
+        }
         return ensemble, details
 
     def run(self, model, images, labels, *, norm, epsilons, seed, active, workspace=None):
@@ -113,7 +136,9 @@ class AutoAttack(Attack):
                 continue
             low, high = model.bounds
             # pyautoattack clips to [0, 1]: attack in unit-box coordinates, where eps scales by 1/(high - low).
-            ensemble, details = self._ensemble(model, norm=norm, eps=eps / (high - low), seed=seed, input_shape=tuple(images.shape[1:]))
+            ensemble, details = self._ensemble(
+                model, norm=norm, eps=eps / (high - low), seed=seed, input_shape=tuple(images.shape[1:])
+            )
             state_path = workspace / f"autoattack-{norm}-{eps:g}.json" if workspace is not None else None
             still_robust, resumed = self._resume(ensemble, state_path, len(points))
             attacked = points[still_robust]
@@ -125,16 +150,34 @@ class AutoAttack(Attack):
                 # state mid-run (its adversarial labels are only initialised on a fresh start).
                 raised: list[str] = []
                 with collected_warnings(ensemble.logger, raised):
-                    unit_adversarial, _ = ensemble.run_standard_evaluation(unit_x, y, batch_size=self.batch_size, state_path=None if resumed else state_path)
+                    unit_adversarial, _ = ensemble.run_standard_evaluation(
+                        unit_x, y, batch_size=self.batch_size, state_path=None if resumed else state_path
+                    )
                 messages.extend(f"eps {eps:g}: {message}" for message in raised)
-                adversarial = project_perturbation(x, low + unit_adversarial.reshape(x.shape) * (high - low), norm=norm, eps=eps, bounds=model.bounds)
+                adversarial = project_perturbation(
+                    x, low + unit_adversarial.reshape(x.shape) * (high - low), norm=norm, eps=eps, bounds=model.bounds
+                )
                 with torch.no_grad():
-                    adversarial_labels = torch.cat([model(adversarial[batch].to(device)).argmax(1) for batch in _batches(len(adversarial), self.batch_size)]).cpu()
+                    adversarial_labels = torch.cat(
+                        [
+                            model(adversarial[batch].to(device)).argmax(1)
+                            for batch in _batches(len(adversarial), self.batch_size)
+                        ]
+                    ).cpu()
                 success[index, attacked] = adversarial_labels != y.cpu()
                 norms[index, attacked] = perturbation_norm((adversarial - x).cpu(), norm)
                 predictions[index, attacked] = adversarial_labels
         unique = tuple(dict.fromkeys(messages))
-        return PerturbationResult(self.name, norm, epsilons, success, norms, predictions, {**self.options(), **details, "implementation": f"pyautoattack {pyautoattack.__version__}"}, warnings=unique)
+        return PerturbationResult(
+            self.name,
+            norm,
+            epsilons,
+            success,
+            norms,
+            predictions,
+            {**self.options(), **details, "implementation": f"pyautoattack {pyautoattack.__version__}"},
+            warnings=unique,
+        )
 
     @staticmethod
     def _resume(ensemble, state_path: Path | None, count: int) -> tuple[torch.Tensor, bool]:

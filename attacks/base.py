@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+
 from invarbench.attacks.norms import NORMS, perturbation_norm, project_perturbation
 from invarbench.errors import ConfigError, did_you_mean
 from invarbench.evaluation import label_margins, logits
@@ -35,13 +36,19 @@ class ThreatModel:
         norm, separator, values = spec.partition(":")
         norm = norm.strip().lower()
         if not separator or not values.strip():
-            raise ConfigError(f"threat specification {spec!r} has no eps values; write NORM:EPS[,EPS...], e.g. linf:0.1,0.3 or l2:2.0")
+            raise ConfigError(
+                f"threat specification {spec!r} has no eps values; write NORM:EPS[,EPS...], e.g. linf:0.1,0.3 or l2:2.0"
+            )
         if norm not in NORMS:
-            raise ConfigError(f"threat specification {spec!r}: unknown norm {norm!r}; use one of {', '.join(NORMS)} (e.g. linf:0.3)")
+            raise ConfigError(
+                f"threat specification {spec!r}: unknown norm {norm!r}; use one of {', '.join(NORMS)} (e.g. linf:0.3)"
+            )
         try:
             epsilons = tuple(float(value) for value in values.split(","))
         except ValueError as error:
-            raise ConfigError(f"threat specification {spec!r}: eps values must be numbers separated by commas, e.g. {norm}:0.1,0.3") from error
+            raise ConfigError(
+                f"threat specification {spec!r}: eps values must be numbers separated by commas, e.g. {norm}:0.1,0.3"
+            ) from error
         if any(not eps > 0 for eps in epsilons):
             raise ConfigError(f"threat specification {spec!r}: every eps must be positive")
         if len(set(epsilons)) != len(epsilons):
@@ -54,16 +61,24 @@ class ThreatModel:
         limit = width if self.norm == "linf" else width * input_size**0.5
         for eps in self.epsilons:
             if eps >= limit:
-                raise ConfigError(f"eps {eps:g} for {self.norm} is out of range for inputs in {list(bounds)} of {source}: the ball would contain every input; use eps < {limit:g}")
+                raise ConfigError(
+                    f"eps {eps:g} for {self.norm} is out of range for inputs in {list(bounds)} of {source}: the ball"
+                    f" would contain every input; use eps < {limit:g}"
+                )
 
     def __str__(self) -> str:
-        # Short where that is exact (0.3, 2); every digit where it is not (8/255), so parsing the text gives the same eps back.
+        # Short where that is exact (0.3, 2); every digit where it is not (8/255), so parsing the text gives the
+        # same eps back.
         return f"{self.norm}:{','.join(f'{eps:g}' if float(f'{eps:g}') == eps else repr(eps) for eps in self.epsilons)}"
 
 
 BUDGET_EXAMPLES = "e.g. linf:0.3, l2:2, l0:25, metamer:0 or set:0"
 #: The pseudo-norms of invariance attacks, and what a budget under each counts.
-PSEUDO_NORMS = {"l0": "changed pixels, a whole number from 1 (e.g. l0:25)", "metamer": "nothing: exact metamers do not depend on a ball (metamer:0)", "set": "the position of a fixed invariance set, a whole number from 0 (e.g. set:0)"}
+PSEUDO_NORMS = {
+    "l0": "changed pixels, a whole number from 1 (e.g. l0:25)",
+    "metamer": "nothing: exact metamers do not depend on a ball (metamer:0)",
+    "set": "the position of a fixed invariance set, a whole number from 0 (e.g. set:0)",
+}
 
 
 @dataclass(frozen=True)
@@ -94,7 +109,9 @@ class Budget:
         if not separator or not norm:
             raise ConfigError(f"budget {text!r} has no norm; write NORM:VALUE, {BUDGET_EXAMPLES}")
         if number is None or math.isnan(number):
-            raise ConfigError(f"budget {text!r}: the value {value.strip()!r} is not a number; write NORM:VALUE, {BUDGET_EXAMPLES}")
+            raise ConfigError(
+                f"budget {text!r}: the value {value.strip()!r} is not a number; write NORM:VALUE, {BUDGET_EXAMPLES}"
+            )
         budget = cls(norm, number)
         budget.check(text)
         return budget
@@ -104,14 +121,21 @@ class Budget:
         name = repr(str(self) if text is None else text)
         known = (*NORMS, *PSEUDO_NORMS)
         if self.norm not in known:
-            raise ConfigError(f"budget {name}: unknown norm {self.norm!r}; use one of {', '.join(known)} ({BUDGET_EXAMPLES}){did_you_mean(self.norm, known)}")
+            raise ConfigError(
+                f"budget {name}: unknown norm {self.norm!r}; use one of {', '.join(known)}"
+                f" ({BUDGET_EXAMPLES}){did_you_mean(self.norm, known)}"
+            )
         if self.norm in NORMS:
             if not 0 < self.value < math.inf:
                 raise ConfigError(f"budget {name}: eps must be a positive number, e.g. {self.norm}:0.3")
         elif self.norm == "metamer":
             if self.value != 0:
                 raise ConfigError(f"budget {name}: exact metamers have no budget; write metamer:0")
-        elif not (math.isfinite(self.value) and self.value == int(self.value) and self.value >= (1 if self.norm == "l0" else 0)):
+        elif not (
+            math.isfinite(self.value)
+            and self.value == int(self.value)
+            and self.value >= (1 if self.norm == "l0" else 0)
+        ):
             raise ConfigError(f"budget {name}: {self.norm} counts {PSEUDO_NORMS[self.norm]}")
 
     def __str__(self) -> str:
@@ -164,9 +188,27 @@ class Outcome:
         """Before any attack: no success, NaN norms and margins, predictions -1, the clean images."""
         shape = (len(epsilons), len(images))
         adversarials = images.detach().cpu().unsqueeze(0).repeat(len(epsilons), *[1] * images.dim())
-        return cls(torch.zeros(shape, dtype=torch.bool), torch.full(shape, float("nan")), torch.full(shape, -1, dtype=torch.long), torch.full(shape, float("nan")), adversarials)
+        return cls(
+            torch.zeros(shape, dtype=torch.bool),
+            torch.full(shape, float("nan")),
+            torch.full(shape, -1, dtype=torch.long),
+            torch.full(shape, float("nan")),
+            adversarials,
+        )
 
-    def judge(self, model: torch.nn.Module, index: int, points: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, adversarial: torch.Tensor, *, norm: str, eps: float, batch_size: int) -> None:
+    def judge(
+        self,
+        model: torch.nn.Module,
+        index: int,
+        points: torch.Tensor,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        adversarial: torch.Tensor,
+        *,
+        norm: str,
+        eps: float,
+        batch_size: int,
+    ) -> None:
         """Record eps ``index`` for ``points`` from an attack's examples: moved onto the ball and bounds
         (removing float rounding from a change of coordinates), then judged by the model itself."""
         adversarial = project_perturbation(images, adversarial, norm=norm, eps=eps, bounds=model.bounds)
@@ -177,8 +219,26 @@ class Outcome:
         self.margins[index, points] = label_margins(output, labels)
         self.adversarials[index, points] = adversarial
 
-    def result(self, attack: str, norm: str, epsilons: tuple[float, ...], options: dict[str, Any], warnings: tuple[str, ...] = ()) -> PerturbationResult:
-        return PerturbationResult(attack, norm, tuple(epsilons), self.success, self.norms, self.predictions, options, self.adversarials, self.margins, warnings)
+    def result(
+        self,
+        attack: str,
+        norm: str,
+        epsilons: tuple[float, ...],
+        options: dict[str, Any],
+        warnings: tuple[str, ...] = (),
+    ) -> PerturbationResult:
+        return PerturbationResult(
+            attack,
+            norm,
+            tuple(epsilons),
+            self.success,
+            self.norms,
+            self.predictions,
+            options,
+            self.adversarials,
+            self.margins,
+            warnings,
+        )
 
 
 @contextmanager
@@ -219,7 +279,18 @@ class Attack(ABC):
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "options": self.options()}
 
-    def __call__(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, norm: str, epsilons: tuple[float, ...], seed: int = 0, active: torch.Tensor | None = None, workspace: Path | None = None) -> PerturbationResult:
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        norm: str,
+        epsilons: tuple[float, ...],
+        seed: int = 0,
+        active: torch.Tensor | None = None,
+        workspace: Path | None = None,
+    ) -> PerturbationResult:
         """Attack ``images``; ``active[e, i]`` (optional) marks the points that still need eps ``e``.
 
         Attacks that handle one eps at a time skip inactive points; the rest attack every point given.
@@ -227,22 +298,38 @@ class Attack(ABC):
         its state (AutoAttack's state file); the others ignore it.
         """
         if norm not in self.norms:
-            raise ConfigError(f"attack {self.name!r} does not support norm {norm!r}; it supports {', '.join(self.norms)}")
+            raise ConfigError(
+                f"attack {self.name!r} does not support norm {norm!r}; it supports {', '.join(self.norms)}"
+            )
         if len(images) != len(labels):
             raise ConfigError(f"attack {self.name!r} got {len(images)} images but {len(labels)} labels")
         epsilons = tuple(float(eps) for eps in epsilons)
         if active is None:
             active = torch.ones(len(epsilons), len(labels), dtype=torch.bool)
         with frozen_parameters(model):
-            result = self.run(model, images, labels, norm=norm, epsilons=epsilons, seed=seed, active=active, workspace=workspace)
+            result = self.run(
+                model, images, labels, norm=norm, epsilons=epsilons, seed=seed, active=active, workspace=workspace
+            )
             if result.margins is None and result.adversarials is not None:
-                margins = torch.stack([label_margins(logits(model, examples), labels.cpu()) for examples in result.adversarials])
+                margins = torch.stack(
+                    [label_margins(logits(model, examples), labels.cpu()) for examples in result.adversarials]
+                )
                 result = dataclasses.replace(result, margins=margins)
             return result
 
     @abstractmethod
-    def run(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, norm: str, epsilons: tuple[float, ...], seed: int, active: torch.Tensor, workspace: Path | None = None) -> PerturbationResult:
-        ...
+    def run(
+        self,
+        model: torch.nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        norm: str,
+        epsilons: tuple[float, ...],
+        seed: int,
+        active: torch.Tensor,
+        workspace: Path | None = None,
+    ) -> PerturbationResult: ...
 
 
 class MinimumNormAttack(Attack):
@@ -251,7 +338,9 @@ class MinimumNormAttack(Attack):
     Entries store that curve, and regression checks allow a flip where the norm sits at eps."""
 
     @abstractmethod
-    def minimal_norms(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, norm: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def minimal_norms(
+        self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, norm: str, seed: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each point's smallest adversarial norm found (+inf where none) and the model's label there."""
 
 
@@ -266,9 +355,14 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
 def create_attack(name: str, **options) -> Attack:
     """Instantiate a registered attack by name, with close-match suggestions for typos."""
     if name not in ATTACKS:
-        raise ConfigError(f"unknown attack {name!r}; registered attacks: {', '.join(sorted(ATTACKS))}.{did_you_mean(name, ATTACKS)}")
+        raise ConfigError(
+            f"unknown attack {name!r}; registered attacks: {', '.join(sorted(ATTACKS))}.{did_you_mean(name, ATTACKS)}"
+        )
     try:
         return ATTACKS[name](**options)
     except TypeError as error:
         accepted = ", ".join(inspect.signature(ATTACKS[name]).parameters) or "none"
-        raise ConfigError(f"attack {name!r} does not accept the options {options} ({error}); its options are {accepted}, e.g. {name}:KEY=VALUE") from error
+        raise ConfigError(
+            f"attack {name!r} does not accept the options {options} ({error}); its options are {accepted}, e.g."
+            f" {name}:KEY=VALUE"
+        ) from error

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+
 from invarbench.attacks.oracles import ABSTAIN, InvarianceSet, Oracle, load_invariance_sets
 from invarbench.errors import DataError
 from invarbench.labelling import majority_sets
@@ -78,7 +79,9 @@ class Calibration:
         return cls(**{name: data[name] for name in cls.__dataclass_fields__})
 
 
-def calibrate(oracle: Oracle, labelled: InvarianceSet, original_labels: torch.Tensor, *, name: str | None = None) -> Calibration:
+def calibrate(
+    oracle: Oracle, labelled: InvarianceSet, original_labels: torch.Tensor, *, name: str | None = None
+) -> Calibration:
     """The oracle's counts on one set of people-labelled images (``original_labels``: one per image)."""
     if len(original_labels) != len(labelled.labels):
         raise ValueError(f"{len(original_labels)} original labels for {len(labelled.labels)} labelled images")
@@ -120,7 +123,14 @@ def calibration_row(calibration: Calibration) -> list[str]:
     ]
 
 
-CALIBRATION_HEADER = ["labelled set", "items", "abstains", "agrees with people", "sees change people saw", "calls change people did not see"]
+CALIBRATION_HEADER = [
+    "labelled set",
+    "items",
+    "abstains",
+    "agrees with people",
+    "sees change people saw",
+    "calls change people did not see",
+]
 
 
 def labelled_sets(source: str | Path) -> list[InvarianceSet]:
@@ -139,6 +149,9 @@ def calibrate_sets(oracle: Oracle, sets: list[InvarianceSet], test_labels: torch
     calibrations = []
     for item in sets:
         if int(item.original_indices.max()) >= len(test_labels) or int(item.original_indices.min()) < 0:
-            raise DataError(f"labelled set {item.name} refers to test point {int(item.original_indices.max())}, outside the {len(test_labels)} test points; check its index file")
+            raise DataError(
+                f"labelled set {item.name} refers to test point {int(item.original_indices.max())}, outside the"
+                f" {len(test_labels)} test points; check its index file"
+            )
         calibrations.append(calibrate(oracle, item, test_labels[item.original_indices]))
     return calibrations

@@ -6,6 +6,7 @@ import eagerpy as ep
 import foolbox
 import torch
 from foolbox.devutils import atleast_kd, flatten
+
 from invarbench.attacks.base import Attack, MinimumNormAttack, PerturbationResult, register_attack
 from invarbench.attacks.norms import perturbation_norm
 from invarbench.errors import ConfigError
@@ -53,11 +54,26 @@ class _FoolboxFixedEpsilon(Attack):
                 for index, adversarial in enumerate(clipped):
                     # Keep the first successful example per point; until one exists, the latest attempt.
                     update = ~success[index, batch]
-                    norms[index, batch] = torch.where(update, perturbation_norm((adversarial - x).cpu(), norm), norms[index, batch])
-                    predictions[index, batch] = torch.where(update, _predict(model, adversarial).cpu(), predictions[index, batch])
-                    adversarials[index, batch] = torch.where(update.view(-1, *[1] * (adversarial.dim() - 1)), adversarial.cpu(), adversarials[index, batch])
+                    norms[index, batch] = torch.where(
+                        update, perturbation_norm((adversarial - x).cpu(), norm), norms[index, batch]
+                    )
+                    predictions[index, batch] = torch.where(
+                        update, _predict(model, adversarial).cpu(), predictions[index, batch]
+                    )
+                    adversarials[index, batch] = torch.where(
+                        update.view(-1, *[1] * (adversarial.dim() - 1)), adversarial.cpu(), adversarials[index, batch]
+                    )
                     success[index, batch] |= batch_success[index].cpu()
-        return PerturbationResult(self.name, norm, epsilons, success, norms, predictions, {**self.options(), "implementation": f"foolbox {foolbox.__version__}"}, adversarials)
+        return PerturbationResult(
+            self.name,
+            norm,
+            epsilons,
+            success,
+            norms,
+            predictions,
+            {**self.options(), "implementation": f"foolbox {foolbox.__version__}"},
+            adversarials,
+        )
 
 
 @register_attack
@@ -78,7 +94,9 @@ PGD_DEFAULT_STEPS = {"linf": 40, "l2": 50}
 PGD_DEFAULT_REL_STEPSIZE = {"linf": 0.01 / 0.3, "l2": 0.025}
 
 
-def check_pgd_options(name: str, *, steps: int | None, rel_stepsize: float | None, restarts: int, batch_size: int) -> None:
+def check_pgd_options(
+    name: str, *, steps: int | None, rel_stepsize: float | None, restarts: int, batch_size: int
+) -> None:
     """The options both PGDs (``pgd``, ``foolbox-pgd``) take, refused with the fix when out of range."""
     if restarts < 1:
         raise ConfigError(f"{name}: restarts={restarts} must be at least 1")
@@ -101,7 +119,9 @@ class PGD(_FoolboxFixedEpsilon):
 
     name = "foolbox-pgd"
 
-    def __init__(self, *, steps: int | None = None, rel_stepsize: float | None = None, restarts: int = 1, batch_size: int = 500):
+    def __init__(
+        self, *, steps: int | None = None, rel_stepsize: float | None = None, restarts: int = 1, batch_size: int = 500
+    ):
         check_pgd_options(self.name, steps=steps, rel_stepsize=rel_stepsize, restarts=restarts, batch_size=batch_size)
         self.steps, self.rel_stepsize, self.restarts, self.batch_size = steps, rel_stepsize, restarts, batch_size
 
@@ -115,8 +135,14 @@ class PGD(_FoolboxFixedEpsilon):
         return attack_class(steps=steps, rel_stepsize=rel_stepsize, random_start=True)
 
     def run(self, model, images, labels, *, norm, epsilons, seed, active, workspace=None):
-        result = super().run(model, images, labels, norm=norm, epsilons=epsilons, seed=seed, active=active, workspace=workspace)
-        result.options.update(steps=PGD_DEFAULT_STEPS[norm] if self.steps is None else self.steps, rel_stepsize=PGD_DEFAULT_REL_STEPSIZE[norm] if self.rel_stepsize is None else self.rel_stepsize, random_start=True)
+        result = super().run(
+            model, images, labels, norm=norm, epsilons=epsilons, seed=seed, active=active, workspace=workspace
+        )
+        result.options.update(
+            steps=PGD_DEFAULT_STEPS[norm] if self.steps is None else self.steps,
+            rel_stepsize=PGD_DEFAULT_REL_STEPSIZE[norm] if self.rel_stepsize is None else self.rel_stepsize,
+            random_start=True,
+        )
         return result
 
 
@@ -172,7 +198,9 @@ class FMN(MinimumNormAttack):
         minimal, predictions, _ = self._search(model, images, labels, norm=norm, seed=seed)
         return minimal, predictions
 
-    def _search(self, model, images, labels, *, norm: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _search(
+        self, model, images, labels, *, norm: str, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``minimal_norms`` and the label margin at each returned example."""
         attack = (foolbox.attacks.LInfFMNAttack if norm == "linf" else _L2FMNProjected)(steps=self.steps)
         fmodel = foolbox_model(model)
@@ -188,7 +216,9 @@ class FMN(MinimumNormAttack):
                 starts, has_start = _other_class_starts(model, x, y, norm)
                 again = ~found & has_start
                 if bool(again.any()):
-                    _, (restarted,), (found_again,) = attack(fmodel, x[again], y[again], epsilons=[None], starting_points=starts[again])
+                    _, (restarted,), (found_again,) = attack(
+                        fmodel, x[again], y[again], epsilons=[None], starting_points=starts[again]
+                    )
                     adversarial, found = adversarial.clone(), found.clone()
                     adversarial[again], found[again] = restarted, found_again
             found = found.cpu()
@@ -204,5 +234,12 @@ class FMN(MinimumNormAttack):
         success = torch.stack([minimal <= eps * (1 + 1e-5) for eps in epsilons])
         norms = minimal.expand(len(epsilons), -1).clone()
         return PerturbationResult(
-            self.name, norm, epsilons, success, norms, predictions.expand(len(epsilons), -1).clone(), {**self.options(), "implementation": f"foolbox {foolbox.__version__}"}, margins=margins.expand(len(epsilons), -1).clone()
+            self.name,
+            norm,
+            epsilons,
+            success,
+            norms,
+            predictions.expand(len(epsilons), -1).clone(),
+            {**self.options(), "implementation": f"foolbox {foolbox.__version__}"},
+            margins=margins.expand(len(epsilons), -1).clone(),
         )

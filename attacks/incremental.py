@@ -29,11 +29,24 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from invarbench.evaluation import same_logits
 from torch import nn
 
+from invarbench.evaluation import same_logits
+
 #: Layers that act on each value alone (batch norm only in eval mode).
-ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Identity, nn.Dropout, nn.BatchNorm2d)
+ELEMENTWISE = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Softplus,
+    nn.Identity,
+    nn.Dropout,
+    nn.BatchNorm2d,
+)
 
 
 @dataclass
@@ -54,25 +67,45 @@ def _span(start: torch.Tensor, size: int) -> torch.Tensor:
     return start.view(-1, 1) + torch.arange(size, device=start.device)
 
 
-def window_positions(points: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, height: int, width: int, shape: Sequence[int]) -> torch.Tensor:
+def window_positions(
+    points: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, height: int, width: int, shape: Sequence[int]
+) -> torch.Tensor:
     """Flat indices (B * height * width,) of each point's window in maps of ``shape`` (N, H, W, ...)."""
     rows = (points.view(-1, 1) * shape[1] + _span(rows, height)).view(-1, height, 1)
     return (rows * shape[2] + _span(columns, width).view(-1, 1, width)).flatten()
 
 
-def _gather(maps: torch.Tensor, points: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def _gather(
+    maps: torch.Tensor, points: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
     """Each point's window of ``maps`` (N, H, W, C): (B, height, width, C)."""
     channels = maps.shape[3]
-    return maps.view(-1, channels).index_select(0, window_positions(points, rows, columns, height, width, maps.shape)).view(-1, height, width, channels)
+    return (
+        maps.view(-1, channels)
+        .index_select(0, window_positions(points, rows, columns, height, width, maps.shape))
+        .view(-1, height, width, channels)
+    )
 
 
 def _paste(maps: torch.Tensor, points: torch.Tensor, windows: Windows) -> None:
     """Write ``windows`` into ``maps`` (N, H, W, C, contiguous) at rows ``points`` (in place)."""
     _, height, width, channels = windows.values.shape
-    maps.view(-1, channels).index_copy_(0, window_positions(points, windows.rows, windows.columns, height, width, maps.shape), windows.values.reshape(-1, channels))
+    maps.view(-1, channels).index_copy_(
+        0,
+        window_positions(points, windows.rows, windows.columns, height, width, maps.shape),
+        windows.values.reshape(-1, channels),
+    )
 
 
-def _write_over(values: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor, sources: Sequence[Windows], *, add: bool = False, shifts: Sequence[int] = (0,)) -> torch.Tensor:
+def _write_over(
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    columns: torch.Tensor,
+    sources: Sequence[Windows],
+    *,
+    add: bool = False,
+    shifts: Sequence[int] = (0,),
+) -> torch.Tensor:
     """``values`` (windows at ``rows``, ``columns``) with ``sources``' values written over them (``add``: added
     to them) where they overlap. For each shift ``j``, source entry ``e`` goes to entry ``(e + j) mod B``
     (a point's other windows, stacked); positions outside the windows go to one spare row."""
@@ -88,8 +121,12 @@ def _write_over(values: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor,
             target = (entries + shift) % count
             target_rows = _span(source.rows - rows[target], source_height)
             target_columns = _span(source.columns - columns[target], source_width)
-            inside = ((target_rows >= 0) & (target_rows < height)).view(-1, source_height, 1) & ((target_columns >= 0) & (target_columns < width)).view(-1, 1, source_width)
-            flat = (target.view(-1, 1, 1) * height + target_rows.view(-1, source_height, 1)) * width + target_columns.view(-1, 1, source_width)
+            inside = ((target_rows >= 0) & (target_rows < height)).view(-1, source_height, 1) & (
+                (target_columns >= 0) & (target_columns < width)
+            ).view(-1, 1, source_width)
+            flat = (
+                target.view(-1, 1, 1) * height + target_rows.view(-1, source_height, 1)
+            ) * width + target_columns.view(-1, 1, source_width)
             flat = torch.where(inside, flat, spare).flatten()
             if add:
                 written.index_add_(0, flat, flat_source)
@@ -126,7 +163,9 @@ class _Convolution(_Stage):
         self.weight = layer.weight.detach().transpose(0, 1).flip(2, 3).contiguous()
         self.shift = (layer.padding[0] - kernel[0] + 1, layer.padding[1] - kernel[1] + 1)
 
-    def windows(self, before: torch.Tensor, after: torch.Tensor, points: torch.Tensor, changes: Windows, count: int) -> Windows:
+    def windows(
+        self, before: torch.Tensor, after: torch.Tensor, points: torch.Tensor, changes: Windows, count: int
+    ) -> Windows:
         height, width = changes.values.shape[1:3]
         current = _gather(before, points, changes.rows, changes.columns, height, width)
         if count > 1:
@@ -137,10 +176,25 @@ class _Convolution(_Stage):
                 earlier = [changes.subset(slice(k * size, (k + 1) * size)) for k in range(window)]
                 parts.append(_write_over(current[part], changes.rows[part], changes.columns[part], earlier))
             current = torch.cat(parts)
-        delta = Windows(changes.rows + self.shift[0], changes.columns + self.shift[1], F.conv_transpose2d((changes.values - current).permute(0, 3, 1, 2), self.weight).permute(0, 2, 3, 1))
+        delta = Windows(
+            changes.rows + self.shift[0],
+            changes.columns + self.shift[1],
+            F.conv_transpose2d((changes.values - current).permute(0, 3, 1, 2), self.weight).permute(0, 2, 3, 1),
+        )
         rows, height = _fit(delta.rows, delta.values.shape[1], self.output_size[0])
         columns, width = _fit(delta.columns, delta.values.shape[2], self.output_size[1])
-        return Windows(rows, columns, _write_over(_gather(after, points, rows, columns, height, width), rows, columns, [delta], add=True, shifts=_partner_shifts(len(points), count)))
+        return Windows(
+            rows,
+            columns,
+            _write_over(
+                _gather(after, points, rows, columns, height, width),
+                rows,
+                columns,
+                [delta],
+                add=True,
+                shifts=_partner_shifts(len(points), count),
+            ),
+        )
 
 
 class _Pooling(_Stage):
@@ -149,24 +203,38 @@ class _Pooling(_Stage):
         self.kernel = _pair(layer.kernel_size)
         self.stride = _pair(layer.stride if layer.stride is not None else layer.kernel_size)
 
-    def windows(self, before: torch.Tensor, after: torch.Tensor, points: torch.Tensor, changes: Windows, count: int) -> Windows:
+    def windows(
+        self, before: torch.Tensor, after: torch.Tensor, points: torch.Tensor, changes: Windows, count: int
+    ) -> Windows:
         corner, size = [], []
         for axis, start in enumerate((changes.rows, changes.columns)):
             kernel, stride, limit = self.kernel[axis], self.stride[axis], self.output_size[axis]
             first = torch.div(start - kernel + 1 + stride - 1, stride, rounding_mode="floor").clamp(0, limit - 1)
-            last = torch.div(start + changes.values.shape[1 + axis] - 1, stride, rounding_mode="floor").clamp(0, limit - 1)
+            last = torch.div(start + changes.values.shape[1 + axis] - 1, stride, rounding_mode="floor").clamp(
+                0, limit - 1
+            )
             first, extent = _fit(first, max(int((last - first).max()) + 1, 1), limit)
             corner.append(first)
             size.append(extent)
         rows, columns = corner[0] * self.stride[0], corner[1] * self.stride[1]
         height, width = (size[0] - 1) * self.stride[0] + self.kernel[0], (size[1] - 1) * self.stride[1] + self.kernel[1]
-        region = _write_over(_gather(before, points, rows, columns, height, width), rows, columns, [changes], shifts=_partner_shifts(len(points), count))
+        region = _write_over(
+            _gather(before, points, rows, columns, height, width),
+            rows,
+            columns,
+            [changes],
+            shifts=_partner_shifts(len(points), count),
+        )
         return Windows(corner[0], corner[1], self.layer(region.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
 class _Elementwise(_Stage):
-    def windows(self, before: torch.Tensor, after: torch.Tensor, points: torch.Tensor, changes: Windows, count: int) -> Windows:
-        return Windows(changes.rows, changes.columns, self.layer(changes.values.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+    def windows(
+        self, before: torch.Tensor, after: torch.Tensor, points: torch.Tensor, changes: Windows, count: int
+    ) -> Windows:
+        return Windows(
+            changes.rows, changes.columns, self.layer(changes.values.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        )
 
 
 def _pair(value) -> tuple[int, int]:
@@ -175,7 +243,13 @@ def _pair(value) -> tuple[int, int]:
 
 def _supported(layer: nn.Module) -> bool:
     if isinstance(layer, nn.Conv2d):
-        return tuple(layer.stride) == (1, 1) and tuple(layer.dilation) == (1, 1) and layer.groups == 1 and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+        return (
+            tuple(layer.stride) == (1, 1)
+            and tuple(layer.dilation) == (1, 1)
+            and layer.groups == 1
+            and layer.padding_mode == "zeros"
+            and not isinstance(layer.padding, str)
+        )
     if isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
         return _pair(layer.padding) == (0, 0) and not layer.ceil_mode and _pair(getattr(layer, "dilation", 1)) == (1, 1)
     if isinstance(layer, nn.BatchNorm2d):
@@ -189,7 +263,9 @@ def split_network(network: nn.Module) -> tuple[list[nn.Module], nn.Module] | Non
     is the network is checked on logits by :meth:`IncrementalForward.build`)."""
     if isinstance(network, nn.Sequential):
         layers = list(network)
-    elif isinstance(getattr(network, "features", None), nn.Sequential) and isinstance(getattr(network, "classifier", None), nn.Module):
+    elif isinstance(getattr(network, "features", None), nn.Sequential) and isinstance(
+        getattr(network, "classifier", None), nn.Module
+    ):
         layers = [*network.features, network.classifier]
     else:
         return None
@@ -209,21 +285,41 @@ class IncrementalForward:
     some of the points with their windows, :meth:`commit` adopts the proposals of some of those.
     """
 
-    def __init__(self, prefix: Sequence[nn.Module], head: nn.Module, to_input: Callable[[torch.Tensor], torch.Tensor], image_size: tuple[int, int], channels: int):
+    def __init__(
+        self,
+        prefix: Sequence[nn.Module],
+        head: nn.Module,
+        to_input: Callable[[torch.Tensor], torch.Tensor],
+        image_size: tuple[int, int],
+        channels: int,
+    ):
         self.head, self.to_input = head, to_input
         self.layers: list[_Stage] = []
         with torch.no_grad():
             maps = torch.zeros(1, channels, *image_size)
             for layer in prefix:
                 maps = layer(maps)
-                kind = _Convolution if isinstance(layer, nn.Conv2d) else _Pooling if isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)) else _Elementwise
+                kind = (
+                    _Convolution
+                    if isinstance(layer, nn.Conv2d)
+                    else _Pooling
+                    if isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d))
+                    else _Elementwise
+                )
                 self.layers.append(kind(layer, tuple(maps.shape[2:])))
         self.maps: list[torch.Tensor] = []
         self.pending: list[Windows] = []
         self.points = torch.zeros(0, dtype=torch.long)
 
     @classmethod
-    def build(cls, model: nn.Module, example: torch.Tensor, *, to_model: Callable[[torch.Tensor], torch.Tensor] = lambda x: x, seed: int = 0) -> tuple[IncrementalForward | None, str]:
+    def build(
+        cls,
+        model: nn.Module,
+        example: torch.Tensor,
+        *,
+        to_model: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+        seed: int = 0,
+    ) -> tuple[IncrementalForward | None, str]:
         """One for ``model`` (a BenchmarkModel in eval mode) on examples like ``example`` (N, C, H, W, in
         the searched space, which ``to_model`` maps to the model's inputs elementwise), checked against
         the model's logits on proposals of one and two windows of several sizes; None (and why) where
@@ -234,7 +330,9 @@ class IncrementalForward:
         if parts is None:
             return None, "not incremental (no convolutional prefix the incremental forward pass can read)"
         try:
-            forward = cls(parts[0], parts[1], lambda x: model.normalise(to_model(x)), tuple(example.shape[2:]), example.shape[1])
+            forward = cls(
+                parts[0], parts[1], lambda x: model.normalise(to_model(x)), tuple(example.shape[2:]), example.shape[1]
+            )
             generator = torch.Generator().manual_seed(seed)
             sample = example[:8]
             with torch.no_grad():
@@ -242,7 +340,10 @@ class IncrementalForward:
                     forward.reset(sample)
                     for _ in range(2):
                         proposal, corners = _random_proposal(sample, windows, side, generator)
-                        got, expected = forward.propose(proposal, torch.arange(len(sample)), corners, side), model(to_model(proposal))
+                        got, expected = (
+                            forward.propose(proposal, torch.arange(len(sample)), corners, side),
+                            model(to_model(proposal)),
+                        )
                         if not same_logits(got, expected):
                             return None, "not incremental (its logits differ from the model's)"
                         forward.commit(torch.ones(len(sample), dtype=torch.bool))
@@ -263,14 +364,24 @@ class IncrementalForward:
         return self.head(maps)
 
     @torch.no_grad()
-    def propose(self, proposals: torch.Tensor, points: torch.Tensor, corners: Sequence[tuple[torch.Tensor, torch.Tensor]], side: int) -> torch.Tensor:
+    def propose(
+        self,
+        proposals: torch.Tensor,
+        points: torch.Tensor,
+        corners: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        side: int,
+    ) -> torch.Tensor:
         """Logits of ``proposals`` (B, C, H, W) of the points ``points``, each equal to the point's current
         example outside ``side`` x ``side`` windows at ``corners`` ((rows, columns) pairs of (B,) top-left
         corners, one pair per window)."""
         count = len(corners)
         own = torch.arange(len(points), device=points.device).repeat(count)
         rows, columns = torch.cat([pair[0] for pair in corners]), torch.cat([pair[1] for pair in corners])
-        changes = Windows(rows, columns, _gather(self.to_input(proposals).permute(0, 2, 3, 1).contiguous(), own, rows, columns, side, side))
+        changes = Windows(
+            rows,
+            columns,
+            _gather(self.to_input(proposals).permute(0, 2, 3, 1).contiguous(), own, rows, columns, side, side),
+        )
         self.points = points.repeat(count)
         self.pending = [changes]
         for layer, before, after in zip(self.layers, self.maps, self.maps[1:]):
@@ -288,7 +399,9 @@ class IncrementalForward:
             _paste(maps, chosen, changes.subset(every))
 
 
-def _random_proposal(examples: torch.Tensor, windows: int, side: int, generator: torch.Generator) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+def _random_proposal(
+    examples: torch.Tensor, windows: int, side: int, generator: torch.Generator
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """``examples`` with ``windows`` random windows of ``side`` filled with noise, and their corners."""
     count, _, height, width = examples.shape
     proposal, corners = examples.clone(), []
@@ -296,7 +409,9 @@ def _random_proposal(examples: torch.Tensor, windows: int, side: int, generator:
         rows = torch.randint(0, height - side + 1, (count,), generator=generator)
         columns = torch.randint(0, width - side + 1, (count,), generator=generator)
         noise = torch.rand(examples.shape, generator=generator)
-        inside = ((_span(rows, side).unsqueeze(2) == torch.arange(height)).any(1).view(count, 1, height, 1)) & ((_span(columns, side).unsqueeze(2) == torch.arange(width)).any(1).view(count, 1, 1, width))
+        inside = ((_span(rows, side).unsqueeze(2) == torch.arange(height)).any(1).view(count, 1, height, 1)) & (
+            (_span(columns, side).unsqueeze(2) == torch.arange(width)).any(1).view(count, 1, 1, width)
+        )
         proposal = torch.where(inside, noise, proposal)
         corners.append((rows, columns))
     return proposal, corners

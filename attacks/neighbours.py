@@ -47,13 +47,22 @@ class ClassIndex:
         return distances, indices
 
 
-def nearest_per_class(queries: torch.Tensor, references: torch.Tensor, reference_labels: torch.Tensor, num_classes: int, *, chunk_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_per_class(
+    queries: torch.Tensor,
+    references: torch.Tensor,
+    reference_labels: torch.Tensor,
+    num_classes: int,
+    *,
+    chunk_size: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For every query (rows of a 2-d tensor) and class c: the squared Euclidean distance to the
     nearest reference of class c and that reference's index (see :class:`ClassIndex`)."""
     return ClassIndex(references, reference_labels, num_classes).nearest(queries, chunk_size=chunk_size)
 
 
-def nearest(queries: torch.Tensor, references: torch.Tensor, k: int = 1, *, chunk_size: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest(
+    queries: torch.Tensor, references: torch.Tensor, k: int = 1, *, chunk_size: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest references of every query: (squared distances, indices), both (queries, k)."""
     queries, references = queries.flatten(1).float(), references.flatten(1).float()
     reference_norms = references.pow(2).sum(1)

@@ -31,7 +31,9 @@ def perturbation_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
     return flat.abs().amax(dim=1) if norm == "linf" else flat.norm(dim=1)
 
 
-def project(x: torch.Tensor, x0: torch.Tensor, *, norm: str, eps: float, bounds: tuple[float, float] | None = None) -> torch.Tensor:
+def project(
+    x: torch.Tensor, x0: torch.Tensor, *, norm: str, eps: float, bounds: tuple[float, float] | None = None
+) -> torch.Tensor:
     """``x`` moved onto the eps-ball around ``x0`` (l_inf: clipped; l_2: ``x - x0`` scaled by
     ``min(1, eps / ||x - x0||)``, safe for eps = 0), then into ``bounds`` where given."""
     if norm == "linf":
@@ -43,7 +45,9 @@ def project(x: torch.Tensor, x0: torch.Tensor, *, norm: str, eps: float, bounds:
     return x if bounds is None else x.clamp(*bounds)
 
 
-def project_perturbation(x0: torch.Tensor, x: torch.Tensor, *, norm: str, eps: float, bounds: tuple[float, float]) -> torch.Tensor:
+def project_perturbation(
+    x0: torch.Tensor, x: torch.Tensor, *, norm: str, eps: float, bounds: tuple[float, float]
+) -> torch.Tensor:
     """``x``'s perturbation ``x - x0`` moved onto the eps-ball (l_inf: clipped; l_2: scaled to eps where
     longer) and added back to ``x0``, then into ``bounds``."""
     delta = x - x0

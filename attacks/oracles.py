@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import tomli_w
 import torch
+
 from invarbench.attacks.neighbours import nearest
 from invarbench.datasets import SPHERE_INNER_RADIUS, SPHERE_OUTER_RADIUS, spheres_label
 from invarbench.errors import ConfigError, DataError, did_you_mean
@@ -67,7 +68,12 @@ class ExactOracle(Oracle):
 
     exact = True
 
-    def __init__(self, name: str, labelling: Callable[[torch.Tensor], torch.Tensor], margin: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        name: str,
+        labelling: Callable[[torch.Tensor], torch.Tensor],
+        margin: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ):
         self.name = name
         self.labelling = labelling
         self.margin = margin
@@ -88,7 +94,9 @@ class InvarianceSet:
 
 def image_key(image: torch.Tensor) -> bytes:
     # Images are compared at 8-bit precision, the precision of the published files.
-    return hashlib.sha1(np.round(image.detach().cpu().numpy().astype(np.float64) * 255).astype(np.int16).tobytes()).digest()
+    return hashlib.sha1(
+        np.round(image.detach().cpu().numpy().astype(np.float64) * 255).astype(np.int16).tobytes()
+    ).digest()
 
 
 class LabelFileOracle(Oracle):
@@ -120,7 +128,9 @@ def load_invariance_sets(directory: str | Path) -> list[InvarianceSet]:
     """
     root = Path(directory)
     if not root.is_dir():
-        raise DataError(f"invariance set directory {root} does not exist; pass a folder holding NAME.npy and NAME_labels.npy files")
+        raise DataError(
+            f"invariance set directory {root} does not exist; pass a folder holding NAME.npy and NAME_labels.npy files"
+        )
     sets = []
     for labels_path in sorted(root.rglob("*_labels.npy")):
         name = labels_path.name[: -len("_labels.npy")]
@@ -134,17 +144,33 @@ def load_invariance_sets(directory: str | Path) -> list[InvarianceSet]:
         if images.ndim != 3 or images.shape[1:] != (28, 28):
             raise DataError(f"{images_path} holds an array of shape {images.shape}; expected N x 28 x 28 images")
         if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
-            raise DataError(f"{labels_path} holds {labels.dtype} of shape {labels.shape}; expected {len(images)} integer labels, one per image of {images_path.name}")
+            raise DataError(
+                f"{labels_path} holds {labels.dtype} of shape {labels.shape}; expected {len(images)} integer labels,"
+                f" one per image of {images_path.name}"
+            )
         if len(labels) and (labels.min() < 0 or labels.max() > 9):
-            raise DataError(f"{labels_path} holds labels from {labels.min()} to {labels.max()}; people's labels are digits 0-9 (leave out images nobody read as a digit)")
+            raise DataError(
+                f"{labels_path} holds labels from {labels.min()} to {labels.max()}; people's labels are digits 0-9"
+                " (leave out images nobody read as a digit)"
+            )
         if images.min() < 0 or images.max() > 255:
             raise DataError(f"{images_path} has pixel values outside 0..255; store uint8 or floats in 0..255")
         scale = 255.0 if (images.dtype == np.uint8 or images.max() > 1.0) else 1.0
         indices = _load_indices(root, images_path, name, len(images))
         relative = images_path.relative_to(root).with_suffix("").as_posix()
-        sets.append(InvarianceSet(relative, torch.from_numpy(images.astype(np.float32) / scale).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)), indices))
+        sets.append(
+            InvarianceSet(
+                relative,
+                torch.from_numpy(images.astype(np.float32) / scale).unsqueeze(1),
+                torch.from_numpy(labels.astype(np.int64)),
+                indices,
+            )
+        )
     if not sets:
-        raise DataError(f"no invariance set found in {root}: expected NAME.npy beside NAME_labels.npy (and an index file such as indexs.npy)")
+        raise DataError(
+            f"no invariance set found in {root}: expected NAME.npy beside NAME_labels.npy (and an index file such as"
+            " indexs.npy)"
+        )
     return sets
 
 
@@ -157,7 +183,13 @@ def _load_array(path: Path) -> np.ndarray:
 
 def _load_indices(root: Path, images_path: Path, name: str, count: int) -> torch.Tensor:
     prefix = name.split("_")[0]
-    candidates = [f"{name}_indexs.npy", f"{name}_indices.npy", f"{prefix}_indexs.npy", f"{prefix}_indices.npy", *INDEX_FILE_NAMES]
+    candidates = [
+        f"{name}_indexs.npy",
+        f"{name}_indices.npy",
+        f"{prefix}_indexs.npy",
+        f"{prefix}_indices.npy",
+        *INDEX_FILE_NAMES,
+    ]
     folder = images_path.parent
     while True:
         for candidate in candidates:
@@ -165,12 +197,18 @@ def _load_indices(root: Path, images_path: Path, name: str, count: int) -> torch
             if path.exists():
                 indices = _load_array(path).astype(np.int64).reshape(-1)
                 if len(indices) < count:
-                    raise DataError(f"index file {path} lists {len(indices)} test points but {images_path} holds {count} images; one index per image is needed")
+                    raise DataError(
+                        f"index file {path} lists {len(indices)} test points but {images_path} holds {count} images;"
+                        " one index per image is needed"
+                    )
                 return torch.from_numpy(indices[:count])
         if folder == root or root not in folder.parents:
             break
         folder = folder.parent
-    raise DataError(f"no index file for {images_path}: add {name}_indexs.npy or indexs.npy (the test-set index of each image) beside it or in {root}")
+    raise DataError(
+        f"no index file for {images_path}: add {name}_indexs.npy or indexs.npy (the test-set index of each image)"
+        f" beside it or in {root}"
+    )
 
 
 @dataclass(frozen=True)
@@ -214,7 +252,19 @@ class ProxyOracle(Oracle):
     (a fraction) of the voters give the majority label.
     """
 
-    def __init__(self, name: str, members: Sequence[torch.nn.Module], *, views: Sequence[View] = (View(),), train_images: torch.Tensor | None = None, train_labels: torch.Tensor | None = None, k: int = 3, agreement: float = 0.8, num_classes: int = 10, batch_size: int = 1000):
+    def __init__(
+        self,
+        name: str,
+        members: Sequence[torch.nn.Module],
+        *,
+        views: Sequence[View] = (View(),),
+        train_images: torch.Tensor | None = None,
+        train_labels: torch.Tensor | None = None,
+        k: int = 3,
+        agreement: float = 0.8,
+        num_classes: int = 10,
+        batch_size: int = 1000,
+    ):
         if not 0 < agreement <= 1:
             raise ConfigError(f"proxy oracle agreement {agreement} must be in (0, 1]")
         if not views:
@@ -237,7 +287,10 @@ class ProxyOracle(Oracle):
         stay on the CPU, and so does the k-NN vote."""
         device = torch.device(device)
         if device.type != "cpu" and not all(isinstance(member, torch.nn.Module) for member in self.members):
-            raise ConfigError(f"oracle {self.name}: only torch.nn.Module members can move to {device}; give modules or judge on the CPU")
+            raise ConfigError(
+                f"oracle {self.name}: only torch.nn.Module members can move to {device}; give modules or judge on"
+                " the CPU"
+            )
         self.device = device
         self.members = [member.to(device) if isinstance(member, torch.nn.Module) else member for member in self.members]
         return self
@@ -251,13 +304,19 @@ class ProxyOracle(Oracle):
         for member in self.members:
             for view in self.views:
                 seen = view(images)
-                yield torch.cat([member(seen[start : start + self.batch_size].to(self.device)).cpu() for start in range(0, len(images), self.batch_size)])
+                yield torch.cat(
+                    [
+                        member(seen[start : start + self.batch_size].to(self.device)).cpu()
+                        for start in range(0, len(images), self.batch_size)
+                    ]
+                )
 
     def votes(self, images: torch.Tensor) -> torch.Tensor:
         """(images, voters) labels, one column per member and view (the k-NN vote last)."""
         with torch.no_grad():
             columns = [logits.argmax(1) for logits in self._member_outputs(images)]
             if self.train_images is not None:
+                assert self.train_labels is not None, "a k-NN vote needs the training labels"
                 _, neighbours = nearest(images.flatten(1), self.train_images, k=self.k)
                 neighbour_labels = self.train_labels[neighbours]
                 counts = torch.nn.functional.one_hot(neighbour_labels, self.num_classes).sum(1)
@@ -293,7 +352,14 @@ class ProxyOracle(Oracle):
 
     def describe(self) -> dict:
         members = {"members": dict(self.member_checkpoints)} if self.member_checkpoints else {}
-        return {**super().describe(), "voters": self.voters, "views": [view.to_dict() for view in self.views], "agreement": self.agreement, "k": self.k if self.train_images is not None else 0, **members}
+        return {
+            **super().describe(),
+            "voters": self.voters,
+            "views": [view.to_dict() for view in self.views],
+            "agreement": self.agreement,
+            "k": self.k if self.train_images is not None else 0,
+            **members,
+        }
 
 
 def spheres_margin(points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -323,7 +389,9 @@ class OracleDefinition:
         data = read_toml(path, "oracle file", ConfigError)
         missing = [key for key in ("name", "dataset", "members", "agreement", "notes") if key not in data]
         if missing:
-            raise ConfigError(f"oracle file {path} lacks {', '.join(missing)}; add them (see models/oracles/mnist-readers.toml)")
+            raise ConfigError(
+                f"oracle file {path} lacks {', '.join(missing)}; add them (see models/oracles/mnist-readers.toml)"
+            )
         return cls(
             name=str(data["name"]),
             dataset=str(data["dataset"]),
@@ -337,7 +405,15 @@ class OracleDefinition:
         )
 
     def to_toml(self) -> str:
-        data = {"name": self.name, "dataset": self.dataset, "notes": self.notes, "members": list(self.members), "views": [view.to_dict() for view in self.views], "knn": self.knn, "agreement": self.agreement}
+        data = {
+            "name": self.name,
+            "dataset": self.dataset,
+            "notes": self.notes,
+            "members": list(self.members),
+            "views": [view.to_dict() for view in self.views],
+            "knn": self.knn,
+            "agreement": self.agreement,
+        }
         if self.calibration:
             data["calibration"] = [dict(item) for item in self.calibration]
         return tomli_w.dumps(data, multiline_strings=True)
@@ -349,10 +425,19 @@ class OracleDefinition:
 
     def build(self, dataset) -> ProxyOracle:
         if dataset.name != self.dataset:
-            raise ConfigError(f"oracle {self.name} judges {self.dataset} images, not {dataset.name}; pick an oracle of that data set (invarbench oracle list)")
+            raise ConfigError(
+                f"oracle {self.name} judges {self.dataset} images, not {dataset.name}; pick an oracle of that data set"
+                " (invarbench oracle list)"
+            )
         members = [load_model(member).eval() for member in self.members]
-        knn = {"train_images": dataset.train_images, "train_labels": dataset.train_labels, "k": self.knn} if self.knn else {}
-        oracle = ProxyOracle(self.name, members, views=self.views, agreement=self.agreement, num_classes=dataset.num_classes, **knn)
+        knn = (
+            {"train_images": dataset.train_images, "train_labels": dataset.train_labels, "k": self.knn}
+            if self.knn
+            else {}
+        )
+        oracle = ProxyOracle(
+            self.name, members, views=self.views, agreement=self.agreement, num_classes=dataset.num_classes, **knn
+        )
         oracle.calibration = self.calibration
         oracle.member_checkpoints = self.member_checkpoints()
         return oracle
@@ -365,7 +450,10 @@ class OracleDefinition:
 def _view(data: dict, path: Path) -> View:
     unknown = sorted(set(data) - {"stretch", "closing"})
     if not isinstance(data, dict) or unknown:
-        raise ConfigError(f"oracle file {path}: a view is a table of stretch and closing, e.g. {{stretch = 0.5, closing = 3}}; got {data!r}")
+        raise ConfigError(
+            f"oracle file {path}: a view is a table of stretch and closing, e.g. {{stretch = 0.5, closing = 3}}; got"
+            f" {data!r}"
+        )
     return View(stretch=float(data.get("stretch", 1.0)), closing=int(data.get("closing", 0)))
 
 
@@ -383,7 +471,10 @@ def list_oracles() -> dict[str, OracleDefinition]:
 def get_oracle_definition(name: str) -> OracleDefinition:
     known = list_oracles()
     if name not in known:
-        raise ConfigError(f"unknown oracle {name!r}; named oracles: {', '.join(sorted(known))} (or people:DB for a labels database, exact:spheres).{did_you_mean(name, known)}")
+        raise ConfigError(
+            f"unknown oracle {name!r}; named oracles: {', '.join(sorted(known))} (or people:DB for a labels database,"
+            f" exact:spheres).{did_you_mean(name, known)}"
+        )
     return known[name]
 
 
@@ -412,4 +503,7 @@ def default_oracle(dataset) -> Oracle:
         return load_oracle("exact:spheres", dataset)
     if dataset.name in DEFAULT_ORACLES:
         return load_oracle(DEFAULT_ORACLES[dataset.name], dataset)
-    raise ConfigError(f"data set {dataset.name!r} has no oracle for invariance attacks; use mnist or spheres, or pass --invariance-set DIR with labelled images")
+    raise ConfigError(
+        f"data set {dataset.name!r} has no oracle for invariance attacks; use mnist or spheres, or pass"
+        " --invariance-set DIR with labelled images"
+    )

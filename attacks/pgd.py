@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from invarbench.attacks.base import Attack, PerturbationResult, register_attack
 from invarbench.attacks.foolbox_attacks import PGD_DEFAULT_REL_STEPSIZE, PGD_DEFAULT_STEPS, check_pgd_options
 from invarbench.attacks.norms import per_sample, perturbation_norm, project
 from invarbench.evaluation import label_margins, model_device
 
 
-def _random_starts(x0: torch.Tensor, *, norm: str, eps: float, bounds: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
-    """Uniform random points of the eps-ball around each of ``x0`` (drawn on the CPU: the same for a seed on every device), in the bounds."""
+def _random_starts(
+    x0: torch.Tensor, *, norm: str, eps: float, bounds: tuple[float, float], generator: torch.Generator
+) -> torch.Tensor:
+    """Uniform random points of the eps-ball around each of ``x0``, in the bounds (drawn on the CPU: the same for a
+    seed on every device)."""
     if norm == "linf":
         delta = torch.rand(x0.shape, generator=generator) * (2 * eps) - eps
     else:
@@ -55,7 +59,9 @@ class _Batch:
     def returned(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each point's example and its logits: the first misclassified iterate, else the best iterate."""
         broken = self.broken.view(-1, 1)
-        return torch.where(per_sample(self.broken, self.x0), self.adversarial, self.best), torch.where(broken, self.adversarial_logits, self.best_logits)
+        return torch.where(per_sample(self.broken, self.x0), self.adversarial, self.best), torch.where(
+            broken, self.adversarial_logits, self.best_logits
+        )
 
 
 @register_attack
@@ -71,7 +77,9 @@ class PGD(Attack):
     #: Foolbox's, and regression checks re-run them with ``foolbox-pgd``.
     implementation = "invarbench"
 
-    def __init__(self, *, steps: int | None = None, rel_stepsize: float | None = None, restarts: int = 1, batch_size: int = 500):
+    def __init__(
+        self, *, steps: int | None = None, rel_stepsize: float | None = None, restarts: int = 1, batch_size: int = 500
+    ):
         check_pgd_options(self.name, steps=steps, rel_stepsize=rel_stepsize, restarts=restarts, batch_size=batch_size)
         self.steps, self.rel_stepsize, self.restarts, self.batch_size = steps, rel_stepsize, restarts, batch_size
 
@@ -108,18 +116,47 @@ class PGD(Attack):
                     if restart == 0:
                         warm = state.started[points]
                         x = torch.where(per_sample(warm, x), state.best[points], x)
-                    self._attack(model, state, points, x, norm=norm, eps=eps, step_size=rel_stepsize * eps, steps=steps, bounds=bounds)
+                    self._attack(
+                        model,
+                        state,
+                        points,
+                        x,
+                        norm=norm,
+                        eps=eps,
+                        step_size=rel_stepsize * eps,
+                        steps=steps,
+                        bounds=bounds,
+                    )
                 example, output = state.returned()
                 adversarials[index, batch] = example.cpu()
                 success[index, batch] = state.broken.cpu()
                 norms[index, batch] = perturbation_norm(example - x0, norm).cpu()
                 predictions[index, batch] = output.argmax(1).cpu()
                 margins[index, batch] = label_margins(output, y).cpu()
-        options = {**self.options(), "steps": steps, "rel_stepsize": rel_stepsize, "random_start": True, "implementation": self.implementation}
-        return PerturbationResult(self.name, norm, tuple(epsilons), success, norms, predictions, options, adversarials, margins)
+        options = {
+            **self.options(),
+            "steps": steps,
+            "rel_stepsize": rel_stepsize,
+            "random_start": True,
+            "implementation": self.implementation,
+        }
+        return PerturbationResult(
+            self.name, norm, tuple(epsilons), success, norms, predictions, options, adversarials, margins
+        )
 
     @staticmethod
-    def _attack(model, state: _Batch, points: torch.Tensor, x: torch.Tensor, *, norm: str, eps: float, step_size: float, steps: int, bounds: tuple[float, float]) -> None:
+    def _attack(
+        model,
+        state: _Batch,
+        points: torch.Tensor,
+        x: torch.Tensor,
+        *,
+        norm: str,
+        eps: float,
+        step_size: float,
+        steps: int,
+        bounds: tuple[float, float],
+    ) -> None:
         """PGD from ``x`` on the batch's ``points`` at ``eps``; updates ``state`` (broken points, best iterates).
 
         The working tensors hold only the points still robust; they shrink when an iterate breaks points.
@@ -145,7 +182,15 @@ class PGD(Attack):
                     state.broken[leaving] = True
                     state.adversarial[leaving], state.adversarial_logits[leaving] = x[broken], output[broken]
                     keep = ~broken
-                    points, x, x0, labels, best, best_logits, best_loss = points[keep], x[keep], x0[keep], labels[keep], best[keep], best_logits[keep], best_loss[keep]
+                    points, x, x0, labels, best, best_logits, best_loss = (
+                        points[keep],
+                        x[keep],
+                        x0[keep],
+                        labels[keep],
+                        best[keep],
+                        best_logits[keep],
+                        best_loss[keep],
+                    )
                     gradient = None if gradient is None else gradient[keep]
                     if not len(points):
                         return

@@ -47,6 +47,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+
 from invarbench.attacks.autoattack import image_shape
 from invarbench.attacks.base import Attack, Outcome, register_attack
 from invarbench.attacks.incremental import IncrementalForward, window_positions
@@ -78,14 +79,22 @@ class _Queries:
     :func:`incremental_pays`; its maps are recomputed from the current examples whenever the window's
     side changes, so rounding does not pile up."""
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], incremental: IncrementalForward | None, labels: torch.Tensor, shape: torch.Size):
+    def __init__(
+        self,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        incremental: IncrementalForward | None,
+        labels: torch.Tensor,
+        shape: torch.Size,
+    ):
         self.forward, self.incremental, self.labels = forward, incremental, labels
         self.height, self.width = shape[-2:]
         self.side: int | None = None
         self.local = False
 
     @torch.no_grad()
-    def margins(self, proposal: torch.Tensor, todo: torch.Tensor, corners, side: int, best: torch.Tensor) -> torch.Tensor:
+    def margins(
+        self, proposal: torch.Tensor, todo: torch.Tensor, corners, side: int, best: torch.Tensor
+    ) -> torch.Tensor:
         """The margins of ``proposal``, the points ``todo``'s examples changed inside ``side`` x ``side`` windows at ``corners``."""
         self.local = self.incremental is not None and incremental_pays(len(corners), side, self.height, self.width)
         if not self.local:
@@ -95,7 +104,15 @@ class _Queries:
             self.side = side
         return label_margins(self.incremental.propose(proposal, todo, corners, side), self.labels[todo])
 
-    def accept(self, proposal: torch.Tensor, candidate: torch.Tensor, todo: torch.Tensor, best: torch.Tensor, margin: torch.Tensor, used: torch.Tensor) -> None:
+    def accept(
+        self,
+        proposal: torch.Tensor,
+        candidate: torch.Tensor,
+        todo: torch.Tensor,
+        best: torch.Tensor,
+        margin: torch.Tensor,
+        used: torch.Tensor,
+    ) -> None:
         """The points ``todo`` take their ``proposal`` where its margin ``candidate`` is lower (in place)."""
         used[todo] += 1
         better = candidate < margin[todo]
@@ -106,7 +123,19 @@ class _Queries:
             self.incremental.commit(better)
 
 
-def square_linf(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor, *, eps: float, queries: int, generator: torch.Generator, p_init: float = 0.8, rescale_schedule: bool = False, bounds: tuple[float, float] = (0.0, 1.0), incremental: IncrementalForward | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def square_linf(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    eps: float,
+    queries: int,
+    generator: torch.Generator,
+    p_init: float = 0.8,
+    rescale_schedule: bool = False,
+    bounds: tuple[float, float] = (0.0, 1.0),
+    incremental: IncrementalForward | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Square l_inf on images ``x`` (N, C, H, W) with ``forward`` giving logits (and ``incremental``, built
     for the same model, for the queries of small windows).
 
@@ -173,16 +202,24 @@ def square_pattern(side: int) -> torch.Tensor:
     return pattern / pattern.norm().clamp_min(1e-12)
 
 
-def _place(patterns: torch.Tensor | None, top: torch.Tensor, left: torch.Tensor, height: int, width: int, side: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _place(
+    patterns: torch.Tensor | None, top: torch.Tensor, left: torch.Tensor, height: int, width: int, side: int
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Each point's ``side`` x ``side`` pattern (``patterns`` (K, s, s), or None for none) placed at its own
     corner in a (K, 1, H, W) image of zeros, and the window it covers (bool, same shape). Written
     through flat indices of the windows alone."""
     count, device = len(top), top.device
     flat = window_positions(torch.arange(count, device=device), top, left, side, side, (count, height, width))
-    window = torch.zeros(count * height * width, dtype=torch.bool, device=device).index_fill_(0, flat, True).view(count, 1, height, width)
+    window = (
+        torch.zeros(count * height * width, dtype=torch.bool, device=device)
+        .index_fill_(0, flat, True)
+        .view(count, 1, height, width)
+    )
     if patterns is None:
         return None, window
-    placed = torch.zeros(count * height * width, dtype=patterns.dtype, device=device).index_copy_(0, flat, patterns.flatten())
+    placed = torch.zeros(count * height * width, dtype=patterns.dtype, device=device).index_copy_(
+        0, flat, patterns.flatten()
+    )
     return placed.view(count, 1, height, width), window
 
 
@@ -191,7 +228,18 @@ def _norms(values: torch.Tensor, dims) -> torch.Tensor:
 
 
 @torch.no_grad()
-def square_l2(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor, *, eps: float, queries: int, generator: torch.Generator, p_init: float = 0.8, rescale_schedule: bool = False, bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def square_l2(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    eps: float,
+    queries: int,
+    generator: torch.Generator,
+    p_init: float = 0.8,
+    rescale_schedule: bool = False,
+    bounds: tuple[float, float] = (0.0, 1.0),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Square l_2 on images ``x`` (N, C, H, W, H and W at least 5) with ``forward`` giving logits; returns
     as :func:`square_linf` does.
 
@@ -222,7 +270,9 @@ def square_l2(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     delta = torch.zeros_like(x)
     for row in range(start, height - tile + 1, tile):
         for column in range(start, width - tile + 1, tile):
-            delta[:, :, row : row + tile, column : column + tile] += draw_patterns(tile, count).unsqueeze(1) * draw_signs((count, channels, 1, 1))
+            delta[:, :, row : row + tile, column : column + tile] += draw_patterns(tile, count).unsqueeze(
+                1
+            ) * draw_signs((count, channels, 1, 1))
     best = (x + eps * delta / _norms(delta, every).clamp_min(1e-12)).clamp(low, high)
     margin = label_margins(forward(best), labels)
     used = torch.ones(count, dtype=torch.long, device=device)
@@ -235,7 +285,10 @@ def square_l2(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
         side = max(int(round(math.sqrt(p * height * width))), 3)
         side = min(side + (side % 2 == 0), height, width)
         # Drawn for every point of the batch, used for those still robust.
-        corners = [torch.randint(0, limit - side + 1, (count,), generator=generator).to(device)[todo] for limit in (height, width, height, width)]
+        corners = [
+            torch.randint(0, limit - side + 1, (count,), generator=generator).to(device)[todo]
+            for limit in (height, width, height, width)
+        ]
         patterns = draw_patterns(side, count)[todo]
         signs = draw_signs((count, channels, 1, 1))[todo]
         x0 = x[todo]
@@ -266,7 +319,9 @@ def traced_forward(model: torch.nn.Module, example: torch.Tensor) -> tuple[Calla
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            traced = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, sample[:2], check_trace=False)))
+            traced = torch.jit.optimize_for_inference(
+                torch.jit.freeze(torch.jit.trace(model, sample[:2], check_trace=False))
+            )
             for batch in (sample, sample[:1], example[: min(len(example), 37)]):
                 expected, got = model(batch), traced(batch)
                 if not same_logits(got, expected):
@@ -284,23 +339,45 @@ class Square(Attack):
 
     name = "square"
 
-    def __init__(self, *, queries: int = 5000, p_init: float = 0.8, rescale_schedule: bool = False, trace: bool = True, incremental: bool = True, batch_size: int = 500):
+    def __init__(
+        self,
+        *,
+        queries: int = 5000,
+        p_init: float = 0.8,
+        rescale_schedule: bool = False,
+        trace: bool = True,
+        incremental: bool = True,
+        batch_size: int = 500,
+    ):
         for option, value, least in (("queries", queries, 0), ("batch_size", batch_size, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ConfigError(f"square: {option} must be an integer >= {least}, got {value!r} (e.g. square:{option}={max(least, 1000)})")
+                raise ConfigError(
+                    f"square: {option} must be an integer >= {least}, got {value!r} (e.g. square:{option}={max(least, 1000)})"
+                )
         if isinstance(p_init, bool) or not isinstance(p_init, (int, float)) or not 0 < p_init <= 1:
-            raise ConfigError(f"square: p_init is the share of the image the first windows cover, in (0, 1], got {p_init!r} (e.g. square:p_init=0.8)")
+            raise ConfigError(
+                f"square: p_init is the share of the image the first windows cover, in (0, 1], got {p_init!r} (e.g. square:p_init=0.8)"
+            )
         for option, value in (("rescale_schedule", rescale_schedule), ("trace", trace), ("incremental", incremental)):
             if not isinstance(value, bool):
                 raise ConfigError(f"square: {option} must be true or false, got {value!r} (e.g. square:{option}=false)")
-        self.queries, self.p_init, self.rescale_schedule, self.trace, self.incremental, self.batch_size = queries, float(p_init), rescale_schedule, trace, incremental, batch_size
+        self.queries, self.p_init, self.rescale_schedule, self.trace, self.incremental, self.batch_size = (
+            queries,
+            float(p_init),
+            rescale_schedule,
+            trace,
+            incremental,
+            batch_size,
+        )
 
     def run(self, model, images, labels, *, norm, epsilons, seed, active, workspace: Path | None = None):
         outcome = Outcome.unattacked(images, epsilons)
         device = model_device(model)
         grid = image_shape(images.shape[1:])
         if norm == "l2" and min(grid[1:]) < 5:
-            raise ConfigError(f"square: l_2 Square tiles the image with 5 x 5 windows and needs images of at least 5 x 5 pixels, got inputs of shape {tuple(images.shape[1:])}")
+            raise ConfigError(
+                f"square: l_2 Square tiles the image with 5 x 5 windows and needs images of at least 5 x 5 pixels, got inputs of shape {tuple(images.shape[1:])}"
+            )
         forward, incremental, how = None, None, "eager"
         queries_used: list[dict] = []
         for index, eps in enumerate(epsilons):
@@ -321,9 +398,18 @@ class Square(Attack):
                         how += f"; {built}"
                 call = lambda flat, forward=forward, shape=x0.shape[1:]: forward(flat.reshape(len(flat), *shape))  # noqa: E731
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + index * 1009 + start)
-                options = {"eps": eps, "queries": self.queries, "generator": generator, "p_init": self.p_init, "rescale_schedule": self.rescale_schedule, "bounds": model.bounds}
+                options = {
+                    "eps": eps,
+                    "queries": self.queries,
+                    "generator": generator,
+                    "p_init": self.p_init,
+                    "rescale_schedule": self.rescale_schedule,
+                    "bounds": model.bounds,
+                }
                 if norm == "linf":
-                    best, _, queries = square_linf(call, x0.reshape(len(x0), *grid), y[chosen].to(device), incremental=incremental, **options)
+                    best, _, queries = square_linf(
+                        call, x0.reshape(len(x0), *grid), y[chosen].to(device), incremental=incremental, **options
+                    )
                 else:
                     best, _, queries = square_l2(call, x0.reshape(len(x0), *grid), y[chosen].to(device), **options)
                 adversarial[chosen] = best.reshape(x0.shape).cpu()
@@ -332,5 +418,9 @@ class Square(Attack):
             # here; the model itself decides success.
             outcome.judge(model, index, points, x, y, adversarial, norm=norm, eps=eps, batch_size=self.batch_size)
             queries_used.append({"eps": eps, "attacked": len(robust), "forward_passes": used})
-        details = {"implementation": f"invarbench Square ({norm}, each point's own windows)", "forward": how, "queries_used": queries_used}
+        details = {
+            "implementation": f"invarbench Square ({norm}, each point's own windows)",
+            "forward": how,
+            "queries_used": queries_used,
+        }
         return outcome.result(self.name, norm, epsilons, {**self.options(), **details})

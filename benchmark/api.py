@@ -26,10 +26,11 @@ from invarbench.errors import ConfigError
 
 if TYPE_CHECKING:
     import pandas as pd
+    from torch import nn
+
     from invarbench.attacks import ThreatModel
     from invarbench.config import AttackSpec, ModelSpec, RunConfig
     from invarbench.executors import ExecutorSettings
-    from torch import nn
 
 #: The parent folder of run directories when none is given (`invarbench run --out`), relative to the working directory.
 DEFAULT_RUNS_DIR = Path("runs")
@@ -49,6 +50,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     perturbation attack in cascade order; invariance metrics per invariance attack and setting; the
     oracles' calibration. Empty when the run has neither."""
     import pandas as pd
+
     from invarbench.results import WORST_CASE, invariance_frame, robustness_frame
 
     parts = []
@@ -60,24 +62,69 @@ def format_summary(summary: dict[str, Any]) -> str:
         robust = dict(zip(result["attack"], result["robust_accuracy"]))
         # In cascade order, "-" where an attack did not run at this eps (e.g. autoattack:eps=0.3).
         cells = [f"{100 * robust[label]:.1f}%" if label in robust else "-" for label in order]
-        rows.append([model, f"{100 * entry['clean_accuracy']:.1f}%", f"{norm} {eps}", *cells, f"{100 * robust[WORST_CASE]:.1f}%", "yes" if entry["warnings"] else "no"])
+        rows.append(
+            [
+                model,
+                f"{100 * entry['clean_accuracy']:.1f}%",
+                f"{norm} {eps}",
+                *cells,
+                f"{100 * robust[WORST_CASE]:.1f}%",
+                "yes" if entry["warnings"] else "no",
+            ]
+        )
     if rows:
-        parts.append(format_table(["model", "clean", "threat", *[f"after {label}" for label in order], "worst case", "check warnings"], rows))
+        parts.append(
+            format_table(
+                ["model", "clean", "threat", *[f"after {label}" for label in order], "worst case", "check warnings"],
+                rows,
+            )
+        )
     invariance_rows = []
     for metrics in invariance_frame(summary["models"].items()).to_dict("records"):
         accuracy, low_high = metrics["invariance_accuracy"], metrics["invariance_accuracy_ci95"]
         excessive, excessive_interval = metrics["excessive_invariance_rate"], metrics["excessive_invariance_rate_ci95"]
-        invariance_rows.append([
-            metrics["model"], metrics["attack"], metrics["setting"], ",".join(metrics["oracle"]), f"{metrics['label_changed']}/{metrics['candidates']} ({metrics['abstained']} abstained)",
-            "-" if pd.isna(accuracy) else f"{100 * accuracy:.1f}% [{100 * low_high[0]:.1f}, {100 * low_high[1]:.1f}]",
-            "-" if pd.isna(excessive) else f"{100 * excessive:.1f}% [{100 * excessive_interval[0]:.1f}, {100 * excessive_interval[1]:.1f}]",
-        ])
+        invariance_rows.append(
+            [
+                metrics["model"],
+                metrics["attack"],
+                metrics["setting"],
+                ",".join(metrics["oracle"]),
+                f"{metrics['label_changed']}/{metrics['candidates']} ({metrics['abstained']} abstained)",
+                (
+                    "-"
+                    if pd.isna(accuracy)
+                    else f"{100 * accuracy:.1f}% [{100 * low_high[0]:.1f}, {100 * low_high[1]:.1f}]"
+                ),
+                (
+                    "-"
+                    if pd.isna(excessive)
+                    else (
+                        f"{100 * excessive:.1f}% [{100 * excessive_interval[0]:.1f}, {100 * excessive_interval[1]:.1f}]"
+                    )
+                ),
+            ]
+        )
     if invariance_rows:
         from invarbench.leaderboard.tables import calibration_summary
 
         parts.append("")
-        parts.append(format_table(["model", "invariance attack", "setting", "oracle", "label changed", "invariance accuracy [95% CI]", "excessive invariance [95% CI]"], invariance_rows))
-        parts.extend(f"oracle {name}: {calibration_summary(report)}" for name, report in summary.get("oracles", {}).items())
+        parts.append(
+            format_table(
+                [
+                    "model",
+                    "invariance attack",
+                    "setting",
+                    "oracle",
+                    "label changed",
+                    "invariance accuracy [95% CI]",
+                    "excessive invariance [95% CI]",
+                ],
+                invariance_rows,
+            )
+        )
+        parts.extend(
+            f"oracle {name}: {calibration_summary(report)}" for name, report in summary.get("oracles", {}).items()
+        )
     return "\n".join(parts)
 
 
@@ -101,7 +148,14 @@ class Results:
     jobs_resumed: int = 0
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike, *, summary: dict[str, Any] | None = None, jobs_run: int = 0, jobs_resumed: int = 0) -> Results:
+    def load(
+        cls,
+        run_dir: str | os.PathLike,
+        *,
+        summary: dict[str, Any] | None = None,
+        jobs_run: int = 0,
+        jobs_resumed: int = 0,
+    ) -> Results:
         """The results of a finished run directory (of `invarbench run` or ``evaluate``)."""
         from invarbench.store import RunStore, read_json, read_records
 
@@ -142,24 +196,34 @@ class Results:
         frame = robustness_frame(models.items())
         frame = frame[frame["attack"].isin(order)]
         # Model, threat and eps in the run's order, attacks in cascade order.
-        frame = frame.assign(group=frame.groupby(["model", "norm", "setting"], sort=False).ngroup(), position=frame["attack"].map(order.index)).sort_values(["group", "position"], kind="stable")
+        frame = frame.assign(
+            group=frame.groupby(["model", "norm", "setting"], sort=False).ngroup(),
+            position=frame["attack"].map(order.index),
+        ).sort_values(["group", "position"], kind="stable")
         epsilons = self._epsilons()
-        return pd.DataFrame({
-            "model": frame["model"],
-            "dataset": frame["model"].map(lambda model: models[model]["dataset"]),
-            "norm": frame["norm"],
-            "eps": [epsilons.get((norm, setting), float(setting)) for norm, setting in zip(frame["norm"], frame["setting"])],
-            "attack": frame["attack"],
-            "robust_accuracy": frame["robust_accuracy"],
-            "n": self.summary_dict["n"],
-            "clean_accuracy": frame["model"].map(lambda model: models[model]["clean_accuracy"]),
-        }, columns=["model", "dataset", "norm", "eps", "attack", "robust_accuracy", "n", "clean_accuracy"]).reset_index(drop=True)
+        return pd.DataFrame(
+            {
+                "model": frame["model"],
+                "dataset": frame["model"].map(lambda model: models[model]["dataset"]),
+                "norm": frame["norm"],
+                "eps": [
+                    epsilons.get((norm, setting), float(setting))
+                    for norm, setting in zip(frame["norm"], frame["setting"])
+                ],
+                "attack": frame["attack"],
+                "robust_accuracy": frame["robust_accuracy"],
+                "n": self.summary_dict["n"],
+                "clean_accuracy": frame["model"].map(lambda model: models[model]["clean_accuracy"]),
+            },
+            columns=["model", "dataset", "norm", "eps", "attack", "robust_accuracy", "n", "clean_accuracy"],
+        ).reset_index(drop=True)
 
     def invariance_pandas(self) -> pd.DataFrame:
         """One row per model, invariance attack and setting (norm and eps or budget) with the summary's
         invariance metrics; a 95% interval ``X_ci95`` becomes ``X_ci95_low`` and ``X_ci95_high``, the
         oracles one comma-joined string. Empty when no invariance attack ran."""
         import pandas as pd
+
         from invarbench.results import invariance_frame
 
         models = self.summary_dict["models"]
@@ -180,16 +244,42 @@ class Results:
         return f"Results({str(self.run_dir)!r}, models={list(self.summary_dict['models'])}, n={self.summary_dict['n']})"
 
 
-def run_config(config: RunConfig, out: str | os.PathLike | None = None, *, name: str | None = None, device: str = "auto", progress: bool = True, data_source: str | None = None, oracle=None, executor: ExecutorSettings | None = None) -> Results:
+def run_config(
+    config: RunConfig,
+    out: str | os.PathLike | None = None,
+    *,
+    name: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    data_source: str | None = None,
+    oracle=None,
+    executor: ExecutorSettings | None = None,
+) -> Results:
     """Run (or resume) ``config`` into ``out/NAME`` (default ``runs/``, NAME derived from the
     configuration) and return its results: what both ``evaluate`` and `invarbench run` do."""
     from invarbench.runner import run_benchmark
 
-    outcome = run_benchmark(config, Path(out) if out is not None else DEFAULT_RUNS_DIR, name=name, device=device, progress=progress, data_source=data_source, oracle=oracle, executor=executor)
-    return Results.load(outcome.run_dir, summary=outcome.summary, jobs_run=outcome.jobs_run, jobs_resumed=outcome.jobs_resumed)
+    outcome = run_benchmark(
+        config,
+        Path(out) if out is not None else DEFAULT_RUNS_DIR,
+        name=name,
+        device=device,
+        progress=progress,
+        data_source=data_source,
+        oracle=oracle,
+        executor=executor,
+    )
+    return Results.load(
+        outcome.run_dir, summary=outcome.summary, jobs_run=outcome.jobs_run, jobs_resumed=outcome.jobs_resumed
+    )
 
 
-def model_spec(reference: str | os.PathLike, dataset: str | None = None, architecture: str | None = None, architecture_args: tuple = ()) -> ModelSpec:
+def model_spec(
+    reference: str | os.PathLike,
+    dataset: str | None = None,
+    architecture: str | None = None,
+    architecture_args: tuple = (),
+) -> ModelSpec:
     """A model given by name or path: registered models and RobustBench names bring their data set; a
     checkpoint file is evaluated on ``dataset`` (default mnist)."""
     from invarbench.config import ModelSpec
@@ -200,11 +290,16 @@ def model_spec(reference: str | os.PathLike, dataset: str | None = None, archite
     if declared is None:
         return ModelSpec(reference, dataset or "mnist", architecture, architecture_args)
     if dataset and dataset != declared:
-        raise ConfigError(f"--dataset {dataset}: model {reference} is a {declared} model and is evaluated on {declared}; drop --dataset (dataset=) or evaluate it in a separate run")
+        raise ConfigError(
+            f"--dataset {dataset}: model {reference} is a {declared} model and is evaluated on {declared}; drop"
+            " --dataset (dataset=) or evaluate it in a separate run"
+        )
     return ModelSpec(reference, declared)
 
 
-def _module_spec(module: nn.Module, dataset: str | None, key: str | None, bounds: tuple[float, float] | None, num_classes: int | None) -> ModelSpec:
+def _module_spec(
+    module: nn.Module, dataset: str | None, key: str | None, bounds: tuple[float, float] | None, num_classes: int | None
+) -> ModelSpec:
     """An in-memory ``nn.Module``, wrapped in a BenchmarkModel unless it is one."""
     from invarbench.config import ModelSpec
     from invarbench.datasets import load_dataset
@@ -215,8 +310,9 @@ def _module_spec(module: nn.Module, dataset: str | None, key: str | None, bounds
         bounds = bounds if bounds is not None else getattr(module, "bounds", None)
         if bounds is None:
             raise ConfigError(
-                f"model {type(module).__name__} is a torch.nn.Module without input bounds; pass bounds=(low, high), the range its {dataset} inputs lie in "
-                "(e.g. bounds=(0.0, 1.0) for MNIST images), give the module a .bounds attribute, or wrap it in invarbench.models.BenchmarkModel"
+                f"model {type(module).__name__} is a torch.nn.Module without input bounds; pass bounds=(low, high), the"
+                f" range its {dataset} inputs lie in (e.g. bounds=(0.0, 1.0) for MNIST images), give the module a"
+                " .bounds attribute, or wrap it in invarbench.models.BenchmarkModel"
             )
         classes = num_classes if num_classes is not None else load_dataset(dataset).num_classes
         module = BenchmarkModel(module, bounds=tuple(bounds), num_classes=classes, name=key or type(module).__name__)
@@ -238,10 +334,16 @@ def _as_specs(model, dataset: str | None, bounds, num_classes) -> tuple[ModelSpe
             specs.append(_module_spec(item, dataset, key, bounds, num_classes))
         elif isinstance(item, (str, os.PathLike)):
             if key is not None:
-                raise ConfigError(f"model {item}: a registered model or checkpoint is known by its own name; pass it in a list, not under the key {key!r}")
+                raise ConfigError(
+                    f"model {item}: a registered model or checkpoint is known by its own name; pass it in a list, not"
+                    f" under the key {key!r}"
+                )
             specs.append(model_spec(item, dataset))
         else:
-            raise ConfigError(f"model {item!r} is a {type(item).__name__}; pass a registered model name, a checkpoint path, a torch.nn.Module or a list of them")
+            raise ConfigError(
+                f"model {item!r} is a {type(item).__name__}; pass a registered model name, a checkpoint path, a"
+                " torch.nn.Module or a list of them"
+            )
     return tuple(specs)
 
 
@@ -252,7 +354,9 @@ def _threats(threats, specs: tuple[ModelSpec, ...]) -> tuple[ThreatModel, ...]:
     if threats is None:
         return default_threats(specs)
     threats = [threats] if isinstance(threats, (str, ThreatModel)) else list(threats)
-    return merge_threats([threat if isinstance(threat, ThreatModel) else ThreatModel.parse(threat) for threat in threats])
+    return merge_threats(
+        [threat if isinstance(threat, ThreatModel) else ThreatModel.parse(threat) for threat in threats]
+    )
 
 
 def _attacks(attacks) -> tuple[AttackSpec, ...]:
@@ -303,8 +407,23 @@ def evaluate(
 
     settings = ExecutorSettings(executor, address=address, workers=workers, threads_per_worker=threads_per_worker)
     specs = _as_specs(model, dataset, bounds, num_classes)
-    config = RunConfig(specs, _threats(threats, specs), _attacks(attacks), n=n, seed=seed, oracle=oracle if isinstance(oracle, str) else None)
-    return run_config(config, out, name=name, device=device, progress=progress, oracle=None if isinstance(oracle, str) else oracle, executor=settings)
+    config = RunConfig(
+        specs,
+        _threats(threats, specs),
+        _attacks(attacks),
+        n=n,
+        seed=seed,
+        oracle=oracle if isinstance(oracle, str) else None,
+    )
+    return run_config(
+        config,
+        out,
+        name=name,
+        device=device,
+        progress=progress,
+        oracle=None if isinstance(oracle, str) else oracle,
+        executor=settings,
+    )
 
 
 __all__ = ["DEFAULT_RUNS_DIR", "Results", "evaluate", "format_summary", "format_table", "model_spec", "run_config"]

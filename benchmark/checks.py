@@ -8,20 +8,34 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from invarbench.errors import ModelError
 from invarbench.evaluation import model_device
 
 CHECKS = {
-    "train_mode": "the model (or a submodule) is in train mode; call model.eval() so batch norm and dropout do not change outputs",
-    "probability_outputs": "outputs look like probabilities (non-negative rows summing to 1), not logits; gradient attacks are weakened by the softmax, return logits",
-    "randomised_outputs": "two forward passes on the same inputs differ; the model is randomised, so use an EOT-aware attack (autoattack version rand)",
+    "train_mode": (
+        "the model (or a submodule) is in train mode; call model.eval() so batch norm and dropout do not change outputs"
+    ),
+    "probability_outputs": (
+        "outputs look like probabilities (non-negative rows summing to 1), not logits; gradient attacks are weakened by"
+        " the softmax, return logits"
+    ),
+    "randomised_outputs": (
+        "two forward passes on the same inputs differ; the model is randomised, so use an EOT-aware attack (autoattack"
+        " version rand)"
+    ),
     "non_finite_outputs": "outputs contain NaN or inf",
-    "zero_gradients": "the input gradient of the loss is exactly zero for some points (gradient masking?); gradient-free attacks such as Square are needed",
+    "zero_gradients": (
+        "the input gradient of the loss is exactly zero for some points (gradient masking?); gradient-free attacks such"
+        " as Square are needed"
+    ),
     "inputs_out_of_bounds": "test inputs lie outside the model's declared bounds",
 }
 
 
-def check_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, num_classes: int, source: str) -> dict[str, bool]:
+def check_model(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, num_classes: int, source: str
+) -> dict[str, bool]:
     """Return ``{check name: raised}`` for the checks in :data:`CHECKS`; raise on a wrong output shape."""
     device = model_device(model)
     x, y = images.to(device), labels.to(device)
@@ -31,12 +45,18 @@ def check_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tens
             first, second = model(x), model(x)
     except RuntimeError as error:
         raise ModelError(
-            f"model {source} fails on {len(x)} inputs of shape {list(x.shape[1:])} ({str(error).strip().splitlines()[0][:200]}); "
-            "check --dataset (mnist: 1 x 28 x 28, cifar10: 3 x 32 x 32); an ONNX model must be exported with a dynamic batch axis (dynamic_axes={'input': {0: 'batch'}})"
+            f"model {source} fails on {len(x)} inputs of shape {list(x.shape[1:])}"
+            f" ({str(error).strip().splitlines()[0][:200]}); check --dataset (mnist: 1 x 28 x 28, cifar10: 3 x 32 x"
+            " 32); an ONNX model must be exported with a dynamic batch axis (dynamic_axes={'input': {0: 'batch'}})"
         ) from error
     if first.shape != (len(x), num_classes):
-        raise ModelError(f"model {source} returns outputs of shape {tuple(first.shape)} for {len(x)} inputs; expected ({len(x)}, {num_classes}) logits. Check --dataset and that the model returns one logit per class")
-    flags["probability_outputs"] = bool((first >= 0).all() and torch.allclose(first.sum(dim=1), torch.ones(len(x), device=device), atol=1e-4))
+        raise ModelError(
+            f"model {source} returns outputs of shape {tuple(first.shape)} for {len(x)} inputs; expected ({len(x)},"
+            f" {num_classes}) logits. Check --dataset and that the model returns one logit per class"
+        )
+    flags["probability_outputs"] = bool(
+        (first >= 0).all() and torch.allclose(first.sum(dim=1), torch.ones(len(x), device=device), atol=1e-4)
+    )
     flags["randomised_outputs"] = not torch.equal(first, second)
     flags["non_finite_outputs"] = not bool(torch.isfinite(first).all())
     probe = x.clone().requires_grad_(True)
@@ -53,6 +73,12 @@ def check_compatible(model: torch.nn.Module, dataset, *, source: str) -> None:
     shape = list(dataset.test_images.shape[1:])
     declared = getattr(model, "input_shape", None)
     if declared is not None and list(declared) != shape:
-        raise ModelError(f"model {source} takes inputs of shape {list(declared)} but {dataset.name} images have shape {shape}; evaluate it on the data set it was made for (--dataset)")
+        raise ModelError(
+            f"model {source} takes inputs of shape {list(declared)} but {dataset.name} images have shape {shape};"
+            " evaluate it on the data set it was made for (--dataset)"
+        )
     if tuple(model.bounds) != tuple(dataset.bounds):
-        raise ModelError(f"model {source} takes inputs in {list(model.bounds)} but {dataset.name} images lie in {list(dataset.bounds)}; evaluate it on the data set it was made for (--dataset)")
+        raise ModelError(
+            f"model {source} takes inputs in {list(model.bounds)} but {dataset.name} images lie in"
+            f" {list(dataset.bounds)}; evaluate it on the data set it was made for (--dataset)"
+        )

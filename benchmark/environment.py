@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+
 from invarbench import __version__
 from invarbench.errors import ConfigError
 
@@ -35,7 +36,9 @@ def gpu_description(device: torch.device) -> str:
     return f"{properties.name}, {properties.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
 
 
-def measurement_header(benchmark: str, threads: int | None = None, device: str | torch.device = "cpu") -> dict[str, object]:
+def measurement_header(
+    benchmark: str, threads: int | None = None, device: str | torch.device = "cpu"
+) -> dict[str, object]:
     """What every file in benchmarks/results/ opens with: the benchmark, the command that measured it,
     when, with how many torch threads (default: this process's), on which CPU and, for a measurement
     on CUDA, which GPU."""
@@ -46,7 +49,11 @@ def measurement_header(benchmark: str, threads: int | None = None, device: str |
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "threads": torch.get_num_threads() if threads is None else threads,
         "cpu": cpu_description(),
-        **({"device": "cuda", "gpu": gpu_description(device), "torch": torch.__version__} if device.type == "cuda" else {}),
+        **(
+            {"device": "cuda", "gpu": gpu_description(device), "torch": torch.__version__}
+            if device.type == "cuda"
+            else {}
+        ),
     }
 
 
@@ -63,14 +70,15 @@ def package_versions() -> dict[str, str]:
 def full_float32_on_cuda() -> None:
     """Compute in full float32 on CUDA: torch lets cuDNN's convolutions use TF32 on Ampere and later GPUs
     by default, which rounds their inputs to a 10-bit mantissa (about 1e-3 relative, against float32's
-    1e-7), so a run on a GPU would not give the CPU's figures within float32 rounding. Robust accuracy decided at that scale is
-    what a benchmark must not leave to the hardware."""
+    1e-7), so a run on a GPU would not give the CPU's figures within float32 rounding. Robust accuracy decided
+    at that scale is what a benchmark must not leave to the hardware."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def resolve_device(device: str) -> torch.device:
-    """The torch device for ``auto``, ``cpu`` or ``cuda``; on CUDA in full float32 (see :func:`full_float32_on_cuda`)."""
+    """The torch device for ``auto``, ``cpu`` or ``cuda``; on CUDA in full float32 (see
+    :func:`full_float32_on_cuda`)."""
     chosen = _resolve_device(device)
     if chosen.type == "cuda":
         full_float32_on_cuda()

@@ -17,7 +17,10 @@ def model_device(model: nn.Module) -> torch.device:
 def logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 500) -> torch.Tensor:
     """The model's logits for ``images`` (float32, on the CPU), computed in batches on its device."""
     device = model_device(model)
-    outputs = [model(images[start : start + batch_size].to(device)).float().cpu() for start in range(0, len(images), batch_size)]
+    outputs = [
+        model(images[start : start + batch_size].to(device)).float().cpu()
+        for start in range(0, len(images), batch_size)
+    ]
     return torch.cat(outputs) if outputs else torch.empty(0, 0)
 
 
@@ -34,7 +37,9 @@ SAME_LOGITS_TOLERANCE = 1e-4
 
 def same_logits(got: torch.Tensor, expected: torch.Tensor) -> bool:
     """Whether ``got`` are ``expected``'s logits within :data:`SAME_LOGITS_TOLERANCE`."""
-    return got.shape == expected.shape and bool((got - expected).abs().max() <= SAME_LOGITS_TOLERANCE * max(1.0, expected.abs().max().item()))
+    return got.shape == expected.shape and bool(
+        (got - expected).abs().max() <= SAME_LOGITS_TOLERANCE * max(1.0, expected.abs().max().item())
+    )
 
 
 def label_margins(output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

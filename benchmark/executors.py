@@ -32,6 +32,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+
 from invarbench.attacks.invariance import InvarianceContext
 from invarbench.config import ModelSpec
 from invarbench.errors import ConfigError, InvarbenchError
@@ -65,7 +66,9 @@ class ExecutorSettings:
             raise ConfigError(f"unknown executor {self.name!r}; use {' or '.join(EXECUTORS)}")
         if self.name == "local" and (self.address is not None or self.workers is not None):
             option = "--address" if self.address is not None else "--workers"
-            raise ConfigError(f"{option} applies to --executor ray only; add --executor ray (executor='ray') or drop {option}")
+            raise ConfigError(
+                f"{option} applies to --executor ray only; add --executor ray (executor='ray') or drop {option}"
+            )
         for option, value in (("--workers", self.workers), ("--threads-per-worker", self.threads_per_worker)):
             if value is not None and value < 1:
                 raise ConfigError(f"{option} {value} must be at least 1")
@@ -109,17 +112,38 @@ class ModelInputs:
     oracle: Any = None
 
 
-def perform(task: JobTask, model: torch.nn.Module, earlier: list[pd.DataFrame], *, dataset: Any = None, oracle: Any = None, workspace: Path | None = None) -> JobOutput:
+def perform(
+    task: JobTask,
+    model: torch.nn.Module,
+    earlier: list[pd.DataFrame],
+    *,
+    dataset: Any = None,
+    oracle: Any = None,
+    workspace: Path | None = None,
+) -> JobOutput:
     """Run one job: a pure function of the job, the model, its shard, the earlier attacks' records and,
     for invariance attacks, the data set and oracle."""
     job = task.job
     started = time.perf_counter()
     if job.attack.kind == "invariance":
-        context = InvarianceContext(dataset, oracle, torch.arange(job.start, job.stop), cache_dir=invarbench_home() / "cache" / "invariance")
-        records, candidates = execute_invariance_job(job, model, task.images, task.labels, task.clean_predictions, context)
+        context = InvarianceContext(
+            dataset, oracle, torch.arange(job.start, job.stop), cache_dir=invarbench_home() / "cache" / "invariance"
+        )
+        records, candidates = execute_invariance_job(
+            job, model, task.images, task.labels, task.clean_predictions, context
+        )
         return JobOutput(records, time.perf_counter() - started, candidates=candidates)
     previous = pd.concat(earlier) if earlier else None
-    records, warnings = execute_job(job, model, task.images, task.labels, task.clean_predictions, previous, cascade=task.cascade, workspace=workspace)
+    records, warnings = execute_job(
+        job,
+        model,
+        task.images,
+        task.labels,
+        task.clean_predictions,
+        previous,
+        cascade=task.cascade,
+        workspace=workspace,
+    )
     return JobOutput(records, time.perf_counter() - started, warnings)
 
 
@@ -153,10 +177,25 @@ class LocalExecutor:
         if self._threads is not None:
             torch.set_num_threads(self._threads)
 
-    def run(self, tasks: list[JobTask], inputs: dict[str, ModelInputs], records: dict[str, pd.DataFrame], finished: Finished, *, workspace: Callable[[Job], Path]) -> None:
+    def run(
+        self,
+        tasks: list[JobTask],
+        inputs: dict[str, ModelInputs],
+        records: dict[str, pd.DataFrame],
+        finished: Finished,
+        *,
+        workspace: Callable[[Job], Path],
+    ) -> None:
         for task in tasks:
             shared = inputs[task.job.model]
-            output = perform(task, shared.model, [records[job_id] for job_id in task.after], dataset=shared.dataset, oracle=shared.oracle, workspace=workspace(task.job))
+            output = perform(
+                task,
+                shared.model,
+                [records[job_id] for job_id in task.after],
+                dataset=shared.dataset,
+                oracle=shared.oracle,
+                workspace=workspace(task.job),
+            )
             records[task.job.id] = output.records
             finished(task, output)
 
@@ -165,7 +204,10 @@ def _import_ray():
     try:
         import ray
     except ImportError as error:
-        raise ConfigError(f"--executor ray needs the ray package, which cannot be imported here ({error}); install it with `pip install 'ray==2.60.*'` (`make install` does) or use --executor local") from error
+        raise ConfigError(
+            f"--executor ray needs the ray package, which cannot be imported here ({error}); install it with `pip"
+            " install 'ray==2.60.*'` (`make install` does) or use --executor local"
+        ) from error
     return ray
 
 
@@ -179,7 +221,8 @@ def _check_reachable(address: str) -> None:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as error:
         raise ConfigError(
-            f"--address {address}: no Ray head answers there ({error}); start one with `ray start --head` on that machine and pass the address it prints, or drop --address to start Ray on this machine"
+            f"--address {address}: no Ray head answers there ({error}); start one with `ray start --head` on that"
+            " machine and pass the address it prints, or drop --address to start Ray on this machine"
         ) from error
 
 
@@ -208,8 +251,13 @@ class RayExecutor:
             try:
                 ray.init(address=settings.address, **options)
             except (ConnectionError, RuntimeError, ValueError) as error:
-                where = f"the Ray cluster at --address {settings.address}" if settings.address else "a local Ray instance"
-                raise ConfigError(f"could not start or join {where} ({error}); check `ray status` on the head machine, or drop --address to start Ray here") from error
+                where = (
+                    f"the Ray cluster at --address {settings.address}" if settings.address else "a local Ray instance"
+                )
+                raise ConfigError(
+                    f"could not start or join {where} ({error}); check `ray status` on the head machine, or drop"
+                    " --address to start Ray here"
+                ) from error
             self.started = True
         if not self.workers:
             cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -226,16 +274,33 @@ class RayExecutor:
             self.ray.shutdown()
             self.started = False
 
-    def run(self, tasks: list[JobTask], inputs: dict[str, ModelInputs], records: dict[str, pd.DataFrame], finished: Finished, *, workspace: Callable[[Job], Path]) -> None:
+    def run(
+        self,
+        tasks: list[JobTask],
+        inputs: dict[str, ModelInputs],
+        records: dict[str, pd.DataFrame],
+        finished: Finished,
+        *,
+        workspace: Callable[[Job], Path],
+    ) -> None:
         ray = self.ray
-        remote = ray.remote(_ray_job).options(num_cpus=self.threads_per_worker, max_retries=self.settings.max_retries, retry_exceptions=False)
+        remote = ray.remote(_ray_job).options(
+            num_cpus=self.threads_per_worker, max_retries=self.settings.max_retries, retry_exceptions=False
+        )
         shared = {}
         for key in {task.job.model for task in tasks}:
             source = inputs[key]
             invariance = any(task.job.attack.kind == "invariance" for task in tasks if task.job.model == key)
             payload = _model_payload(source)
             shared[key] = (
-                _WorkerModel(source.spec, source.num_classes, source.bounds, source.sha256, payload[0], ray.put(payload[1]) if payload[1] is not None else None),
+                _WorkerModel(
+                    source.spec,
+                    source.num_classes,
+                    source.bounds,
+                    source.sha256,
+                    payload[0],
+                    ray.put(payload[1]) if payload[1] is not None else None,
+                ),
                 ray.put(source.dataset) if invariance else None,
                 ray.put(source.oracle) if invariance and source.oracle is not None else None,
             )
@@ -249,7 +314,15 @@ class RayExecutor:
                     if all(job_id in records for job_id in task.after):
                         model, dataset, oracle = shared[task.job.model]
                         # Object references in a list reach the task unresolved: it fetches each once per worker.
-                        running[remote.remote(task, model, [dataset, oracle], self.threads_per_worker, [records[job_id] for job_id in task.after])] = task
+                        running[
+                            remote.remote(
+                                task,
+                                model,
+                                [dataset, oracle],
+                                self.threads_per_worker,
+                                [records[job_id] for job_id in task.after],
+                            )
+                        ] = task
                         pending.remove(task)
                 if not running:
                     missing = sorted({job_id for task in pending for job_id in task.after if job_id not in records})
@@ -275,7 +348,8 @@ class RayExecutor:
             raise
         except (exceptions.WorkerCrashedError, exceptions.NodeDiedError, exceptions.OutOfMemoryError) as error:
             raise InvarbenchError(
-                f"job {task.job.id}: its Ray worker died {self.settings.max_retries + 1} times ({type(error).__name__}); the finished jobs are stored: re-run the same command to resume"
+                f"job {task.job.id}: its Ray worker died {self.settings.max_retries + 1} times"
+                f" ({type(error).__name__}); the finished jobs are stored: re-run the same command to resume"
             ) from error
 
 
@@ -316,7 +390,10 @@ def _cached(key: Any, load: Callable[[], Any]) -> Any:
 
 
 def _worker_model(model: _WorkerModel) -> torch.nn.Module:
-    return _cached(("model", model.spec.key, model.sha256), lambda: _load_worker_model(model, _fetched(model.payload, keep=False)).eval())
+    return _cached(
+        ("model", model.spec.key, model.sha256),
+        lambda: _load_worker_model(model, _fetched(model.payload, keep=False)).eval(),
+    )
 
 
 def _load_worker_model(model: _WorkerModel, payload: Any) -> torch.nn.Module:
@@ -325,17 +402,25 @@ def _load_worker_model(model: _WorkerModel, payload: Any) -> torch.nn.Module:
         loaded = model.spec.load(model.num_classes, model.bounds)
         found = model.spec.checkpoint_sha256()
         if found != model.sha256:
-            raise ConfigError(f"model {model.spec.key} on Ray worker {host} has checkpoint sha256 {found[:12]}, the driver's has {model.sha256[:12]}; install the same invarbench version on every node")
+            raise ConfigError(
+                f"model {model.spec.key} on Ray worker {host} has checkpoint sha256 {found[:12]}, the driver's has"
+                f" {model.sha256[:12]}; install the same invarbench version on every node"
+            )
     elif model.kind == "file":
         data = payload
         found = hashlib.sha256(data).hexdigest()
         if found != model.sha256:
-            raise ConfigError(f"checkpoint {model.spec.reference} reached Ray worker {host} with sha256 {found[:12]}, the driver's is {model.sha256[:12]}; re-run the same command")
+            raise ConfigError(
+                f"checkpoint {model.spec.reference} reached Ray worker {host} with sha256 {found[:12]}, the driver's is"
+                f" {model.sha256[:12]}; re-run the same command"
+            )
         folder = Path(tempfile.mkdtemp(prefix="invarbench-model-"))
         try:
             path = folder / Path(model.spec.reference).name
             path.write_bytes(data)
-            loaded = ModelSpec(str(path), model.spec.dataset, model.spec.architecture, model.spec.architecture_args).load(model.num_classes, model.bounds)
+            loaded = ModelSpec(
+                str(path), model.spec.dataset, model.spec.architecture, model.spec.architecture_args
+            ).load(model.num_classes, model.bounds)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
     else:

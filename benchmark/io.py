@@ -69,7 +69,9 @@ def write_figure(path: str | os.PathLike, figure, suffix: str = "png") -> Path:
     on every build (so the same figure always gives the same bytes). A PNG goes through
     :func:`compact_png`."""
     if suffix != "png":
-        return atomic_write(path, lambda tmp: figure.savefig(tmp, format=suffix, dpi=100, metadata={"Creator": None, "Date": None}))
+        return atomic_write(
+            path, lambda tmp: figure.savefig(tmp, format=suffix, dpi=100, metadata={"Creator": None, "Date": None})
+        )
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
     return atomic_write_bytes(path, compact_png(buffer.getvalue()))

@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+
 from invarbench.attacks.invariance import InvarianceContext
 from invarbench.attacks.oracles import ABSTAIN
 from invarbench.evaluation import logits, top_margins
@@ -14,7 +15,9 @@ from invarbench.plan import Job
 from invarbench.store import as_records
 
 
-def _point_columns(job: Job, labels: torch.Tensor, clean_predictions: torch.Tensor, norm: str, eps: float) -> dict[str, Any]:
+def _point_columns(
+    job: Job, labels: torch.Tensor, clean_predictions: torch.Tensor, norm: str, eps: float
+) -> dict[str, Any]:
     """The columns every record starts with: which model, point, threat and attack it belongs to."""
     return {
         "model": job.model,
@@ -28,7 +31,17 @@ def _point_columns(job: Job, labels: torch.Tensor, clean_predictions: torch.Tens
     }
 
 
-def execute_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, clean_predictions: torch.Tensor, earlier: pd.DataFrame | None, *, cascade: bool, workspace: Path | None = None) -> tuple[pd.DataFrame, tuple[str, ...]]:
+def execute_job(
+    job: Job,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    clean_predictions: torch.Tensor,
+    earlier: pd.DataFrame | None,
+    *,
+    cascade: bool,
+    workspace: Path | None = None,
+) -> tuple[pd.DataFrame, tuple[str, ...]]:
     """Run one job on its shard; return its per-sample records (one row per point and eps) and the
     reliability warnings its attack raised.
 
@@ -51,8 +64,21 @@ def execute_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: 
     warnings: tuple[str, ...] = ()
     if len(points):
         attack = job.attack.create()
-        result = attack(model, images[points], labels[points], norm=job.threat.norm, epsilons=epsilons, seed=job.seed, active=active[:, points], workspace=workspace)
-        success[:, points], norms[:, points], predictions[:, points] = result.success, result.norms, result.adversarial_predictions
+        result = attack(
+            model,
+            images[points],
+            labels[points],
+            norm=job.threat.norm,
+            epsilons=epsilons,
+            seed=job.seed,
+            active=active[:, points],
+            workspace=workspace,
+        )
+        success[:, points], norms[:, points], predictions[:, points] = (
+            result.success,
+            result.norms,
+            result.adversarial_predictions,
+        )
         if result.margins is not None:
             margins[:, points] = result.margins.float()
         warnings = result.warnings
@@ -74,9 +100,18 @@ def execute_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: 
     return as_records(pd.concat(rows, ignore_index=True)), warnings
 
 
-def execute_invariance_job(job: Job, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, clean_predictions: torch.Tensor, context: InvarianceContext) -> tuple[pd.DataFrame, torch.Tensor]:
+def execute_invariance_job(
+    job: Job,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    clean_predictions: torch.Tensor,
+    context: InvarianceContext,
+) -> tuple[pd.DataFrame, torch.Tensor]:
     """Run one invariance job on its shard: per-candidate records and the candidate images."""
-    result = job.attack.create()(model, images, labels, norm=job.threat.norm, epsilons=job.threat.epsilons, seed=job.seed, context=context)
+    result = job.attack.create()(
+        model, images, labels, norm=job.threat.norm, epsilons=job.threat.epsilons, seed=job.seed, context=context
+    )
     model_margins, oracle_margins = decision_margins(model, result)
     rows = []
     for eps_index, eps in enumerate(result.epsilons):
@@ -86,15 +121,23 @@ def execute_invariance_job(job: Job, model: torch.nn.Module, images: torch.Tenso
                 {
                     **_point_columns(job, labels, clean_predictions, result.norm, eps),
                     "ran": True if result.ran is None else result.ran[eps_index].numpy(),
-                    "target_class": pd.arrays.IntegerArray(result.target_classes[eps_index].numpy(), result.target_classes[eps_index].numpy() < 0),
-                    "source_index": pd.arrays.IntegerArray(result.source_indices[eps_index].numpy(), result.source_indices[eps_index].numpy() < 0),
+                    "target_class": pd.arrays.IntegerArray(
+                        result.target_classes[eps_index].numpy(), result.target_classes[eps_index].numpy() < 0
+                    ),
+                    "source_index": pd.arrays.IntegerArray(
+                        result.source_indices[eps_index].numpy(), result.source_indices[eps_index].numpy() < 0
+                    ),
                     "oracle": result.oracle if result.oracles is None else result.oracles[eps_index],
                     "oracle_label": pd.arrays.IntegerArray(oracle_labels, oracle_labels == ABSTAIN),
-                    "model_prediction": pd.arrays.IntegerArray(result.model_predictions[eps_index].numpy(), result.model_predictions[eps_index].numpy() < 0),
+                    "model_prediction": pd.arrays.IntegerArray(
+                        result.model_predictions[eps_index].numpy(), result.model_predictions[eps_index].numpy() < 0
+                    ),
                     "perturbation_norm": result.perturbation_norms[eps_index].numpy(),
                     "logit_error": result.logit_errors[eps_index].numpy(),
                     "model_margin": model_margins[eps_index].numpy(),
-                    "oracle_margin": pd.arrays.IntegerArray(oracle_margins[eps_index].numpy(), oracle_margins[eps_index].numpy() < 0),
+                    "oracle_margin": pd.arrays.IntegerArray(
+                        oracle_margins[eps_index].numpy(), oracle_margins[eps_index].numpy() < 0
+                    ),
                 }
             )
         )

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from invarbench.attacks.oracles import ABSTAIN, InvarianceSet, Oracle, image_key, load_invariance_sets, load_oracle
 from invarbench.datasets import load_dataset
 from invarbench.errors import ConfigError, DataError, did_you_mean
@@ -99,10 +100,19 @@ def items_from_source(source: str | Path) -> tuple[str, list[LabelItem]]:
     """The items of a run directory (its invariance candidates) or a Tramèr-layout folder, and the kind."""
     path = Path(source)
     if not path.is_dir():
-        raise DataError(f"label source {path} is not a folder; pass a run directory of `invarbench run` with invariance attacks or a folder of NAME.npy + NAME_labels.npy + indexs.npy")
+        raise DataError(
+            f"label source {path} is not a folder; pass a run directory of `invarbench run` with invariance attacks or"
+            " a folder of NAME.npy + NAME_labels.npy + indexs.npy"
+        )
     if (path / "manifest.json").exists():
         return "run", _run_items(path)
-    return "folder", [LabelItem(item.name, row, int(index), int(label), _to_uint8(image)) for item in load_invariance_sets(path) for row, (image, label, index) in enumerate(zip(item.images, item.labels.tolist(), item.original_indices.tolist()))]
+    return "folder", [
+        LabelItem(item.name, row, int(index), int(label), _to_uint8(image))
+        for item in load_invariance_sets(path)
+        for row, (image, label, index) in enumerate(
+            zip(item.images, item.labels.tolist(), item.original_indices.tolist())
+        )
+    ]
 
 
 def _to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -118,7 +128,10 @@ def _run_items(run_dir: Path) -> list[LabelItem]:
     try:
         shard_size = int(read_json(store.manifest_path)["config"]["shard_size"])
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise DataError(f"{store.manifest_path} is not a manifest of `invarbench run` ({error!r}); pass a run directory or a folder in Tramèr et al.'s layout") from error
+        raise DataError(
+            f"{store.manifest_path} is not a manifest of `invarbench run` ({error!r}); pass a run directory or a folder"
+            " in Tramèr et al.'s layout"
+        ) from error
     items: list[LabelItem] = []
     seen: set[tuple[str, bytes]] = set()
     positions: Counter[str] = Counter()
@@ -133,7 +146,10 @@ def _run_items(run_dir: Path) -> list[LabelItem]:
             index = int(record.index)
             image = candidates[epsilons.index(record.eps), index - (index // shard_size) * shard_size]
             if image.size != 28 * 28:
-                raise DataError(f"run {run_dir} holds candidates of shape {image.shape}; people label 28 x 28 digit images only (an MNIST run)")
+                raise DataError(
+                    f"run {run_dir} holds candidates of shape {image.shape}; people label 28 x 28 digit images only (an"
+                    " MNIST run)"
+                )
             set_name, pixels = f"{record.attack}/{record.norm}:{record.eps:g}", _to_uint8(image)
             if (set_name, pixels.tobytes()) in seen:
                 continue
@@ -141,7 +157,10 @@ def _run_items(run_dir: Path) -> list[LabelItem]:
             items.append(LabelItem(set_name, positions[set_name], index, int(record.label), pixels))
             positions[set_name] += 1
     if not items:
-        raise DataError(f"run {run_dir} has no invariance candidates to label; run it with an invariance attack (e.g. --attack invariance-linf), or pass a folder in Tramèr et al.'s layout")
+        raise DataError(
+            f"run {run_dir} has no invariance candidates to label; run it with an invariance attack (e.g. --attack"
+            " invariance-linf), or pass a folder in Tramèr et al.'s layout"
+        )
     return items
 
 
@@ -153,7 +172,12 @@ def control_items(count: int, excluded: set[int], seed: int) -> list[LabelItem]:
     mnist = load_dataset("mnist")
     allowed = [index for index in range(len(mnist.test_labels)) if index not in excluded]
     chosen = sorted(random.Random(seed).sample(allowed, count))
-    return [LabelItem(CONTROL, position, index, int(mnist.test_labels[index]), _to_uint8(mnist.test_images[index]), control=True) for position, index in enumerate(chosen)]
+    return [
+        LabelItem(
+            CONTROL, position, index, int(mnist.test_labels[index]), _to_uint8(mnist.test_images[index]), control=True
+        )
+        for position, index in enumerate(chosen)
+    ]
 
 
 def control_count(candidates: int, share: float) -> int:
@@ -163,14 +187,22 @@ def control_count(candidates: int, share: float) -> int:
 
 def check_study_settings(control_share: float | None, min_control_accuracy: float | None) -> None:
     if control_share is not None and not 0 <= control_share <= 0.5:
-        raise ConfigError(f"--control-share {control_share:g} is not between 0 and 0.5; pass e.g. 0.1 (one item in ten is a control item) or 0 for none")
+        raise ConfigError(
+            f"--control-share {control_share:g} is not between 0 and 0.5; pass e.g. 0.1 (one item in ten is a control"
+            " item) or 0 for none"
+        )
     if min_control_accuracy is not None and not 0 <= min_control_accuracy <= 1:
-        raise ConfigError(f"--min-control-accuracy {min_control_accuracy:g} is not between 0 and 1; pass e.g. 0.8 (flag annotators who get more than one control item in five wrong)")
+        raise ConfigError(
+            f"--min-control-accuracy {min_control_accuracy:g} is not between 0 and 1; pass e.g. 0.8 (flag annotators"
+            " who get more than one control item in five wrong)"
+        )
 
 
 def check_annotator_name(name: str) -> None:
     if not ANNOTATOR_NAME.fullmatch(name):
-        raise ConfigError(f"annotator name {name!r} is not 1-64 letters, digits or . _ @ + -; pass e.g. alice or a.smith")
+        raise ConfigError(
+            f"annotator name {name!r} is not 1-64 letters, digits or . _ @ + -; pass e.g. alice or a.smith"
+        )
 
 
 def token_digest(token: str) -> str:
@@ -211,25 +243,44 @@ class LabelStore:
     def open(cls, path: str | Path) -> LabelStore:
         path = Path(path)
         if not path.is_file():
-            raise DataError(f"labels database {path} does not exist; create it with `invarbench label create SOURCE --db {path}`")
+            raise DataError(
+                f"labels database {path} does not exist; create it with `invarbench label create SOURCE --db {path}`"
+            )
         connection = None
         try:
             # Read-only first: opening for writing switches the file to WAL mode, which would change a
             # file that is not a labels database (an empty file, another program's database).
             with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as probe:
                 probe.execute("SELECT value FROM meta WHERE key = 'source'").fetchone()
-                current = "control" in {row[1] for row in probe.execute("PRAGMA table_info(items)")} and probe.execute("SELECT 1 FROM sqlite_master WHERE name = 'annotators'").fetchone()
+                current = (
+                    "control" in {row[1] for row in probe.execute("PRAGMA table_info(items)")}
+                    and probe.execute("SELECT 1 FROM sqlite_master WHERE name = 'annotators'").fetchone()
+                )
             if not current:
-                raise DataError(f"labels database {path} was made by an earlier invarbench, without control items and invitations; create a new one with `invarbench label create SOURCE --db NEW.sqlite`")
+                raise DataError(
+                    f"labels database {path} was made by an earlier invarbench, without control items and invitations;"
+                    " create a new one with `invarbench label create SOURCE --db NEW.sqlite`"
+                )
             connection = _connect(path)
         except sqlite3.DatabaseError as error:
             if connection is not None:
                 connection.close()
-            raise DataError(f"{path} is not a labels database of invarbench ({error}); pass the file `invarbench label create` created") from error
+            raise DataError(
+                f"{path} is not a labels database of invarbench ({error}); pass the file `invarbench label create`"
+                " created"
+            ) from error
         return cls(path, connection)
 
     @classmethod
-    def create(cls, path: str | Path, source: str | Path, *, seed: int = 0, control_share: float | None = None, min_control_accuracy: float | None = None) -> LabelStore:
+    def create(
+        cls,
+        path: str | Path,
+        source: str | Path,
+        *,
+        seed: int = 0,
+        control_share: float | None = None,
+        min_control_accuracy: float | None = None,
+    ) -> LabelStore:
         """Open ``path`` for ``source``, filling a new database with the source's items and control items
         (``control_share`` of the items shown, default 10%) in a shuffled order. ``min_control_accuracy``
         (default 0.8) is the accuracy on control items below which an annotator is flagged. Given for an
@@ -242,21 +293,49 @@ class LabelStore:
             stored = store.meta("source")
             if stored != source_text:
                 store.close()
-                raise ConfigError(f"labels database {path} holds items of {stored}, not {source_text}; pass that source again or another --db")
+                raise ConfigError(
+                    f"labels database {path} holds items of {stored}, not {source_text}; pass that source again or"
+                    " another --db"
+                )
             for key, value in settings.items():
                 if value is not None and float(created := store.meta(key)) != value:
                     store.close()
-                    raise ConfigError(f"labels database {path} was created with --{key.replace('_', '-')} {created}, not {value:g}; leave the option out or pass another --db")
+                    raise ConfigError(
+                        f"labels database {path} was created with --{key.replace('_', '-')} {created}, not {value:g};"
+                        " leave the option out or pass another --db"
+                    )
             return store
         if not path.parent.is_dir():
-            raise DataError(f"folder {path.parent} of labels database {path} does not exist; create it or pass another --db")
+            raise DataError(
+                f"folder {path.parent} of labels database {path} does not exist; create it or pass another --db"
+            )
         kind, items = items_from_source(source)
         share = DEFAULT_CONTROL_SHARE if control_share is None else control_share
         items += control_items(control_count(len(items), share), {item.test_index for item in items}, seed)
         random.Random(seed).shuffle(items)
         # Ids in the shuffled order shown: an id says nothing about an item's set or whether it is a control.
-        rows = [(number, item.set_name, item.position, item.test_index, item.original_label, item.pixels.tobytes(), image_key(torch.from_numpy(item.pixels.astype(np.float32) / 255)), item.control) for number, item in enumerate(items)]
-        meta = {"source": source_text, "kind": kind, "seed": seed, "control_share": share, "min_control_accuracy": DEFAULT_MIN_CONTROL_ACCURACY if min_control_accuracy is None else min_control_accuracy}
+        rows = [
+            (
+                number,
+                item.set_name,
+                item.position,
+                item.test_index,
+                item.original_label,
+                item.pixels.tobytes(),
+                image_key(torch.from_numpy(item.pixels.astype(np.float32) / 255)),
+                item.control,
+            )
+            for number, item in enumerate(items)
+        ]
+        meta = {
+            "source": source_text,
+            "kind": kind,
+            "seed": seed,
+            "control_share": share,
+            "min_control_accuracy": (
+                DEFAULT_MIN_CONTROL_ACCURACY if min_control_accuracy is None else min_control_accuracy
+            ),
+        }
         # Filled under a temporary name: a half-filled database never appears under the final one.
         temporary = path.with_name(path.name + ".tmp")
         leftovers = [temporary.with_name(temporary.name + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
@@ -268,7 +347,11 @@ class LabelStore:
             connection.executescript(SCHEMA)
             connection.execute("BEGIN")
             connection.executemany("INSERT INTO meta VALUES (?, ?)", [(key, str(value)) for key, value in meta.items()])
-            connection.executemany("INSERT INTO items (id, set_name, position, test_index, original_label, image, image_key, control) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            connection.executemany(
+                "INSERT INTO items (id, set_name, position, test_index, original_label, image, image_key, control)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
             connection.execute("COMMIT")
             connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             connection.close()
@@ -314,7 +397,10 @@ class LabelStore:
 
     def next_item(self, annotator: str) -> int | None:
         """The first item in shown order this annotator has not labelled, or None when all are."""
-        row = self.connection.execute("SELECT id FROM items WHERE id NOT IN (SELECT item_id FROM labels WHERE annotator = ?) ORDER BY id LIMIT 1", (annotator,)).fetchone()
+        row = self.connection.execute(
+            "SELECT id FROM items WHERE id NOT IN (SELECT item_id FROM labels WHERE annotator = ?) ORDER BY id LIMIT 1",
+            (annotator,),
+        ).fetchone()
         return row[0] if row else None
 
     def has_item(self, item_id: int) -> bool:
@@ -332,11 +418,15 @@ class LabelStore:
         check_annotator_name(annotator)
         if not self.has_item(item_id):
             raise DataError(f"no item {item_id} in {self.path}")
-        self.connection.execute("INSERT OR REPLACE INTO labels VALUES (?, ?, ?, ?)", (annotator, item_id, label, time.time()))
+        self.connection.execute(
+            "INSERT OR REPLACE INTO labels VALUES (?, ?, ?, ?)", (annotator, item_id, label, time.time())
+        )
 
     def undo(self, annotator: str) -> int | None:
         """Remove the annotator's most recent label; returns its item (shown again next), or None."""
-        row = self.connection.execute("SELECT item_id FROM labels WHERE annotator = ? ORDER BY time DESC, rowid DESC LIMIT 1", (annotator,)).fetchone()
+        row = self.connection.execute(
+            "SELECT item_id FROM labels WHERE annotator = ? ORDER BY time DESC, rowid DESC LIMIT 1", (annotator,)
+        ).fetchone()
         if row is None:
             return None
         self.connection.execute("DELETE FROM labels WHERE annotator = ? AND item_id = ?", (annotator, row[0]))
@@ -349,8 +439,13 @@ class LabelStore:
         with self._transaction():
             row = self.connection.execute("SELECT revoked FROM annotators WHERE name = ?", (name,)).fetchone()
             if row is not None and row[0] is None:
-                raise ConfigError(f"annotator {name} already has an invitation to {self.path}; end it with `invarbench label revoke {name} --db {self.path}`, then invite them again for a new link")
-            self.connection.execute("INSERT OR REPLACE INTO annotators VALUES (?, ?, ?, NULL)", (name, token_digest(token), time.time()))
+                raise ConfigError(
+                    f"annotator {name} already has an invitation to {self.path}; end it with `invarbench label revoke"
+                    f" {name} --db {self.path}`, then invite them again for a new link"
+                )
+            self.connection.execute(
+                "INSERT OR REPLACE INTO annotators VALUES (?, ?, ?, NULL)", (name, token_digest(token), time.time())
+            )
         return token
 
     def revoke(self, name: str) -> None:
@@ -358,18 +453,31 @@ class LabelStore:
         with self._transaction():
             row = self.connection.execute("SELECT revoked FROM annotators WHERE name = ?", (name,)).fetchone()
             if row is None:
-                raise ConfigError(f"nobody called {name!r} was invited to {self.path}; `invarbench label summary --db {self.path}` lists the annotators.{did_you_mean(name, self.invitations())}")
+                raise ConfigError(
+                    f"nobody called {name!r} was invited to {self.path}; `invarbench label summary --db {self.path}`"
+                    f" lists the annotators.{did_you_mean(name, self.invitations())}"
+                )
             if row[0] is not None:
-                raise ConfigError(f"annotator {name}'s invitation to {self.path} is already revoked; `invarbench label invite {name} --db {self.path}` gives them a new one")
-            self.connection.execute("UPDATE annotators SET token_sha256 = NULL, revoked = ? WHERE name = ?", (time.time(), name))
+                raise ConfigError(
+                    f"annotator {name}'s invitation to {self.path} is already revoked; `invarbench label invite {name}"
+                    f" --db {self.path}` gives them a new one"
+                )
+            self.connection.execute(
+                "UPDATE annotators SET token_sha256 = NULL, revoked = ? WHERE name = ?", (time.time(), name)
+            )
 
     def invitations(self) -> dict[str, bool]:
         """Every annotator ever invited, and whether their invitation is still active."""
-        return {name: revoked is None for name, revoked in self.connection.execute("SELECT name, revoked FROM annotators ORDER BY name")}
+        return {
+            name: revoked is None
+            for name, revoked in self.connection.execute("SELECT name, revoked FROM annotators ORDER BY name")
+        }
 
     def annotator_for(self, token: str) -> str | None:
         """The annotator whose active invitation ``token`` is, else None."""
-        row = self.connection.execute("SELECT name FROM annotators WHERE token_sha256 = ? AND revoked IS NULL", (token_digest(token),)).fetchone()
+        row = self.connection.execute(
+            "SELECT name FROM annotators WHERE token_sha256 = ? AND revoked IS NULL", (token_digest(token),)
+        ).fetchone()
         return row[0] if row else None
 
     def annotators(self) -> list[AnnotatorQuality]:
@@ -379,31 +487,45 @@ class LabelStore:
         counts = {
             name: (labelled, controls, right)
             for name, labelled, controls, right in self.connection.execute(
-                "SELECT labels.annotator, COUNT(*), SUM(items.control), SUM(items.control AND labels.label = CAST(items.original_label AS TEXT)) FROM labels JOIN items ON items.id = labels.item_id GROUP BY labels.annotator"
+                "SELECT labels.annotator, COUNT(*), SUM(items.control), SUM(items.control AND labels.label ="
+                " CAST(items.original_label AS TEXT)) FROM labels JOIN items ON items.id = labels.item_id GROUP BY"
+                " labels.annotator"
             )
         }
         rows = []
         for name in sorted(set(invitations) | set(counts)):
             labelled, controls, right = counts.get(name, (0, 0, 0))
             invitation = "none" if name not in invitations else "active" if invitations[name] else "revoked"
-            rows.append(AnnotatorQuality(name, invitation, labelled, controls, right, flagged=bool(controls) and right / controls < threshold))
+            rows.append(
+                AnnotatorQuality(
+                    name, invitation, labelled, controls, right, flagged=bool(controls) and right / controls < threshold
+                )
+            )
         return rows
 
     def flagged(self) -> set[str]:
         return {row.name for row in self.annotators() if row.flagged}
 
     def votes(self, *, keep_flagged: bool = False) -> dict[int, list[str]]:
-        """Labels of the items that are not control items, by item; flagged annotators' left out unless ``keep_flagged``."""
+        """Labels of the items that are not control items, by item; flagged annotators' left out unless
+        ``keep_flagged``."""
         left_out = set() if keep_flagged else self.flagged()
         votes: dict[int, list[str]] = {}
-        for item_id, annotator, label in self.connection.execute("SELECT labels.item_id, labels.annotator, labels.label FROM labels JOIN items ON items.id = labels.item_id WHERE NOT items.control ORDER BY labels.item_id, labels.annotator"):
+        for item_id, annotator, label in self.connection.execute(
+            "SELECT labels.item_id, labels.annotator, labels.label FROM labels JOIN items ON items.id = labels.item_id"
+            " WHERE NOT items.control ORDER BY labels.item_id, labels.annotator"
+        ):
             if annotator not in left_out:
                 votes.setdefault(item_id, []).append(label)
         return votes
 
     def items(self) -> list[tuple[int, str, int, int, int]]:
-        """(id, set name, position, test index, original label) of every item but the control items, by set and position."""
-        return self.connection.execute("SELECT id, set_name, position, test_index, original_label FROM items WHERE NOT control ORDER BY set_name, position").fetchall()
+        """(id, set name, position, test index, original label) of every item but the control items, by set and
+        position."""
+        return self.connection.execute(
+            "SELECT id, set_name, position, test_index, original_label FROM items WHERE NOT control ORDER BY set_name,"
+            " position"
+        ).fetchall()
 
     def summary(self) -> list[dict]:
         """Per set: items, items with a label, with two or more, with a majority digit (and its share of
@@ -411,7 +533,10 @@ class LabelStore:
         votes = self.votes()
         rows: dict[str, dict] = {}
         for item_id, set_name, *_ in self.items():
-            row = rows.setdefault(set_name, {"set": set_name, "items": 0, "labelled": 0, "labelled_twice": 0, "majority": 0, "ratings": []})
+            row = rows.setdefault(
+                set_name,
+                {"set": set_name, "items": 0, "labelled": 0, "labelled_twice": 0, "majority": 0, "ratings": []},
+            )
             item_votes = votes.get(item_id, [])
             row["items"] += 1
             row["labelled"] += bool(item_votes)
@@ -433,7 +558,12 @@ class LabelStore:
             if majority is not None:
                 grouped.setdefault(set_name, []).append((self.image(item_id), majority, test_index))
         return [
-            InvarianceSet(name, torch.from_numpy(np.stack([image for image, _, _ in rows]).astype(np.float32) / 255).unsqueeze(1), torch.tensor([label for _, label, _ in rows]), torch.tensor([index for _, _, index in rows]))
+            InvarianceSet(
+                name,
+                torch.from_numpy(np.stack([image for image, _, _ in rows]).astype(np.float32) / 255).unsqueeze(1),
+                torch.tensor([label for _, label, _ in rows]),
+                torch.tensor([index for _, _, index in rows]),
+            )
             for name, rows in grouped.items()
         ]
 
@@ -445,11 +575,18 @@ class LabelStore:
         written = []
         sets = self.majority_sets(keep_flagged=keep_flagged)
         if not sets:
-            raise DataError(f"{self.path} has no item with a majority label yet; label some items first (`invarbench label summary --db {self.path}`)")
+            raise DataError(
+                f"{self.path} has no item with a majority label yet; label some items first (`invarbench label summary"
+                f" --db {self.path}`)"
+            )
         out.mkdir(parents=True, exist_ok=True)
         for item in sets:
             stem = safe_name(item.name)
-            arrays = {f"{stem}.npy": np.clip(np.round(item.images[:, 0].numpy() * 255), 0, 255).astype(np.uint8), f"{stem}_labels.npy": item.labels.numpy().astype(np.int64), f"{stem}_indexs.npy": item.original_indices.numpy().astype(np.int64)}
+            arrays = {
+                f"{stem}.npy": np.clip(np.round(item.images[:, 0].numpy() * 255), 0, 255).astype(np.uint8),
+                f"{stem}_labels.npy": item.labels.numpy().astype(np.int64),
+                f"{stem}_indexs.npy": item.original_indices.numpy().astype(np.int64),
+            }
             for name, array in arrays.items():
                 buffer = io.BytesIO()
                 np.save(buffer, array)
@@ -477,7 +614,9 @@ def fleiss_kappa(ratings: list[list[str]]) -> float | None:
     if not counts:
         return None
     raters = max(counts, key=lambda size: (counts[size], size))
-    table = np.array([[votes.count(category) for category in LABELS] for votes in ratings if len(votes) == raters], dtype=np.float64)
+    table = np.array(
+        [[votes.count(category) for category in LABELS] for votes in ratings if len(votes) == raters], dtype=np.float64
+    )
     items = len(table)
     agreement = ((table * (table - 1)).sum(1) / (raters * (raters - 1))).mean()
     shares = table.sum(0) / (items * raters)

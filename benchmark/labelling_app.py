@@ -23,10 +23,11 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from invarbench.errors import ConfigError, InvarbenchError
-from invarbench.labelling import LABELS, LabelStore, check_annotator_name, png_bytes
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from invarbench.errors import ConfigError, InvarbenchError
+from invarbench.labelling import LABELS, LabelStore, check_annotator_name, png_bytes
 
 #: The largest request body taken: a label request is about 40 bytes.
 MAX_BODY_BYTES = 1024
@@ -39,13 +40,19 @@ PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="referrer" content="no-referrer"><title>invarbench label</title>
 <style>
 body { font-family: sans-serif; max-width: 46rem; margin: 2rem auto; color: #222; }
-#image { width: 280px; height: 280px; image-rendering: pixelated; border: 1px solid #888; display: block; margin: 1rem 0; background: #000; }
+#image {
+  width: 280px; height: 280px; image-rendering: pixelated; border: 1px solid #888; display: block; margin: 1rem 0;
+  background: #000;
+}
 #bar { width: 100%; height: 1rem; }
 button { font-size: 1.1rem; min-width: 2.4rem; margin: 0.1rem; }
 #who { margin-bottom: 1rem; } .hint { color: #666; font-size: 0.9rem; } #error { color: #b00; }
 </style></head><body>
 <h1>What digit is this?</h1>
-<form id="who" hidden><label>Annotator <input id="annotator" name="annotator" autocomplete="off"></label> <button type="submit">start</button></form>
+<form id="who" hidden>
+  <label>Annotator <input id="annotator" name="annotator" autocomplete="off"></label>
+  <button type="submit">start</button>
+</form>
 <div id="work" hidden>
 <progress id="bar" max="1" value="0" aria-label="labelled by you"></progress><p id="progress"></p>
 <img id="image" alt="image to label" style="visibility: hidden">
@@ -66,7 +73,9 @@ let current = null, ready = false, busy = false;
 async function request(path, body) {
   const headers = token ? {"Authorization": "Bearer " + token} : {};
   if (body) headers["Content-Type"] = "application/json";
-  const response = await fetch(path, body ? {method: "POST", headers, body: JSON.stringify(token ? body : {...body, annotator})} : {headers});
+  const payload = token ? body : {...body, annotator};
+  const options = body ? {method: "POST", headers, body: JSON.stringify(payload)} : {headers};
+  const response = await fetch(path, options);
   if (!response.ok) {
     let detail = response.statusText;
     try { detail = (await response.json()).detail; } catch (error) {}
@@ -80,7 +89,8 @@ async function call(path, body) {
 function progress(state) {
   const bar = document.getElementById("bar");
   bar.max = Math.max(1, state.total); bar.value = state.done;
-  document.getElementById("progress").textContent = state.done + " / " + state.total + " labelled by " + state.annotator;
+  document.getElementById("progress").textContent =
+    state.done + " / " + state.total + " labelled by " + state.annotator;
 }
 function failed(error) { document.getElementById("error").textContent = error.message; }
 function show(state) {
@@ -114,7 +124,11 @@ function start() {
   document.getElementById("work").hidden = false;
   act("/api/next");
 }
-document.getElementById("who").addEventListener("submit", event => { event.preventDefault(); annotator = document.getElementById("annotator").value.trim(); start(); });
+document.getElementById("who").addEventListener("submit", event => {
+  event.preventDefault();
+  annotator = document.getElementById("annotator").value.trim();
+  start();
+});
 for (const value of labels) {
   const button = document.createElement("button");
   button.textContent = value === "n" ? "not a digit" : value === "?" ? "unsure" : value;
@@ -161,20 +175,37 @@ def create_app(store: LabelStore, *, loopback: bool) -> FastAPI:
         if loopback and not store.invitations():
             return None
         if credentials is None:
-            raise HTTPException(401, "no invitation token (Authorization: Bearer TOKEN); open the invitation link `invarbench label invite` printed for you (it ends in #token=...)", headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                "no invitation token (Authorization: Bearer TOKEN); open the invitation link `invarbench label invite`"
+                " printed for you (it ends in #token=...)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         name = store.annotator_for(credentials.credentials)
         if name is None:
-            raise HTTPException(403, "this invitation token is unknown or was revoked; ask whoever runs the study for a new link (`invarbench label invite NAME`)")
+            raise HTTPException(
+                403,
+                "this invitation token is unknown or was revoked; ask whoever runs the study for a new link"
+                " (`invarbench label invite NAME`)",
+            )
         return name
 
     def annotator_of(credentials: HTTPAuthorizationCredentials | None, annotator: str | None) -> str:
         name = invited(credentials)
         if name is not None:
             if annotator is not None:
-                raise HTTPException(400, f"this server takes the annotator from the invitation token, never from the request; leave out annotator {annotator!r}")
+                raise HTTPException(
+                    400,
+                    "this server takes the annotator from the invitation token, never from the request; leave out"
+                    f" annotator {annotator!r}",
+                )
             return name
         if annotator is None:
-            raise HTTPException(400, "no annotator named; pass annotator=NAME (a loopback server nobody was invited to takes the name typed on the page)")
+            raise HTTPException(
+                400,
+                "no annotator named; pass annotator=NAME (a loopback server nobody was invited to takes the name typed"
+                " on the page)",
+            )
         try:
             check_annotator_name(annotator)
         except ConfigError as error:
@@ -183,23 +214,53 @@ def create_app(store: LabelStore, *, loopback: bool) -> FastAPI:
 
     def state(annotator: str) -> dict:
         # Only the item's id: never its original image, test index, label or whether it is a control item.
-        return {"annotator": annotator, "item": store.next_item(annotator), "done": store.done(annotator), "total": store.total()}
+        return {
+            "annotator": annotator,
+            "item": store.next_item(annotator),
+            "done": store.done(annotator),
+            "total": store.total(),
+        }
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
         # Refused before the body is read. h11 reads exactly Content-Length bytes, so the header bounds the body.
         length = request.headers.get("content-length")
         if request.method == "POST" and length is None:
-            return JSONResponse({"detail": f"POST {request.url.path} needs a Content-Length header (a body of at most {MAX_BODY_BYTES} bytes, no chunked encoding)"}, status_code=411)
+            return JSONResponse(
+                {
+                    "detail": (
+                        f"POST {request.url.path} needs a Content-Length header (a body of at most {MAX_BODY_BYTES}"
+                        " bytes, no chunked encoding)"
+                    )
+                },
+                status_code=411,
+            )
         if length is not None and int(length) > MAX_BODY_BYTES:
-            return JSONResponse({"detail": f"request body of {length} bytes is larger than the {MAX_BODY_BYTES} this server takes; send e.g. {EXAMPLE_BODIES['/api/label']}"}, status_code=413)
+            return JSONResponse(
+                {
+                    "detail": (
+                        f"request body of {length} bytes is larger than the {MAX_BODY_BYTES} this server takes; send"
+                        f" e.g. {EXAMPLE_BODIES['/api/label']}"
+                    )
+                },
+                status_code=413,
+            )
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        problems = "; ".join("body: not valid JSON" if problem["type"] == "json_invalid" else f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}" for problem in error.errors())
+        problems = "; ".join(
+            (
+                "body: not valid JSON"
+                if problem["type"] == "json_invalid"
+                else f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
+            )
+            for problem in error.errors()
+        )
         example = f"; send JSON like {EXAMPLE_BODIES[request.url.path]}" if request.url.path in EXAMPLE_BODIES else ""
-        return JSONResponse({"detail": f"bad request to {request.method} {request.url.path} ({problems}){example}"}, status_code=422)
+        return JSONResponse(
+            {"detail": f"bad request to {request.method} {request.url.path} ({problems}){example}"}, status_code=422
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -236,7 +297,9 @@ def create_app(store: LabelStore, *, loopback: bool) -> FastAPI:
             shown = store.next_item(annotator)
             if request.item != shown:
                 where = "you have labelled every item" if shown is None else f"the item shown to you is {shown}"
-                raise HTTPException(409, f"item {request.item} is not the item shown to {annotator} ({where}); reload the page")
+                raise HTTPException(
+                    409, f"item {request.item} is not the item shown to {annotator} ({where}); reload the page"
+                )
             try:
                 store.label(annotator, request.item, request.label)
             except InvarbenchError as error:
@@ -259,10 +322,15 @@ def listen(store: LabelStore, host: str, port: int) -> socket.socket:
     try:
         family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as error:
-        raise ConfigError(f"--host {host} is not an address of this machine ({error.strerror}); pass 127.0.0.1, or 0.0.0.0 to listen on every interface") from error
+        raise ConfigError(
+            f"--host {host} is not an address of this machine ({error.strerror}); pass 127.0.0.1, or 0.0.0.0 to listen"
+            " on every interface"
+        ) from error
     if not ipaddress.ip_address(address[0]).is_loopback and not any(store.invitations().values()):
         raise ConfigError(
-            f"--host {host} lets anyone on the network reach the labelling page, and {store.path} has no active invitation; invite each annotator first (`invarbench label invite NAME --db {store.path} --url http://THIS-MACHINE:{port}/`), or serve on 127.0.0.1"
+            f"--host {host} lets anyone on the network reach the labelling page, and {store.path} has no active"
+            f" invitation; invite each annotator first (`invarbench label invite NAME --db {store.path} --url"
+            f" http://THIS-MACHINE:{port}/`), or serve on 127.0.0.1"
         )
     # A TCP socket by protocol number, as uvicorn's own: asyncio sets TCP_NODELAY only on those, and
     # without it every answer waits about 40 ms for the client's delayed acknowledgement.
@@ -273,7 +341,10 @@ def listen(store: LabelStore, host: str, port: int) -> socket.socket:
         listening.listen(socket.SOMAXCONN)
     except OSError as error:
         listening.close()
-        raise ConfigError(f"cannot listen on {host} port {port} ({error.strerror}); pass another --port, or stop the program that uses it") from error
+        raise ConfigError(
+            f"cannot listen on {host} port {port} ({error.strerror}); pass another --port, or stop the program that"
+            " uses it"
+        ) from error
     return listening
 
 

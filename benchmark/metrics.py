@@ -6,6 +6,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+
 from invarbench.attacks import Budget
 from invarbench.attacks.oracles import ABSTAIN
 from invarbench.config import RunConfig
@@ -56,11 +57,19 @@ def invariance_metrics(rows: pd.DataFrame) -> dict[str, Any]:
     return metrics
 
 
-def summarize(records: pd.DataFrame, config: RunConfig, models: dict[str, dict[str, Any]], invariance: pd.DataFrame | None = None) -> dict[str, Any]:
+def summarize(
+    records: pd.DataFrame, config: RunConfig, models: dict[str, dict[str, Any]], invariance: pd.DataFrame | None = None
+) -> dict[str, Any]:
     """Clean accuracy, cumulative robust accuracy after each perturbation attack (in cascade order),
     worst case; invariance metrics per invariance attack and eps."""
     perturbation = [(index, attack) for index, attack in enumerate(config.attacks) if attack.kind != "invariance"]
-    summary: dict[str, Any] = {"n": config.n, "seed": config.seed, "cascade": config.cascade, "attack_order": [attack.label() for _, attack in perturbation], "models": {}}
+    summary: dict[str, Any] = {
+        "n": config.n,
+        "seed": config.seed,
+        "cascade": config.cascade,
+        "attack_order": [attack.label() for _, attack in perturbation],
+        "models": {},
+    }
     for model, info in models.items():
         model_records = records[records["model"] == model]
         clean_correct = info["clean_correct"]
@@ -88,7 +97,10 @@ def summarize(records: pd.DataFrame, config: RunConfig, models: dict[str, dict[s
                         "attack_success_rate": len(newly) / attacked if attacked else 0.0,
                     }
                 robust = clean_correct - len(broken)
-                per_eps[f"{eps:g}"] = {"attacks": attacks, "worst_case": {"robust": robust, "robust_accuracy": robust / config.n}}
+                per_eps[f"{eps:g}"] = {
+                    "attacks": attacks,
+                    "worst_case": {"robust": robust, "robust_accuracy": robust / config.n},
+                }
             entry["threats"][threat.norm] = per_eps
         if invariance is not None and len(invariance):
             model_rows = invariance[invariance["model"] == model]
@@ -96,7 +108,10 @@ def summarize(records: pd.DataFrame, config: RunConfig, models: dict[str, dict[s
             for attack_index, attack in enumerate(config.attacks):
                 rows = model_rows[model_rows["attack_index"] == attack_index]
                 if len(rows):
-                    entry["invariance"][attack.label()] = {str(Budget(norm, eps)): invariance_metrics(group) for (norm, eps), group in rows.groupby(["norm", "eps"], sort=True)}
+                    entry["invariance"][attack.label()] = {
+                        str(Budget(norm, eps)): invariance_metrics(group)
+                        for (norm, eps), group in rows.groupby(["norm", "eps"], sort=True)
+                    }
         summary["models"][model] = entry
     return summary
 

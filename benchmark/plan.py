@@ -41,10 +41,20 @@ def attack_threats(attack: AttackSpec, threats: tuple[ThreatModel, ...], inverti
         only = attack.only_epsilons
         if only is None:
             return list(threats)
-        restricted = [ThreatModel(threat.norm, tuple(eps for eps in threat.epsilons if any(abs(eps - wanted) < 1e-12 for wanted in only))) for threat in threats]
-        unknown = [eps for eps in only if not any(abs(eps - value) < 1e-12 for threat in threats for value in threat.epsilons)]
+        restricted = [
+            ThreatModel(
+                threat.norm, tuple(eps for eps in threat.epsilons if any(abs(eps - wanted) < 1e-12 for wanted in only))
+            )
+            for threat in threats
+        ]
+        unknown = [
+            eps for eps in only if not any(abs(eps - value) < 1e-12 for threat in threats for value in threat.epsilons)
+        ]
         if unknown:
-            raise ConfigError(f"attack {attack.label()!r} asks for eps {unknown}, which no --threat configures; add them to a --threat or drop them from eps=")
+            raise ConfigError(
+                f"attack {attack.label()!r} asks for eps {unknown}, which no --threat configures; add them to a"
+                " --threat or drop them from eps="
+            )
         return [threat for threat in restricted if threat.epsilons]
     instance = attack.create()
     selected: list[ThreatModel] = []
@@ -66,8 +76,25 @@ def plan(config: RunConfig) -> list[Job]:
             for threat in attack_threats(attack, config.threats, model.invertible):
                 for shard, start in enumerate(range(0, config.n, config.shard_size)):
                     seed = derive_seed(config.seed, model.key, threat, attack_index, attack.label(), shard)
-                    jobs.append(Job(model.key, threat, attack_index, attack, shard, start, min(start + config.shard_size, config.n), seed))
+                    jobs.append(
+                        Job(
+                            model.key,
+                            threat,
+                            attack_index,
+                            attack,
+                            shard,
+                            start,
+                            min(start + config.shard_size, config.n),
+                            seed,
+                        )
+                    )
     # Threat-major order within a model, as before invariance attacks existed: the cascade needs the
     # cheaper attacks of a shard first, which attack order within a threat gives.
-    order = {(model.key, threat.norm): position for position, (model, threat) in enumerate((m, t) for m in config.models for t in config.threats)}
-    return sorted(jobs, key=lambda job: (order.get((job.model, job.threat.norm), len(order)), job.model, job.attack_index, job.shard))
+    order = {
+        (model.key, threat.norm): position
+        for position, (model, threat) in enumerate((m, t) for m in config.models for t in config.threats)
+    }
+    return sorted(
+        jobs,
+        key=lambda job: (order.get((job.model, job.threat.norm), len(order)), job.model, job.attack_index, job.shard),
+    )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from invarbench.attacks.invariance import load_guide
 from invarbench.attacks.oracles import DEFAULT_ORACLES, Oracle, oracle_members
 from invarbench.config import RunConfig
@@ -50,7 +51,14 @@ def check_guides(config: RunConfig, oracle: Oracle | None = None) -> None:
         for dataset in sorted({spec.dataset for spec in config.models}):
             judge = oracle.name if oracle is not None else config.oracle or DEFAULT_ORACLES.get(dataset)
             if judge is not None:
-                load_guide(attack.name, guide, judge=judge, judge_members=getattr(oracle, "member_checkpoints", {}) if oracle is not None else oracle_members(judge))
+                load_guide(
+                    attack.name,
+                    guide,
+                    judge=judge,
+                    judge_members=(
+                        getattr(oracle, "member_checkpoints", {}) if oracle is not None else oracle_members(judge)
+                    ),
+                )
 
 
 def check_run_dir(store: RunStore, config: RunConfig) -> None:
@@ -58,14 +66,23 @@ def check_run_dir(store: RunStore, config: RunConfig) -> None:
     if store.manifest_path.exists():
         previous = read_json(store.manifest_path)
         if not isinstance(previous, dict) or not isinstance(previous.get("config"), dict):
-            raise ConfigError(f"{store.manifest_path} is not a manifest of `invarbench run` (no config object); remove {store.run_dir} or pass another --out/--name")
+            raise ConfigError(
+                f"{store.manifest_path} is not a manifest of `invarbench run` (no config object); remove"
+                f" {store.run_dir} or pass another --out/--name"
+            )
         if previous["config"] != config.to_dict():
-            raise ConfigError(f"{store.run_dir} holds a run with a different configuration; re-run with the options recorded in {store.manifest_path} to resume it, or pass another --out/--name")
+            raise ConfigError(
+                f"{store.run_dir} holds a run with a different configuration; re-run with the options recorded in"
+                f" {store.manifest_path} to resume it, or pass another --out/--name"
+            )
     for path in sorted(store.jobs_dir.glob("*.parquet")):
         try:
             pq.read_metadata(path)
         except (OSError, pa.ArrowException) as error:
-            raise ConfigError(f"job records {path} are damaged ({error}); delete that file and re-run the same command: only its job runs again") from error
+            raise ConfigError(
+                f"job records {path} are damaged ({error}); delete that file and re-run the same command: only its job"
+                " runs again"
+            ) from error
 
 
 @contextmanager

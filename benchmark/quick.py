@@ -24,14 +24,20 @@ class QuickRow:
 
 def threats_for(card) -> list[tuple[str, float]]:
     """The data set's headline threat models, and the one the model was trained against."""
-    threats = [(threat.norm, eps) for threat in map(ThreatModel.parse, HEADLINE_THREATS.get(card.dataset, ())) for eps in threat.epsilons]
+    threats = [
+        (threat.norm, eps)
+        for threat in map(ThreatModel.parse, HEADLINE_THREATS.get(card.dataset, ()))
+        for eps in threat.epsilons
+    ]
     own = (card.threat_model["norm"], float(card.threat_model["eps"]))
     if own[0] != "none" and own not in threats:
         threats.append(own)
     return threats
 
 
-def quick_benchmark(*, models: list[str] | None = None, n: int = 100, seed: int = 0, progress: bool = True) -> list[QuickRow]:
+def quick_benchmark(
+    *, models: list[str] | None = None, n: int = 100, seed: int = 0, progress: bool = True
+) -> list[QuickRow]:
     datasets: dict[tuple, Dataset] = {}
     rows = []
     for name in models or list_models():
@@ -46,5 +52,9 @@ def quick_benchmark(*, models: list[str] | None = None, n: int = 100, seed: int 
             result = create_attack("pgd")(model, images, labels, norm=norm, epsilons=(eps,), seed=seed)
             rows.append(QuickRow(name, card.dataset, n, clean, f"PGD {norm} {eps:g}", result.robust_accuracy()[0]))
             if progress:
-                print(f"  {name}: clean {100 * clean:.1f}%, PGD {norm} {eps:g} robust {100 * rows[-1].robust_accuracy:.1f}%", file=sys.stderr)
+                print(
+                    f"  {name}: clean {100 * clean:.1f}%, PGD {norm} {eps:g} robust"
+                    f" {100 * rows[-1].robust_accuracy:.1f}%",
+                    file=sys.stderr,
+                )
     return rows

@@ -14,12 +14,24 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pandas as pd
+
 from invarbench.attacks import Budget
 
 #: The ``attack`` of the row that holds the worst case over every attack at a threat.
 WORST_CASE = "worst case"
 
-ROBUSTNESS_COLUMNS = ["model", "norm", "setting", "eps", "attack", "robust_accuracy", "robust", "attacked", "broken", "attack_success_rate"]
+ROBUSTNESS_COLUMNS = [
+    "model",
+    "norm",
+    "setting",
+    "eps",
+    "attack",
+    "robust_accuracy",
+    "robust",
+    "attacked",
+    "broken",
+    "attack_success_rate",
+]
 INVARIANCE_COLUMNS = ["model", "attack", "setting", "norm", "eps"]
 
 
@@ -38,7 +50,14 @@ def robustness_frame(results: Iterable[tuple[str, Mapping[str, Any]]]) -> pd.Dat
                 for attack, figures in outcome["attacks"].items():
                     rows.append({**place, "attack": attack, **{key: figures[key] for key in ROBUSTNESS_COLUMNS[5:]}})
                 worst = outcome["worst_case"]
-                rows.append({**place, "attack": WORST_CASE, "robust_accuracy": worst["robust_accuracy"], "robust": worst["robust"]})
+                rows.append(
+                    {
+                        **place,
+                        "attack": WORST_CASE,
+                        "robust_accuracy": worst["robust_accuracy"],
+                        "robust": worst["robust"],
+                    }
+                )
     return pd.DataFrame(rows, columns=ROBUSTNESS_COLUMNS)
 
 
@@ -52,7 +71,16 @@ def invariance_frame(results: Iterable[tuple[str, Mapping[str, Any]]]) -> pd.Dat
         for attack, per_setting in result.get("invariance", {}).items():
             for setting, metrics in per_setting.items():
                 budget = Budget.parse(setting, lenient=True)
-                rows.append({"model": model, "attack": attack, "setting": setting, "norm": budget.norm, "eps": budget.value, **metrics})
+                rows.append(
+                    {
+                        "model": model,
+                        "attack": attack,
+                        "setting": setting,
+                        "norm": budget.norm,
+                        "eps": budget.value,
+                        **metrics,
+                    }
+                )
     return pd.DataFrame(rows, columns=None if rows else INVARIANCE_COLUMNS)
 
 

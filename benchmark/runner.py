@@ -18,24 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from tqdm.auto import tqdm
+
 from invarbench.attacks import ATTACKS
 from invarbench.attacks.oracles import default_oracle
 from invarbench.checks import CHECKS, check_compatible, check_model
-from invarbench.config import HEADLINE_THREATS, RUNNER_OPTIONS, AttackSpec, ModelSpec, RunConfig, default_threats, merge_threats  # noqa: F401  (re-exported)
+from invarbench.config import RunConfig
 from invarbench.datasets import load_dataset
-from invarbench.environment import cpu_description, package_versions, resolve_device  # noqa: F401  (re-exported)
+from invarbench.environment import cpu_description, package_versions, resolve_device
 from invarbench.errors import ConfigError
 from invarbench.evaluation import predict
 from invarbench.executors import ExecutorSettings, JobOutput, JobTask, ModelInputs, create_executor
-from invarbench.jobs import decision_margins, execute_invariance_job, execute_job  # noqa: F401  (re-exported)
 from invarbench.labelling import resolve_oracle
-from invarbench.metrics import _tally, invariance_metrics, oracle_report, summarize  # noqa: F401  (re-exported)
+from invarbench.metrics import _tally, oracle_report, summarize
 from invarbench.models import get_card
-from invarbench.plan import Job, attack_threats, derive_seed, plan  # noqa: F401  (re-exported)
+from invarbench.plan import plan
 from invarbench.preflight import check_guides, check_models, check_run_dir, discarded_on_failure
-from invarbench.statistics import wilson_interval  # noqa: F401  (re-exported)
 from invarbench.store import RECORD_COLUMNS, RunLock, RunStore, as_records, read_json, write_json
-from tqdm.auto import tqdm
 
 
 @dataclass
@@ -47,7 +46,17 @@ class RunOutcome:
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, device: str = "auto", progress: bool = True, data_source: str | None = None, oracle=None, executor: ExecutorSettings | None = None) -> RunOutcome:
+def run_benchmark(
+    config: RunConfig,
+    out: Path,
+    *,
+    name: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    data_source: str | None = None,
+    oracle=None,
+    executor: ExecutorSettings | None = None,
+) -> RunOutcome:
     """Run (or resume) the configured evaluation into ``out/NAME`` and return its summary.
 
     ``oracle`` judges invariance candidates; by default the data set's own (see ``default_oracle``).
@@ -57,14 +66,20 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
     store = RunStore(run_dir)
     executor = executor or ExecutorSettings()
     if executor.name == "ray" and device == "cuda":
-        raise ConfigError("--executor ray runs jobs on the workers' CPUs; use --device cpu (or auto), or the local executor for CUDA")
+        raise ConfigError(
+            "--executor ray runs jobs on the workers' CPUs; use --device cpu (or auto), or the local executor for CUDA"
+        )
     torch_device = resolve_device("cpu" if executor.name == "ray" else device)
     on_disk = tuple(spec for spec in config.models if spec.module is None)
     if on_disk:  # in-memory models need no loading checks
         check_models(replace(config, models=on_disk))
     check_guides(config, oracle)
     # Started (Ray joined) before the run directory is touched: an unreachable cluster leaves no files.
-    with create_executor(executor) as executor_run, RunLock(run_dir) as lock, discarded_on_failure(store, created=run_dir in lock.created):
+    with (
+        create_executor(executor) as executor_run,
+        RunLock(run_dir) as lock,
+        discarded_on_failure(store, created=run_dir in lock.created),
+    ):
         store.remove_stale_temporaries()
         check_run_dir(store, config)
         manifest = {
@@ -75,7 +90,12 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
             "versions": package_versions(),
             "device": str(torch_device),
             "threads": executor_run.threads_per_worker,
-            "executor": {"name": executor_run.name, "workers": executor_run.workers, "threads_per_worker": executor_run.threads_per_worker, **({"address": executor.address} if executor.address else {})},
+            "executor": {
+                "name": executor_run.name,
+                "workers": executor_run.workers,
+                "threads_per_worker": executor_run.threads_per_worker,
+                **({"address": executor.address} if executor.address else {}),
+            },
             "cpu": cpu_description(),
             "platform": platform.platform(),
             "command": " ".join(sys.argv),
@@ -102,7 +122,11 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
             dataset_options = card.dataset_options if card else {}
             key = (spec.dataset, tuple(sorted(dataset_options.items())))
             if key not in datasets:
-                datasets[key] = load_dataset(spec.dataset, source=data_source, **dataset_options) if spec.dataset in ("mnist", "cifar10") else load_dataset(spec.dataset, **dataset_options)
+                datasets[key] = (
+                    load_dataset(spec.dataset, source=data_source, **dataset_options)
+                    if spec.dataset in ("mnist", "cifar10")
+                    else load_dataset(spec.dataset, **dataset_options)
+                )
             dataset = datasets[key]
             images, labels = dataset.evaluation_subset(config.n)
             model = spec.load(dataset.num_classes, dataset.bounds).to(torch_device).eval()
@@ -110,7 +134,13 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
             input_size = images[0].numel()
             for threat in config.threats:
                 threat.check_against_bounds(model.bounds, input_size, source=spec.key)
-            flags = check_model(model, images[: min(100, config.n)], labels[: min(100, config.n)], num_classes=dataset.num_classes, source=spec.reference)
+            flags = check_model(
+                model,
+                images[: min(100, config.n)],
+                labels[: min(100, config.n)],
+                num_classes=dataset.num_classes,
+                source=spec.reference,
+            )
             clean_predictions = predict(model, images)
             model_info[spec.key] = {
                 "reference": spec.reference,
@@ -120,15 +150,28 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
                 "checks": flags,
                 "warnings": [CHECKS[check] for check, raised in flags.items() if raised],
             }
-            if key not in oracles and any(attack.kind == "invariance" and ATTACKS[attack.name].needs_oracle for attack in config.attacks):
-                oracles[key] = (oracle or (resolve_oracle(config.oracle, dataset) if config.oracle else default_oracle(dataset))).to(torch_device)
+            if key not in oracles and any(
+                attack.kind == "invariance" and getattr(ATTACKS[attack.name], "needs_oracle", False)
+                for attack in config.attacks
+            ):
+                oracles[key] = (
+                    oracle or (resolve_oracle(config.oracle, dataset) if config.oracle else default_oracle(dataset))
+                ).to(torch_device)
                 oracle_reports[oracles[key].name] = oracle_report(oracles[key], images, labels)
-            inputs[spec.key] = ModelInputs(spec, model, dataset.num_classes, dataset.bounds, model_info[spec.key]["checkpoint_sha256"], dataset, oracles.get(key))
+            inputs[spec.key] = ModelInputs(
+                spec,
+                model,
+                dataset.num_classes,
+                dataset.bounds,
+                model_info[spec.key]["checkpoint_sha256"],
+                dataset,
+                oracles.get(key),
+            )
             # Per norm, not per threat: an attack restricted to some eps (eps=...) still sees what the
             # attacks before it found at those eps.
             shard_jobs: dict[tuple, list[str]] = {}
             for job in (job for job in jobs if job.model == spec.key):
-                earlier = ()
+                earlier: tuple[str, ...] = ()
                 if job.attack.kind != "invariance":
                     chain = shard_jobs.setdefault((job.threat.norm, job.shard), [])
                     earlier = tuple(chain) if config.cascade and job.attack.cascades else ()
@@ -139,10 +182,19 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
                     resumed_points += job.stop - job.start
                     continue
                 window = slice(job.start, job.stop)
-                tasks.append(JobTask(job, images[window], labels[window], clean_predictions[window], config.cascade, earlier))
+                tasks.append(
+                    JobTask(job, images[window], labels[window], clean_predictions[window], config.cascade, earlier)
+                )
         # Started once every model, data set and oracle has loaded and passed its checks: an input error
         # is the only thing printed.
-        bar = tqdm(total=sum(job.stop - job.start for job in jobs), initial=resumed_points, desc="invarbench run", unit="pt", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=sum(job.stop - job.start for job in jobs),
+            initial=resumed_points,
+            desc="invarbench run",
+            unit="pt",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
 
         driver_seconds = 0.0  # the driver's own time per finished job: storing it, progress (manifest: driver_seconds)
 
@@ -160,10 +212,17 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
             outcome.jobs_run += 1
             bar.update(job.stop - job.start)
             if job.attack.kind == "invariance":
-                judged = output.records[output.records["oracle_label"].notna() & (output.records["oracle_label"] != output.records["label"])]
-                bar.set_postfix_str(f"{job.model} {job.attack.name} label changed {len(judged)}/{len(output.records)}", refresh=False)
+                judged = output.records[
+                    output.records["oracle_label"].notna() & (output.records["oracle_label"] != output.records["label"])
+                ]
+                bar.set_postfix_str(
+                    f"{job.model} {job.attack.name} label changed {len(judged)}/{len(output.records)}", refresh=False
+                )
             else:
-                bar.set_postfix_str(f"{job.model} {job.threat.norm} {job.attack.name} robust {_tally(tallies, job, output.records)}", refresh=False)
+                bar.set_postfix_str(
+                    f"{job.model} {job.threat.norm} {job.attack.name} robust {_tally(tallies, job, output.records)}",
+                    refresh=False,
+                )
             driver_seconds += time.perf_counter() - began
 
         started = time.perf_counter()
@@ -184,22 +243,37 @@ def run_benchmark(config: RunConfig, out: Path, *, name: str | None = None, devi
             (invariance_records if job.attack.kind == "invariance" else all_records).append(records_of[job.id])
         for spec in config.models:
             outcome.timings.setdefault(spec.key, {})
-            model_info[spec.key]["attack_warnings"] = {label: list(messages) for label, messages in attack_warnings[spec.key].items()}
+            model_info[spec.key]["attack_warnings"] = {
+                label: list(messages) for label, messages in attack_warnings[spec.key].items()
+            }
 
-        records = as_records(pd.concat(all_records, ignore_index=True)) if all_records else as_records(pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in RECORD_COLUMNS.items()}))
+        records = (
+            as_records(pd.concat(all_records, ignore_index=True))
+            if all_records
+            else as_records(pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in RECORD_COLUMNS.items()}))
+        )
         records = records.sort_values(["model", "norm", "eps", "attack_index", "index"], kind="stable")
         invariance = None
         if invariance_records:
-            invariance = as_records(pd.concat(invariance_records, ignore_index=True)).sort_values(["model", "attack_index", "norm", "eps", "index"], kind="stable")
+            invariance = as_records(pd.concat(invariance_records, ignore_index=True)).sort_values(
+                ["model", "attack_index", "norm", "eps", "index"], kind="stable"
+            )
         store.write_results(records, invariance)
         outcome.summary = summarize(records, config, model_info, invariance)
         outcome.summary.update(executor=executor_run.name, workers=executor_run.workers)
         if oracle_reports:
             outcome.summary["oracles"] = oracle_reports
         write_json(store.summary_path, outcome.summary)
-        manifest.update(status="complete", finished=datetime.now(UTC).isoformat(timespec="seconds"), timings_seconds=outcome.timings, jobs_wall_seconds=jobs_wall_seconds, driver_seconds=driver_seconds, checkpoint_sha256={key: info["checkpoint_sha256"] for key, info in model_info.items()})
+        manifest.update(
+            status="complete",
+            finished=datetime.now(UTC).isoformat(timespec="seconds"),
+            timings_seconds=outcome.timings,
+            jobs_wall_seconds=jobs_wall_seconds,
+            driver_seconds=driver_seconds,
+            checkpoint_sha256={key: info["checkpoint_sha256"] for key, info in model_info.items()},
+        )
         write_json(store.manifest_path, manifest)
     return outcome
 
 
-__all__ = ["AttackSpec", "Job", "ModelSpec", "RunConfig", "default_threats", "execute_job", "merge_threats", "plan", "run_benchmark", "summarize"]
+__all__ = ["RunOutcome", "run_benchmark"]

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from invarbench.errors import ConfigError
 from invarbench.io import atomic_write, atomic_write_text
 
@@ -114,14 +115,19 @@ class RunLock:
             except FileExistsError:
                 owner = self._owner()
                 if owner is not None and _alive(owner):
-                    raise ConfigError(f"another invarbench run (pid {owner}) is writing into {self.path.parent}; wait for it to finish or pass another --out") from None
+                    raise ConfigError(
+                        f"another invarbench run (pid {owner}) is writing into {self.path.parent}; wait for it to"
+                        " finish or pass another --out"
+                    ) from None
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(handle, "w") as lock_file:
                 lock_file.write(f"{os.getpid()} {socket.gethostname()}\n")
             self.held = True
             return self
-        raise ConfigError(f"could not take the lock {self.path}; remove it if no invarbench run is using {self.path.parent}")
+        raise ConfigError(
+            f"could not take the lock {self.path}; remove it if no invarbench run is using {self.path.parent}"
+        )
 
     def _owner(self) -> int | None:
         try:
@@ -184,7 +190,10 @@ class RunStore:
     def write_job(self, job_id: str, records: pd.DataFrame, *, seconds: float, warnings: tuple[str, ...] = ()) -> None:
         """A finished job's records, its time and the reliability warnings its attack raised."""
         table = pa.Table.from_pandas(as_records(records), preserve_index=False)
-        metadata = {b"invarbench.seconds": str(seconds).encode(), b"invarbench.warnings": json.dumps(list(warnings)).encode()}
+        metadata = {
+            b"invarbench.seconds": str(seconds).encode(),
+            b"invarbench.warnings": json.dumps(list(warnings)).encode(),
+        }
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
         atomic_write(self.job_path(job_id), lambda tmp: pq.write_table(table, tmp))
 
@@ -213,5 +222,7 @@ def as_records(frame: pd.DataFrame) -> pd.DataFrame:
         frame = frame.assign(**{column: pd.Series(index=frame.index, dtype=columns[column]) for column in absent})
     missing = [column for column in columns if column not in frame]
     if missing:
-        raise ConfigError(f"per-sample records lack the columns {missing}; the file was not written by this version of invarbench")
+        raise ConfigError(
+            f"per-sample records lack the columns {missing}; the file was not written by this version of invarbench"
+        )
     return frame[list(columns)].astype(columns).reset_index(drop=True)

@@ -19,16 +19,26 @@ from pathlib import Path
 
 import pyautoattack
 import torch
+
 from invarbench.attacks import ThreatModel, create_attack
 from invarbench.datasets import load_dataset
 from invarbench.environment import measurement_header, resolve_device
 from invarbench.evaluation import predict
 from invarbench.models import load_model
 
-MODELS = ("mnist-cnn-pgd-linf-0.1", "mnist-cnn-pgd-linf-0.3", "mnist-cnn-pgd-linf-0.4", "mnist-cnn-pgd-l2-2.0", "mnist-firevnet-ce", "mnist-firevnet-ice")
+MODELS = (
+    "mnist-cnn-pgd-linf-0.1",
+    "mnist-cnn-pgd-linf-0.3",
+    "mnist-cnn-pgd-linf-0.4",
+    "mnist-cnn-pgd-l2-2.0",
+    "mnist-firevnet-ce",
+    "mnist-firevnet-ice",
+)
 
 
-def timed(name: str, options: dict, model, images, labels, threat: ThreatModel, active: torch.Tensor, seed: int) -> tuple[float, torch.Tensor, object]:
+def timed(
+    name: str, options: dict, model, images, labels, threat: ThreatModel, active: torch.Tensor, seed: int
+) -> tuple[float, torch.Tensor, object]:
     """Seconds taken and the points left robust (correctly classified and not broken)."""
     attack = create_attack(name, **options)
     started = time.perf_counter()
@@ -37,7 +47,18 @@ def timed(name: str, options: dict, model, images, labels, threat: ThreatModel, 
     return seconds, active[0] & ~result.success[0], result
 
 
-def compare(model_name: str, threat: ThreatModel, images, labels, *, fast_options: dict, seed: int, fast_first: bool, device: str = "cpu", reference_options: dict | None = None) -> dict:
+def compare(
+    model_name: str,
+    threat: ThreatModel,
+    images,
+    labels,
+    *,
+    fast_options: dict,
+    seed: int,
+    fast_first: bool,
+    device: str = "cpu",
+    reference_options: dict | None = None,
+) -> dict:
     """Both attacks on ``model_name``'s correctly classified points; the reference is AutoAttack standard
     unless ``reference_options`` say otherwise (a dry run's cheaper version)."""
     model = load_model(model_name).to(resolve_device(device))
@@ -48,7 +69,10 @@ def compare(model_name: str, threat: ThreatModel, images, labels, *, fast_option
     for name in order:
         options = fast_options if name == "aa-fast" else (reference_options or {"version": "standard"})
         runs[name] = timed(name, options, model, images, labels, threat, active, seed)
-    (reference_seconds, reference_robust, reference), (fast_seconds, fast_robust, fast) = runs["autoattack"], runs["aa-fast"]
+    (reference_seconds, reference_robust, reference), (fast_seconds, fast_robust, fast) = (
+        runs["autoattack"],
+        runs["aa-fast"],
+    )
     count = len(labels)
     return {
         "model": model_name,
@@ -91,7 +115,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--threats", nargs="+", default=["linf:0.3", "l2:2.0"], help="NORM:EPS, one eps each")
     parser.add_argument("--targets", type=int, default=None, help="aa-fast targets (default: the attack's)")
-    parser.add_argument("--square-queries", type=int, default=None, help="aa-fast Square queries (default: the attack's)")
+    parser.add_argument(
+        "--square-queries", type=int, default=None, help="aa-fast Square queries (default: the attack's)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both attacks run (default cpu)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/aa_fast.json"))
@@ -100,19 +126,38 @@ def main() -> None:
     threats = [ThreatModel.parse(spec) for spec in args.threats]
     if any(len(threat.epsilons) != 1 for threat in threats):
         parser.error(f"--threats: give one eps per threat, e.g. linf:0.3 l2:2.0 (got {' '.join(args.threats)})")
-    fast_options = {key: value for key, value in (("targets", args.targets), ("square_queries", args.square_queries)) if value is not None}
+    fast_options = {
+        key: value
+        for key, value in (("targets", args.targets), ("square_queries", args.square_queries))
+        if value is not None
+    }
     images, labels = load_dataset("mnist").evaluation_subset(args.n)
     rows = []
     for position, model_name in enumerate(args.models):
         for threat in threats:
-            rows.append(compare(model_name, threat, images, labels, fast_options=fast_options, seed=args.seed, fast_first=position % 2 == 1, device=args.device))
+            rows.append(
+                compare(
+                    model_name,
+                    threat,
+                    images,
+                    labels,
+                    fast_options=fast_options,
+                    seed=args.seed,
+                    fast_first=position % 2 == 1,
+                    device=args.device,
+                )
+            )
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print()
-    print(f"first {args.n} MNIST test points, {torch.get_num_threads()} threads, pyautoattack {pyautoattack.__version__}, aa-fast options {rows[0]['aa_fast_options']['implementation'] if rows else ''}")
+    print(
+        f"first {args.n} MNIST test points, {torch.get_num_threads()} threads, pyautoattack {pyautoattack.__version__}, aa-fast options {rows[0]['aa_fast_options']['implementation'] if rows else ''}"
+    )
     print(table(rows))
     speedups = [row["speedup"] for row in rows]
     if rows:
-        print(f"\nspeed-up min {min(speedups):.2f}x (target >= 3); largest robust-accuracy excess {max(row['difference_points'] for row in rows):+.1f} points (target <= +0.2)")
+        print(
+            f"\nspeed-up min {min(speedups):.2f}x (target >= 3); largest robust-accuracy excess {max(row['difference_points'] for row in rows):+.1f} points (target <= +0.2)"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         **measurement_header("aa_fast_vs_autoattack", device=args.device),

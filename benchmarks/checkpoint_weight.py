@@ -19,6 +19,7 @@ import lzma
 from pathlib import Path
 
 import torch
+
 from invarbench.datasets import load_dataset
 from invarbench.environment import measurement_header
 from invarbench.models import get_card, list_models, load_model
@@ -64,7 +65,12 @@ def measure(name: str, n: int, subsets: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=10000, help="test points per data set (default 10000; fewer where the test set is smaller)")
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=10000,
+        help="test points per data set (default 10000; fewer where the test set is smaller)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "checkpoint_weight.json")
     args = parser.parse_args()
     rows, subsets = [], {}
@@ -74,9 +80,17 @@ def main() -> None:
             continue
         rows.append(measure(name, args.n, subsets))
         row = rows[-1]
-        print(f"{name}: {row['bytes'] / 1e6:.2f} MB, lzma {row['lzma_bytes'] / 1e6:.2f} MB, float16 {row['float16_bytes'] / 1e6:.2f} MB; float16 changes {row['float16_prediction_changes']} of {row['points']} predictions, logits by at most {row['float16_max_logit_change']:.2g}", flush=True)
+        print(
+            f"{name}: {row['bytes'] / 1e6:.2f} MB, lzma {row['lzma_bytes'] / 1e6:.2f} MB, float16"
+            f" {row['float16_bytes'] / 1e6:.2f} MB; float16 changes {row['float16_prediction_changes']} of"
+            f" {row['points']} predictions, logits by at most {row['float16_max_logit_change']:.2g}",
+            flush=True,
+        )
     totals = {key: sum(row[key] for row in rows) for key in ("bytes", "lzma_bytes", "float16_bytes")}
-    print(f"total: {totals['bytes'] / 1e6:.2f} MB, lzma {totals['lzma_bytes'] / 1e6:.2f} MB, float16 {totals['float16_bytes'] / 1e6:.2f} MB")
+    print(
+        f"total: {totals['bytes'] / 1e6:.2f} MB, lzma {totals['lzma_bytes'] / 1e6:.2f} MB, float16"
+        f" {totals['float16_bytes'] / 1e6:.2f} MB"
+    )
     report = {**measurement_header("checkpoint_weight"), "n": args.n, "rows": rows, "totals": totals}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

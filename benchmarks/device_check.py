@@ -52,7 +52,16 @@ INVARIANCE_MODEL = "mnist-cnn-pgd-linf-0.3"
 
 def travelling_bytes() -> dict[str, int]:
     """Bytes the device tool would send: the working tree that git lists, and the carried folder."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     tree = sum((ROOT / name).stat().st_size for name in listed if name and (ROOT / name).is_file())
     carried = sum(path.stat().st_size for path in CARRIED.rglob("*") if path.is_file()) if CARRIED.exists() else 0
     return {"tree": tree, "carried": carried}
@@ -62,12 +71,24 @@ def check_size() -> dict:
     sizes = travelling_bytes()
     carried = sizes["carried"] or CARRIED_ESTIMATE_BYTES
     total = sizes["tree"] + carried
-    report = {"tree_bytes": sizes["tree"], "carried_bytes": sizes["carried"], "carried_measured": bool(sizes["carried"]), "total_bytes": total, "limit_bytes": TRAVEL_LIMIT_BYTES}
+    report = {
+        "tree_bytes": sizes["tree"],
+        "carried_bytes": sizes["carried"],
+        "carried_measured": bool(sizes["carried"]),
+        "total_bytes": total,
+        "limit_bytes": TRAVEL_LIMIT_BYTES,
+    }
     where = "measured in .device" if sizes["carried"] else "estimated; run `make device-wheels` to measure"
-    print(f"travels: tree {sizes['tree'] / 2**20:.1f} MiB + carried {carried / 2**20:.1f} MiB ({where}) = {total / 2**20:.1f} MiB of {TRAVEL_LIMIT_BYTES / 2**20:.0f} MiB", flush=True)
+    print(
+        f"travels: tree {sizes['tree'] / 2**20:.1f} MiB + carried {carried / 2**20:.1f} MiB ({where}) ="
+        f" {total / 2**20:.1f} MiB of {TRAVEL_LIMIT_BYTES / 2**20:.0f} MiB",
+        flush=True,
+    )
     if total > TRAVEL_LIMIT_BYTES:
         raise SystemExit(
-            f"what travels to the device machine weighs {total / 2**20:.1f} MiB, over its {TRAVEL_LIMIT_BYTES / 2**20:.0f} MiB: untracked files git does not ignore travel too (git status), and so does .device"
+            f"what travels to the device machine weighs {total / 2**20:.1f} MiB, over its"
+            f" {TRAVEL_LIMIT_BYTES / 2**20:.0f} MiB: untracked files git does not ignore travel too (git status), and"
+            " so does .device"
         )
     return report
 
@@ -76,13 +97,26 @@ def check_size() -> dict:
 
 
 def part_tests(out: Path, device: str, dry_run: bool, rehearse: bool, save) -> dict:
-    """Every cuda test: run on the GPU; on a dry run only collected (or, rehearsing, run with the CPU in the GPU's place)."""
+    """Every cuda test: run on the GPU; on a dry run only collected (or, rehearsing, run with the CPU in the GPU's
+    place)."""
     from invarbench.environment import measurement_header
 
     junit = out / "device_tests.xml"
     # Only the module that holds them: collecting tests/ would import every test module, and some import
     # packages that do not travel (fastapi, ray, playwright); tests/test_device_check.py keeps them there.
-    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "-q", "-rA", f"--junitxml={junit}", CUDA_TESTS]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "cuda",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rA",
+        f"--junitxml={junit}",
+        CUDA_TESTS,
+    ]
     environment = dict(os.environ)
     if dry_run and not rehearse:
         command.append("--collect-only")
@@ -94,7 +128,9 @@ def part_tests(out: Path, device: str, dry_run: bool, rehearse: bool, save) -> d
     started = time.perf_counter()
     log = out / "device_tests.log"
     with open(log, "w") as handle:
-        completed = subprocess.run(command, cwd=ROOT, env=environment, stdout=handle, stderr=subprocess.STDOUT, text=True)
+        completed = subprocess.run(
+            command, cwd=ROOT, env=environment, stdout=handle, stderr=subprocess.STDOUT, text=True
+        )
     output = log.read_text()
     print(output[-4000:], flush=True)
     tests = []
@@ -129,7 +165,14 @@ def part_pgd_sweep(out: Path, device: str, dry_run: bool, rehearse: bool, save) 
     from pgd_sweep import TARGET_RATIO, sweep
 
     models = list(TARGET_RATIO)[:1] if dry_run else list(TARGET_RATIO)
-    return sweep(models, 10 if dry_run else N_POINTS, [0.1, 0.3] if dry_run else [0.1, 0.2, 0.3, 0.4], 5 if dry_run else 40, 1 if dry_run else 2, device=device)
+    return sweep(
+        models,
+        10 if dry_run else N_POINTS,
+        [0.1, 0.3] if dry_run else [0.1, 0.2, 0.3, 0.4],
+        5 if dry_run else 40,
+        1 if dry_run else 2,
+        device=device,
+    )
 
 
 def part_aa_fast(out: Path, device: str, dry_run: bool, rehearse: bool, save) -> dict:
@@ -137,6 +180,7 @@ def part_aa_fast(out: Path, device: str, dry_run: bool, rehearse: bool, save) ->
     import pyautoattack
     import torch
     from aa_fast_vs_autoattack import compare
+
     from invarbench.attacks import ThreatModel
     from invarbench.datasets import load_dataset
     from invarbench.environment import measurement_header
@@ -146,13 +190,31 @@ def part_aa_fast(out: Path, device: str, dry_run: bool, rehearse: bool, save) ->
     # The dry run: a model whose points fall at once, a few Square queries, AutoAttack's APGD-CE alone.
     fast_options = {"square_queries": 20} if dry_run else {}
     reference_options = {"version": "custom", "attacks": ["apgd-ce"]} if dry_run else None
-    report = {**measurement_header("aa_fast_vs_autoattack", device=device), "n": n, "seed": 0, "torch": torch.__version__, "pyautoattack": pyautoattack.__version__, "rows": []}
+    report = {
+        **measurement_header("aa_fast_vs_autoattack", device=device),
+        "n": n,
+        "seed": 0,
+        "torch": torch.__version__,
+        "pyautoattack": pyautoattack.__version__,
+        "rows": [],
+    }
     for position, model in enumerate(["mnist-cnn-standard"] if dry_run else AA_MODELS):
-        row = compare(model, ThreatModel.parse("linf:0.3"), images, labels, fast_options=fast_options, seed=0, fast_first=position % 2 == 1, device=device, reference_options=reference_options)
+        row = compare(
+            model,
+            ThreatModel.parse("linf:0.3"),
+            images,
+            labels,
+            fast_options=fast_options,
+            seed=0,
+            fast_first=position % 2 == 1,
+            device=device,
+            reference_options=reference_options,
+        )
         report["rows"].append(row)
         save(report)
         print(
-            f"{model}: AutoAttack {row['autoattack_seconds']:.1f} s, aa-fast {row['aa_fast_seconds']:.1f} s, robust {row['autoattack_robust_accuracy']:.3f} / {row['aa_fast_robust_accuracy']:.3f}",
+            f"{model}: AutoAttack {row['autoattack_seconds']:.1f} s, aa-fast {row['aa_fast_seconds']:.1f} s, robust"
+            f" {row['autoattack_robust_accuracy']:.3f} / {row['aa_fast_robust_accuracy']:.3f}",
             flush=True,
         )
     return report
@@ -164,11 +226,14 @@ def part_invariance_speed(out: Path, device: str, dry_run: bool, rehearse: bool,
     import tempfile
 
     import torch
-    from invarbench.attacks import ThreatModel
-    from invarbench.environment import measurement_header
-    from invarbench.runner import AttackSpec, ModelSpec, RunConfig, run_benchmark
 
-    # The dry run leaves out the l_0 search, whose affine copies of the training set take most of a minute on a 2-core CPU.
+    from invarbench.attacks import ThreatModel
+    from invarbench.config import AttackSpec, ModelSpec, RunConfig
+    from invarbench.environment import measurement_header
+    from invarbench.runner import run_benchmark
+
+    # The dry run leaves out the l_0 search, whose affine copies of the training set take most of a minute on a
+    # 2-core CPU.
     attacks = ("invariance-linf", "metameric:steps=5") if dry_run else ("invariance-linf", "invariance-l0", "metameric")
     # The device on 100 points, then on all N, then the CPU cores on 100 points. Each run is kept as it ends,
     # so the part's limit cuts off only the run it stops.
@@ -183,18 +248,40 @@ def part_invariance_speed(out: Path, device: str, dry_run: bool, rehearse: bool,
     }
     with tempfile.TemporaryDirectory() as scratch:
         for where, n in runs:
-            config = RunConfig((ModelSpec(INVARIANCE_MODEL, "mnist"),), (ThreatModel("linf", (0.3, 0.4)),), tuple(AttackSpec.parse(spec) for spec in attacks), n=n, shard_size=min(n, 500), seed=0)
+            config = RunConfig(
+                (ModelSpec(INVARIANCE_MODEL, "mnist"),),
+                (ThreatModel("linf", (0.3, 0.4)),),
+                tuple(AttackSpec.parse(spec) for spec in attacks),
+                n=n,
+                shard_size=min(n, 500),
+                seed=0,
+            )
             started = time.perf_counter()
             outcome = run_benchmark(config, Path(scratch), name=f"{where}-{n}", device=where, progress=False)
             seconds = time.perf_counter() - started
-            run = {"device": where, "n": n, "seconds": seconds, "attack_seconds": outcome.timings[INVARIANCE_MODEL], "invariance": outcome.summary["models"][INVARIANCE_MODEL].get("invariance", {})}
+            run = {
+                "device": where,
+                "n": n,
+                "seconds": seconds,
+                "attack_seconds": outcome.timings[INVARIANCE_MODEL],
+                "invariance": outcome.summary["models"][INVARIANCE_MODEL].get("invariance", {}),
+            }
             report["runs"].append(run)
             save(report)
-            print(f"invariance track on {where}, {n} points: {seconds:.1f} s ({', '.join(f'{attack} {value:.1f}' for attack, value in run['attack_seconds'].items())})", flush=True)
+            print(
+                f"invariance track on {where}, {n} points: {seconds:.1f} s"
+                f" ({', '.join(f'{attack} {value:.1f}' for attack, value in run['attack_seconds'].items())})",
+                flush=True,
+            )
     return report
 
 
-PARTS = {"tests": part_tests, "pgd_sweep": part_pgd_sweep, "aa_fast": part_aa_fast, "invariance_speed": part_invariance_speed}
+PARTS = {
+    "tests": part_tests,
+    "pgd_sweep": part_pgd_sweep,
+    "aa_fast": part_aa_fast,
+    "invariance_speed": part_invariance_speed,
+}
 
 
 def run_part(name: str, out: Path, device: str, dry_run: bool, rehearse: bool) -> None:
@@ -205,12 +292,16 @@ def run_part(name: str, out: Path, device: str, dry_run: bool, rehearse: bool) -
 
     def save(partial: dict) -> None:
         """What the part has measured so far, kept should it be stopped at its limit."""
-        path.write_text(json.dumps({**partial, "status": "partial", "part_seconds": time.perf_counter() - started}, indent=1) + "\n")
+        path.write_text(
+            json.dumps({**partial, "status": "partial", "part_seconds": time.perf_counter() - started}, indent=1) + "\n"
+        )
 
     try:
         report = PARTS[name](out, device, dry_run, rehearse, save)
         report["status"] = "ok" if report.get("exit_code", 0) == 0 else "tests failed"
-    except Exception as error:  # recorded, not raised: the other parts still run and this one's failure comes back as data
+    except (
+        Exception
+    ) as error:  # recorded, not raised: the other parts still run and this one's failure comes back as data
         import traceback
 
         traceback.print_exc()
@@ -222,9 +313,13 @@ def run_part(name: str, out: Path, device: str, dry_run: bool, rehearse: bool) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for the JSON files (on the device machine: $OUT)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder for the JSON files (on the device machine: $OUT)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="on this CPU, a few points, cuda tests only collected")
-    parser.add_argument("--rehearse", action="store_true", help="with --dry-run: run the cuda tests with the CPU in the GPU's place")
+    parser.add_argument(
+        "--rehearse", action="store_true", help="with --dry-run: run the cuda tests with the CPU in the GPU's place"
+    )
     parser.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
     parser.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -244,9 +339,20 @@ def main() -> None:
     summary = {"dry_run": args.dry_run, "size": size, "parts": {}}
     for name in args.parts:
         started = time.perf_counter()
-        command = [sys.executable, str(Path(__file__).relative_to(ROOT)), "--out", str(args.out), "--part", name, *(["--dry-run"] if args.dry_run else []), *(["--rehearse"] if args.rehearse else [])]
+        command = [
+            sys.executable,
+            str(Path(__file__).relative_to(ROOT)),
+            "--out",
+            str(args.out),
+            "--part",
+            name,
+            *(["--dry-run"] if args.dry_run else []),
+            *(["--rehearse"] if args.rehearse else []),
+        ]
         try:
-            code = subprocess.run(command, cwd=ROOT, timeout=limits[name] * (6 if args.rehearse and name == "tests" else 1)).returncode
+            code = subprocess.run(
+                command, cwd=ROOT, timeout=limits[name] * (6 if args.rehearse and name == "tests" else 1)
+            ).returncode
         except subprocess.TimeoutExpired:
             code = "timed out"
             print(f"[{name}] stopped at its limit of {limits[name]} s", flush=True)
@@ -256,7 +362,10 @@ def main() -> None:
     statuses = {path.name: json.loads(path.read_text()).get("status") for path in args.out.glob("*.json")}
     errors = [name for name, status in statuses.items() if status != "ok"]
     if failed or errors:
-        raise SystemExit(f"parts that did not finish: {', '.join(failed) or '-'}; parts that recorded an error: {', '.join(errors) or '-'}")
+        raise SystemExit(
+            f"parts that did not finish: {', '.join(failed) or '-'}; parts that recorded an error:"
+            f" {', '.join(errors) or '-'}"
+        )
 
 
 if __name__ == "__main__":

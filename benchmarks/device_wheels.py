@@ -63,8 +63,12 @@ def main() -> None:
     wheels = args.out / "wheels"
     with tempfile.TemporaryDirectory() as scratch:
         requirements = [requirement(package) for package in PACKAGES]
-        # `pip wheel` takes a published wheel where there is one and builds one from the sdist where there is not (FrEIA).
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", scratch, *requirements], check=True)
+        # `pip wheel` takes a published wheel where there is one and builds one from the sdist where there is not
+        # (FrEIA).
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", scratch, *requirements],
+            check=True,
+        )
         built = sorted(Path(scratch).glob("*.whl"))
         for wheel in built:
             for package, prefixes in DROPPED.items():

@@ -20,11 +20,13 @@ from pathlib import Path
 import foolbox
 import pyautoattack
 import torch
+
 from invarbench.attacks import ThreatModel
+from invarbench.config import AttackSpec, ModelSpec, RunConfig
 from invarbench.datasets import load_dataset
 from invarbench.models import load_model
 from invarbench.results import WORST_CASE, robustness_frame
-from invarbench.runner import AttackSpec, ModelSpec, RunConfig, run_benchmark
+from invarbench.runner import run_benchmark
 
 
 def direct(model, images, labels, *, eps: float, version: str, attacks: list[str] | None, batch_size: int) -> None:
@@ -44,7 +46,9 @@ def main() -> None:
     parser.add_argument("--version", default="standard", help="AutoAttack version; 'custom' with --sub-attacks")
     parser.add_argument("--sub-attacks", nargs="*", help="AutoAttack sub-attacks for version custom")
     parser.add_argument("--batch-size", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best time of each side is reported")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="interleaved repeats; the best time of each side is reported"
+    )
     args = parser.parse_args()
 
     images, labels = load_dataset("mnist").evaluation_subset(args.n)
@@ -52,7 +56,13 @@ def main() -> None:
     attacks = args.sub_attacks if args.version == "custom" else None
 
     options = (("version", args.version),) + ((("attacks", attacks),) if attacks else ())
-    config = RunConfig((ModelSpec(args.model, "mnist"),), (ThreatModel("linf", (args.eps,)),), (AttackSpec("pgd"), AttackSpec("autoattack", options)), n=args.n, shard_size=args.batch_size)
+    config = RunConfig(
+        (ModelSpec(args.model, "mnist"),),
+        (ThreatModel("linf", (args.eps,)),),
+        (AttackSpec("pgd"), AttackSpec("autoattack", options)),
+        n=args.n,
+        shard_size=args.batch_size,
+    )
     # Interleaved repeats, best of each: on a shared 2-core machine one repeat of the same call varied by ~15%.
     reference, ours = float("inf"), float("inf")
     for _ in range(args.repeats):
@@ -64,10 +74,19 @@ def main() -> None:
             outcome = run_benchmark(config, Path(out), progress=False, device="cpu")
             ours = min(ours, time.perf_counter() - started)
     figures = robustness_frame(outcome.summary["models"].items())
-    worst = figures.loc[(figures["norm"] == "linf") & (figures["eps"] == float(f"{args.eps:g}")) & (figures["attack"] == WORST_CASE), "robust_accuracy"].item()
-    print(f"model {args.model}, first {args.n} test points, l_inf eps {args.eps}, AutoAttack {args.version} {attacks or ''}, {torch.get_num_threads()} threads, best of {args.repeats}")
+    worst = figures.loc[
+        (figures["norm"] == "linf") & (figures["eps"] == float(f"{args.eps:g}")) & (figures["attack"] == WORST_CASE),
+        "robust_accuracy",
+    ].item()
+    print(
+        f"model {args.model}, first {args.n} test points, l_inf eps {args.eps}, AutoAttack {args.version}"
+        f" {attacks or ''}, {torch.get_num_threads()} threads, best of {args.repeats}"
+    )
     print(f"Foolbox LinfPGD + pyautoattack called directly: {reference:.1f} s")
-    print(f"invarbench run (cascade, checks, per-sample records): {ours:.1f} s (worst-case robust accuracy {100 * worst:.1f}%)")
+    print(
+        f"invarbench run (cascade, checks, per-sample records): {ours:.1f} s (worst-case robust accuracy"
+        f" {100 * worst:.1f}%)"
+    )
     print(f"ratio invarbench / direct: {ours / reference:.3f} (target <= 1)")
 
 

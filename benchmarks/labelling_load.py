@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from invarbench.datasets import load_dataset
 from invarbench.environment import measurement_header
 from invarbench.labelling import DEFAULT_CONTROL_SHARE, LabelStore, control_count
@@ -70,8 +71,26 @@ class LabelServer:
 
     def start(self, port: int = 0) -> LabelServer:
         """Start on ``port`` (0: a free one) and return once it listens (the CLI prints its address then)."""
-        command = [sys.executable, "-m", "invarbench.cli", "label", "serve", "--db", str(self.db), "--host", HOST, "--port", str(port)]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        command = [
+            sys.executable,
+            "-m",
+            "invarbench.cli",
+            "label",
+            "serve",
+            "--db",
+            str(self.db),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+        ]
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
         line = self.process.stdout.readline()  # the address, or the error, or "" when it exited
         found = re.search(rf"http://{re.escape(HOST)}:(\d+)/", line)
         if found is None:
@@ -111,7 +130,9 @@ class ConnectionLost(Exception):
     pass
 
 
-def _request(connection: http.client.HTTPConnection, token: str, method: str, path: str, body: dict | None = None) -> tuple[int, bytes, float]:
+def _request(
+    connection: http.client.HTTPConnection, token: str, method: str, path: str, body: dict | None = None
+) -> tuple[int, bytes, float]:
     headers = {"Authorization": f"Bearer {token}"}
     payload = None if body is None else json.dumps(body).encode()
     if payload is not None:
@@ -147,7 +168,9 @@ def annotate(port: int, annotation: Annotation, stop_at: float) -> None:
                     raise AssertionError(f"GET /image/{item}.png answered {status}: {body[:200]!r}")
                 annotation.image_seconds.append(seconds)
                 label = str(item % 10)
-                status, body, seconds = _request(connection, annotation.token, "POST", "/api/label", {"item": item, "label": label})
+                status, body, seconds = _request(
+                    connection, annotation.token, "POST", "/api/label", {"item": item, "label": label}
+                )
                 if status == 200:
                     annotation.acknowledged[item] = label
                     annotation.label_seconds.append(seconds)
@@ -173,7 +196,10 @@ class Load:
     def __init__(self, port: int, tokens: dict[str, str], *, seconds: float):
         self.annotations = {name: Annotation(token) for name, token in tokens.items()}
         stop_at = time.monotonic() + seconds
-        self.threads = [threading.Thread(target=annotate, args=(port, annotation, stop_at), daemon=True) for annotation in self.annotations.values()]
+        self.threads = [
+            threading.Thread(target=annotate, args=(port, annotation, stop_at), daemon=True)
+            for annotation in self.annotations.values()
+        ]
         self.started = time.perf_counter()
         for thread in self.threads:
             thread.start()
@@ -208,9 +234,17 @@ def check_stored(db: Path, annotations: dict[str, Annotation], items: int) -> in
     duplicated = {key: labels for key, labels in stored.items() if len(labels) != 1}
     assert not duplicated, f"labels stored more than once: {duplicated}"
     for name, annotation in annotations.items():
-        wrong = {item: (label, stored.get((name, item))) for item, label in annotation.acknowledged.items() if stored.get((name, item)) != [label]}
-        assert not wrong, f"{name}: acknowledged labels not stored as acknowledged (item: (acknowledged, stored)): {wrong}"
-        assert sorted(item for annotator, item in stored if annotator == name) == list(range(items)), f"{name} did not label every item once"
+        wrong = {
+            item: (label, stored.get((name, item)))
+            for item, label in annotation.acknowledged.items()
+            if stored.get((name, item)) != [label]
+        }
+        assert not wrong, (
+            f"{name}: acknowledged labels not stored as acknowledged (item: (acknowledged, stored)): {wrong}"
+        )
+        assert sorted(item for annotator, item in stored if annotator == name) == list(range(items)), (
+            f"{name} did not label every item once"
+        )
     assert {annotator for annotator, _ in stored} == set(annotations), "labels of annotators nobody invited"
     return len(stored)
 
@@ -223,13 +257,18 @@ def _percentiles(seconds: list[float]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--annotators", type=int, default=20)
-    parser.add_argument("--items", type=int, default=200, help="items per annotator, control items included (default 200)")
+    parser.add_argument(
+        "--items", type=int, default=200, help="items per annotator, control items included (default 200)"
+    )
     parser.add_argument("--seconds", type=float, default=600, help="every annotator stops by then (default 600)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "labelling_load.json")
     args = parser.parse_args()
     candidates = round(args.items * (1 - DEFAULT_CONTROL_SHARE))
     if candidates + control_count(candidates, DEFAULT_CONTROL_SHARE) != args.items:
-        parser.error(f"--items {args.items} cannot be split into candidates and {DEFAULT_CONTROL_SHARE:.0%} control items; pass a multiple of 10")
+        parser.error(
+            f"--items {args.items} cannot be split into candidates and {DEFAULT_CONTROL_SHARE:.0%} control items; pass"
+            " a multiple of 10"
+        )
     load_average = os.getloadavg()[0]  # other work on the machine shares its cores with the server and the clients
     with tempfile.TemporaryDirectory() as work:
         db = Path(work) / "labels.sqlite"
@@ -257,8 +296,10 @@ def main() -> None:
     }
     del report["threads"]  # torch's threads: not what this measures (the server's threads, its cores)
     print(
-        f"{args.annotators} annotators x {args.items} items: {stored} labels stored once each, as acknowledged, in {seconds:.1f} s ({report['labels_per_second']:.0f} labels/s); "
-        f"label requests p50 {report['label_requests']['p50_ms']:.1f} ms, p99 {report['label_requests']['p99_ms']:.1f} ms; image requests p50 {report['image_requests']['p50_ms']:.1f} ms, p99 {report['image_requests']['p99_ms']:.1f} ms"
+        f"{args.annotators} annotators x {args.items} items: {stored} labels stored once each, as acknowledged, in"
+        f" {seconds:.1f} s ({report['labels_per_second']:.0f} labels/s); label requests p50"
+        f" {report['label_requests']['p50_ms']:.1f} ms, p99 {report['label_requests']['p99_ms']:.1f} ms; image requests"
+        f" p50 {report['image_requests']['p50_ms']:.1f} ms, p99 {report['image_requests']['p99_ms']:.1f} ms"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -59,14 +59,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mnist-cnn-standard")
     parser.add_argument("--n", type=int, default=100, help="first N test points (default 100)")
-    parser.add_argument("--workers", type=int, default=2, help="Ray workers, 1 thread each (default 2, make leaderboard's on this machine)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="Ray workers, 1 thread each (default 2, make leaderboard's on this machine)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs of each configuration, alternating (default 1)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "leaderboard_cost.json")
     args = parser.parse_args()
 
     entry_path = ROOT / "leaderboard" / "entries" / f"{args.model}__mnist__perturbation.json"
     if not entry_path.is_file():
-        raise SystemExit(f"no stored perturbation entry {entry_path}; pass --model with one of leaderboard/entries/*__mnist__perturbation.json")
+        raise SystemExit(
+            f"no stored perturbation entry {entry_path}; pass --model with one of"
+            " leaderboard/entries/*__mnist__perturbation.json"
+        )
     entry = json.loads(entry_path.read_text(encoding="utf-8"))
     leaderboard_arguments = makefile_variable("PERTURBATION")
     if "--n" in leaderboard_arguments:  # the Makefile's own --n (1000), replaced by this script's
@@ -85,7 +93,22 @@ def main() -> None:
                 print(f"running {label} ({repeat + 1}/{args.repeats}) ...", flush=True)
                 if label == "stored":
                     run_benchmark(stored, Path(scratch), name=name, progress=False, executor=executor)
-                elif invarbench(["run", args.model, *leaderboard_arguments, *ray_arguments, "--out", scratch, "--name", name, "--no-progress"]) != 0:
+                elif (
+                    invarbench(
+                        [
+                            "run",
+                            args.model,
+                            *leaderboard_arguments,
+                            *ray_arguments,
+                            "--out",
+                            scratch,
+                            "--name",
+                            name,
+                            "--no-progress",
+                        ]
+                    )
+                    != 0
+                ):
                     raise SystemExit(f"`invarbench run {args.model} {shlex.join(leaderboard_arguments)}` failed")
                 runs[label].append(_measure(Path(scratch) / name))
     report = {
@@ -93,15 +116,27 @@ def main() -> None:
         "model": args.model,
         "n": args.n,
         "workers": args.workers,
-        "stored_settings": {"threats": entry["settings"]["threats"], "attacks": [attack.label() for attack in stored.attacks], "date": entry["date"]},
+        "stored_settings": {
+            "threats": entry["settings"]["threats"],
+            "attacks": [attack.label() for attack in stored.attacks],
+            "date": entry["date"],
+        },
         "make_leaderboard_arguments": leaderboard_arguments,
         "runs": runs,
-        "ratio": min(run["jobs_wall_seconds"] for run in runs["make leaderboard"]) / min(run["jobs_wall_seconds"] for run in runs["stored"]),
+        "ratio": (
+            min(run["jobs_wall_seconds"] for run in runs["make leaderboard"])
+            / min(run["jobs_wall_seconds"] for run in runs["stored"])
+        ),
     }
     for label, measured in runs.items():
         best = min(measured, key=lambda run: run["jobs_wall_seconds"])
-        print(f"{label}: jobs wall {best['jobs_wall_seconds']:.1f} s; per attack {', '.join(f'{attack} {seconds:.1f} s' for attack, seconds in best['attack_seconds'].items())}")
-        print(f"  worst case: {', '.join(f'{threat} {100 * value:.1f}%' for threat, value in best['worst_case'].items())}")
+        print(
+            f"{label}: jobs wall {best['jobs_wall_seconds']:.1f} s; per attack"
+            f" {', '.join(f'{attack} {seconds:.1f} s' for attack, seconds in best['attack_seconds'].items())}"
+        )
+        print(
+            f"  worst case: {', '.join(f'{threat} {100 * value:.1f}%' for threat, value in best['worst_case'].items())}"
+        )
     print(f"make leaderboard / stored: {report['ratio']:.2f}x the jobs' wall time")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

@@ -9,7 +9,8 @@ own code runs unchanged. It is additive noise of ``--noise`` times each image's 
 component (1e-7 is float32 rounding's size). Prints, per noise seed, how many metamers differ, and how
 many of the model's predictions and the oracle's labels flip.
 
-    python benchmarks/metamer_rounding.py [--model mnist-cnn-pgd-linf-0.3] [--n 100] [--eps 0.4] [--noise 1e-7] [--seeds 2]
+    python benchmarks/metamer_rounding.py [--model mnist-cnn-pgd-linf-0.3] [--n 100] [--eps 0.4] [--noise 1e-7] \\
+        [--seeds 2]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+
 from invarbench.attacks import create_attack
 from invarbench.attacks.invariance.base import InvarianceContext
 from invarbench.attacks.oracles import default_oracle
@@ -25,7 +27,8 @@ from invarbench.models import load_model
 
 
 class _RoundingNoise(torch.autograd.Function):
-    """The identity; its backward pass adds ``scale`` times each image's largest gradient component, times standard normal noise."""
+    """The identity; its backward pass adds ``scale`` times each image's largest gradient component, times standard
+    normal noise."""
 
     @staticmethod
     def forward(ctx, x, scale, generator):
@@ -56,7 +59,9 @@ def main() -> None:
     parser.add_argument("--model", default="mnist-cnn-pgd-linf-0.3")
     parser.add_argument("--n", type=int, default=100, help="first N MNIST test points")
     parser.add_argument("--eps", type=float, default=0.4, help="l_inf ball of the gradient metamers")
-    parser.add_argument("--noise", type=float, default=1e-7, help="noise relative to each image's largest gradient component")
+    parser.add_argument(
+        "--noise", type=float, default=1e-7, help="noise relative to each image's largest gradient component"
+    )
     parser.add_argument("--seeds", type=int, default=2, help="noisy runs to compare with the run without noise")
     args = parser.parse_args()
     dataset = load_dataset("mnist")
@@ -65,10 +70,18 @@ def main() -> None:
     context = InvarianceContext(dataset, default_oracle(dataset), torch.arange(args.n))
     attack = create_attack("metameric")
     reference = attack(model, images, labels, norm="linf", epsilons=(args.eps,), context=context)
-    print(f"{args.model}, first {args.n} points, metameric at l_inf {args.eps}, noise {args.noise:g} of each image's largest gradient component")
-    print(f"without noise: median logit error {reference.logit_errors[0].median():.2f}; oracle abstains on {int((reference.oracle_labels[0] < 0).sum())}")
+    print(
+        f"{args.model}, first {args.n} points, metameric at l_inf {args.eps}, noise {args.noise:g} of each image's"
+        " largest gradient component"
+    )
+    print(
+        f"without noise: median logit error {reference.logit_errors[0].median():.2f}; oracle abstains on"
+        f" {int((reference.oracle_labels[0] < 0).sum())}"
+    )
     for seed in range(1, args.seeds + 1):
-        noisy = attack(NoisyGradients(model, args.noise, seed), images, labels, norm="linf", epsilons=(args.eps,), context=context)
+        noisy = attack(
+            NoisyGradients(model, args.noise, seed), images, labels, norm="linf", epsilons=(args.eps,), context=context
+        )
         moved = (noisy.candidates[0] - reference.candidates[0]).flatten(1).abs().amax(1)
         print(
             f"noise seed {seed}: metamers differing by more than 0.05 {int((moved > 0.05).sum())} of {args.n}; "

@@ -15,6 +15,7 @@ import argparse
 import time
 
 import torch
+
 from invarbench.attacks.invariance import search_neighbours, transform_grid
 from invarbench.datasets import load_dataset
 
@@ -33,7 +34,9 @@ def matmul_rate(rows: int, inner: int, columns: int, *, seconds: float = 5.0) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=1000, help="test points (default 1000)")
-    parser.add_argument("--transforms", type=int, default=775, help="use the first T transforms of the grid (default all 775)")
+    parser.add_argument(
+        "--transforms", type=int, default=775, help="use the first T transforms of the grid (default all 775)"
+    )
     args = parser.parse_args()
 
     dataset = load_dataset("mnist")
@@ -50,8 +53,14 @@ def main() -> None:
     search_rate = 2 * queries * len(references) * inner / seconds
     after = matmul_rate(4096, inner, len(references))
 
-    print(f"{args.points} test points x {len(transforms)} transforms = {queries} queries against {len(references)} training images of {inner} pixels, {torch.get_num_threads()} threads")
-    print(f"torch.mm 4096 x {inner} x {len(references)}: {reference_rate / 1e9:.1f} GFLOP/s before, {after / 1e9:.1f} after the search")
+    print(
+        f"{args.points} test points x {len(transforms)} transforms = {queries} queries against {len(references)}"
+        f" training images of {inner} pixels, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"torch.mm 4096 x {inner} x {len(references)}: {reference_rate / 1e9:.1f} GFLOP/s before, {after / 1e9:.1f}"
+        " after the search"
+    )
     print(f"search: {seconds:.1f} s, {search_rate / 1e9:.1f} GFLOP/s of matrix products")
     print(f"fraction of matrix-multiply throughput: {search_rate / max(reference_rate, after):.2f}")
 

@@ -10,7 +10,8 @@ speed drifts by 10-20% from one run to the next, more than the overhead measured
 reported is the median over repeats of (a)/(b) in CPU time (target: at most 1.05); the best wall times
 are reported beside it. Writes the measurement as JSON.
 
-    python benchmarks/pgd_overhead.py [--model mnist-cnn-pgd-linf-0.3] [--batch 500] [--steps 40] [--repeats 7] [--out benchmarks/results/pgd_overhead.json]
+    python benchmarks/pgd_overhead.py [--model mnist-cnn-pgd-linf-0.3] [--batch 500] [--steps 40] [--repeats 7] \\
+        [--out benchmarks/results/pgd_overhead.json]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from invarbench.attacks import create_attack
 from invarbench.attacks.base import frozen_parameters
 from invarbench.datasets import load_dataset
@@ -35,7 +37,9 @@ TARGET_RATIO = 1.05
 def passes_of(attack, model, images, labels, *, eps: float) -> list[tuple[int, bool]]:
     """The batch size of each forward pass ``attack`` makes, and whether a backward pass followed it."""
     passes = []
-    hook = model.register_forward_hook(lambda module, inputs, output: passes.append((len(inputs[0]), torch.is_grad_enabled())))
+    hook = model.register_forward_hook(
+        lambda module, inputs, output: passes.append((len(inputs[0]), torch.is_grad_enabled()))
+    )
     try:
         attack(model, images, labels, norm="linf", epsilons=(eps,))
     finally:
@@ -58,7 +62,9 @@ def bare_pgd(model, images, labels, *, eps: float, passes: list[tuple[int, bool]
         loss = F.cross_entropy(model(adversarial), y)
         (gradient,) = torch.autograd.grad(loss, adversarial)
         with torch.no_grad():
-            adversarial = torch.min(torch.max(adversarial + step_size * gradient.sign(), x0 - eps), x0 + eps).clamp(0, 1)
+            adversarial = torch.min(torch.max(adversarial + step_size * gradient.sign(), x0 - eps), x0 + eps).clamp(
+                0, 1
+            )
     return adversarial
 
 
@@ -68,7 +74,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eps", type=float, default=0.3)
-    parser.add_argument("--repeats", type=int, default=7, help="repeats, each timing both sides back to back in alternating order")
+    parser.add_argument(
+        "--repeats", type=int, default=7, help="repeats, each timing both sides back to back in alternating order"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pgd_overhead.json"))
     args = parser.parse_args()
 
@@ -78,7 +86,10 @@ def main() -> None:
     attack = create_attack("pgd", steps=args.steps, batch_size=args.batch)
     passes = passes_of(attack, model, images, labels, eps=args.eps)
     step_size = args.eps / 30
-    sides = {"invarbench": lambda: attack(model, images, labels, norm="linf", epsilons=(args.eps,)), "bare": lambda: bare_pgd(model, images, labels, eps=args.eps, passes=passes, step_size=step_size)}
+    sides = {
+        "invarbench": lambda: attack(model, images, labels, norm="linf", epsilons=(args.eps,)),
+        "bare": lambda: bare_pgd(model, images, labels, eps=args.eps, passes=passes, step_size=step_size),
+    }
     times = {side: [] for side in sides}
     cpu_times = {side: [] for side in sides}
     with frozen_parameters(model):
@@ -92,11 +103,26 @@ def main() -> None:
     ours, bare = min(times["invarbench"]), min(times["bare"])
     backward = sum(size for size, grad in passes if grad)
     forward = sum(size for size, _ in passes)
-    print(f"model {args.model}, batch {args.batch}, l_inf eps {args.eps}, {args.steps} steps, {torch.get_num_threads()} threads, {args.repeats} repeats in alternating order")
-    print(f"passes: {len(passes)} forward ({forward} point-forwards), {backward} point-backwards (a full batch without early exit: {args.batch * (args.steps + 1)} / {args.batch * args.steps})")
-    print(f"invarbench pgd: best {ours:.3f} s wall, CPU per repeat {', '.join(f'{t:.2f}' for t in cpu_times['invarbench'])} s")
-    print(f"bare loop of the same passes: best {bare:.3f} s wall, CPU per repeat {', '.join(f'{t:.2f}' for t in cpu_times['bare'])} s")
-    print(f"ratio (median over repeats, CPU time): {ratio:.3f} (target <= {TARGET_RATIO}); best wall times: {ours / bare:.3f}")
+    print(
+        f"model {args.model}, batch {args.batch}, l_inf eps {args.eps}, {args.steps} steps, {torch.get_num_threads()}"
+        f" threads, {args.repeats} repeats in alternating order"
+    )
+    print(
+        f"passes: {len(passes)} forward ({forward} point-forwards), {backward} point-backwards (a full batch without"
+        f" early exit: {args.batch * (args.steps + 1)} / {args.batch * args.steps})"
+    )
+    print(
+        f"invarbench pgd: best {ours:.3f} s wall, CPU per repeat"
+        f" {', '.join(f'{t:.2f}' for t in cpu_times['invarbench'])} s"
+    )
+    print(
+        f"bare loop of the same passes: best {bare:.3f} s wall, CPU per repeat"
+        f" {', '.join(f'{t:.2f}' for t in cpu_times['bare'])} s"
+    )
+    print(
+        f"ratio (median over repeats, CPU time): {ratio:.3f} (target <= {TARGET_RATIO}); best wall times:"
+        f" {ours / bare:.3f}"
+    )
     measurement = {
         **measurement_header("pgd_overhead"),
         "model": args.model,

@@ -10,7 +10,8 @@ and writes the measurement as JSON (``--out``) for the README speed table.
 Targets (issue 12): at least 4x faster on mnist-cnn-standard and 1.5x on mnist-cnn-pgd-linf-0.3,
 robust accuracy at most 0.5 points above Foolbox's at every eps.
 
-    python benchmarks/pgd_sweep.py [--n 500] [--eps 0.1,0.2,0.3,0.4] [--repeats 2] [--out benchmarks/results/pgd_sweep.json]
+    python benchmarks/pgd_sweep.py [--n 500] [--eps 0.1,0.2,0.3,0.4] [--repeats 2] \\
+        [--out benchmarks/results/pgd_sweep.json]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import foolbox
 import torch
+
 from invarbench.attacks import create_attack
 from invarbench.datasets import load_dataset
 from invarbench.environment import measurement_header, resolve_device
@@ -36,11 +38,18 @@ def foolbox_sweep(model, images, labels, *, epsilons: list[float], steps: int, s
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     attack = foolbox.attacks.LinfPGD(steps=steps, rel_stepsize=1 / 30, random_start=True)
-    _, _, success = attack(foolbox.PyTorchModel(model, bounds=model.bounds, device=device), images.to(device), labels.to(device), epsilons=epsilons)
+    _, _, success = attack(
+        foolbox.PyTorchModel(model, bounds=model.bounds, device=device),
+        images.to(device),
+        labels.to(device),
+        epsilons=epsilons,
+    )
     return (1 - success.float().mean(dim=1)).tolist()
 
 
-def invarbench_sweep(model, images, labels, *, epsilons: list[float], steps: int, seed: int, batch_size: int) -> list[float]:
+def invarbench_sweep(
+    model, images, labels, *, epsilons: list[float], steps: int, seed: int, batch_size: int
+) -> list[float]:
     attack = create_attack("pgd", steps=steps, rel_stepsize=1 / 30, batch_size=batch_size)
     return attack(model, images, labels, norm="linf", epsilons=tuple(epsilons), seed=seed).robust_accuracy()
 
@@ -57,7 +66,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--eps", default="0.1,0.2,0.3,0.4", help="comma-separated l_inf eps values")
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best time of each side is reported")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="interleaved repeats; the best time of each side is reported"
+    )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both sides run (default cpu)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pgd_sweep.json"))
     args = parser.parse_args()
@@ -89,7 +100,11 @@ def sweep(models: list[str], n: int, epsilons: list[float], steps: int, repeats:
         for repeat in range(repeats):
             for side, function in (("foolbox", foolbox_sweep), ("invarbench", invarbench_sweep)):
                 options = {"batch_size": n} if side == "invarbench" else {}
-                accuracy, seconds = timed(lambda function=function, options=options, model=model, repeat=repeat: function(model, images, labels, epsilons=epsilons, steps=steps, seed=repeat, **options))
+                accuracy, seconds = timed(
+                    lambda function=function, options=options, model=model, repeat=repeat: function(
+                        model, images, labels, epsilons=epsilons, steps=steps, seed=repeat, **options
+                    )
+                )
                 times[side].append(seconds)
                 accuracies[side].append(accuracy)
         mean = {side: [sum(values) / len(values) for values in zip(*runs)] for side, runs in accuracies.items()}
@@ -104,9 +119,15 @@ def sweep(models: list[str], n: int, epsilons: list[float], steps: int, repeats:
             "robust_accuracy_per_repeat": accuracies,
             "accuracy_within_tolerance": all(difference <= ACCURACY_TOLERANCE + 1e-9 for difference in differences),
         }
-        rows += [(name, eps, ours, theirs, ours - theirs) for eps, ours, theirs in zip(epsilons, mean["invarbench"], mean["foolbox"])]
+        rows += [
+            (name, eps, ours, theirs, ours - theirs)
+            for eps, ours, theirs in zip(epsilons, mean["invarbench"], mean["foolbox"])
+        ]
 
-    print(f"first {n} MNIST test points, l_inf, {steps} steps of eps/30, random start, {torch.get_num_threads()} threads, best time of {repeats} interleaved repeats")
+    print(
+        f"first {n} MNIST test points, l_inf, {steps} steps of eps/30, random start, {torch.get_num_threads()} threads,"
+        f" best time of {repeats} interleaved repeats"
+    )
     print()
     print("| model | eps | robust accuracy, invarbench pgd | robust accuracy, Foolbox LinfPGD | difference (points) |")
     print("| --- | --- | --- | --- | --- |")
@@ -117,7 +138,10 @@ def sweep(models: list[str], n: int, epsilons: list[float], steps: int, repeats:
     print("| --- | --- | --- | --- | --- |")
     for name, result in measurement["models"].items():
         target = f">= {result['target_ratio']}" if result["target_ratio"] else "-"
-        print(f"| {name} | {result['seconds']['foolbox']:.1f} | {result['seconds']['invarbench']:.1f} | {result['ratio']:.2f}x | {target} |")
+        print(
+            f"| {name} | {result['seconds']['foolbox']:.1f} | {result['seconds']['invarbench']:.1f} |"
+            f" {result['ratio']:.2f}x | {target} |"
+        )
     return measurement
 
 

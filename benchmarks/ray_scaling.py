@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
+
 from invarbench.environment import measurement_header
 
 MODELS = ("mnist-cnn-standard", "mnist-cnn-pgd-linf-0.3")
@@ -66,8 +67,14 @@ print(time.perf_counter() - started)
 def two_process_ceiling(repeats: int = 2) -> dict:
     """The bare loop alone and as two processes at once (best of ``repeats`` each): the speed-up two
     single-thread workers can reach on this machine, whatever runs them."""
+
     def launch() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", BARE_LOOP], stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return subprocess.Popen(
+            [sys.executable, "-c", BARE_LOOP],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
 
     alone, together = [], []
     for _ in range(repeats):
@@ -79,7 +86,27 @@ def two_process_ceiling(repeats: int = 2) -> dict:
 
 
 def run(label: str, options: list[str], n: int, shard_size: int, attack: str, out: Path) -> dict:
-    command = [sys.executable, "-m", "invarbench.cli", "run", *MODELS, "--threat", "linf:0.1,0.2,0.3,0.4", "--attack", attack, "--n", str(n), "--shard-size", str(shard_size), "--out", str(out), "--name", "run", "--no-progress", *options]
+    command = [
+        sys.executable,
+        "-m",
+        "invarbench.cli",
+        "run",
+        *MODELS,
+        "--threat",
+        "linf:0.1,0.2,0.3,0.4",
+        "--attack",
+        attack,
+        "--n",
+        str(n),
+        "--shard-size",
+        str(shard_size),
+        "--out",
+        str(out),
+        "--name",
+        "run",
+        "--no-progress",
+        *options,
+    ]
     started = time.perf_counter()
     finished = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     seconds = time.perf_counter() - started
@@ -89,7 +116,15 @@ def run(label: str, options: list[str], n: int, shard_size: int, attack: str, ou
     jobs = {}
     for path in sorted((out / "run" / "jobs").glob("*.parquet")):
         jobs[path.stem] = float(pq.read_schema(path).metadata[b"invarbench.seconds"])
-    return {"label": label, "command": " ".join(["invarbench", *command[3:]]), "seconds": seconds, "jobs_wall_seconds": manifest["jobs_wall_seconds"], "driver_seconds": manifest["driver_seconds"], "job_seconds": jobs, "executor": manifest["executor"]}
+    return {
+        "label": label,
+        "command": " ".join(["invarbench", *command[3:]]),
+        "seconds": seconds,
+        "jobs_wall_seconds": manifest["jobs_wall_seconds"],
+        "driver_seconds": manifest["driver_seconds"],
+        "job_seconds": jobs,
+        "executor": manifest["executor"],
+    }
 
 
 def chains(job_ids: list[str]) -> dict[str, str | None]:
@@ -97,7 +132,10 @@ def chains(job_ids: list[str]) -> dict[str, str | None]:
     from the job ids MODEL__NORM__NN-ATTACK__shardSSSSS; None for the first attack."""
     previous: dict[tuple, str] = {}
     after = {}
-    for job_id in sorted(job_ids, key=lambda job_id: (job_id.split("__")[0], job_id.split("__")[1], job_id.split("__")[3], job_id.split("__")[2])):
+    for job_id in sorted(
+        job_ids,
+        key=lambda job_id: (job_id.split("__")[0], job_id.split("__")[1], job_id.split("__")[3], job_id.split("__")[2]),
+    ):
         model, norm, _, shard = job_id.split("__")
         after[job_id] = previous.get((model, norm, shard))
         previous[(model, norm, shard)] = job_id
@@ -143,7 +181,12 @@ def simulate(job_seconds: dict[str, float], workers: int, overhead: float) -> di
         critical = max(critical, chain_time)
     # Lower bounds of the makespan: the work divided among the workers; the driver storing every job one
     # at a time (after the shortest job); the longest job; the longest cascade chain (a shard's attacks in turn).
-    bounds = {"workers": sum(job_seconds.values()) / workers, "driver": min(job_seconds.values()) + overhead * len(job_seconds), "longest job": max(job_seconds.values()) + overhead, "cascade": critical}
+    bounds = {
+        "workers": sum(job_seconds.values()) / workers,
+        "driver": min(job_seconds.values()) + overhead * len(job_seconds),
+        "longest job": max(job_seconds.values()) + overhead,
+        "cascade": critical,
+    }
     if critical <= bounds["longest job"] + 1e-9:
         del bounds["cascade"]  # one attack per shard: no chain longer than a job
     limit = max(bounds, key=bounds.get)  # the first of equal ones: workers, driver, longest job, cascade
@@ -156,46 +199,113 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1000, help="test points (default 1000)")
     parser.add_argument("--shard-size", type=int, default=100, help="points per job (default 100)")
-    parser.add_argument("--attack", default="pgd", help="the attack (default pgd; e.g. pgd:steps=5 for a quick check that the script runs)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ray_scaling.json", help="JSON to write (default benchmarks/results/ray_scaling.json)")
+    parser.add_argument(
+        "--attack",
+        default="pgd",
+        help="the attack (default pgd; e.g. pgd:steps=5 for a quick check that the script runs)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "results" / "ray_scaling.json",
+        help="JSON to write (default benchmarks/results/ray_scaling.json)",
+    )
     args = parser.parse_args()
     print("measuring two bare single-thread processes against one ...", file=sys.stderr, flush=True)
     ceiling = two_process_ceiling()
-    print(f"machine ceiling for 2 single-thread workers: {ceiling['ceiling']:.2f}x (the bare loop {ceiling['alone_seconds']:.1f} s alone, {ceiling['together_seconds']:.1f} s as two processes at once)")
+    print(
+        f"machine ceiling for 2 single-thread workers: {ceiling['ceiling']:.2f}x (the bare loop"
+        f" {ceiling['alone_seconds']:.1f} s alone, {ceiling['together_seconds']:.1f} s as two processes at once)"
+    )
     results = []
     with tempfile.TemporaryDirectory(prefix="ray-scaling-") as scratch:
         for index, (label, options) in enumerate(CONFIGURATIONS.items()):
             print(f"running {label} ...", file=sys.stderr, flush=True)
             results.append(run(label, options, args.n, args.shard_size, args.attack, Path(scratch) / str(index)))
-        frames = [pd.read_parquet(Path(scratch) / str(index) / "run" / "results.parquet") for index in range(len(results))]
+        frames = [
+            pd.read_parquet(Path(scratch) / str(index) / "run" / "results.parquet") for index in range(len(results))
+        ]
     local, one, two = results
     # Same threads per job: identical records. The local run's 2 threads may round convolutions otherwise.
     identical = frames[1].equals(frames[2])
     columns = ["success", "adversarial_prediction"]
-    outcome_differences = int((frames[0][columns].astype("Int64").fillna(-1) != frames[1][columns].astype("Int64").fillna(-1)).any(axis=1).sum())
-    print(f"\n{len(one['job_seconds'])} jobs ({', '.join(MODELS)}; l_inf 0.1-0.4, {args.attack}; n={args.n}, {args.shard_size} points per job)")
-    print(f"records of 1 and 2 Ray workers identical: {'yes' if identical else 'NO'}; local at 2 threads vs Ray at 1 thread: {'identical' if frames[0].equals(frames[1]) else f'{outcome_differences} of {len(frames[0])} outcomes differ (float rounding of 2 vs 1 threads)'}\n")
-    print("| configuration | whole command (s) | jobs wall (s) | summed job times (s) | jobs speed-up vs 1 Ray worker |")
+    outcome_differences = int(
+        (frames[0][columns].astype("Int64").fillna(-1) != frames[1][columns].astype("Int64").fillna(-1))
+        .any(axis=1)
+        .sum()
+    )
+    print(
+        f"\n{len(one['job_seconds'])} jobs ({', '.join(MODELS)}; l_inf 0.1-0.4, {args.attack}; n={args.n},"
+        f" {args.shard_size} points per job)"
+    )
+    threads = (
+        "identical"
+        if frames[0].equals(frames[1])
+        else f"{outcome_differences} of {len(frames[0])} outcomes differ (float rounding of 2 vs 1 threads)"
+    )
+    print(
+        f"records of 1 and 2 Ray workers identical: {'yes' if identical else 'NO'}; local at 2 threads vs Ray at 1"
+        f" thread: {threads}\n"
+    )
+    print(
+        "| configuration | whole command (s) | jobs wall (s) | summed job times (s) | jobs speed-up vs 1 Ray worker |"
+    )
     print("|---|---|---|---|---|")
     for result in results:
-        print(f"| {result['label']} | {result['seconds']:.1f} | {result['jobs_wall_seconds']:.1f} | {sum(result['job_seconds'].values()):.1f} | {one['jobs_wall_seconds'] / result['jobs_wall_seconds']:.2f}x |")
+        print(
+            f"| {result['label']} | {result['seconds']:.1f} | {result['jobs_wall_seconds']:.1f} |"
+            f" {sum(result['job_seconds'].values()):.1f} |"
+            f" {one['jobs_wall_seconds'] / result['jobs_wall_seconds']:.2f}x |"
+        )
     speedup = one["jobs_wall_seconds"] / two["jobs_wall_seconds"]
     versus_local = local["jobs_wall_seconds"] / two["jobs_wall_seconds"]
-    print(f"\n2 Ray workers vs 1: {speedup:.2f}x (efficiency {speedup / 2:.2f} per worker); 2 Ray workers vs local at 2 threads: {versus_local:.2f}x")
+    print(
+        f"\n2 Ray workers vs 1: {speedup:.2f}x (efficiency {speedup / 2:.2f} per worker); 2 Ray workers vs local at 2"
+        f" threads: {versus_local:.2f}x"
+    )
     overhead = one["driver_seconds"] / len(one["job_seconds"])
     startup = one["jobs_wall_seconds"] - sum(one["job_seconds"].values()) - one["driver_seconds"]
-    print(f"1 Ray worker: jobs wall {one['jobs_wall_seconds']:.1f} s = jobs {sum(one['job_seconds'].values()):.1f} s + driver storing {one['driver_seconds']:.2f} s + {startup:.1f} s start-up and dispatch (worker process, model load)")
+    print(
+        f"1 Ray worker: jobs wall {one['jobs_wall_seconds']:.1f} s = jobs {sum(one['job_seconds'].values()):.1f} s +"
+        f" driver storing {one['driver_seconds']:.2f} s + {startup:.1f} s start-up and dispatch (worker process, model"
+        " load)"
+    )
     simulated = [simulate(one["job_seconds"], workers, overhead) for workers in SIMULATED_WORKERS]
     base = simulated[0]["makespan_seconds"]
-    print(f"\nSimulated (measured 1-worker job times; driver overhead {overhead * 1000:.0f} ms per job, one job stored at a time):\n")
+    print(
+        f"\nSimulated (measured 1-worker job times; driver overhead {overhead * 1000:.0f} ms per job, one job stored at"
+        " a time):\n"
+    )
     print("| workers | makespan (s) | speed-up | efficiency | limited by |")
     print("|---|---|---|---|---|")
     for row in simulated:
-        print(f"| {row['workers']} | {row['makespan_seconds']:.1f} | {base / row['makespan_seconds']:.2f}x | {base / row['makespan_seconds'] / row['workers']:.2f} | {row['limited_by']} |")
-    print("\nlimited by: workers = the jobs' work divided among them; longest job = fewer jobs than workers, the run waits for its slowest shard (smaller --shard-size gives more jobs);")
+        print(
+            f"| {row['workers']} | {row['makespan_seconds']:.1f} | {base / row['makespan_seconds']:.2f}x |"
+            f" {base / row['makespan_seconds'] / row['workers']:.2f} | {row['limited_by']} |"
+        )
+    print(
+        "\nlimited by: workers = the jobs' work divided among them; longest job = fewer jobs than workers, the run"
+        " waits for its slowest shard (smaller --shard-size gives more jobs);"
+    )
     print("cascade = a shard's attacks run one after another; driver = the driver stores one finished job at a time.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {**measurement_header("ray_scaling", threads=1), "n": args.n, "shard_size": args.shard_size, "attack": args.attack, "models": list(MODELS), "records_identical_ray_1_vs_2_workers": identical, "outcome_differences_local_2_threads_vs_ray_1_thread": outcome_differences, "runs": results, "speedup_2_vs_1_workers": speedup, "speedup_2_workers_vs_local_2_threads": versus_local, "two_process_ceiling": ceiling, "driver_overhead_seconds_per_job": overhead, "ray_startup_seconds": startup, "simulated": simulated, "cpu_count": os.cpu_count()}
+    report = {
+        **measurement_header("ray_scaling", threads=1),
+        "n": args.n,
+        "shard_size": args.shard_size,
+        "attack": args.attack,
+        "models": list(MODELS),
+        "records_identical_ray_1_vs_2_workers": identical,
+        "outcome_differences_local_2_threads_vs_ray_1_thread": outcome_differences,
+        "runs": results,
+        "speedup_2_vs_1_workers": speedup,
+        "speedup_2_workers_vs_local_2_threads": versus_local,
+        "two_process_ceiling": ceiling,
+        "driver_overhead_seconds_per_job": overhead,
+        "ray_startup_seconds": startup,
+        "simulated": simulated,
+        "cpu_count": os.cpu_count(),
+    }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 

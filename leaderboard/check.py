@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+
 from invarbench.attacks import ATTACKS, MinimumNormAttack
 from invarbench.attacks.oracles import list_oracles
 from invarbench.config import FORMER_UNGUIDED, entry_config, rerun_as
@@ -49,7 +50,10 @@ ORACLE_VOTE_TOLERANCE = 1
 NORM_TOLERANCE = 0.01
 AGGREGATE_TOLERANCE = 0.03
 MARGIN_DRIFT_TOLERANCE = 0.05
-COMPARED = {"perturbation": ("success", "adversarial_prediction"), "invariance": ("target_class", "oracle_label", "model_prediction")}
+COMPARED = {
+    "perturbation": ("success", "adversarial_prediction"),
+    "invariance": ("target_class", "oracle_label", "model_prediction"),
+}
 
 
 @dataclass
@@ -64,7 +68,15 @@ class CheckResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, update: bool = False, progress: bool = False, device: str | None = None) -> CheckResult:
+def check_entry(
+    entry: dict,
+    entries_dir: Path,
+    *,
+    points: int | None = None,
+    update: bool = False,
+    progress: bool = False,
+    device: str | None = None,
+) -> CheckResult:
     """Re-run ``entry``'s first ``points`` points with its settings and compare them with its stored
     records. ``device`` (cpu or cuda) re-runs them elsewhere than the entry's own device: another
     floating-point path moves trajectories, so points may then flip (reported as borderline) and only
@@ -73,9 +85,24 @@ def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, up
     if entry["reference"] in list_models(role=None):
         card = get_card(entry["reference"])
         if card.checkpoint_sha256 != entry["checkpoint_sha256"]:
-            return CheckResult(name, False, [f"checkpoint sha256 {card.checkpoint_sha256[:12]} of the card differs from the entry's {entry['checkpoint_sha256'][:12]}: the model changed; re-evaluate and `leaderboard add --replace`"])
+            return CheckResult(
+                name,
+                False,
+                [
+                    f"checkpoint sha256 {card.checkpoint_sha256[:12]} of the card differs from the entry's"
+                    f" {entry['checkpoint_sha256'][:12]}: the model changed; re-evaluate and `leaderboard add"
+                    " --replace`"
+                ],
+            )
     elif Path(entry["reference"]).is_file() and sha256_file(entry["reference"]) != entry["checkpoint_sha256"]:
-        return CheckResult(name, False, [f"checkpoint {entry['reference']} has sha256 {sha256_file(entry['reference'])[:12]}, the entry's is {entry['checkpoint_sha256'][:12]}: the model changed; re-evaluate and `leaderboard add --replace`"])
+        return CheckResult(
+            name,
+            False,
+            [
+                f"checkpoint {entry['reference']} has sha256 {sha256_file(entry['reference'])[:12]}, the entry's is"
+                f" {entry['checkpoint_sha256'][:12]}: the model changed; re-evaluate and `leaderboard add --replace`"
+            ],
+        )
     judge = oracle_changes(entry)
     if judge:
         return CheckResult(name, False, judge)
@@ -86,13 +113,22 @@ def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, up
     stored = stored[stored["index"] < points]
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            # By default on the entry's device: floating-point paths differ between devices, and exact comparisons need the same one.
+            # By default on the entry's device: floating-point paths differ between devices, and exact comparisons
+            # need the same one.
             stored_device = "cuda" if str(entry.get("device", "cpu")).startswith("cuda") else "cpu"
-            run_benchmark(entry_config(entry, points), Path(scratch), name="check", progress=progress, device=device or stored_device)
+            run_benchmark(
+                entry_config(entry, points),
+                Path(scratch),
+                name="check",
+                progress=progress,
+                device=device or stored_device,
+            )
         except InvarbenchError as error:
             return CheckResult(name, False, [f"re-evaluation failed: {error}"])
         run = Path(scratch) / "check"
-        fresh = as_records(pd.read_parquet(run / ("invariance.parquet" if entry["track"] == "invariance" else "results.parquet")))
+        fresh = as_records(
+            pd.read_parquet(run / ("invariance.parquet" if entry["track"] == "invariance" else "results.parquet"))
+        )
     # Records are paired by attack name and by the attack's place among those of the same name, not by
     # its position in the run: an entry that keeps one track of a run (`leaderboard add --track`) has
     # fewer attacks than the run its records came from, so the positions differ.
@@ -102,7 +138,10 @@ def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, up
     merged = stored.merge(fresh, on=["model", *keys], how="outer", suffixes=("_stored", "_new"), indicator=True)
     differences, borderline = [], []
     for _, row in merged[merged["_merge"] != "both"].iterrows():
-        differences.append(f"{row['attack']} {row['norm']} {row['eps']:g} point {row['index']}: {'missing from the new run' if row['_merge'] == 'left_only' else 'not in the stored records'}")
+        differences.append(
+            f"{row['attack']} {row['norm']} {row['eps']:g} point {row['index']}:"
+            f" {'missing from the new run' if row['_merge'] == 'left_only' else 'not in the stored records'}"
+        )
     both = merged[merged["_merge"] == "both"]
     votes = _member_votes(entry)
     for (attack, norm, eps), group in both.groupby(["attack", "norm", "eps"], sort=True):
@@ -111,16 +150,30 @@ def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, up
             new = 1 - group["success_new"].fillna(False).astype(bool).mean()
             tolerance = RANDOM_TOLERANCE.get(attack, 0.0)
             if abs(old - new) > tolerance:
-                differences.append(f"{attack} {norm} {eps:g}: attack success rate moved from {old:.3f} to {new:.3f} over {len(group)} records (tolerance {tolerance})")
+                differences.append(
+                    f"{attack} {norm} {eps:g}: attack success rate moved from {old:.3f} to {new:.3f} over {len(group)}"
+                    f" records (tolerance {tolerance})"
+                )
             continue
         for _, row in group.iterrows():
-            changed = [column for column in COMPARED[entry["track"]] if _differs(row[f"{column}_stored"], row[f"{column}_new"])]
+            changed = [
+                column for column in COMPARED[entry["track"]] if _differs(row[f"{column}_stored"], row[f"{column}_new"])
+            ]
             if not changed:
                 continue
-            line = f"{attack} {norm} {eps:g} point {row['index']}: " + ", ".join(f"{column} {_show(row[f'{column}_stored'])} -> {_show(row[f'{column}_new'])}" for column in changed)
+            line = f"{attack} {norm} {eps:g} point {row['index']}: " + ", ".join(
+                f"{column} {_show(row[f'{column}_stored'])} -> {_show(row[f'{column}_new'])}" for column in changed
+            )
             # On another device every trajectory may round its own way: a point's outcome is then held to
             # the rates below, like an attack with randomness, not to its stored record.
-            reasons = [f"re-run on {device}, stored on {stored_device}" if other_device else _borderline(column, row, attack, eps, votes) for column in changed]
+            reasons = [
+                (
+                    f"re-run on {device}, stored on {stored_device}"
+                    if other_device
+                    else _borderline(column, row, attack, eps, votes)
+                )
+                for column in changed
+            ]
             if all(reasons):
                 borderline.append(f"{line} ({'; '.join(sorted(set(reasons)))})")
             else:
@@ -128,15 +181,30 @@ def check_entry(entry: dict, entries_dir: Path, *, points: int | None = None, up
         margin = "logit_margin" if entry["track"] == "perturbation" else "model_margin"
         drift = (group[f"{margin}_stored"] - group[f"{margin}_new"]).abs().dropna()
         if len(drift) and drift.median() > MARGIN_DRIFT_TOLERANCE:
-            differences.append(f"{attack} {norm} {eps:g}: the model's margins moved by {drift.median():.3f} logits (median over {len(drift)} records; tolerance {MARGIN_DRIFT_TOLERANCE}): the model or the attack changed")
+            differences.append(
+                f"{attack} {norm} {eps:g}: the model's margins moved by {drift.median():.3f} logits (median over"
+                f" {len(drift)} records; tolerance {MARGIN_DRIFT_TOLERANCE}): the model or the attack changed"
+            )
         for rate, stored_value, new_value in _rates(group, entry["track"]):
             if abs(stored_value - new_value) > AGGREGATE_TOLERANCE + 1e-9:
-                differences.append(f"{attack} {norm} {eps:g}: {rate} moved from {stored_value:.3f} to {new_value:.3f} over {len(group)} records (tolerance {AGGREGATE_TOLERANCE})")
+                differences.append(
+                    f"{attack} {norm} {eps:g}: {rate} moved from {stored_value:.3f} to {new_value:.3f} over"
+                    f" {len(group)} records (tolerance {AGGREGATE_TOLERANCE})"
+                )
     if update and differences:
         path = entries_dir / entry["regression"]["file"]
         atomic_write(path, lambda tmp: fresh.to_parquet(tmp, index=False))
-    moved = [f"stored on {stored_device}, re-run on {device}: each point's outcome may flip (listed as borderline); every rate must stay within {AGGREGATE_TOLERANCE}"] if other_device else []
-    return CheckResult(name, not differences, differences, borderline, machine_warnings(entry) + judge_guided_warnings(entry) + moved)
+    moved = (
+        [
+            f"stored on {stored_device}, re-run on {device}: each point's outcome may flip (listed as borderline);"
+            f" every rate must stay within {AGGREGATE_TOLERANCE}"
+        ]
+        if other_device
+        else []
+    )
+    return CheckResult(
+        name, not differences, differences, borderline, machine_warnings(entry) + judge_guided_warnings(entry) + moved
+    )
 
 
 def oracle_changes(entry: dict) -> list[str]:
@@ -148,10 +216,18 @@ def oracle_changes(entry: dict) -> list[str]:
         if name not in definitions:
             continue
         definition = definitions[name]
-        current = {"members": definition.member_checkpoints(), "views": [view.to_dict() for view in definition.views], "agreement": definition.agreement}
+        current = {
+            "members": definition.member_checkpoints(),
+            "views": [view.to_dict() for view in definition.views],
+            "agreement": definition.agreement,
+        }
         for key, value in current.items():
             if key in report and report[key] != value:
-                changes.append(f"oracle {name}: {key} {report[key]} when stored, {value} now; the judge of its invariance figures changed: re-evaluate the entry (`invarbench run ... --oracle {name}`, then `leaderboard add --replace`)")
+                changes.append(
+                    f"oracle {name}: {key} {report[key]} when stored, {value} now; the judge of its invariance figures"
+                    f" changed: re-evaluate the entry (`invarbench run ... --oracle {name}`, then `leaderboard add"
+                    " --replace`)"
+                )
     return changes
 
 
@@ -174,22 +250,45 @@ def _borderline(column: str, row: pd.Series, attack: str, eps: float, votes: int
     if column in ("success", "adversarial_prediction"):
         if _within((row["logit_margin_stored"], row["logit_margin_new"]), LOGIT_TOLERANCE):
             return f"logit margin within {LOGIT_TOLERANCE}"
-        if issubclass(ATTACKS[attack], MinimumNormAttack) and eps > 0 and _within((row["perturbation_norm_stored"] / eps - 1, row["perturbation_norm_new"] / eps - 1), NORM_TOLERANCE):
+        if (
+            issubclass(ATTACKS[attack], MinimumNormAttack)
+            and eps > 0
+            and _within(
+                (row["perturbation_norm_stored"] / eps - 1, row["perturbation_norm_new"] / eps - 1), NORM_TOLERANCE
+            )
+        ):
             return f"norm within {NORM_TOLERANCE:.0%} of eps"
         return ""
     if column == "model_prediction":
-        return f"model margin within {LOGIT_TOLERANCE}" if _within((row["model_margin_stored"], row["model_margin_new"]), LOGIT_TOLERANCE) else ""
+        return (
+            f"model margin within {LOGIT_TOLERANCE}"
+            if _within((row["model_margin_stored"], row["model_margin_new"]), LOGIT_TOLERANCE)
+            else ""
+        )
     # The oracle's label, and the target class a search takes from it.
-    return f"oracle within one member's {votes} votes of changing" if _within((row["oracle_margin_stored"], row["oracle_margin_new"]), votes) else ""
+    return (
+        f"oracle within one member's {votes} votes of changing"
+        if _within((row["oracle_margin_stored"], row["oracle_margin_new"]), votes)
+        else ""
+    )
 
 
-MARGIN_OF = {"success": "logit_margin", "adversarial_prediction": "logit_margin", "model_prediction": "model_margin", "oracle_label": "oracle_margin", "target_class": "oracle_margin"}
+MARGIN_OF = {
+    "success": "logit_margin",
+    "adversarial_prediction": "logit_margin",
+    "model_prediction": "model_margin",
+    "oracle_label": "oracle_margin",
+    "target_class": "oracle_margin",
+}
 
 
 def _margins(changed: list[str], row: pd.Series) -> str:
     """The stored and new margins behind the changed columns, e.g. ``oracle_margin NA -> 3``."""
     columns = dict.fromkeys(MARGIN_OF[column] for column in changed)
-    return "; ".join(f"{column} {_show_margin(row[f'{column}_stored'])} -> {_show_margin(row[f'{column}_new'])}" for column in columns)
+    return "; ".join(
+        f"{column} {_show_margin(row[f'{column}_stored'])} -> {_show_margin(row[f'{column}_new'])}"
+        for column in columns
+    )
 
 
 def _show_margin(value) -> str:
@@ -199,9 +298,16 @@ def _show_margin(value) -> str:
 def _rates(group: pd.DataFrame, track: str):
     """(name, stored, new) for each rate over a group of paired records."""
     if track == "perturbation":
-        yield "attack success rate", *(group[f"success_{side}"].fillna(False).astype(bool).mean() for side in ("stored", "new"))
+        yield (
+            "attack success rate",
+            *(group[f"success_{side}"].fillna(False).astype(bool).mean() for side in ("stored", "new")),
+        )
         return
-    rates: dict[str, list[float]] = {"abstention rate": [], "label-changed rate": [], "rate of changed labels the model follows": []}
+    rates: dict[str, list[float]] = {
+        "abstention rate": [],
+        "label-changed rate": [],
+        "rate of changed labels the model follows": [],
+    }
     for side in ("stored", "new"):
         oracle = group[f"oracle_label_{side}"].astype("object")
         changed = oracle.notna() & (oracle.fillna(-1) != group["label_stored"])
@@ -215,8 +321,9 @@ def _rates(group: pd.DataFrame, track: str):
 def judge_guided_warnings(entry: dict) -> list[str]:
     """The entry's searches that were re-checked with the former search that chose by its judge."""
     return [
-        f"{attack['name']} was stored by the former search, which chose its candidates by its judge; re-checked with it ({rerun_as(attack)}); "
-        f"its figures are inflated by candidates made to please the judge: re-run the entry for figures from a guide that is not the judge"
+        f"{attack['name']} was stored by the former search, which chose its candidates by its judge; re-checked with it"
+        f" ({rerun_as(attack)}); its figures are inflated by candidates made to please the judge: re-run the entry for"
+        " figures from a guide that is not the judge"
         for attack in entry["settings"]["attacks"]
         if attack["name"] in FORMER_UNGUIDED and rerun_as(attack) != attack["name"]
     ]
@@ -226,9 +333,16 @@ def machine_warnings(entry: dict) -> list[str]:
     """How this machine differs from the one the entry was evaluated on (thread count, CPU)."""
     machine = entry.get("machine")
     if not machine:
-        return ["the entry does not record the thread count and CPU it was evaluated with (stored before they were recorded); outcomes decided within the tolerances may flip"]
+        return [
+            "the entry does not record the thread count and CPU it was evaluated with (stored before they were"
+            " recorded); outcomes decided within the tolerances may flip"
+        ]
     here = {"threads": torch.get_num_threads(), "cpu": cpu_description()}
-    return [f"{key} {machine[key]} when stored, {here[key]} here: outcomes decided within the tolerances may flip" for key in here if key in machine and machine[key] != here[key]]
+    return [
+        f"{key} {machine[key]} when stored, {here[key]} here: outcomes decided within the tolerances may flip"
+        for key in here
+        if key in machine and machine[key] != here[key]
+    ]
 
 
 def _with_attack_rank(records: pd.DataFrame) -> pd.DataFrame:
@@ -243,18 +357,32 @@ def _show(value) -> str:
     return "NA" if pd.isna(value) else str(value)
 
 
-def check_entries(entries_dir: str | Path = ENTRIES_DIR, *, names: list[str] | None = None, points: int | None = None, update: bool = False, progress: bool = False, device: str | None = None) -> list[CheckResult]:
+def check_entries(
+    entries_dir: str | Path = ENTRIES_DIR,
+    *,
+    names: list[str] | None = None,
+    points: int | None = None,
+    update: bool = False,
+    progress: bool = False,
+    device: str | None = None,
+) -> list[CheckResult]:
     entries_dir = Path(entries_dir)
     entries = load_entries(entries_dir)
     if names:
         known = {entry_stem(entry["model"], entry["dataset"], entry["track"]): entry for entry in entries}
         missing = [name for name in names if name not in known and not any(entry["model"] == name for entry in entries)]
         if missing:
-            raise InvarbenchError(f"no leaderboard entry named {', '.join(missing)} in {entries_dir}; use an entry file's stem (MODEL__DATASET__TRACK) or a model name")
+            raise InvarbenchError(
+                f"no leaderboard entry named {', '.join(missing)} in {entries_dir}; use an entry file's stem"
+                " (MODEL__DATASET__TRACK) or a model name"
+            )
         entries = [entry for stem, entry in known.items() if stem in names or entry["model"] in names]
     if device is not None:
         resolve_device(device)
-    return [check_entry(entry, entries_dir, points=points, update=update, progress=progress, device=device) for entry in entries]
+    return [
+        check_entry(entry, entries_dir, points=points, update=update, progress=progress, device=device)
+        for entry in entries
+    ]
 
 
 __all__ = ["CheckResult", "check_entries", "check_entry"]

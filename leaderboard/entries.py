@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
 from invarbench.attacks import ATTACKS, MinimumNormAttack
 from invarbench.errors import ConfigError
 from invarbench.gallery import invariance_gallery, perturbation_gallery
@@ -25,7 +26,18 @@ from invarbench.store import RunStore, as_records, read_json, read_records, writ
 
 SCHEMA = 1
 TRACKS = ("perturbation", "invariance")
-REQUIRED = ("schema", "model", "dataset", "track", "checkpoint_sha256", "settings", "versions", "date", "results", "regression")
+REQUIRED = (
+    "schema",
+    "model",
+    "dataset",
+    "track",
+    "checkpoint_sha256",
+    "settings",
+    "versions",
+    "date",
+    "results",
+    "regression",
+)
 
 
 def entry_stem(model: str, dataset: str, track: str) -> str:
@@ -38,13 +50,21 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
     store = RunStore(run_dir)
     for path in (store.manifest_path, store.summary_path, store.results_path):
         if not path.exists():
-            raise ConfigError(f"{run_dir} is not a finished invarbench run ({path.name} is missing); finish it by re-running its command, then add it")
+            raise ConfigError(
+                f"{run_dir} is not a finished invarbench run ({path.name} is missing); finish it by re-running its"
+                " command, then add it"
+            )
     manifest = read_json(store.manifest_path)
     if manifest.get("status") != "complete":
-        raise ConfigError(f"the run in {run_dir} has status {manifest.get('status')!r}, not 'complete'; re-run its command to finish it, then add it")
+        raise ConfigError(
+            f"the run in {run_dir} has status {manifest.get('status')!r}, not 'complete'; re-run its command to finish"
+            " it, then add it"
+        )
     summary = read_json(store.summary_path)
     config = manifest["config"]
-    rewrite = f"re-run the command recorded in {store.manifest_path} to rewrite it from the job records, then add the run"
+    rewrite = (
+        f"re-run the command recorded in {store.manifest_path} to rewrite it from the job records, then add the run"
+    )
     perturbation_records = read_records(store.results_path, fix=rewrite)
     invariance_records = read_records(store.invariance_path, fix=rewrite) if store.invariance_path.exists() else None
     registered = set(list_models(role=None))
@@ -52,23 +72,55 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
     for model_config in config["models"]:
         key = model_config["key"]
         if str(model_config["reference"]).startswith("in-memory:"):
-            raise ConfigError(f"the run in {run_dir} evaluated the in-memory model {key}, which `invarbench check` could not load again; save it (torch.jit.save, ONNX, or a card in models/cards) and run it from that file to make a leaderboard entry")
+            raise ConfigError(
+                f"the run in {run_dir} evaluated the in-memory model {key}, which `invarbench check` could not load"
+                " again; save it (torch.jit.save, ONNX, or a card in models/cards) and run it from that file to make a"
+                " leaderboard entry"
+            )
         model_summary = summary["models"][key]
         card = get_card(model_config["reference"]) if model_config["reference"] in registered else None
-        description = {"architecture": card.architecture if card else model_config.get("architecture") or ("RobustBench zoo" if is_robustbench(model_config["reference"]) else "user checkpoint"), "recipe": card.training["recipe"] if card else "unknown", "trained_against": "none" if not card or card.threat_model["norm"] == "none" else f"{card.threat_model['norm']} {card.threat_model['eps']:g}", "invertible": bool(card.invertible) if card else False}
+        description = {
+            "architecture": (
+                card.architecture
+                if card
+                else model_config.get("architecture")
+                or ("RobustBench zoo" if is_robustbench(model_config["reference"]) else "user checkpoint")
+            ),
+            "recipe": card.training["recipe"] if card else "unknown",
+            "trained_against": (
+                "none"
+                if not card or card.threat_model["norm"] == "none"
+                else f"{card.threat_model['norm']} {card.threat_model['eps']:g}"
+            ),
+            "invertible": bool(card.invertible) if card else False,
+        }
         for track in TRACKS:
-            attacks = [attack for attack in config["attacks"] if (ATTACKS[attack["name"]].kind == "invariance") == (track == "invariance")]
+            attacks = [
+                attack
+                for attack in config["attacks"]
+                if (ATTACKS[attack["name"]].kind == "invariance") == (track == "invariance")
+            ]
             if not attacks:
                 continue
             records = invariance_records if track == "invariance" else perturbation_records
             if records is None:
-                raise ConfigError(f"the run in {run_dir} configured invariance attacks but has no invariance.parquet; it was not written by this version of invarbench")
-            results = {"clean_accuracy": model_summary["clean_accuracy"], "clean_correct": model_summary["clean_correct"], "checks": model_summary["checks"], "warnings": model_summary["warnings"]}
+                raise ConfigError(
+                    f"the run in {run_dir} configured invariance attacks but has no invariance.parquet; it was not"
+                    " written by this version of invarbench"
+                )
+            results = {
+                "clean_accuracy": model_summary["clean_accuracy"],
+                "clean_correct": model_summary["clean_correct"],
+                "checks": model_summary["checks"],
+                "warnings": model_summary["warnings"],
+            }
             if "attack_warnings" in model_summary:
                 results["attack_warnings"] = model_summary["attack_warnings"]
             if track == "perturbation":
                 results.update(threats=model_summary["threats"], attack_order=summary["attack_order"])
-                curves = minimum_norm_curves(perturbation_records[perturbation_records["model"] == key], attacks, config["n"])
+                curves = minimum_norm_curves(
+                    perturbation_records[perturbation_records["model"] == key], attacks, config["n"]
+                )
                 if curves:
                     results["curves"] = curves
             else:
@@ -87,11 +139,24 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
                 "track": track,
                 "checkpoint_sha256": model_summary["checkpoint_sha256"],
                 "model_card": description,
-                "settings": {"n": config["n"], "seed": config["seed"], "cascade": config["cascade"], "shard_size": config["shard_size"], "threats": config["threats"], "attacks": attacks, **_oracle_setting(track, config, summary), **_executor_setting(summary)},
+                "settings": {
+                    "n": config["n"],
+                    "seed": config["seed"],
+                    "cascade": config["cascade"],
+                    "shard_size": config["shard_size"],
+                    "threats": config["threats"],
+                    "attacks": attacks,
+                    **_oracle_setting(track, config, summary),
+                    **_executor_setting(summary),
+                },
                 "versions": manifest["versions"],
                 "date": manifest.get("finished", manifest["created"]),
                 "device": manifest["device"],
-                **({"machine": {key: manifest[key] for key in ("threads", "cpu", "platform") if key in manifest}} if "cpu" in manifest else {}),
+                **(
+                    {"machine": {key: manifest[key] for key in ("threads", "cpu", "platform") if key in manifest}}
+                    if "cpu" in manifest
+                    else {}
+                ),
                 "results": results,
                 "regression": {"file": f"{stem}.parquet", "points": points},
             }
@@ -129,7 +194,9 @@ def minimum_norm_curves(records: pd.DataFrame, attacks: list[dict[str, Any]], n:
     for position, attack in enumerate(attacks):
         if not issubclass(ATTACKS[attack["name"]], MinimumNormAttack):
             continue
-        rows = records[(records["attack"] == attack["name"]) & (records["attack_index"] == position) & records["ran"].astype(bool)]
+        rows = records[
+            (records["attack"] == attack["name"]) & (records["attack_index"] == position) & records["ran"].astype(bool)
+        ]
         for norm, per_norm in rows.groupby("norm", sort=True):
             if norm in curves:
                 continue
@@ -137,7 +204,14 @@ def minimum_norm_curves(records: pd.DataFrame, attacks: list[dict[str, Any]], n:
             first = per_norm[per_norm["eps"] == per_norm["eps"].min()].sort_values("index")
             norms = first["perturbation_norm"].to_numpy(dtype=float)
             finite = sorted(float(f"{value:.6g}") for value in norms if value == value and value != float("inf"))
-            curves[str(norm)] = {"attack": attack["name"], "options": attack.get("options", {}), "n": n, "attacked": len(first), "not_found": int(len(norms) - len(finite)), "minimal_norms": finite}
+            curves[str(norm)] = {
+                "attack": attack["name"],
+                "options": attack.get("options", {}),
+                "n": n,
+                "attacked": len(first),
+                "not_found": int(len(norms) - len(finite)),
+                "minimal_norms": finite,
+            }
     return curves
 
 
@@ -154,11 +228,21 @@ def curve_median_norm(curve: dict[str, Any]) -> float:
     """The median over all n points of the smallest adversarial norm the minimum-norm attack found:
     0 for points misclassified without perturbation, +inf where it found none. Robust accuracy under
     that attack alone falls to one half at this eps."""
-    values = [0.0] * (curve["n"] - curve["attacked"]) + list(curve["minimal_norms"]) + [float("inf")] * curve["not_found"]
+    values = (
+        [0.0] * (curve["n"] - curve["attacked"]) + list(curve["minimal_norms"]) + [float("inf")] * curve["not_found"]
+    )
     return values[(len(values) - 1) // 2]
 
 
-def add_run(run_dir: str | Path, entries_dir: str | Path = ENTRIES_DIR, *, replace: bool = False, regression_points: int = 200, tracks: tuple[str, ...] | None = None, galleries: bool = True) -> list[Path]:
+def add_run(
+    run_dir: str | Path,
+    entries_dir: str | Path = ENTRIES_DIR,
+    *,
+    replace: bool = False,
+    regression_points: int = 200,
+    tracks: tuple[str, ...] | None = None,
+    galleries: bool = True,
+) -> list[Path]:
     """Write the run's entries; refuse conflicting ones (other settings or checkpoint) unless ``replace``.
 
     ``tracks`` keeps only those tracks' entries (default: every track the run has), e.g. the
@@ -173,16 +257,24 @@ def add_run(run_dir: str | Path, entries_dir: str | Path = ENTRIES_DIR, *, repla
             raise ConfigError(f"unknown track {', '.join(unknown)}; use {' or '.join(TRACKS)}")
         absent = sorted(set(tracks) - {entry["track"] for entry, _ in found})
         if absent:
-            raise ConfigError(f"the run in {run_dir} has no {', '.join(absent)} attacks, so no such entry; drop --track {absent[0]}")
+            raise ConfigError(
+                f"the run in {run_dir} has no {', '.join(absent)} attacks, so no such entry; drop --track {absent[0]}"
+            )
         found = [(entry, subset) for entry, subset in found if entry["track"] in tracks]
     for entry, _ in found:
         path = entries_dir / f"{entry_stem(entry['model'], entry['dataset'], entry['track'])}.json"
         if path.exists() and not replace:
             existing = read_entry(path)
             # How the run was executed (local or Ray, workers) does not change its results: not a conflict.
-            for field, (old, new) in {"settings": (_computed_settings(existing["settings"]), _computed_settings(entry["settings"])), "checkpoint_sha256": (existing["checkpoint_sha256"], entry["checkpoint_sha256"])}.items():
+            for field, (old, new) in {
+                "settings": (_computed_settings(existing["settings"]), _computed_settings(entry["settings"])),
+                "checkpoint_sha256": (existing["checkpoint_sha256"], entry["checkpoint_sha256"]),
+            }.items():
                 if old != new:
-                    raise ConfigError(f"{path} holds {entry['model']} ({entry['track']}) with other {field} than the run in {run_dir}; pass --replace to overwrite it, or evaluate with the stored settings")
+                    raise ConfigError(
+                        f"{path} holds {entry['model']} ({entry['track']}) with other {field} than the run in"
+                        f" {run_dir}; pass --replace to overwrite it, or evaluate with the stored settings"
+                    )
     written = []
     for entry, subset in found:
         stem = entry_stem(entry["model"], entry["dataset"], entry["track"])
@@ -190,32 +282,56 @@ def add_run(run_dir: str | Path, entries_dir: str | Path = ENTRIES_DIR, *, repla
             # Galleries need the candidate images, which only the run directory holds.
             for attack in sorted({attack["name"] for attack in entry["settings"]["attacks"]}):
                 try:
-                    written.append(invariance_gallery(run_dir, entries_dir / f"{stem}__{attack}.gallery.png", model=entry["model"], attack=attack, count=6))
+                    written.append(
+                        invariance_gallery(
+                            run_dir,
+                            entries_dir / f"{stem}__{attack}.gallery.png",
+                            model=entry["model"],
+                            attack=attack,
+                            count=6,
+                        )
+                    )
                 except ConfigError:
                     pass
-        atomic_write(entries_dir / f"{stem}.parquet", lambda tmp, subset=subset: as_records(subset).to_parquet(tmp, index=False))
+        atomic_write(
+            entries_dir / f"{stem}.parquet", lambda tmp, subset=subset: as_records(subset).to_parquet(tmp, index=False)
+        )
         path = entries_dir / f"{stem}.json"
         write_json(path, entry)
         written.append(path)
         if entry["track"] == "perturbation" and galleries:
             # Recomputed from the entry's first shard and checked against its stored records (on disk now).
             try:
-                written.append(perturbation_gallery(entry, entries_dir, entries_dir / f"{stem}__{entry['settings']['attacks'][0]['name']}.gallery.png"))
+                written.append(
+                    perturbation_gallery(
+                        entry,
+                        entries_dir,
+                        entries_dir / f"{stem}__{entry['settings']['attacks'][0]['name']}.gallery.png",
+                    )
+                )
             except ConfigError:
                 pass
     return written
 
 
 def read_entry(path: Path) -> dict[str, Any]:
-    restore = f"restore it from git (`git checkout {path}`) or re-add its run with `invarbench leaderboard add RUN_DIR --replace`"
+    restore = (
+        f"restore it from git (`git checkout {path}`) or re-add its run with `invarbench leaderboard add RUN_DIR"
+        " --replace`"
+    )
     entry = read_json(path, fix=restore)
     if not isinstance(entry, dict):
         raise ConfigError(f"leaderboard entry {path} holds a JSON {type(entry).__name__}, not an object; {restore}")
     missing = [field for field in REQUIRED if field not in entry]
     if missing:
-        raise ConfigError(f"leaderboard entry {path} lacks {', '.join(missing)}; entries are written by `invarbench leaderboard add RUN_DIR`, never by hand: re-add its run")
+        raise ConfigError(
+            f"leaderboard entry {path} lacks {', '.join(missing)}; entries are written by `invarbench leaderboard add"
+            " RUN_DIR`, never by hand: re-add its run"
+        )
     if entry["schema"] != SCHEMA:
-        raise ConfigError(f"leaderboard entry {path} has schema {entry['schema']}, this invarbench reads {SCHEMA}; re-add its run")
+        raise ConfigError(
+            f"leaderboard entry {path} has schema {entry['schema']}, this invarbench reads {SCHEMA}; re-add its run"
+        )
     if entry["track"] not in TRACKS:
         raise ConfigError(f"leaderboard entry {path} has track {entry['track']!r}; expected one of {', '.join(TRACKS)}")
     return entry

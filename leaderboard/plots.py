@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
 from invarbench.attacks import Budget
 from invarbench.io import write_figure
 from invarbench.leaderboard.entries import curve_robust_accuracy
@@ -40,10 +41,15 @@ def build_plots(entries: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     plt.rcParams["svg.hashsalt"] = "invarbench"
     written = []
     for dataset in sorted({entry["dataset"] for entry in entries}):
-        perturbation = sorted((entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "perturbation"), key=lambda entry: entry["model"])
+        perturbation = sorted(
+            (entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "perturbation"),
+            key=lambda entry: entry["model"],
+        )
         robustness = robustness_frame(entry_results(perturbation))
         worst = robustness[robustness["attack"] == WORST_CASE]
-        linf_invariance = invariance_frame(entry_results(entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "invariance"))
+        linf_invariance = invariance_frame(
+            entry_results(entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "invariance")
+        )
         linf_invariance = linf_invariance[linf_invariance["attack"] == "invariance-linf"]
         norms = sorted(set(robustness["norm"]))
         colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -58,17 +64,44 @@ def build_plots(entries: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                     continue
                 colour = colours[position % len(colours)]
                 points = list(zip(own["eps"], own["robust_accuracy"]))
-                axis.plot([0.0] + [eps for eps, _ in points], [entry["results"]["clean_accuracy"]] + [value for _, value in points], marker="o", linestyle="--", linewidth=1, color=colour, label=entry["model"])
+                axis.plot(
+                    [0.0] + [eps for eps, _ in points],
+                    [entry["results"]["clean_accuracy"]] + [value for _, value in points],
+                    marker="o",
+                    linestyle="--",
+                    linewidth=1,
+                    color=colour,
+                    label=entry["model"],
+                )
                 curve = entry["results"].get("curves", {}).get(norm)
                 if curve:
                     # The minimum-norm attack's whole curve: robust at eps when its smallest adversarial norm is larger.
-                    axis.plot(grid, [curve_robust_accuracy(curve, eps) for eps in grid], linewidth=1.5, color=colour, alpha=0.8)
+                    axis.plot(
+                        grid,
+                        [curve_robust_accuracy(curve, eps) for eps in grid],
+                        linewidth=1.5,
+                        color=colour,
+                        alpha=0.8,
+                    )
                     curves = True
             axis.set_xlabel(f"{norm} eps")
             axis.set_ylabel("robust accuracy")
             axis.set_ylim(0, 1.02)
-            what = "markers: worst case over all attacks; lines: minimum-norm attack" if curves else "worst case over all attacks"
-            sizes = "/".join(str(size) for size in sorted({entry["settings"]["n"] for entry in perturbation if entry["model"] in set(worst.loc[worst["norm"] == norm, "model"])}))
+            what = (
+                "markers: worst case over all attacks; lines: minimum-norm attack"
+                if curves
+                else "worst case over all attacks"
+            )
+            sizes = "/".join(
+                str(size)
+                for size in sorted(
+                    {
+                        entry["settings"]["n"]
+                        for entry in perturbation
+                        if entry["model"] in set(worst.loc[worst["norm"] == norm, "model"])
+                    }
+                )
+            )
             axis.set_title(f"{dataset}: robust accuracy versus {norm} eps (n={sizes or '-'})\n{what}", fontsize=9)
             written += _save(figure, axis, out_dir / f"{dataset}-robustness-{norm}")
         linf_worst = worst[worst["norm"] == "linf"]
@@ -82,7 +115,14 @@ def build_plots(entries: list[dict[str, Any]], out_dir: Path) -> list[Path]:
                 if (entry["model"], eps) not in robust or metrics is None or pd.isna(metrics["invariance_accuracy"]):
                     continue
                 value, (low, high) = metrics["invariance_accuracy"], metrics["invariance_accuracy_ci95"]
-                axis.errorbar(robust[entry["model"], eps], value, yerr=[[value - low], [high - value]], fmt="o", capsize=3, label=entry["model"])
+                axis.errorbar(
+                    robust[entry["model"], eps],
+                    value,
+                    yerr=[[value - low], [high - value]],
+                    fmt="o",
+                    capsize=3,
+                    label=entry["model"],
+                )
             axis.set_xlabel(f"worst-case robust accuracy, linf {eps}")
             axis.set_ylabel(f"invariance accuracy, invariance-linf {eps}")
             axis.set_xlim(-0.02, 1.02)

@@ -11,15 +11,27 @@ import shutil
 from pathlib import Path
 
 import jinja2
+
 from invarbench.io import atomic_write_text
 from invarbench.leaderboard import OUTPUT_DIR, SITE_DIR
 from invarbench.leaderboard.entries import ENTRIES_DIR, load_entries
 from invarbench.leaderboard.plots import build_plots
-from invarbench.leaderboard.tables import calibration_summary, html_table, invariance_table, oracle_table, perturbation_table, reliability_notes
+from invarbench.leaderboard.tables import (
+    calibration_summary,
+    html_table,
+    invariance_table,
+    oracle_table,
+    perturbation_table,
+    reliability_notes,
+)
 from invarbench.models import get_card, list_models
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
-TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=jinja2.select_autoescape(["html", "j2"]), keep_trailing_newline=True)
+TEMPLATES = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+    autoescape=jinja2.select_autoescape(["html", "j2"]),
+    keep_trailing_newline=True,
+)
 
 
 def _link(path: Path, page_dir: Path) -> str:
@@ -32,7 +44,9 @@ def _links(page_dir: Path) -> dict[str, str]:
     return {"style": _link(TEMPLATES_DIR / "site.css", page_dir), "script": _link(TEMPLATES_DIR / "site.js", page_dir)}
 
 
-def build_site(entries_dir: str | Path = ENTRIES_DIR, site_dir: str | Path = SITE_DIR, output_dir: str | Path = OUTPUT_DIR) -> list[Path]:
+def build_site(
+    entries_dir: str | Path = ENTRIES_DIR, site_dir: str | Path = SITE_DIR, output_dir: str | Path = OUTPUT_DIR
+) -> list[Path]:
     """Write the index and model pages into ``site_dir``, linking the plots of ``output_dir`` (built
     there if missing) and the galleries of ``entries_dir``."""
     entries_dir, site_dir, output_dir = Path(entries_dir), Path(site_dir), Path(output_dir)
@@ -50,21 +64,53 @@ def build_site(entries_dir: str | Path = ENTRIES_DIR, site_dir: str | Path = SIT
         galleries.setdefault(gallery.name.split("__")[0], []).append(gallery)
     tables = []
     for dataset in sorted({entry["dataset"] for entry in entries}):
-        for track, title, frame in (("perturbation", "perturbation track", perturbation_table(entries, dataset)), ("invariance", "invariance track", invariance_table(entries, dataset)), ("oracles", "oracles of the invariance track and their calibration against people's labels", oracle_table(entries, dataset))):
+        for track, title, frame in (
+            ("perturbation", "perturbation track", perturbation_table(entries, dataset)),
+            ("invariance", "invariance track", invariance_table(entries, dataset)),
+            (
+                "oracles",
+                "oracles of the invariance track and their calibration against people's labels",
+                oracle_table(entries, dataset),
+            ),
+        ):
             if len(frame):
                 table_id = f"{dataset}-{track}"
-                tables.append({"id": table_id, "title": f"{dataset}: {title}", "html": jinja2.utils.markupsafe.Markup(html_table(frame, table_id=table_id))})
+                tables.append(
+                    {
+                        "id": table_id,
+                        "title": f"{dataset}: {title}",
+                        "html": jinja2.utils.markupsafe.Markup(html_table(frame, table_id=table_id)),
+                    }
+                )
     models = sorted({entry["model"] for entry in entries})
-    index = TEMPLATES.get_template("index.html.j2").render(title="invarbench leaderboard", links=_links(site_dir), tables=tables, plots=[_link(path, site_dir) for path in plot_files], models=models, entry_count=len(entries))
+    index = TEMPLATES.get_template("index.html.j2").render(
+        title="invarbench leaderboard",
+        links=_links(site_dir),
+        tables=tables,
+        plots=[_link(path, site_dir) for path in plot_files],
+        models=models,
+        entry_count=len(entries),
+    )
     written.append(atomic_write_text(site_dir / "index.html", index))
     registered = set(list_models(role=None))
     pages = site_dir / "models"
     for model in models:
         model_entries = [entry for entry in entries if entry["model"] == model]
         model_datasets = {entry["dataset"] for entry in model_entries}
-        images = [_link(path, pages) for path in plot_files if path.name.split("-")[0] in model_datasets] + [_link(path, pages) for path in galleries.get(model, [])]
+        images = [_link(path, pages) for path in plot_files if path.name.split("-")[0] in model_datasets] + [
+            _link(path, pages) for path in galleries.get(model, [])
+        ]
         reference = model_entries[0]["reference"]
         card = get_card(reference).to_toml() if reference in registered else None
-        page = TEMPLATES.get_template("model.html.j2").render(title=f"{model} - invarbench", links=_links(pages), model=model, entries=model_entries, images=images, card=card, calibration_summary=calibration_summary, reliability_notes=reliability_notes)
+        page = TEMPLATES.get_template("model.html.j2").render(
+            title=f"{model} - invarbench",
+            links=_links(pages),
+            model=model,
+            entries=model_entries,
+            images=images,
+            card=card,
+            calibration_summary=calibration_summary,
+            reliability_notes=reliability_notes,
+        )
         written.append(atomic_write_text(pages / f"{model}.html", page))
     return written

@@ -3,8 +3,8 @@
 
 Built only from ``leaderboard/entries/``; building twice from the same entries gives the same bytes.
 Perturbation tables are ranked by worst-case robust accuracy at the data set's first headline threat
-model (a compact ``DATASET-perturbation-summary.md`` keeps only the worst case per threat); invariance tables list every invariance attack and setting with its oracle, counts and 95%
-intervals.
+model (a compact ``DATASET-perturbation-summary.md`` keeps only the worst case per threat); invariance
+tables list every invariance attack and setting with its oracle, counts and 95% intervals.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
 from invarbench.attacks import ThreatModel
 from invarbench.attacks.autoattack import reliability_flag
 from invarbench.attacks.calibration import format_rate
@@ -31,7 +32,11 @@ def _percent(value: float | None) -> str:
 
 
 def _headline(dataset: str) -> list[tuple[str, str]]:
-    return [(threat.norm, f"{eps:g}") for threat in map(ThreatModel.parse, HEADLINE_THREATS.get(dataset, ())) for eps in threat.epsilons]
+    return [
+        (threat.norm, f"{eps:g}")
+        for threat in map(ThreatModel.parse, HEADLINE_THREATS.get(dataset, ()))
+        for eps in threat.epsilons
+    ]
 
 
 NORM_ORDER = ("linf", "l2")
@@ -40,14 +45,24 @@ NORM_ORDER = ("linf", "l2")
 def _settings(robustness: pd.DataFrame) -> list[tuple[str, str]]:
     """Every stored (norm, eps): l_inf before l_2 (other norms after), by eps."""
     found = set(zip(robustness["norm"], robustness["setting"]))
-    return sorted(found, key=lambda pair: (NORM_ORDER.index(pair[0]) if pair[0] in NORM_ORDER else len(NORM_ORDER), pair[0], float(pair[1])))
+    return sorted(
+        found,
+        key=lambda pair: (
+            NORM_ORDER.index(pair[0]) if pair[0] in NORM_ORDER else len(NORM_ORDER),
+            pair[0],
+            float(pair[1]),
+        ),
+    )
 
 
 def _lookup(frame: pd.DataFrame, keys: list[str], column: str) -> dict[tuple, Any]:
     """``column`` by the values of ``keys``, with missing values as None (for "-" in the tables)."""
     if frame.empty:
         return {}
-    return {key: None if pd.isna(value) else value for key, value in zip(zip(*(frame[name] for name in keys)), frame[column])}
+    return {
+        key: None if pd.isna(value) else value
+        for key, value in zip(zip(*(frame[name] for name in keys)), frame[column])
+    }
 
 
 def _attack_columns(entry: dict[str, Any]) -> list[tuple[str, str]]:
@@ -56,7 +71,9 @@ def _attack_columns(entry: dict[str, Any]) -> list[tuple[str, str]]:
     columns = []
     for attack in entry["settings"]["attacks"]:
         options = tuple(attack.get("options", {}).items())
-        shown = AttackSpec(attack["name"], tuple((key, value) for key, value in options if key not in RUNNER_OPTIONS)).label()
+        shown = AttackSpec(
+            attack["name"], tuple((key, value) for key, value in options if key not in RUNNER_OPTIONS)
+        ).label()
         columns.append((AttackSpec(attack["name"], options).label(), shown))
     return columns
 
@@ -68,7 +85,9 @@ def perturbation_table(entries: list[dict[str, Any]], dataset: str, *, summary: 
     table also gives, per norm, the median over all points of the minimum-norm attack's smallest
     adversarial norm (where the entry stores its curve)."""
     selected = [entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "perturbation"]
-    invariance = {entry["model"]: entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "invariance"}
+    invariance = {
+        entry["model"]: entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "invariance"
+    }
     headline = _headline(dataset)
     robustness = robustness_frame(entry_results(selected))
     robust = _lookup(robustness, ["model", "norm", "setting", "attack"], "robust_accuracy")
@@ -80,8 +99,16 @@ def perturbation_table(entries: list[dict[str, Any]], dataset: str, *, summary: 
         shown_attacks += [shown for _, shown in _attack_columns(entry) if shown not in shown_attacks]
     columns = ["model", "architecture", "recipe", "trained against", "n", "clean"]
     for norm, eps in settings:
-        columns += [f"{norm} {eps}"] if summary else [*(f"{norm} {eps} after {shown}" for shown in shown_attacks), f"{norm} {eps} worst case"]
-    curve_norms = [] if summary else [norm for norm in NORM_ORDER if any(norm in entry["results"].get("curves", {}) for entry in selected)]
+        columns += (
+            [f"{norm} {eps}"]
+            if summary
+            else [*(f"{norm} {eps} after {shown}" for shown in shown_attacks), f"{norm} {eps} worst case"]
+        )
+    curve_norms = (
+        []
+        if summary
+        else [norm for norm in NORM_ORDER if any(norm in entry["results"].get("curves", {}) for entry in selected)]
+    )
     columns += [f"{norm} median min. norm" for norm in curve_norms]
     invariance_settings = sorted(set(linf_invariance["setting"]))
     columns += [f"invariance accuracy {setting}" for setting in invariance_settings] + ["flags"]
@@ -121,7 +148,12 @@ def perturbation_table(entries: list[dict[str, Any]], dataset: str, *, summary: 
     frame = frame[[column for column in columns if frame[column].notna().any()]]
     suffix = "" if summary else " worst case"
     rank_by = next((f"{norm} {eps}{suffix}" for norm, eps in headline if f"{norm} {eps}{suffix}" in frame), None)
-    frame = frame.sort_values([rank_by, "model"] if rank_by else ["model"], ascending=[False, True] if rank_by else [True], na_position="last", kind="stable").reset_index(drop=True)
+    frame = frame.sort_values(
+        [rank_by, "model"] if rank_by else ["model"],
+        ascending=[False, True] if rank_by else [True],
+        na_position="last",
+        kind="stable",
+    ).reset_index(drop=True)
     frame.insert(0, "rank", range(1, len(frame) + 1))
     return frame
 
@@ -133,7 +165,9 @@ def reliability_flags(entry: dict[str, Any]) -> list[str]:
     flags = [check for check, raised in results.get("checks", {}).items() if raised]
     for attack, messages in sorted(results.get("attack_warnings", {}).items()):
         flags += [f"{attack}: {flag}" for flag in dict.fromkeys(reliability_flag(message) for message in messages)]
-    if "attack_warnings" not in results and any(attack["name"] == "autoattack" for attack in entry["settings"]["attacks"]):
+    if "attack_warnings" not in results and any(
+        attack["name"] == "autoattack" for attack in entry["settings"]["attacks"]
+    ):
         flags.append("autoattack warnings not recorded")
     return flags
 
@@ -142,9 +176,18 @@ def reliability_notes(entry: dict[str, Any]) -> list[str]:
     """The full text behind :func:`reliability_flags`, for a model page."""
     results = entry["results"]
     notes = list(results.get("warnings", []))
-    notes += [f"{attack} {message}" for attack, messages in sorted(results.get("attack_warnings", {}).items()) for message in messages]
-    if "attack_warnings" not in results and any(attack["name"] == "autoattack" for attack in entry["settings"]["attacks"]):
-        notes.append("AutoAttack's own warnings were not recorded: the entry was stored before invarbench kept them; re-evaluate it to see them")
+    notes += [
+        f"{attack} {message}"
+        for attack, messages in sorted(results.get("attack_warnings", {}).items())
+        for message in messages
+    ]
+    if "attack_warnings" not in results and any(
+        attack["name"] == "autoattack" for attack in entry["settings"]["attacks"]
+    ):
+        notes.append(
+            "AutoAttack's own warnings were not recorded: the entry was stored before invarbench kept them; re-evaluate"
+            " it to see them"
+        )
     return notes
 
 
@@ -157,14 +200,21 @@ def calibration_summary(report: dict[str, Any] | None) -> str:
     calibration = report.get("calibration") or []
     if not calibration:
         return "not calibrated against people's labels"
-    return "; ".join(f"{item['labels']}: sees {_percent(item['sees_change'])}, false {_percent(item['false_change'])}" for item in calibration)
+    return "; ".join(
+        f"{item['labels']}: sees {_percent(item['sees_change'])}, false {_percent(item['false_change'])}"
+        for item in calibration
+    )
 
 
 def oracle_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
     """Every named oracle of a data set and every oracle that judged one of its stored invariance
     figures, with its calibration against people's labels per labelled set (counts, rates and 95%
     intervals); an entry's own record of its oracle wins over the oracle's file."""
-    reports: dict[str, dict[str, Any]] = {name: {"name": name, "calibration": list(definition.calibration)} for name, definition in list_oracles().items() if definition.dataset == dataset}
+    reports: dict[str, dict[str, Any]] = {
+        name: {"name": name, "calibration": list(definition.calibration)}
+        for name, definition in list_oracles().items()
+        if definition.dataset == dataset
+    }
     for entry in entries:
         if entry["dataset"] == dataset and entry["track"] == "invariance":
             reports.update(entry["results"].get("oracles", {}))
@@ -174,21 +224,25 @@ def oracle_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
         if report.get("exact") or not calibration:
             rows.append({"oracle": name, "labelled set": calibration_summary(report)})
         for item in calibration:
-            rows.append({
-                "oracle": name,
-                "labelled set": item["labels"],
-                "items": str(item["items"]),
-                "abstains": format_rate(item["abstained"], item["items"]),
-                "agrees with people": format_rate(item["agreed"], item["items"] - item["abstained"]),
-                "sees change people saw": format_rate(item["saw_change"], item["changed"]),
-                "calls change people did not see": format_rate(item["called_change"], item["unchanged"]),
-            })
+            rows.append(
+                {
+                    "oracle": name,
+                    "labelled set": item["labels"],
+                    "items": str(item["items"]),
+                    "abstains": format_rate(item["abstained"], item["items"]),
+                    "agrees with people": format_rate(item["agreed"], item["items"] - item["abstained"]),
+                    "sees change people saw": format_rate(item["saw_change"], item["changed"]),
+                    "calls change people did not see": format_rate(item["called_change"], item["unchanged"]),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def _invariance_entries(entries: list[dict[str, Any]], dataset: str) -> tuple[dict[str, dict[str, Any]], pd.DataFrame]:
     """A data set's invariance entries by model, and their figures (:func:`invariance_frame`)."""
-    selected = {entry["model"]: entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "invariance"}
+    selected = {
+        entry["model"]: entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "invariance"
+    }
     return selected, invariance_frame(entry_results(selected.values()))
 
 
@@ -201,24 +255,30 @@ def invariance_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFram
     rows = []
     for metrics in frame.to_dict("records"):
         entry = selected[metrics["model"]]
-        rows.append({
-            "model": metrics["model"],
-            "architecture": entry["model_card"]["architecture"],
-            "recipe": entry["model_card"]["recipe"],
-            "attack": metrics["attack"],
-            "setting": metrics["setting"],
-            "oracle": ",".join(metrics["oracle"]),
-            "candidates": metrics["candidates"],
-            "abstained": metrics["abstained"],
-            "label changed": metrics["label_changed"],
-            "invariance accuracy": _metric(metrics["invariance_accuracy"]),
-            "invariance accuracy ci95": metrics["invariance_accuracy_ci95"],
-            "excessive invariance": _metric(metrics["excessive_invariance_rate"]),
-            "excessive invariance ci95": metrics["excessive_invariance_rate_ci95"],
-            "oracle calibration": "; ".join(calibration_summary(entry["results"].get("oracles", {}).get(name)) for name in metrics["oracle"]),
-        })
+        rows.append(
+            {
+                "model": metrics["model"],
+                "architecture": entry["model_card"]["architecture"],
+                "recipe": entry["model_card"]["recipe"],
+                "attack": metrics["attack"],
+                "setting": metrics["setting"],
+                "oracle": ",".join(metrics["oracle"]),
+                "candidates": metrics["candidates"],
+                "abstained": metrics["abstained"],
+                "label changed": metrics["label_changed"],
+                "invariance accuracy": _metric(metrics["invariance_accuracy"]),
+                "invariance accuracy ci95": metrics["invariance_accuracy_ci95"],
+                "excessive invariance": _metric(metrics["excessive_invariance_rate"]),
+                "excessive invariance ci95": metrics["excessive_invariance_rate_ci95"],
+                "oracle calibration": "; ".join(
+                    calibration_summary(entry["results"].get("oracles", {}).get(name)) for name in metrics["oracle"]
+                ),
+            }
+        )
     frame = pd.DataFrame(rows)
-    return frame.sort_values(["attack", "setting", "model"], kind="stable").reset_index(drop=True) if len(frame) else frame
+    return (
+        frame.sort_values(["attack", "setting", "model"], kind="stable").reset_index(drop=True) if len(frame) else frame
+    )
 
 
 def invariance_summary_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
@@ -256,12 +316,28 @@ def _display(frame: pd.DataFrame) -> pd.DataFrame:
     for column in list(shown.columns):
         if column.endswith(" ci95"):
             base = column[: -len(" ci95")]
-            shown[base] = [f"{_percent(value)} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if value is not None and not pd.isna(value) else "-" for value, interval in zip(frame[base], frame[column])]
+            shown[base] = [
+                (
+                    f"{_percent(value)} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+                    if value is not None and not pd.isna(value)
+                    else "-"
+                )
+                for value, interval in zip(frame[base], frame[column])
+            ]
             shown = shown.drop(columns=column)
         elif column.endswith("min. norm"):
             shown[column] = ["-" if value is None or pd.isna(value) else f"{value:.3g}" for value in shown[column]]
-        elif shown[column].dtype.kind == "f" or column in ("clean",) or "worst case" in column or column.startswith("invariance accuracy") or column.partition(" ")[0] in NORM_ORDER:
-            shown[column] = [value if isinstance(value, str) else _percent(None if pd.isna(value) else value) for value in shown[column]]
+        elif (
+            shown[column].dtype.kind == "f"
+            or column in ("clean",)
+            or "worst case" in column
+            or column.startswith("invariance accuracy")
+            or column.partition(" ")[0] in NORM_ORDER
+        ):
+            shown[column] = [
+                value if isinstance(value, str) else _percent(None if pd.isna(value) else value)
+                for value in shown[column]
+            ]
     return shown.fillna("-")
 
 
@@ -276,9 +352,21 @@ def latex(frame: pd.DataFrame) -> str:
     shown = _display(frame)
 
     def escape(value: object) -> str:
-        return str(value).replace("\\", r"\textbackslash{}").replace("&", r"\&").replace("%", r"\%").replace("_", r"\_").replace("#", r"\#")
+        return (
+            str(value)
+            .replace("\\", r"\textbackslash{}")
+            .replace("&", r"\&")
+            .replace("%", r"\%")
+            .replace("_", r"\_")
+            .replace("#", r"\#")
+        )
 
-    lines = [r"\begin{tabular}{" + "l" * len(shown.columns) + "}", r"\hline", " & ".join(escape(column) for column in shown.columns) + r" \\", r"\hline"]
+    lines = [
+        r"\begin{tabular}{" + "l" * len(shown.columns) + "}",
+        r"\hline",
+        " & ".join(escape(column) for column in shown.columns) + r" \\",
+        r"\hline",
+    ]
     lines += [" & ".join(escape(value) for value in row) + r" \\" for row in shown.itertuples(index=False)]
     lines += [r"\hline", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
@@ -286,9 +374,17 @@ def latex(frame: pd.DataFrame) -> str:
 
 def html_table(frame: pd.DataFrame, *, table_id: str) -> str:
     shown = _display(frame)
-    head = "".join(f'<th data-column="{position}">{html.escape(str(column))}</th>' for position, column in enumerate(shown.columns))
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(value))}</td>" for value in row) + "</tr>\n" for row in shown.itertuples(index=False))
-    return f'<table id="{table_id}" class="leaderboard">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n'
+    head = "".join(
+        f'<th data-column="{position}">{html.escape(str(column))}</th>' for position, column in enumerate(shown.columns)
+    )
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(value))}</td>" for value in row) + "</tr>\n"
+        for row in shown.itertuples(index=False)
+    )
+    return (
+        f'<table id="{table_id}"'
+        f' class="leaderboard">\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>\n'
+    )
 
 
 def build_tables(entries_dir: str | Path = ENTRIES_DIR, out_dir: str | Path = OUTPUT_DIR) -> list[Path]:
@@ -300,21 +396,41 @@ def build_tables(entries_dir: str | Path = ENTRIES_DIR, out_dir: str | Path = OU
         perturbation = perturbation_table(entries, dataset)
         if not perturbation.empty:
             # The compact table (worst case per threat) the README shows; the full one has every attack.
-            written.append(atomic_write_text(out_dir / f"{dataset}-perturbation-summary.md", markdown(perturbation_table(entries, dataset, summary=True))))
+            written.append(
+                atomic_write_text(
+                    out_dir / f"{dataset}-perturbation-summary.md",
+                    markdown(perturbation_table(entries, dataset, summary=True)),
+                )
+            )
         invariance_summary = invariance_summary_table(entries, dataset)
         if not invariance_summary.empty:
-            written.append(atomic_write_text(out_dir / f"{dataset}-invariance-summary.md", markdown(invariance_summary)))
-        for track, frame in (("perturbation", perturbation), ("invariance", invariance_table(entries, dataset)), ("oracles", oracle_table(entries, dataset))):
+            written.append(
+                atomic_write_text(out_dir / f"{dataset}-invariance-summary.md", markdown(invariance_summary))
+            )
+        for track, frame in (
+            ("perturbation", perturbation),
+            ("invariance", invariance_table(entries, dataset)),
+            ("oracles", oracle_table(entries, dataset)),
+        ):
             if frame.empty:
                 continue
             stem = out_dir / f"{dataset}-{track}"
             written.append(atomic_write_text(stem.with_suffix(".md"), markdown(frame)))
             csv = frame.copy()
             for column in [column for column in csv.columns if column.endswith(" ci95")]:
-                csv[column] = [f"{interval[0]:.6f};{interval[1]:.6f}" if isinstance(interval, list | tuple) else "" for interval in csv[column]]
-            written.append(atomic_write_text(stem.with_suffix(".csv"), csv.to_csv(index=False, float_format="%.6f", lineterminator="\n")))
+                csv[column] = [
+                    f"{interval[0]:.6f};{interval[1]:.6f}" if isinstance(interval, list | tuple) else ""
+                    for interval in csv[column]
+                ]
+            written.append(
+                atomic_write_text(
+                    stem.with_suffix(".csv"), csv.to_csv(index=False, float_format="%.6f", lineterminator="\n")
+                )
+            )
             written.append(atomic_write_text(stem.with_suffix(".tex"), latex(frame)))
-            written.append(atomic_write_text(stem.with_suffix(".html"), html_table(frame, table_id=f"{dataset}-{track}")))
+            written.append(
+                atomic_write_text(stem.with_suffix(".html"), html_table(frame, table_id=f"{dataset}-{track}"))
+            )
     written += build_plots(entries, out_dir)
     return written
 
@@ -333,7 +449,9 @@ def sync_readme(readme: str | Path, out_dir: str | Path = OUTPUT_DIR, *, prefix:
         name = match.group(1)
         table = out_dir / f"{name}.md"
         if not table.exists():
-            raise FileNotFoundError(f"{readme} asks for the table {name!r} but {table} was not built; build it first or remove the markers")
+            raise FileNotFoundError(
+                f"{readme} asks for the table {name!r} but {table} was not built; build it first or remove the markers"
+            )
         replaced.append(name)
         return f"<!-- {prefix}:{name} -->\n{table.read_text(encoding='utf-8')}<!-- /{prefix}:{name} -->"
 

@@ -5,4 +5,13 @@ from invarbench.models.architectures import ARCHITECTURES, build_architecture, r
 from invarbench.models.registry import ModelCard, get_card, list_models, load_model
 from invarbench.models.wrapper import BenchmarkModel
 
-__all__ = ["ARCHITECTURES", "BenchmarkModel", "ModelCard", "build_architecture", "get_card", "list_models", "load_model", "register_architecture"]
+__all__ = [
+    "ARCHITECTURES",
+    "BenchmarkModel",
+    "ModelCard",
+    "build_architecture",
+    "get_card",
+    "list_models",
+    "load_model",
+    "register_architecture",
+]

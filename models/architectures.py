@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from invarbench.errors import ModelError, did_you_mean
 from torch import nn
+
+from invarbench.errors import ModelError, did_you_mean
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
 
@@ -20,18 +21,32 @@ def register_architecture(name: str):
 
 def build_architecture(name: str, **arguments) -> nn.Module:
     if name not in ARCHITECTURES:
-        raise ModelError(f"unknown architecture {name!r}; registered: {', '.join(sorted(ARCHITECTURES))}.{did_you_mean(name, ARCHITECTURES)}")
+        raise ModelError(
+            f"unknown architecture {name!r}; registered:"
+            f" {', '.join(sorted(ARCHITECTURES))}.{did_you_mean(name, ARCHITECTURES)}"
+        )
     try:
         return ARCHITECTURES[name](**arguments)
     except TypeError as error:
-        raise ModelError(f"architecture {name!r} does not accept the arguments {arguments} ({error}); fix the card's [architecture.args]") from error
+        raise ModelError(
+            f"architecture {name!r} does not accept the arguments {arguments} ({error}); fix the card's"
+            " [architecture.args]"
+        ) from error
 
 
 @register_architecture("mnist-cnn")
 class MnistCNN(nn.Module):
     """Two 5x5 conv + max-pool stages and one hidden layer: Madry et al.'s MNIST network, narrower."""
 
-    def __init__(self, *, channels: Sequence[int] = (32, 64), hidden: int = 128, num_classes: int = 10, in_channels: int = 1, image_size: int = 28):
+    def __init__(
+        self,
+        *,
+        channels: Sequence[int] = (32, 64),
+        hidden: int = 128,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: int = 28,
+    ):
         super().__init__()
         first, second = channels
         self.features = nn.Sequential(

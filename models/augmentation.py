@@ -60,7 +60,9 @@ def _uniform(count: int, low: float, high: float, generator: torch.Generator) ->
     return low + (high - low) * torch.rand(count, generator=generator)
 
 
-def reader_augment(images: torch.Tensor, generator: torch.Generator, options: ReaderAugmentation = ReaderAugmentation()) -> torch.Tensor:
+def reader_augment(
+    images: torch.Tensor, generator: torch.Generator, options: ReaderAugmentation = ReaderAugmentation()
+) -> torch.Tensor:
     """Augmented copies of a batch of (N, 1, H, W) images in [0, 1] (CPU generator, any device)."""
     count, _, height, width = images.shape
     device = images.device
@@ -68,7 +70,11 @@ def reader_augment(images: torch.Tensor, generator: torch.Generator, options: Re
     angles = _uniform(count, -options.degrees, options.degrees, generator) * math.pi / 180
     scales = _uniform(count, *options.scale, generator)
     shears = _uniform(count, -options.shear, options.shear, generator)
-    shifts = _uniform(2 * count, -options.shift_pixels, options.shift_pixels, generator).view(count, 2) * 2 / torch.tensor([width, height])
+    shifts = (
+        _uniform(2 * count, -options.shift_pixels, options.shift_pixels, generator).view(count, 2)
+        * 2
+        / torch.tensor([width, height])
+    )
     cos, sin = torch.cos(angles), torch.sin(angles)
     rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
     shear = torch.eye(2).repeat(count, 1, 1)
@@ -81,7 +87,9 @@ def reader_augment(images: torch.Tensor, generator: torch.Generator, options: Re
     choice = torch.rand(count, generator=generator).to(device).view(-1, 1, 1, 1)
     dilated = F.max_pool2d(out, 3, stride=1, padding=1)
     eroded = -F.max_pool2d(-out, 3, stride=1, padding=1)
-    out = torch.where(choice < options.thicker, dilated, torch.where(choice < options.thicker + options.thinner, eroded, out))
+    out = torch.where(
+        choice < options.thicker, dilated, torch.where(choice < options.thicker + options.thinner, eroded, out)
+    )
 
     floors = _uniform(count, options.dimmest, 1.0, generator).view(-1, 1, 1, 1)
     cells = torch.rand(count, 1, options.field_cells, options.field_cells, generator=generator)

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from invarbench.errors import ModelError, did_you_mean
 from invarbench.io import invarbench_home, sha256_file
-from torch import nn
 
 ROBUSTBENCH_PREFIX = "robustbench:"
 #: Environment variable naming the RobustBench model folder (default ``$INVARBENCH_HOME/robustbench``).
@@ -45,9 +46,12 @@ def _import_torchvision() -> None:
     global _torchvision_schemas
     try:
         import torchvision  # noqa: F401
+
         return
     except ImportError as error:
-        raise ModelError(f"torchvision is not installed ({error}); install invarbench's dependencies with `make install`") from error
+        raise ModelError(
+            f"torchvision is not installed ({error}); install invarbench's dependencies with `make install`"
+        ) from error
     except RuntimeError as error:
         if "torchvision::nms" not in str(error) or _torchvision_schemas is not None:
             raise ModelError(f"torchvision cannot be imported ({error}); reinstall it with `make install`") from error
@@ -76,30 +80,46 @@ def load_onnx(path: Path) -> OnnxModel:
         import onnx
         import onnx2torch  # noqa: F401
     except ImportError as error:
-        raise ModelError(f"{path} needs the onnx and onnx2torch packages ({error}); install invarbench's dependencies with `make install`") from error
+        raise ModelError(
+            f"{path} needs the onnx and onnx2torch packages ({error}); install invarbench's dependencies with `make"
+            " install`"
+        ) from error
 
-    fix = "export it with torch.onnx.export(model, example, path, dynamo=False) (Keras: tf2onnx), or save a TorchScript file instead"
+    fix = (
+        "export it with torch.onnx.export(model, example, path, dynamo=False) (Keras: tf2onnx), or save a TorchScript"
+        " file instead"
+    )
     try:
         proto = onnx.load(str(path))
         onnx.checker.check_model(proto)
     except Exception as error:  # protobuf's DecodeError, onnx's ValidationError, OSError, ...
-        raise ModelError(f"{path} is not a valid ONNX model ({type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}); {fix}") from error
+        raise ModelError(
+            f"{path} is not a valid ONNX model ({type(error).__name__}:"
+            f" {(str(error).strip().splitlines() or [''])[0][:200]}); {fix}"
+        ) from error
     if not proto.graph.node:
         raise ModelError(f"{path} is not an ONNX model (its graph has no operators); {fix}")
     try:
         network = _convert(proto)
     except NotImplementedError as error:
-        # onnx2torch names the operator: "Converter is not implemented (OperationDescription(domain='', operation_type='Unique', version=11))".
+        # onnx2torch names the operator: "Converter is not implemented (OperationDescription(domain='',
+        # operation_type='Unique', version=11))".
         raise ModelError(
-            f"{path} uses an operator that onnx2torch cannot convert to PyTorch ({error}); re-export the model without it (another layer, or another opset_version) or as a TorchScript file"
+            f"{path} uses an operator that onnx2torch cannot convert to PyTorch ({error}); re-export the model without"
+            " it (another layer, or another opset_version) or as a TorchScript file"
         ) from error
     except Exception as error:
-        raise ModelError(f"onnx2torch cannot convert {path} ({type(error).__name__}: {str(error)[:200]}); re-export it (another opset_version) or save a TorchScript file instead") from error
+        raise ModelError(
+            f"onnx2torch cannot convert {path} ({type(error).__name__}: {str(error)[:200]}); re-export it (another"
+            " opset_version) or save a TorchScript file instead"
+        ) from error
     initializers = {initializer.name for initializer in proto.graph.initializer}
     inputs = [value for value in proto.graph.input if value.name not in initializers]
     shape = None
     if len(inputs) == 1:
-        dims = [dim.dim_value if dim.HasField("dim_value") else None for dim in inputs[0].type.tensor_type.shape.dim[1:]]
+        dims = [
+            dim.dim_value if dim.HasField("dim_value") else None for dim in inputs[0].type.tensor_type.shape.dim[1:]
+        ]
         shape = tuple(dims) if dims and all(dims) else None
     return OnnxModel(network.eval(), shape)
 
@@ -119,7 +139,10 @@ def _convert(proto):
         try:
             lowered = onnx.version_converter.convert_version(proto, ONNX2TORCH_OPSET)
         except Exception:
-            raise NotImplementedError(f"opset {opset} is newer than {ONNX2TORCH_OPSET}, the newest onnx2torch converts, and ONNX's version converter cannot lower it") from None
+            raise NotImplementedError(
+                f"opset {opset} is newer than {ONNX2TORCH_OPSET}, the newest onnx2torch converts, and ONNX's version"
+                " converter cannot lower it"
+            ) from None
         return convert(lowered)
 
 
@@ -147,10 +170,16 @@ class ZooEntry:
     def parse(cls, reference: str) -> ZooEntry:
         parts = str(reference)[len(ROBUSTBENCH_PREFIX) :].split("/")
         if not str(reference).startswith(ROBUSTBENCH_PREFIX) or len(parts) != 3 or not all(parts):
-            raise ModelError(f"{reference!r} is not a RobustBench name; write robustbench:DATASET/THREAT/NAME, e.g. robustbench:cifar10/Linf/Carmon2019Unlabeled")
+            raise ModelError(
+                f"{reference!r} is not a RobustBench name; write robustbench:DATASET/THREAT/NAME, e.g."
+                " robustbench:cifar10/Linf/Carmon2019Unlabeled"
+            )
         dataset, threat_model, name = parts
         if dataset not in ROBUSTBENCH_DATASETS:
-            raise ModelError(f"{reference}: invarbench evaluates RobustBench's {', '.join(ROBUSTBENCH_DATASETS)} entries, not {dataset!r} (not an invarbench data set)")
+            raise ModelError(
+                f"{reference}: invarbench evaluates RobustBench's {', '.join(ROBUSTBENCH_DATASETS)} entries, not"
+                f" {dataset!r} (not an invarbench data set)"
+            )
         return cls(dataset, threat_model, name)
 
     def __str__(self) -> str:
@@ -175,10 +204,17 @@ class ZooEntry:
         try:
             threat = ThreatModel(self.threat_model)
         except ValueError:
-            raise ModelError(f"{self}: unknown RobustBench threat model {self.threat_model!r}; use one of {', '.join(item.value for item in ThreatModel)}") from None
+            raise ModelError(
+                f"{self}: unknown RobustBench threat model {self.threat_model!r}; use one of"
+                f" {', '.join(item.value for item in ThreatModel)}"
+            ) from None
         models = zoo[self._dataset_key()].get(threat, {})
         if self.name not in models:
-            raise ModelError(f"{self}: RobustBench's zoo has no {self.dataset} {threat.value} model {self.name!r}.{did_you_mean(self.name, models)} Names are listed at robustbench's model_zoo/{self.dataset}.py")
+            raise ModelError(
+                f"{self}: RobustBench's zoo has no {self.dataset} {threat.value} model"
+                f" {self.name!r}.{did_you_mean(self.name, models)} Names are listed at robustbench's"
+                f" model_zoo/{self.dataset}.py"
+            )
         return threat
 
 
@@ -199,7 +235,10 @@ def _zoo():
             warnings.simplefilter("ignore")
             from robustbench.model_zoo import model_dicts
     except ImportError as error:
-        raise ModelError(f"the robustbench package cannot be imported ({error}); install invarbench's dependencies with `make install`") from error
+        raise ModelError(
+            f"the robustbench package cannot be imported ({error}); install invarbench's dependencies with `make"
+            " install`"
+        ) from error
     return model_dicts
 
 
@@ -221,12 +260,17 @@ def check_robustbench(reference: str, *, model_dir: Path | None = None) -> ZooEn
 
     hosted = f"{entry.name.lower().replace('-', '_')}_{entry.dataset}_{entry.threat_model.lower()}"
     if timm.is_model(hosted):
-        raise ModelError(f"{entry} is served by timm from the Hugging Face hub, which invarbench does not download from; export it to ONNX or TorchScript where it can be downloaded and evaluate that file")
+        raise ModelError(
+            f"{entry} is served by timm from the Hugging Face hub, which invarbench does not download from; export it"
+            " to ONNX or TorchScript where it can be downloaded and evaluate that file"
+        )
     missing = [path for path in files if not path.is_file()]
     if missing:
         raise ModelError(
-            f"the weights of {entry} are not in the RobustBench model folder: put RobustBench's checkpoint at {', '.join(map(str, missing))} "
-            f"(the folder is ${ROBUSTBENCH_DIR_ENV}, default $INVARBENCH_HOME/robustbench; `invarbench run --robustbench-dir DIR` names another); invarbench never downloads it"
+            f"the weights of {entry} are not in the RobustBench model folder: put RobustBench's checkpoint at"
+            f" {', '.join(map(str, missing))} (the folder is ${ROBUSTBENCH_DIR_ENV}, default"
+            " $INVARBENCH_HOME/robustbench; `invarbench run --robustbench-dir DIR` names another); invarbench never"
+            " downloads it"
         )
     return entry
 
@@ -241,11 +285,14 @@ def load_robustbench(reference: str, *, model_dir: Path | None = None) -> ZooMod
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            network = robustbench_load(entry.name, model_dir=str(model_dir), dataset=entry.dataset, threat_model=entry.threat_model)
+            network = robustbench_load(
+                entry.name, model_dir=str(model_dir), dataset=entry.dataset, threat_model=entry.threat_model
+            )
     except Exception as error:  # torch.load and load_state_dict raise many types for a wrong file
         raise ModelError(
-            f"robustbench could not load {entry} from {', '.join(map(str, files))} ({type(error).__name__}: {str(error).strip()[:300]}); "
-            "the file must be RobustBench's checkpoint of that entry (a state_dict of its architecture saved with torch.save)"
+            f"robustbench could not load {entry} from {', '.join(map(str, files))} ({type(error).__name__}:"
+            f" {str(error).strip()[:300]}); the file must be RobustBench's checkpoint of that entry (a state_dict of"
+            " its architecture saved with torch.save)"
         ) from error
     return ZooModel(network.eval(), entry, ROBUSTBENCH_CLASSES[entry.dataset], ROBUSTBENCH_INPUT_SHAPES[entry.dataset])
 

@@ -13,8 +13,9 @@ import FrEIA.framework as freia_framework
 import FrEIA.modules as freia_modules
 import numpy as np
 import torch
-from invarbench.models.architectures import register_architecture
 from torch import nn
+
+from invarbench.models.architectures import register_architecture
 
 
 def _conv_subnet(hidden: int):
@@ -23,7 +24,9 @@ def _conv_subnet(hidden: int):
         # A zero last layer starts every coupling at the identity, which keeps early training stable.
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
-        return nn.Sequential(nn.Conv2d(channels_in, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, hidden, 1), nn.ReLU(), last)
+        return nn.Sequential(
+            nn.Conv2d(channels_in, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, hidden, 1), nn.ReLU(), last
+        )
 
     return build
 
@@ -41,7 +44,9 @@ def _dense_subnet(hidden: int):
 PERMUTATIONS = ("w_perm", "w_perm_inv")
 
 
-def _check_stored_permutations(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+def _check_stored_permutations(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
     """A state_dict saved before the permutations were left out still loads: its permutations must be
     the ones the seed rebuilds, and are dropped."""
     rebuilt = dict(module.named_buffers())
@@ -49,7 +54,10 @@ def _check_stored_permutations(module, state_dict, prefix, local_metadata, stric
         stored = state_dict.pop(key)
         name = key[len(prefix) :]
         if name not in rebuilt or not torch.equal(stored.to(rebuilt[name].dtype), rebuilt[name].cpu()):
-            error_msgs.append(f"the checkpoint's permutation {key} differs from the one permutation_seed rebuilds; it was made with other fi-revnet arguments (check the card's permutation_seed and blocks)")
+            error_msgs.append(
+                f"the checkpoint's permutation {key} differs from the one permutation_seed rebuilds; it was made with"
+                " other fi-revnet arguments (check the card's permutation_seed and blocks)"
+            )
 
 
 @register_architecture("fi-revnet")
@@ -58,7 +66,19 @@ class FullyInvertibleRevNet(nn.Module):
     permutations (FrEIA ``AllInOneBlock``) at two scales, then dense coupling blocks on the flattened
     vector so that the logits see the whole image."""
 
-    def __init__(self, *, blocks: Sequence[int] = (3, 3), hidden: Sequence[int] = (64, 128), dense_blocks: int = 2, dense_hidden: int = 512, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, affine_clamping: float = 2.0, permutation_seed: int = 0):
+    def __init__(
+        self,
+        *,
+        blocks: Sequence[int] = (3, 3),
+        hidden: Sequence[int] = (64, 128),
+        dense_blocks: int = 2,
+        dense_hidden: int = 512,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: int = 28,
+        affine_clamping: float = 2.0,
+        permutation_seed: int = 0,
+    ):
         super().__init__()
         if image_size % 4:
             raise ValueError(f"image_size {image_size} must be divisible by 4 (two invertible downsamplings)")
@@ -74,10 +94,20 @@ class FullyInvertibleRevNet(nn.Module):
             for count, width in zip(blocks, hidden):
                 flow.append(freia_modules.IRevNetDownsampling)
                 for _ in range(count):
-                    flow.append(freia_modules.AllInOneBlock, subnet_constructor=_conv_subnet(width), affine_clamping=affine_clamping, permute_soft=False)
+                    flow.append(
+                        freia_modules.AllInOneBlock,
+                        subnet_constructor=_conv_subnet(width),
+                        affine_clamping=affine_clamping,
+                        permute_soft=False,
+                    )
             flow.append(freia_modules.Flatten)
             for _ in range(dense_blocks):
-                flow.append(freia_modules.AllInOneBlock, subnet_constructor=_dense_subnet(dense_hidden), affine_clamping=affine_clamping, permute_soft=False)
+                flow.append(
+                    freia_modules.AllInOneBlock,
+                    subnet_constructor=_dense_subnet(dense_hidden),
+                    affine_clamping=affine_clamping,
+                    permute_soft=False,
+                )
         finally:
             np.random.set_state(saved_state)
         self.flow = flow

@@ -12,12 +12,13 @@ from typing import Any
 
 import tomli_w
 import torch
+from torch import nn
+
 from invarbench.errors import ModelError, did_you_mean
 from invarbench.io import atomic_write_bytes, atomic_write_text, read_toml, sha256_file
 from invarbench.models import external
 from invarbench.models.architectures import build_architecture
 from invarbench.models.wrapper import BenchmarkModel
-from torch import nn
 
 CARDS_DIR = Path(__file__).parent / "cards"
 CHECKPOINTS_DIR = Path(__file__).parent / "checkpoints"
@@ -30,6 +31,7 @@ def checkpoint_dirs() -> list[Path]:
     """The folders searched for a card's checkpoint, in order: ``$INVARBENCH_CHECKPOINTS``, then the package's."""
     extra = os.environ.get(CHECKPOINTS_ENV)
     return [*([Path(extra)] if extra else []), CHECKPOINTS_DIR]
+
 
 REQUIRED_FIELDS = {
     "": ("name", "dataset", "num_classes", "invertible", "notes"),
@@ -77,7 +79,14 @@ class ModelCard:
     def checkpoint_path(self) -> Path:
         """The first of :func:`checkpoint_dirs` that holds the file; the package's folder where none does
         (where training writes it)."""
-        return next((folder / self.checkpoint_file for folder in checkpoint_dirs() if (folder / self.checkpoint_file).is_file()), CHECKPOINTS_DIR / self.checkpoint_file)
+        return next(
+            (
+                folder / self.checkpoint_file
+                for folder in checkpoint_dirs()
+                if (folder / self.checkpoint_file).is_file()
+            ),
+            CHECKPOINTS_DIR / self.checkpoint_file,
+        )
 
     @classmethod
     def from_toml(cls, path: Path) -> ModelCard:
@@ -85,11 +94,17 @@ class ModelCard:
         for table, keys in REQUIRED_FIELDS.items():
             section = data.get(table, {}) if table else data
             if not isinstance(section, dict):
-                raise ModelError(f"model card {path}: [{table}] must be a table; see models/cards/mnist-cnn-standard.toml for the layout")
+                raise ModelError(
+                    f"model card {path}: [{table}] must be a table; see models/cards/mnist-cnn-standard.toml for the"
+                    " layout"
+                )
             missing = [key for key in keys if key not in section]
             if missing:
                 where = f"[{table}]" if table else "the top level"
-                raise ModelError(f"model card {path} lacks {', '.join(missing)} in {where}; add them (see models/cards/mnist-cnn-standard.toml)")
+                raise ModelError(
+                    f"model card {path} lacks {', '.join(missing)} in {where}; add them (see"
+                    " models/cards/mnist-cnn-standard.toml)"
+                )
         bounds = tuple(float(value) for value in data["input"]["bounds"])
         if len(bounds) != 2 or not bounds[0] < bounds[1]:
             raise ModelError(f"model card {path}: [input] bounds {bounds} must be two increasing numbers [low, high]")
@@ -132,10 +147,19 @@ class ModelCard:
         if self.dataset_options:
             data["dataset_options"] = self.dataset_options
         data["architecture"] = {"name": self.architecture, "args": self.architecture_args}
-        data["input"] = {"shape": list(self.input_shape), "bounds": list(self.bounds), "mean": list(self.mean), "std": list(self.std)}
+        data["input"] = {
+            "shape": list(self.input_shape),
+            "bounds": list(self.bounds),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
         data["training"] = self.training
         data["threat_model"] = self.threat_model
-        data["checkpoint"] = {"file": self.checkpoint_file, "sha256": self.checkpoint_sha256, **({"retired": self.checkpoint_retired} if self.checkpoint_retired else {})}
+        data["checkpoint"] = {
+            "file": self.checkpoint_file,
+            "sha256": self.checkpoint_sha256,
+            **({"retired": self.checkpoint_retired} if self.checkpoint_retired else {}),
+        }
         data["clean_accuracy"] = {"value": self.clean_accuracy, "n": self.clean_accuracy_n}
         if self.robust_accuracy:
             data["robust_accuracy"] = list(self.robust_accuracy)
@@ -153,7 +177,11 @@ def list_models(role: str | None = "benchmark") -> list[str]:
     names = sorted(path.stem for path in CARDS_DIR.glob("*.toml"))
     if role is None:
         return names
-    return [name for name in names if tomllib.loads((CARDS_DIR / f"{name}.toml").read_text(encoding="utf-8")).get("role", "benchmark") == role]
+    return [
+        name
+        for name in names
+        if tomllib.loads((CARDS_DIR / f"{name}.toml").read_text(encoding="utf-8")).get("role", "benchmark") == role
+    ]
 
 
 def get_card(name: str) -> ModelCard:
@@ -167,7 +195,10 @@ def get_card(name: str) -> ModelCard:
 
 
 def _unknown_model_message(name: str) -> str:
-    return f"unknown model {name!r}.{did_you_mean(name, list_models(role=None), cutoff=0.5)} `invarbench models list` shows the registry; a checkpoint path must point to an existing file"
+    return (
+        f"unknown model {name!r}.{did_you_mean(name, list_models(role=None), cutoff=0.5)} `invarbench models list`"
+        " shows the registry; a checkpoint path must point to an existing file"
+    )
 
 
 def build_network(card: ModelCard) -> nn.Module:
@@ -175,7 +206,15 @@ def build_network(card: ModelCard) -> nn.Module:
 
 
 def wrap(network: nn.Module, card: ModelCard) -> BenchmarkModel:
-    return BenchmarkModel(network, bounds=card.bounds, num_classes=card.num_classes, mean=card.mean, std=card.std, name=card.name, input_shape=card.input_shape)
+    return BenchmarkModel(
+        network,
+        bounds=card.bounds,
+        num_classes=card.num_classes,
+        mean=card.mean,
+        std=card.std,
+        name=card.name,
+        input_shape=card.input_shape,
+    )
 
 
 def load_model(
@@ -204,7 +243,13 @@ def load_model(
         model = _load_registered(get_card(name), verify_checksum=verify_checksum)
     elif external.is_robustbench(name):
         zoo = external.load_robustbench(name)
-        model = BenchmarkModel(zoo.network, bounds=(0.0, 1.0), num_classes=zoo.num_classes, name=zoo.entry.name, input_shape=zoo.input_shape)
+        model = BenchmarkModel(
+            zoo.network,
+            bounds=(0.0, 1.0),
+            num_classes=zoo.num_classes,
+            name=zoo.entry.name,
+            input_shape=zoo.input_shape,
+        )
     else:
         path = Path(name_or_path)
         if not path.exists():
@@ -224,7 +269,9 @@ def load_model(
             network = build_architecture(architecture, **arguments)
             _load_state_dict(network, path, hint="check --architecture and its arguments")
         classes = num_classes if num_classes is not None else int((architecture_args or {}).get("num_classes", 10))
-        model = BenchmarkModel(network, bounds=bounds, num_classes=classes, mean=mean, std=std, name=path.stem, input_shape=input_shape)
+        model = BenchmarkModel(
+            network, bounds=bounds, num_classes=classes, mean=mean, std=std, name=path.stem, input_shape=input_shape
+        )
     return model.to(device).eval()
 
 
@@ -250,14 +297,16 @@ def _load_registered(card: ModelCard, *, verify_checksum: bool) -> BenchmarkMode
     path = card.checkpoint_path
     if not path.exists() and card.checkpoint_retired:
         raise ModelError(
-            f"checkpoint {card.checkpoint_file} of model {card.name} is in none of {', '.join(str(folder) for folder in checkpoint_dirs())}: {card.checkpoint_retired} "
-            f"(or set {CHECKPOINTS_ENV} to a folder holding the original file)"
+            f"checkpoint {card.checkpoint_file} of model {card.name} is in none of"
+            f" {', '.join(str(folder) for folder in checkpoint_dirs())}: {card.checkpoint_retired} (or set"
+            f" {CHECKPOINTS_ENV} to a folder holding the original file)"
         )
     if not path.exists():
         raise ModelError(
-            f"checkpoint {card.checkpoint_file} of model {card.name} is in none of {', '.join(str(folder) for folder in checkpoint_dirs())}; "
-            f"the wheel does not ship the zoo's weights: install from a clone (pip install -e .), set {CHECKPOINTS_ENV} to a folder holding them, "
-            f"restore the file from git or run `invarbench models train {card.name}`"
+            f"checkpoint {card.checkpoint_file} of model {card.name} is in none of"
+            f" {', '.join(str(folder) for folder in checkpoint_dirs())}; the wheel does not ship the zoo's weights:"
+            f" install from a clone (pip install -e .), set {CHECKPOINTS_ENV} to a folder holding them, restore the"
+            f" file from git or run `invarbench models train {card.name}`"
         )
     if verify_checksum:
         digest = sha256_file(path)
@@ -267,7 +316,11 @@ def _load_registered(card: ModelCard, *, verify_checksum: bool) -> BenchmarkMode
                 f"the file is corrupt or was replaced: restore it from git or run `invarbench models train {card.name}`"
             )
     network = build_network(card)
-    _load_state_dict(network, path, hint=f"the card {card.path} and the checkpoint disagree; run `invarbench models train {card.name}`")
+    _load_state_dict(
+        network,
+        path,
+        hint=f"the card {card.path} and the checkpoint disagree; run `invarbench models train {card.name}`",
+    )
     return wrap(network, card)
 
 
@@ -292,12 +345,20 @@ def save_state_dict(network: nn.Module, path: Path) -> str:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises many types (UnpicklingError, KeyError, RuntimeError, ...) for non-checkpoints
-        raise ModelError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {str(error)[:200]}); pass a file written by torch.save(model.state_dict(), ...) or torch.jit.save") from error
+    except (
+        Exception
+    ) as error:  # torch.load raises many types (UnpicklingError, KeyError, RuntimeError, ...) for non-checkpoints
+        raise ModelError(
+            f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {str(error)[:200]}); pass a file written by"
+            " torch.save(model.state_dict(), ...) or torch.jit.save"
+        ) from error
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise ModelError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors; save it with torch.save(model.state_dict(), path)")
+        raise ModelError(
+            f"{path} holds a {type(state).__name__}, not a state_dict of tensors; save it with"
+            " torch.save(model.state_dict(), path)"
+        )
     return state
 
 
@@ -308,7 +369,11 @@ def _load_state_dict(network: nn.Module, path: Path, *, hint: str) -> None:
     # Buffers left out of the state_dict (fi-revnet's permutations) may still be in older files: the
     # network checks them when it loads them.
     unexpected = sorted(set(state) - set(expected) - set(dict(network.named_buffers())))
-    mismatched = [f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}" for key in expected if key in state and state[key].shape != expected[key].shape]
+    mismatched = [
+        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state and state[key].shape != expected[key].shape
+    ]
     if missing or unexpected or mismatched:
         details = "; ".join(
             part
@@ -328,6 +393,6 @@ def _load_torchscript(path: Path) -> nn.Module:
         return torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as error:
         raise ModelError(
-            f"{path} is not a TorchScript file ({str(error).splitlines()[0][:200]}); for a state_dict pass the architecture it belongs to "
-            "(--architecture NAME, see `invarbench models list --architectures`)"
+            f"{path} is not a TorchScript file ({str(error).splitlines()[0][:200]}); for a state_dict pass the"
+            " architecture it belongs to (--architecture NAME, see `invarbench models list --architectures`)"
         ) from error

@@ -14,14 +14,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+
 from invarbench.attacks.norms import project
 from invarbench.datasets import load_dataset
+from invarbench.environment import resolve_device
 from invarbench.errors import ConfigError
 from invarbench.models.augmentation import ReaderAugmentation, reader_augment
 from invarbench.models.measure import measure_card
 from invarbench.models.registry import ModelCard, build_network, load_model, save_state_dict, wrap
-from invarbench.environment import resolve_device
-from tqdm.auto import tqdm
 
 RECIPES = ("standard", "pgd", "ice", "reader")
 
@@ -34,7 +35,18 @@ class TrainingReport:
     seconds: float
 
 
-def pgd_training_examples(model, images, labels, *, norm: str, eps: float, steps: int, step_size: float, bounds: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
+def pgd_training_examples(
+    model,
+    images,
+    labels,
+    *,
+    norm: str,
+    eps: float,
+    steps: int,
+    step_size: float,
+    bounds: tuple[float, float],
+    generator: torch.Generator,
+) -> torch.Tensor:
     """Adversarial examples for the training loop: PGD with a random start inside the eps-ball.
 
     Its own loop, apart from the evaluation attacks (Foolbox, invarbench's PGD), so that evaluation does
@@ -47,7 +59,11 @@ def pgd_training_examples(model, images, labels, *, norm: str, eps: float, steps
     else:
         direction = torch.randn(images.shape, generator=generator).to(images.device)
         direction /= direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (images.dim() - 1))
-        delta = direction * eps * torch.rand(len(images), generator=generator).to(images.device).view(-1, *[1] * (images.dim() - 1))
+        delta = (
+            direction
+            * eps
+            * torch.rand(len(images), generator=generator).to(images.device).view(-1, *[1] * (images.dim() - 1))
+        )
     adversarial = (images + delta).clamp(low, high)
     for _ in range(steps):
         adversarial.requires_grad_(True)
@@ -58,7 +74,9 @@ def pgd_training_examples(model, images, labels, *, norm: str, eps: float, steps
                 adversarial = adversarial + step_size * gradient.sign()
             else:
                 shape = (-1, *[1] * (images.dim() - 1))
-                adversarial = adversarial + step_size * gradient / gradient.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
+                adversarial = adversarial + step_size * gradient / gradient.flatten(1).norm(dim=1).clamp_min(
+                    1e-12
+                ).view(shape)
             # l_2: scales down only the perturbations outside the ball; safe for eps = 0 (start of the eps ramp).
             adversarial = project(adversarial, images, norm=norm, eps=eps, bounds=(low, high))
     return adversarial.detach()
@@ -102,7 +120,18 @@ class IndependenceCrossEntropy:
 
     OBJECTIVES = ("capped-ce", "uniform")
 
-    def __init__(self, model, *, num_classes: int, nuisance_weight: float, likelihood_weight: float, hidden: int, learning_rate: float, objective: str = "capped-ce", steps: int = 1):
+    def __init__(
+        self,
+        model,
+        *,
+        num_classes: int,
+        nuisance_weight: float,
+        likelihood_weight: float,
+        hidden: int,
+        learning_rate: float,
+        objective: str = "capped-ce",
+        steps: int = 1,
+    ):
         if objective not in self.OBJECTIVES:
             raise ValueError(f"nuisance objective {objective!r} is not one of {', '.join(self.OBJECTIVES)}")
         if steps < 1:
@@ -116,14 +145,24 @@ class IndependenceCrossEntropy:
         self.likelihood_weight = likelihood_weight
         dimension = int(torch.tensor(model.network.input_shape).prod())
         self.dimension = dimension
-        self.nuisance_classifier = torch.nn.Sequential(torch.nn.Linear(dimension - num_classes, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, num_classes))
+        self.nuisance_classifier = torch.nn.Sequential(
+            torch.nn.Linear(dimension - num_classes, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, num_classes),
+        )
         self.optimizer = torch.optim.Adam(self.nuisance_classifier.parameters(), lr=learning_rate)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *, ramp: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *, ramp: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The network's loss on a batch (the nuisance classifier takes its own step inside); ``ramp``
         in [0, 1] scales the nuisance and likelihood terms during the warm-up."""
         low, high = self.model.bounds
-        dequantised = (images + torch.rand(images.shape, generator=generator).to(images.device) * (high - low) / 256).clamp(low, high)
+        dequantised = (
+            images + torch.rand(images.shape, generator=generator).to(images.device) * (high - low) / 256
+        ).clamp(low, high)
         z, log_det = self.model.encode(dequantised)
         logits, nuisance = z[:, : self.num_classes], z[:, self.num_classes :]
         # The nuisance classifier's own steps, on z_n detached from the network.
@@ -138,17 +177,23 @@ class IndependenceCrossEntropy:
             self.optimizer.step()
         penalty = nuisance_penalty(self.nuisance_classifier(nuisance), labels, self.objective)
         negative_log_likelihood = (0.5 * z.pow(2).sum(1) - log_det).mean() / self.dimension
-        loss = F.cross_entropy(logits, labels) + ramp * (self.likelihood_weight * negative_log_likelihood + self.nuisance_weight * penalty)
+        loss = F.cross_entropy(logits, labels) + ramp * (
+            self.likelihood_weight * negative_log_likelihood + self.nuisance_weight * penalty
+        )
         return loss, logits
 
 
 def _option(training: dict[str, Any], key: str, card: ModelCard):
     if key not in training:
-        raise ConfigError(f"model card {card.path} lacks [training] {key}, needed by the {training['recipe']!r} recipe; add it")
+        raise ConfigError(
+            f"model card {card.path} lacks [training] {key}, needed by the {training['recipe']!r} recipe; add it"
+        )
     return training[key]
 
 
-def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = True, device: str | None = None) -> TrainingReport:
+def train(
+    card: ModelCard, *, progress: bool = True, measure_robustness: bool = True, device: str | None = None
+) -> TrainingReport:
     """Train the model a card describes, write its checkpoint atomically and update the card.
 
     The card's sha256, clean accuracy and, for robust recipes, PGD robust accuracy (on the first
@@ -161,7 +206,9 @@ def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = 
     torch_device = resolve_device(str(training.get("device", "cpu")))
     recipe = training["recipe"]
     if recipe not in RECIPES:
-        raise ConfigError(f"model card {card.path}: unknown training recipe {recipe!r}; use one of {', '.join(RECIPES)}")
+        raise ConfigError(
+            f"model card {card.path}: unknown training recipe {recipe!r}; use one of {', '.join(RECIPES)}"
+        )
     epochs = int(_option(training, "epochs", card))
     batch_size = int(_option(training, "batch_size", card))
     learning_rate = float(_option(training, "learning_rate", card))
@@ -180,7 +227,10 @@ def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = 
             # Fine-tuning recipe: start from another registered model's weights (checksum verified).
             source = load_model(str(training["initialize_from"]))
             if type(source.network) is not type(network):
-                raise ConfigError(f"model card {card.path}: initialize_from {training['initialize_from']!r} has architecture {type(source.network).__name__}, not {type(network).__name__}")
+                raise ConfigError(
+                    f"model card {card.path}: initialize_from {training['initialize_from']!r} has architecture"
+                    f" {type(source.network).__name__}, not {type(network).__name__}"
+                )
             network.load_state_dict(source.network.state_dict())
         # Training runs on the card's device (default cpu, where it is deterministic for a seed and a
         # thread count); the checkpoint is always saved from the CPU.
@@ -198,7 +248,10 @@ def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = 
                 raise ConfigError(f"model card {card.path}: [training.augmentation] {error}; fix the card") from error
         if recipe == "ice":
             if not model.invertible:
-                raise ConfigError(f"model card {card.path}: the ice recipe needs an invertible architecture (fi-revnet), not {card.architecture!r}")
+                raise ConfigError(
+                    f"model card {card.path}: the ice recipe needs an invertible architecture (fi-revnet), not"
+                    f" {card.architecture!r}"
+                )
             try:
                 independence = IndependenceCrossEntropy(
                     model,
@@ -224,10 +277,13 @@ def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = 
                 if augmentation is not None:
                     batch_x = reader_augment(batch_x, generator, augmentation)
                 if recipe == "pgd":
-                    batch_x = _adversarial_batch(model, batch_x, batch_y, card, epoch + batch_index / batches_per_epoch, generator)
+                    batch_x = _adversarial_batch(
+                        model, batch_x, batch_y, card, epoch + batch_index / batches_per_epoch, generator
+                    )
                 if independence is not None:
                     warmup = float(training.get("ice_warmup_epochs", 0))
-                    # The logits are learnt first: the independence terms from the start kept a first iCE model at 91% clean.
+                    # The logits are learnt first: the independence terms from the start kept a first iCE model at
+                    # 91% clean.
                     ramp = min(1.0, (epoch + batch_index / batches_per_epoch) / warmup) if warmup > 0 else 1.0
                     loss, logits = independence(batch_x, batch_y, generator, ramp=ramp)
                 else:
@@ -247,7 +303,9 @@ def train(card: ModelCard, *, progress: bool = True, measure_robustness: bool = 
         bar.close()
         model.eval().cpu()
         checkpoint_sha256 = save_state_dict(network, card.checkpoint_path)
-        updated = measure_card(replace(card, checkpoint_sha256=checkpoint_sha256), model=model, dataset=dataset, robust=measure_robustness)
+        updated = measure_card(
+            replace(card, checkpoint_sha256=checkpoint_sha256), model=model, dataset=dataset, robust=measure_robustness
+        )
     finally:
         torch.set_num_threads(previous_threads)
     updated.save()
@@ -259,11 +317,24 @@ def _adversarial_batch(model, images, labels, card: ModelCard, progress_in_epoch
     training = card.training
     norm = threat["norm"]
     if norm not in ("linf", "l2"):
-        raise ConfigError(f"model card {card.path}: [threat_model] norm {norm!r} cannot be trained against; use linf or l2")
+        raise ConfigError(
+            f"model card {card.path}: [threat_model] norm {norm!r} cannot be trained against; use linf or l2"
+        )
     warmup = float(training.get("eps_warmup_epochs", 0))
-    # Ramping eps up avoids the collapse to a constant classifier that PGD training at MNIST eps 0.3+ can fall into at the start.
+    # Ramping eps up avoids the collapse to a constant classifier that PGD training at MNIST eps 0.3+ can fall into
+    # at the start.
     scale = min(1.0, progress_in_epochs / warmup) if warmup > 0 else 1.0
     eps = float(threat["eps"]) * scale
     steps = int(_option(training, "pgd_steps", card))
     step_size = float(_option(training, "pgd_step_size", card)) * scale
-    return pgd_training_examples(model, images, labels, norm=norm, eps=eps, steps=steps, step_size=step_size, bounds=card.bounds, generator=generator)
+    return pgd_training_examples(
+        model,
+        images,
+        labels,
+        norm=norm,
+        eps=eps,
+        steps=steps,
+        step_size=step_size,
+        bounds=card.bounds,
+        generator=generator,
+    )

@@ -15,6 +15,10 @@ class BenchmarkModel(nn.Module):
     input bounds travel with the model.
     """
 
+    #: Per-channel normalisation, applied inside ``forward`` (buffers).
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(
         self,
         network: nn.Module,
@@ -68,7 +72,10 @@ class BenchmarkModel(nn.Module):
 
     def _require_invertible(self) -> None:
         if not self.invertible:
-            raise TypeError(f"model {self.name!r} is not invertible: its network has no encode/decode (use the fi-revnet architecture)")
+            raise TypeError(
+                f"model {self.name!r} is not invertible: its network has no encode/decode (use the fi-revnet"
+                " architecture)"
+            )
 
 
 def _channel_tensor(values: Sequence[float]) -> torch.Tensor:

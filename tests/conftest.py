@@ -3,6 +3,7 @@ import shutil
 
 import numpy as np
 import pytest
+
 from invarbench.datasets import fetch_mnist, load_dataset
 from invarbench.models import registry
 
@@ -31,7 +32,9 @@ def robust_zoo_reference(mnist):
 
     images, labels = mnist.evaluation_subset(50)
     model = load_model("mnist-cnn-pgd-linf-0.3")
-    reference = create_attack("autoattack", version="custom", attacks=["apgd-ce", "apgd-t"])(model, images, labels, norm="linf", epsilons=(0.3,))
+    reference = create_attack("autoattack", version="custom", attacks=["apgd-ce", "apgd-t"])(
+        model, images, labels, norm="linf", epsilons=(0.3,)
+    )
     return model, images, labels, reference
 
 
@@ -68,10 +71,20 @@ def write_cifar10(folder, *, train_per_batch=4, test=6, seed=0):
         data = rng.integers(0, 256, (count, 3072), dtype=np.uint8)
         labels = rng.integers(0, 10, count).tolist()
         with open(folder / name, "wb") as handle:
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data, b"filenames": [f"{name}-{index}.png".encode() for index in range(count)]}, handle)
+            pickle.dump(
+                {
+                    b"batch_label": name.encode(),
+                    b"labels": labels,
+                    b"data": data,
+                    b"filenames": [f"{name}-{index}.png".encode() for index in range(count)],
+                },
+                handle,
+            )
         written[name] = (data, labels)
     with open(folder / "batches.meta", "wb") as handle:
-        pickle.dump({b"label_names": CIFAR10_CLASSES, b"num_cases_per_batch": train_per_batch, b"num_vis": 3072}, handle)
+        pickle.dump(
+            {b"label_names": CIFAR10_CLASSES, b"num_cases_per_batch": train_per_batch, b"num_vis": 3072}, handle
+        )
     return written
 
 

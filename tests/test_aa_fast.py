@@ -1,12 +1,13 @@
 import pytest
 import torch
+from test_attacks import Staircase, linear_problem
+
 from invarbench.attacks import create_attack
 from invarbench.attacks.aa_fast import _Cascade, channels_last_copy, rank_targets
 from invarbench.attacks.autoattack import reliability_flag
 from invarbench.errors import ConfigError
 from invarbench.models import BenchmarkModel
 from invarbench.models.architectures import MnistCNN
-from test_attacks import Staircase, linear_problem
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -14,7 +15,9 @@ def test_aa_fast_reaches_the_closed_form_optimum_on_a_linear_model(norm):
     model, x, labels, minimal = linear_problem(norm)
     for point in range(len(labels)):
         eps = (0.97 * minimal[point].item(), 1.03 * minimal[point].item())
-        result = create_attack("aa-fast", square_queries=300)(model, x[point : point + 1], labels[point : point + 1], norm=norm, epsilons=eps)
+        result = create_attack("aa-fast", square_queries=300)(
+            model, x[point : point + 1], labels[point : point + 1], norm=norm, epsilons=eps
+        )
         assert result.success[:, 0].tolist() == [False, True], (norm, point)
         assert result.norms[1, 0] <= eps[1] * (1 + 1e-5)
         assert result.margins[1, 0] < 0 < result.margins[0, 0]
@@ -33,7 +36,9 @@ def linear_images(count=40, classes=10, seed=0):
         # different scales, so the largest other logit is not always the nearest decision boundary.
         layer.weight.copy_((weight - weight.mean(1, keepdim=True)) * torch.linspace(0.3, 2.0, classes).view(-1, 1))
         layer.bias.copy_(torch.randn(classes, generator=generator) * 0.3)
-    model = BenchmarkModel(torch.nn.Sequential(torch.nn.Flatten(), layer), bounds=(0.0, 1.0), num_classes=classes).eval()
+    model = BenchmarkModel(
+        torch.nn.Sequential(torch.nn.Flatten(), layer), bounds=(0.0, 1.0), num_classes=classes
+    ).eval()
     x = 0.3 + 0.4 * torch.rand(count, 1, 8, 8, generator=generator)
     with torch.no_grad():
         labels = model(x).argmax(1)
@@ -45,13 +50,17 @@ def test_malt_ranks_the_nearest_decision_boundary_first_on_a_linear_model():
     w, b = layer.weight, layer.bias
     logits = x.flatten(1) @ w.T + b
     # Closed form: the l_inf distance to class t's boundary is (z_y - z_t) / ||w_y - w_t||_1.
-    distance = (logits.gather(1, labels.view(-1, 1)) - logits) / (w[labels].unsqueeze(1) - w.unsqueeze(0)).abs().sum(2).clamp_min(1e-12)
+    distance = (logits.gather(1, labels.view(-1, 1)) - logits) / (w[labels].unsqueeze(1) - w.unsqueeze(0)).abs().sum(
+        2
+    ).clamp_min(1e-12)
     nearest = distance.scatter(1, labels.view(-1, 1), float("inf")).argmin(1)
     with torch.no_grad():
         malt = rank_targets(model, x, labels, dual=1, ranking="malt")
     by_logits = rank_targets(model, x, labels, dual=1)
     assert torch.equal(malt[:, 0], nearest)
-    assert not torch.equal(by_logits[:, 0], nearest), "on this model the largest other logit is not always the nearest boundary"
+    assert not torch.equal(by_logits[:, 0], nearest), (
+        "on this model the largest other logit is not always the nearest boundary"
+    )
     assert not (malt == labels.view(-1, 1)).any() and malt.shape == (len(labels), 9)
 
 
@@ -76,7 +85,9 @@ def test_each_stage_attacks_only_the_points_earlier_stages_left_robust(monkeypat
         events.append(None)
 
     monkeypatch.setattr(_Cascade, "run_stage", marked)
-    result = create_attack("aa-fast", targets=2, square_queries=200)(Recorder(), x, labels, norm="linf", epsilons=(0.007,))
+    result = create_attack("aa-fast", targets=2, square_queries=200)(
+        Recorder(), x, labels, norm="linf", epsilons=(0.007,)
+    )
     statistics = result.options["stage_statistics"]
     assert [entry["stage"] for entry in statistics] == ["apgd-ce", "apgd-t", "square"]
     assert 0 < statistics[0]["broken"] < len(labels), "eps chosen so that APGD-CE breaks some points, not all"
@@ -91,7 +102,11 @@ def test_each_stage_attacks_only_the_points_earlier_stages_left_robust(monkeypat
         elif current is not None:
             assert event <= stage_of[current]["attacked"], (current, event)
     assert int(result.success.sum()) == sum(entry["broken"] for entry in statistics)
-    assert (result.norms[result.success] <= 0.007 + 1e-6).all() and (result.adversarials >= 0).all() and (result.adversarials <= 1).all()
+    assert (
+        (result.norms[result.success] <= 0.007 + 1e-6).all()
+        and (result.adversarials >= 0).all()
+        and (result.adversarials <= 1).all()
+    )
 
 
 def test_square_breaks_what_zero_gradients_hide_and_is_flagged():
@@ -109,11 +124,15 @@ def test_square_breaks_what_zero_gradients_hide_and_is_flagged():
     assert not bool(without_square.success.any()) and without_square.options["stages"] == ["apgd-ce"]
     # A short Square (pyautoattack's, whose count these thresholds were set for: invarbench's breaks 8 of the
     # 20 in 10 queries) breaks 1 of the 20 points: above escalate_above, FAB-T runs on the rest (here in vain).
-    short = create_attack("aa-fast", square_queries=10, escalate_above=0.01, square="pyautoattack")(model, x, y, norm="linf", epsilons=(0.3,))
+    short = create_attack("aa-fast", square_queries=10, escalate_above=0.01, square="pyautoattack")(
+        model, x, y, norm="linf", epsilons=(0.3,)
+    )
     _, square, fab = short.options["stage_statistics"]
     assert 0 < square["broken"] < 20 and (fab["stage"], fab["attacked"]) == ("fab-t", 20 - square["broken"])
     for options in ({"escalate": False}, {"escalate_above": 0.1}):
-        plain = create_attack("aa-fast", square_queries=10, square="pyautoattack", **options)(model, x, y, norm="linf", epsilons=(0.3,))
+        plain = create_attack("aa-fast", square_queries=10, square="pyautoattack", **options)(
+            model, x, y, norm="linf", epsilons=(0.3,)
+        )
         assert [entry["stage"] for entry in plain.options["stage_statistics"]] == ["apgd-ce", "square"], options
 
 
@@ -137,10 +156,19 @@ def test_aa_fast_respects_the_active_mask_and_bad_options():
     model, _, x, labels = linear_images(count=10)
     active = torch.ones(2, 10, dtype=torch.bool)
     active[0, :4] = False
-    result = create_attack("aa-fast", targets=1, square_queries=0)(model, x, labels, norm="linf", epsilons=(0.005, 0.01), active=active)
+    result = create_attack("aa-fast", targets=1, square_queries=0)(
+        model, x, labels, norm="linf", epsilons=(0.005, 0.01), active=active
+    )
     assert (result.adversarial_predictions[0, :4] == -1).all() and torch.isnan(result.norms[0, :4]).all()
     assert result.options["stage_statistics"][0]["attacked"] == 6
-    for options in ({"ranking": "random"}, {"targets": -1}, {"square_queries": 1.5}, {"steps": 0}, {"escalate": "yes"}, {"escalate_above": 1.5}):
+    for options in (
+        {"ranking": "random"},
+        {"targets": -1},
+        {"square_queries": 1.5},
+        {"steps": 0},
+        {"escalate": "yes"},
+        {"escalate_above": 1.5},
+    ):
         with pytest.raises(ConfigError, match="aa-fast"):
             create_attack("aa-fast", **options)
 
@@ -162,8 +190,14 @@ def test_channels_last_copy_gives_the_models_logits_or_the_model_itself():
     assert faster is not model and how == "channels last"
     with torch.no_grad():
         assert torch.allclose(faster(x), model(x), atol=1e-5)
-    assert all(parameter.is_contiguous(memory_format=torch.channels_last) for parameter in faster.parameters() if parameter.dim() == 4)
-    flat = BenchmarkModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), bounds=(0.0, 1.0), num_classes=10).eval()
+    assert all(
+        parameter.is_contiguous(memory_format=torch.channels_last)
+        for parameter in faster.parameters()
+        if parameter.dim() == 4
+    )
+    flat = BenchmarkModel(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), bounds=(0.0, 1.0), num_classes=10
+    ).eval()
     assert channels_last_copy(flat, x.flatten(1))[0] is flat
 
 
@@ -189,6 +223,17 @@ def test_the_escalation_stages_run_on_the_model_as_given(monkeypatch):
             return images
 
     monkeypatch.setattr(aa_fast, "FABAttack_PT", Fab)
-    cascade = _Cascade(UnitBox(fast, (1, 28, 28)), x, y, given=UnitBox(model, (1, 28, 28)), norm="linf", eps=0.1, seed=0, batch_size=10, device=torch.device("cpu"), logger=None)
+    cascade = _Cascade(
+        UnitBox(fast, (1, 28, 28)),
+        x,
+        y,
+        given=UnitBox(model, (1, 28, 28)),
+        norm="linf",
+        eps=0.1,
+        seed=0,
+        batch_size=10,
+        device=torch.device("cpu"),
+        logger=None,
+    )
     cascade.run_stage("fab-t", steps=10, targets=9)
     assert len(seen) == 1 and seen[0] is model and cascade.box.model is fast

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from invarbench.attacks import ATTACKS, ThreatModel, create_attack
 from invarbench.errors import ConfigError
 from invarbench.models import BenchmarkModel, load_model
@@ -29,12 +30,22 @@ def linear_problem(norm, count=6):
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
-@pytest.mark.parametrize("attack,options", [("fgsm", {}), ("pgd", {"steps": 100, "rel_stepsize": 0.05}), ("foolbox-pgd", {"steps": 100, "rel_stepsize": 0.05}), ("autoattack", {"version": "custom", "attacks": ["apgd-ce", "fab"]})])
+@pytest.mark.parametrize(
+    "attack,options",
+    [
+        ("fgsm", {}),
+        ("pgd", {"steps": 100, "rel_stepsize": 0.05}),
+        ("foolbox-pgd", {"steps": 100, "rel_stepsize": 0.05}),
+        ("autoattack", {"version": "custom", "attacks": ["apgd-ce", "fab"]}),
+    ],
+)
 def test_attack_reaches_the_closed_form_optimum_on_a_linear_model(norm, attack, options):
     model, x, labels, minimal = linear_problem(norm)
     for point in range(len(labels)):
         eps = (0.97 * minimal[point].item(), 1.03 * minimal[point].item())
-        result = create_attack(attack, **options)(model, x[point : point + 1], labels[point : point + 1], norm=norm, epsilons=eps)
+        result = create_attack(attack, **options)(
+            model, x[point : point + 1], labels[point : point + 1], norm=norm, epsilons=eps
+        )
         assert result.success[:, 0].tolist() == [False, True], (attack, norm, point)
         assert result.norms[1, 0] <= eps[1] * (1 + 1e-5)
 
@@ -65,16 +76,28 @@ def test_foolbox_pgd_restarts_only_add_successes_and_runs_repeat():
     single = create_attack("foolbox-pgd", steps=5)(model, x, labels, norm="linf", epsilons=(0.01, 0.02), seed=3)
     repeated = create_attack("foolbox-pgd", steps=5)(model, x, labels, norm="linf", epsilons=(0.01, 0.02), seed=3)
     assert torch.equal(single.success, repeated.success)
-    several = create_attack("foolbox-pgd", steps=5, restarts=3)(model, x, labels, norm="linf", epsilons=(0.01, 0.02), seed=3)
+    several = create_attack("foolbox-pgd", steps=5, restarts=3)(
+        model, x, labels, norm="linf", epsilons=(0.01, 0.02), seed=3
+    )
     assert (several.success | ~single.success).all()
     assert single.robust_accuracy()[0] >= single.robust_accuracy()[1]
-    assert several.options["restarts"] == 3 and several.options["steps"] == 5 and "foolbox" in several.options["implementation"]
+    assert (
+        several.options["restarts"] == 3
+        and several.options["steps"] == 5
+        and "foolbox" in several.options["implementation"]
+    )
 
 
 def test_threat_specifications():
     assert ThreatModel.parse("linf:0.3,0.1") == ThreatModel("linf", (0.1, 0.3))
     assert str(ThreatModel.parse("L2:2")) == "l2:2"
-    for spec, message in [("linf", "no eps values"), ("l1:0.3", "unknown norm 'l1'"), ("linf:0.1,abc", "numbers separated by commas"), ("linf:-0.1", "positive"), ("linf:0.1,0.1", "repeats")]:
+    for spec, message in [
+        ("linf", "no eps values"),
+        ("l1:0.3", "unknown norm 'l1'"),
+        ("linf:0.1,abc", "numbers separated by commas"),
+        ("linf:-0.1", "positive"),
+        ("linf:0.1,0.1", "repeats"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             ThreatModel.parse(spec)
     with pytest.raises(ConfigError, match="eps 1.5 for linf is out of range"):
@@ -127,8 +150,12 @@ def test_autoattack_resumes_from_the_official_state_file(tmp_path):
     state.to_disk(force=True)
     result = attack(model, x, labels, norm="linf", epsilons=(eps,), workspace=tmp_path)
     assert result.success.all()
-    assert result.adversarial_predictions[0, 0] == -1 and torch.isnan(result.norms[0, 0]), "broken before the interruption: label and norm unknown"
-    assert (result.adversarial_predictions[0, 1:] != labels[1:]).all() and (result.norms[0, 1:] <= eps * (1 + 1e-5)).all()
+    assert result.adversarial_predictions[0, 0] == -1 and torch.isnan(result.norms[0, 0]), (
+        "broken before the interruption: label and norm unknown"
+    )
+    assert (result.adversarial_predictions[0, 1:] != labels[1:]).all() and (
+        result.norms[0, 1:] <= eps * (1 + 1e-5)
+    ).all()
 
 
 @pytest.mark.slow
@@ -137,7 +164,9 @@ def test_fmn_restarts_points_it_found_nothing_for_from_another_class(mnist):
     images, labels = mnist.evaluation_subset(40)
     correct = model(images).argmax(1) == labels
     plain, _ = create_attack("fmn", restart=False).minimal_norms(model, images, labels, norm="l2")
-    assert not torch.isfinite(plain[correct]).all(), "started at the clean point, l2 FMN misses some points (the reason for restarts)"
+    assert not torch.isfinite(plain[correct]).all(), (
+        "started at the clean point, l2 FMN misses some points (the reason for restarts)"
+    )
     norms, predictions = create_attack("fmn").minimal_norms(model, images, labels, norm="l2")
     assert torch.isfinite(norms[correct]).all(), "with restarts every correctly classified point gets an adversarial"
     assert (predictions[correct] != labels[correct]).all()
@@ -161,14 +190,18 @@ def test_autoattack_keeps_its_own_reliability_warnings():
     generator = torch.Generator().manual_seed(1)
     x = 0.3 + 0.19 * torch.rand(20, 20, generator=generator)
     y = model(x).argmax(1)
-    result = create_attack("autoattack", version="custom", attacks=["apgd-ce", "apgd-dlr", "square"])(model, x, y, norm="linf", epsilons=(0.3,))
+    result = create_attack("autoattack", version="custom", attacks=["apgd-ce", "apgd-dlr", "square"])(
+        model, x, y, norm="linf", epsilons=(0.3,)
+    )
     assert bool(result.success.all())
     flags = {reliability_flag(message) for message in result.warnings}
     assert {"zero_gradients", "square_beats_white_box"} <= flags
     assert all(message.startswith("eps 0.3: ") for message in result.warnings)
     # A model with useful gradients raises none of them.
     linear, x, labels, _ = linear_problem("linf")
-    clean = create_attack("autoattack", version="custom", attacks=["apgd-ce", "square"])(linear, x, labels, norm="linf", epsilons=(0.5,))
+    clean = create_attack("autoattack", version="custom", attacks=["apgd-ce", "square"])(
+        linear, x, labels, norm="linf", epsilons=(0.5,)
+    )
     assert not {reliability_flag(message) for message in clean.warnings} & {"zero_gradients", "square_beats_white_box"}
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from invarbench.cli import EXIT_FAILURE, EXIT_USAGE, main
 from invarbench.labelling import LabelStore
 from invarbench.leaderboard.entries import ENTRIES_DIR
@@ -32,7 +33,21 @@ REPO_FOLDERS = (registry.CARDS_DIR, registry.CARDS_DIR.parent / "oracles", ENTRI
 ENTRY = ENTRIES_DIR / "mnist-cnn-standard__mnist__perturbation.json"
 MODEL = "spheres-mlp-standard"
 #: A finished run copied into each case that needs one (its folder is ``runs/run``).
-RUN = ["run", MODEL, "--attack", "fgsm", "--threat", "linf:0.02", "--n", "20", "--shard-size", "10", "--name", "run", "--no-progress"]
+RUN = [
+    "run",
+    MODEL,
+    "--attack",
+    "fgsm",
+    "--threat",
+    "linf:0.02",
+    "--n",
+    "20",
+    "--shard-size",
+    "10",
+    "--name",
+    "run",
+    "--no-progress",
+]
 
 
 @dataclass
@@ -150,61 +165,325 @@ def _other_database(ws: Workspace) -> Path:
 # (id, setup returning (arguments, the text naming the bad input), a distinctive word of the fix, run as a subprocess)
 CASES = [
     # CLI options
-    ("unknown model", lambda ws: (["run", "spheres-mlp-standrd", *ws.out, "--no-progress"], "'spheres-mlp-standrd'"), "Did you mean spheres-mlp-standard", False),
-    ("threat unknown norm", lambda ws: ([*RUN, "--threat", "l3:0.1", *ws.out], "'l3:0.1'"), "use one of linf, l2", False),
-    ("threat negative eps", lambda ws: ([*RUN, "--threat", "linf:-0.1", *ws.out], "'linf:-0.1'"), "must be positive", False),
-    ("threat eps beyond bounds", lambda ws: ([*RUN, "--threat", "linf:5", *ws.out], "eps 5 for linf"), "use eps < 3", False),
+    (
+        "unknown model",
+        lambda ws: (["run", "spheres-mlp-standrd", *ws.out, "--no-progress"], "'spheres-mlp-standrd'"),
+        "Did you mean spheres-mlp-standard",
+        False,
+    ),
+    (
+        "threat unknown norm",
+        lambda ws: ([*RUN, "--threat", "l3:0.1", *ws.out], "'l3:0.1'"),
+        "use one of linf, l2",
+        False,
+    ),
+    (
+        "threat negative eps",
+        lambda ws: ([*RUN, "--threat", "linf:-0.1", *ws.out], "'linf:-0.1'"),
+        "must be positive",
+        False,
+    ),
+    (
+        "threat eps beyond bounds",
+        lambda ws: ([*RUN, "--threat", "linf:5", *ws.out], "eps 5 for linf"),
+        "use eps < 3",
+        False,
+    ),
     ("threat without eps", lambda ws: ([*RUN, "--threat", "linf", *ws.out], "'linf'"), "NORM:EPS", False),
     ("unknown attack", lambda ws: ([*RUN, "--attack", "pgdd", *ws.out], "'pgdd'"), "Did you mean pgd", False),
-    ("unknown attack option", lambda ws: ([*RUN, "--attack", "pgd:stepz=5", *ws.out], "'stepz'"), "its options are steps, rel_stepsize, restarts, batch_size", False),
-    ("bad attack option value", lambda ws: ([*RUN, "--attack", "pgd:steps=-5", *ws.out], "steps=-5"), "at least 1", False),
+    (
+        "unknown attack option",
+        lambda ws: ([*RUN, "--attack", "pgd:stepz=5", *ws.out], "'stepz'"),
+        "its options are steps, rel_stepsize, restarts, batch_size",
+        False,
+    ),
+    (
+        "bad attack option value",
+        lambda ws: ([*RUN, "--attack", "pgd:steps=-5", *ws.out], "steps=-5"),
+        "at least 1",
+        False,
+    ),
     ("n zero", lambda ws: ([*RUN, "--n", "0", *ws.out], "--n (0)"), "must be positive", False),
     ("n negative", lambda ws: ([*RUN, "--n", "-3", *ws.out], "--n (-3)"), "must be positive", False),
     ("n not a number", lambda ws: ([*RUN, "--n", "many", *ws.out], "'many'"), "invalid int value", False),
-    ("unknown oracle", lambda ws: ([*RUN, "--attack", "invariance-linf", "--oracle", "proxy:mnist-reader", *ws.out], "'proxy:mnist-reader'"), "Did you mean proxy:mnist-readers", False),
-    ("architecture args not JSON", lambda ws: ([*RUN[:2], "--architecture", "mlp", "--architecture-args", "{input_dim: 2}", *RUN[2:], *ws.out], "'{input_dim: 2}'"), "write e.g.", False),
-    ("MNIST data path missing", lambda ws: (["run", "mnist-cnn-standard", "--data", str(ws.root / "mnist.npz"), "--n", "10", "--no-progress", *ws.out], str(ws.root / "mnist.npz")), "pass a directory of IDX files", False),
+    (
+        "unknown oracle",
+        lambda ws: (
+            [*RUN, "--attack", "invariance-linf", "--oracle", "proxy:mnist-reader", *ws.out],
+            "'proxy:mnist-reader'",
+        ),
+        "Did you mean proxy:mnist-readers",
+        False,
+    ),
+    (
+        "architecture args not JSON",
+        lambda ws: (
+            [*RUN[:2], "--architecture", "mlp", "--architecture-args", "{input_dim: 2}", *RUN[2:], *ws.out],
+            "'{input_dim: 2}'",
+        ),
+        "write e.g.",
+        False,
+    ),
+    (
+        "MNIST data path missing",
+        lambda ws: (
+            ["run", "mnist-cnn-standard", "--data", str(ws.root / "mnist.npz"), "--n", "10", "--no-progress", *ws.out],
+            str(ws.root / "mnist.npz"),
+        ),
+        "pass a directory of IDX files",
+        False,
+    ),
     ("data fetch unknown data set", lambda ws: (["data", "fetch", "imagenet"], "'imagenet'"), "choose from", True),
     # cards and checkpoints
-    ("card missing field", lambda ws: _card(ws, lambda card, _: _rewrite(card, lambda text: text.replace('dataset = "spheres"\n', ""))), "lacks dataset", False),
-    ("card bad TOML", lambda ws: _card(ws, lambda card, _: _rewrite(card, lambda text: text + "\n[[[checkpoint\n")), "fix its TOML syntax", False),
-    ("card wrong checkpoint sha256", lambda ws: _card(ws, lambda card, _: _rewrite(card, lambda text: re.sub(r'sha256 = "[0-9a-f]+"', f'sha256 = "{0:064}"', text))), "restore it from git", False),
-    ("checkpoint truncated", lambda ws: _card(ws, lambda _, checkpoint: _truncate(checkpoint)), f"invarbench models train {MODEL}", False),
+    (
+        "card missing field",
+        lambda ws: _card(ws, lambda card, _: _rewrite(card, lambda text: text.replace('dataset = "spheres"\n', ""))),
+        "lacks dataset",
+        False,
+    ),
+    (
+        "card bad TOML",
+        lambda ws: _card(ws, lambda card, _: _rewrite(card, lambda text: text + "\n[[[checkpoint\n")),
+        "fix its TOML syntax",
+        False,
+    ),
+    (
+        "card wrong checkpoint sha256",
+        lambda ws: _card(
+            ws,
+            lambda card, _: _rewrite(card, lambda text: re.sub(r'sha256 = "[0-9a-f]+"', f'sha256 = "{0:064}"', text)),
+        ),
+        "restore it from git",
+        False,
+    ),
+    (
+        "checkpoint truncated",
+        lambda ws: _card(ws, lambda _, checkpoint: _truncate(checkpoint)),
+        f"invarbench models train {MODEL}",
+        False,
+    ),
     (
         "checkpoint not a torch file",
-        lambda ws: (["run", str(ws.file("model.pt", "weights")), "--dataset", "spheres", "--architecture", "mlp", "--architecture-args", '{"input_dim": 50}', "--n", "10", "--no-progress", *ws.out], str(ws.root / "model.pt")),
+        lambda ws: (
+            [
+                "run",
+                str(ws.file("model.pt", "weights")),
+                "--dataset",
+                "spheres",
+                "--architecture",
+                "mlp",
+                "--architecture-args",
+                '{"input_dim": 50}',
+                "--n",
+                "10",
+                "--no-progress",
+                *ws.out,
+            ],
+            str(ws.root / "model.pt"),
+        ),
         "torch.save(model.state_dict()",
         False,
     ),
     # run directories
     ("run dir truncated job", _truncated_job, "delete that file and re-run", False),
-    ("manifest of another configuration", lambda ws: ([*RUN, *ws.out], str(_edit_manifest(ws, _other_seed))), "re-run with the options recorded", False),
-    ("manifest not JSON", lambda ws: ([*RUN, *ws.out], str(_truncate(ws.run_dir() / "manifest.json"))), "remove it or choose another --out", False),
-    ("manifest not an object", lambda ws: ([*RUN, *ws.out], str(_edit_manifest(ws, lambda manifest: list(manifest)))), "pass another --out/--name", False),
+    (
+        "manifest of another configuration",
+        lambda ws: ([*RUN, *ws.out], str(_edit_manifest(ws, _other_seed))),
+        "re-run with the options recorded",
+        False,
+    ),
+    (
+        "manifest not JSON",
+        lambda ws: ([*RUN, *ws.out], str(_truncate(ws.run_dir() / "manifest.json"))),
+        "remove it or choose another --out",
+        False,
+    ),
+    (
+        "manifest not an object",
+        lambda ws: ([*RUN, *ws.out], str(_edit_manifest(ws, lambda manifest: list(manifest)))),
+        "pass another --out/--name",
+        False,
+    ),
     ("run lock held by a live process", _locked, "wait for it to finish", True),
-    ("add unfinished run", lambda ws: (["leaderboard", "add", str(_edit_manifest(ws, _running).parent), "--entries", str(ws.root / "entries")], "'running'"), "re-run its command", False),
-    ("add run with truncated results", lambda ws: (["leaderboard", "add", str(ws.run_dir()), "--entries", str(ws.root / "entries")], str(_truncate(ws.root / "runs" / "run" / "results.parquet"))), "rewrite it from the job records", False),
+    (
+        "add unfinished run",
+        lambda ws: (
+            ["leaderboard", "add", str(_edit_manifest(ws, _running).parent), "--entries", str(ws.root / "entries")],
+            "'running'",
+        ),
+        "re-run its command",
+        False,
+    ),
+    (
+        "add run with truncated results",
+        lambda ws: (
+            ["leaderboard", "add", str(ws.run_dir()), "--entries", str(ws.root / "entries")],
+            str(_truncate(ws.root / "runs" / "run" / "results.parquet")),
+        ),
+        "rewrite it from the job records",
+        False,
+    ),
     # leaderboard entries
-    ("entry truncated", lambda ws: (["leaderboard", "build", "--entries", str(ws.entries()), "--out", str(ws.root / "tables"), "--site", str(ws.root / "site")], str(_truncate(ws.root / "entries" / ENTRY.name))), "re-add its run", False),
-    ("entry unknown track (build)", lambda ws: (["leaderboard", "build", "--entries", str(ws.entries(track="robustness")), "--out", str(ws.root / "tables"), "--site", str(ws.root / "site")], "'robustness'"), "expected one of perturbation, invariance", False),
-    ("entry unknown track (check)", lambda ws: (["check", "--entries", str(ws.entries(track="robustness")), "--no-progress"], "'robustness'"), "expected one of perturbation, invariance", False),
-    ("check unknown entry", lambda ws: (["check", "mnist-cnn-standrd", "--entries", str(ws.entries()), "--no-progress"], "mnist-cnn-standrd"), "MODEL__DATASET__TRACK", False),
+    (
+        "entry truncated",
+        lambda ws: (
+            [
+                "leaderboard",
+                "build",
+                "--entries",
+                str(ws.entries()),
+                "--out",
+                str(ws.root / "tables"),
+                "--site",
+                str(ws.root / "site"),
+            ],
+            str(_truncate(ws.root / "entries" / ENTRY.name)),
+        ),
+        "re-add its run",
+        False,
+    ),
+    (
+        "entry unknown track (build)",
+        lambda ws: (
+            [
+                "leaderboard",
+                "build",
+                "--entries",
+                str(ws.entries(track="robustness")),
+                "--out",
+                str(ws.root / "tables"),
+                "--site",
+                str(ws.root / "site"),
+            ],
+            "'robustness'",
+        ),
+        "expected one of perturbation, invariance",
+        False,
+    ),
+    (
+        "entry unknown track (check)",
+        lambda ws: (["check", "--entries", str(ws.entries(track="robustness")), "--no-progress"], "'robustness'"),
+        "expected one of perturbation, invariance",
+        False,
+    ),
+    (
+        "check unknown entry",
+        lambda ws: (
+            ["check", "mnist-cnn-standrd", "--entries", str(ws.entries()), "--no-progress"],
+            "mnist-cnn-standrd",
+        ),
+        "MODEL__DATASET__TRACK",
+        False,
+    ),
     # people's labels
-    ("label folder missing", lambda ws: (["oracle", "evaluate", "proxy:mnist-readers", "--labels", str(ws.root / "labels")], str(ws.root / "labels")), "pass a folder holding NAME.npy", False),
-    ("label outside 0-9", lambda ws: (["oracle", "evaluate", "proxy:mnist-readers", "--labels", str(ws.labels([1, 2, 12]))], str(ws.root / "labels" / "x_labels.npy")), "digits 0-9", False),
-    ("labels DB not SQLite (evaluate)", lambda ws: (["oracle", "evaluate", "proxy:mnist-readers", "--labels", str(_not_sqlite(ws))], str(ws.root / "labels.sqlite")), "pass the file `invarbench label create` created", False),
-    ("labels DB not SQLite (summary)", lambda ws: (["label", "summary", "--db", str(_not_sqlite(ws))], str(ws.root / "labels.sqlite")), "pass the file `invarbench label create` created", False),
-    ("labels DB empty file", lambda ws: (["label", "summary", "--db", str(ws.file("empty.sqlite", b""))], str(ws.root / "empty.sqlite")), "pass the file `invarbench label create` created", False),
-    ("labels DB of another program", lambda ws: (["label", "summary", "--db", str(_other_database(ws))], str(ws.root / "other.sqlite")), "pass the file `invarbench label create` created", False),
-    ("label serve without database", lambda ws: (["label", "serve", "--db", str(ws.root / "labels.sqlite")], str(ws.root / "labels.sqlite")), "invarbench label create SOURCE", False),
-    ("label serve off loopback uninvited", lambda ws: (["label", "serve", "--db", str(ws.labels_db()), "--host", "0.0.0.0"], "--host 0.0.0.0"), "invarbench label invite NAME", False),
-    ("label serve on a busy port", lambda ws: (["label", "serve", "--db", str(ws.labels_db()), "--port", str(port := ws.busy_port())], f"port {port}"), "pass another --port", False),
-    ("label create control share", lambda ws: (["label", "create", str(ws.labels([1, 2])), "--db", str(ws.root / "new.sqlite"), "--control-share", "0.7"], "--control-share 0.7"), "between 0 and 0.5", False),
-    ("label invite twice", lambda ws: (["label", "invite", "alice", "--db", str(ws.labels_db("alice"))], "alice"), "invarbench label revoke alice", False),
-    ("label invite bad name", lambda ws: (["label", "invite", "alice smith", "--db", str(ws.labels_db())], "'alice smith'"), "1-64 letters", False),
-    ("label invite bad url", lambda ws: (["label", "invite", "alice", "--db", str(ws.labels_db()), "--url", "lab-pc:8000"], "--url lab-pc:8000"), "http://lab-pc.example.org:8000/", False),
-    ("label revoke unknown", lambda ws: (["label", "revoke", "alcie", "--db", str(ws.labels_db("alice"))], "'alcie'"), "Did you mean alice", False),
-    ("oracle evaluate unknown oracle", lambda ws: (["oracle", "evaluate", "proxy:nope", "--labels", str(ws.labels([1, 2]))], "'proxy:nope'"), "named oracles", False),
+    (
+        "label folder missing",
+        lambda ws: (
+            ["oracle", "evaluate", "proxy:mnist-readers", "--labels", str(ws.root / "labels")],
+            str(ws.root / "labels"),
+        ),
+        "pass a folder holding NAME.npy",
+        False,
+    ),
+    (
+        "label outside 0-9",
+        lambda ws: (
+            ["oracle", "evaluate", "proxy:mnist-readers", "--labels", str(ws.labels([1, 2, 12]))],
+            str(ws.root / "labels" / "x_labels.npy"),
+        ),
+        "digits 0-9",
+        False,
+    ),
+    (
+        "labels DB not SQLite (evaluate)",
+        lambda ws: (
+            ["oracle", "evaluate", "proxy:mnist-readers", "--labels", str(_not_sqlite(ws))],
+            str(ws.root / "labels.sqlite"),
+        ),
+        "pass the file `invarbench label create` created",
+        False,
+    ),
+    (
+        "labels DB not SQLite (summary)",
+        lambda ws: (["label", "summary", "--db", str(_not_sqlite(ws))], str(ws.root / "labels.sqlite")),
+        "pass the file `invarbench label create` created",
+        False,
+    ),
+    (
+        "labels DB empty file",
+        lambda ws: (["label", "summary", "--db", str(ws.file("empty.sqlite", b""))], str(ws.root / "empty.sqlite")),
+        "pass the file `invarbench label create` created",
+        False,
+    ),
+    (
+        "labels DB of another program",
+        lambda ws: (["label", "summary", "--db", str(_other_database(ws))], str(ws.root / "other.sqlite")),
+        "pass the file `invarbench label create` created",
+        False,
+    ),
+    (
+        "label serve without database",
+        lambda ws: (["label", "serve", "--db", str(ws.root / "labels.sqlite")], str(ws.root / "labels.sqlite")),
+        "invarbench label create SOURCE",
+        False,
+    ),
+    (
+        "label serve off loopback uninvited",
+        lambda ws: (["label", "serve", "--db", str(ws.labels_db()), "--host", "0.0.0.0"], "--host 0.0.0.0"),
+        "invarbench label invite NAME",
+        False,
+    ),
+    (
+        "label serve on a busy port",
+        lambda ws: (
+            ["label", "serve", "--db", str(ws.labels_db()), "--port", str(port := ws.busy_port())],
+            f"port {port}",
+        ),
+        "pass another --port",
+        False,
+    ),
+    (
+        "label create control share",
+        lambda ws: (
+            ["label", "create", str(ws.labels([1, 2])), "--db", str(ws.root / "new.sqlite"), "--control-share", "0.7"],
+            "--control-share 0.7",
+        ),
+        "between 0 and 0.5",
+        False,
+    ),
+    (
+        "label invite twice",
+        lambda ws: (["label", "invite", "alice", "--db", str(ws.labels_db("alice"))], "alice"),
+        "invarbench label revoke alice",
+        False,
+    ),
+    (
+        "label invite bad name",
+        lambda ws: (["label", "invite", "alice smith", "--db", str(ws.labels_db())], "'alice smith'"),
+        "1-64 letters",
+        False,
+    ),
+    (
+        "label invite bad url",
+        lambda ws: (
+            ["label", "invite", "alice", "--db", str(ws.labels_db()), "--url", "lab-pc:8000"],
+            "--url lab-pc:8000",
+        ),
+        "http://lab-pc.example.org:8000/",
+        False,
+    ),
+    (
+        "label revoke unknown",
+        lambda ws: (["label", "revoke", "alcie", "--db", str(ws.labels_db("alice"))], "'alcie'"),
+        "Did you mean alice",
+        False,
+    ),
+    (
+        "oracle evaluate unknown oracle",
+        lambda ws: (["oracle", "evaluate", "proxy:nope", "--labels", str(ws.labels([1, 2]))], "'proxy:nope'"),
+        "named oracles",
+        False,
+    ),
 ]
 
 
@@ -233,7 +512,9 @@ def _snapshot(root: Path) -> dict[str, object]:
 def _invoke(args: list[str], in_subprocess: bool, capsys) -> tuple[int, str, str]:
     """Exit status, stdout and stderr of the command."""
     if in_subprocess:
-        completed = subprocess.run([sys.executable, "-m", "invarbench.cli", *args], capture_output=True, text=True, timeout=120)
+        completed = subprocess.run(
+            [sys.executable, "-m", "invarbench.cli", *args], capture_output=True, text=True, timeout=120
+        )
         return completed.returncode, completed.stdout, completed.stderr
     try:
         status = main(args)
@@ -243,8 +524,13 @@ def _invoke(args: list[str], in_subprocess: bool, capsys) -> tuple[int, str, str
     return status, captured.out, captured.err
 
 
-@pytest.mark.parametrize(("setup", "fix", "in_subprocess"), [pytest.param(setup, fix, in_subprocess, id=name) for name, setup, fix, in_subprocess in CASES])
-def test_bad_input_gets_one_clear_error_and_changes_nothing(setup, fix, in_subprocess, tmp_path, finished_run, request, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    ("setup", "fix", "in_subprocess"),
+    [pytest.param(setup, fix, in_subprocess, id=name) for name, setup, fix, in_subprocess in CASES],
+)
+def test_bad_input_gets_one_clear_error_and_changes_nothing(
+    setup, fix, in_subprocess, tmp_path, finished_run, request, capsys, monkeypatch
+):
     monkeypatch.setenv("INVARBENCH_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args, named = setup(Workspace(tmp_path, finished_run, request))
@@ -255,13 +541,19 @@ def test_bad_input_gets_one_clear_error_and_changes_nothing(setup, fix, in_subpr
     assert status in (EXIT_FAILURE, EXIT_USAGE), stderr
     assert stdout == "", f"printed before the error: {stdout!r}"
     # Nothing but the error: argparse's usage line and its error, or invarbench's one error line.
-    expected = r"usage: invarbench .*\ninvarbench[ a-z-]*: error: [^\n]+\n" if status == EXIT_USAGE else r"invarbench: error: [^\n]+\n"
+    expected = (
+        r"usage: invarbench .*\ninvarbench[ a-z-]*: error: [^\n]+\n"
+        if status == EXIT_USAGE
+        else r"invarbench: error: [^\n]+\n"
+    )
     assert re.fullmatch(expected, stderr, flags=re.DOTALL), f"printed more than the error: {stderr!r}"
     message = stderr[stderr.index("error:") :]
     assert named in message, f"the error does not name {named}: {message}"
     assert fix in message, f"the error does not say how to fix it ({fix!r}): {message}"
     after = _snapshot(tmp_path)
-    assert {path: value for path, value in after.items() if before.get(path) != value} == {}, "a file was changed or left behind"
+    assert {path: value for path, value in after.items() if before.get(path) != value} == {}, (
+        "a file was changed or left behind"
+    )
     assert sorted(set(before) - set(after)) == [], "a file was removed"
 
 

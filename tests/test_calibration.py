@@ -3,8 +3,18 @@
 import numpy as np
 import pytest
 import torch
+
 from invarbench.attacks.calibration import calibrate, calibrate_sets, labelled_sets
-from invarbench.attacks.oracles import ABSTAIN, InvarianceSet, Oracle, OracleDefinition, ProxyOracle, View, get_oracle_definition, list_oracles
+from invarbench.attacks.oracles import (
+    ABSTAIN,
+    InvarianceSet,
+    Oracle,
+    OracleDefinition,
+    ProxyOracle,
+    View,
+    get_oracle_definition,
+    list_oracles,
+)
 from invarbench.cli import main
 from invarbench.errors import ConfigError, DataError
 
@@ -28,9 +38,14 @@ def test_calibration_counts_by_hand():
     labelled = InvarianceSet("toy", torch.zeros(8, 1, 28, 28), people, torch.arange(8))
     result = calibrate(oracle, labelled, torch.ones(8, dtype=torch.long))
     assert (result.items, result.abstained, result.decided) == (8, 2, 6)
-    # Decided changed items: 7 (sees, agrees), 9 (sees, disagrees), 1 (misses); unchanged: 1, 1 (agree), 4 (false change).
+    # Decided changed items: 7 (sees, agrees), 9 (sees, disagrees), 1 (misses); unchanged: 1, 1 (agree),
+    # 4 (false change).
     assert (result.changed, result.saw_change, result.unchanged, result.called_change, result.agreed) == (3, 2, 3, 1, 3)
-    assert result.sees_change == pytest.approx(2 / 3) and result.false_change == pytest.approx(1 / 3) and result.agreement == pytest.approx(0.5)
+    assert (
+        result.sees_change == pytest.approx(2 / 3)
+        and result.false_change == pytest.approx(1 / 3)
+        and result.agreement == pytest.approx(0.5)
+    )
     stored = result.to_dict()
     assert stored["abstention_rate"] == pytest.approx(0.25) and len(stored["sees_change_ci95"]) == 2
     assert type(result).from_dict(stored) == result
@@ -68,7 +83,9 @@ def test_proxy_oracle_votes_over_members_and_views():
     assert stretched.label(faint).tolist() == [1, 1]
     both = ProxyOracle("proxy:both", [_Threshold()], views=(View(), View(stretch=0.5)), num_classes=2, agreement=1.0)
     assert both.voters == 2 and both.label(faint).tolist() == [ABSTAIN, ABSTAIN]
-    assert both.probabilities(faint)[0].tolist() == pytest.approx([0.5 * (1 / (1 + np.e**-1)) + 0.5 * (1 - 1 / (1 + np.e**-1)), 0.5])
+    assert both.probabilities(faint)[0].tolist() == pytest.approx(
+        [0.5 * (1 / (1 + np.e**-1)) + 0.5 * (1 - 1 / (1 + np.e**-1)), 0.5]
+    )
 
 
 def test_named_oracles_load_and_refuse_unknown_names(tmp_path):
@@ -81,7 +98,9 @@ def test_named_oracles_load_and_refuse_unknown_names(tmp_path):
     with pytest.raises(ConfigError, match="lacks members, agreement, notes"):
         OracleDefinition.from_toml(broken)
     bad_view = tmp_path / "view.toml"
-    bad_view.write_text('name = "proxy:x"\ndataset = "mnist"\nmembers = []\nagreement = 1.0\nnotes = ""\nviews = [{blur = 3}]\n')
+    bad_view.write_text(
+        'name = "proxy:x"\ndataset = "mnist"\nmembers = []\nagreement = 1.0\nnotes = ""\nviews = [{blur = 3}]\n'
+    )
     with pytest.raises(ConfigError, match="a view is a table of stretch and closing"):
         OracleDefinition.from_toml(bad_view)
 
@@ -97,7 +116,12 @@ def _tramer_folder(root, images, labels, indices):
 def test_calibration_of_a_named_oracle_on_real_digits(mnist, tmp_path):
     # Unchanged test digits labelled by "people" with their own labels: a good oracle calls no change.
     indices = np.arange(40)
-    folder = _tramer_folder(tmp_path / "people", (mnist.test_images[:40, 0].numpy() * 255).round().astype(np.uint8), mnist.test_labels[:40].numpy(), indices)
+    folder = _tramer_folder(
+        tmp_path / "people",
+        (mnist.test_images[:40, 0].numpy() * 255).round().astype(np.uint8),
+        mnist.test_labels[:40].numpy(),
+        indices,
+    )
     sets = labelled_sets(folder)
     assert [item.name for item in sets] == ["people/set"]
     oracle = get_oracle_definition("proxy:mnist-readers").build(mnist)
@@ -105,12 +129,21 @@ def test_calibration_of_a_named_oracle_on_real_digits(mnist, tmp_path):
     assert result.changed == 0 and result.unchanged == result.decided
     assert result.called_change <= 1 and result.abstained <= 4
     with pytest.raises(DataError, match="outside the 10000 test points"):
-        calibrate_sets(oracle, [InvarianceSet("far", sets[0].images[:1], sets[0].labels[:1], torch.tensor([20_000]))], mnist.test_labels)
+        calibrate_sets(
+            oracle,
+            [InvarianceSet("far", sets[0].images[:1], sets[0].labels[:1], torch.tensor([20_000]))],
+            mnist.test_labels,
+        )
 
 
 def test_oracle_evaluate_command(mnist, tmp_path, capsys):
     indices = np.arange(10)
-    folder = _tramer_folder(tmp_path / "people", (mnist.test_images[:10, 0].numpy() * 255).round().astype(np.uint8), (mnist.test_labels[:10].numpy() + 1) % 10, indices)
+    folder = _tramer_folder(
+        tmp_path / "people",
+        (mnist.test_images[:10, 0].numpy() * 255).round().astype(np.uint8),
+        (mnist.test_labels[:10].numpy() + 1) % 10,
+        indices,
+    )
     assert main(["oracle", "evaluate", "proxy:mnist-readers", "--labels", str(folder)]) == 0
     out = capsys.readouterr().out
     assert "people/set" in out and "sees change people saw" in out
@@ -118,7 +151,9 @@ def test_oracle_evaluate_command(mnist, tmp_path, capsys):
     assert "0.0% (0/" in out.split("people/set")[1]
     assert main(["oracle", "evaluate", "proxy:mnist-readers", "--labels", str(tmp_path / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err
-    mismatched = _tramer_folder(tmp_path / "mismatched", np.zeros((3, 28, 28), np.uint8), np.zeros(2, np.int64), np.arange(3))
+    mismatched = _tramer_folder(
+        tmp_path / "mismatched", np.zeros((3, 28, 28), np.uint8), np.zeros(2, np.int64), np.arange(3)
+    )
     assert main(["oracle", "evaluate", "proxy:mnist-readers", "--labels", str(mismatched)]) == 1
     assert "expected 3 integer labels" in capsys.readouterr().err
     assert main(["oracle", "list"]) == 0
@@ -134,16 +169,62 @@ def test_labels_outside_digits_are_refused(tmp_path):
 
 
 def test_run_with_a_named_oracle_records_it(tmp_path, capsys):
-    from invarbench.runner import AttackSpec, ModelSpec, RunConfig, run_benchmark
     from invarbench.attacks import ThreatModel
+    from invarbench.config import AttackSpec, ModelSpec, RunConfig
+    from invarbench.runner import run_benchmark
 
-    config = RunConfig((ModelSpec("spheres-mlp-standard", "spheres"),), (ThreatModel("linf", (0.025,)),), (AttackSpec("invariance-linf"),), n=20, shard_size=20, oracle="exact:spheres")
+    config = RunConfig(
+        (ModelSpec("spheres-mlp-standard", "spheres"),),
+        (ThreatModel("linf", (0.025,)),),
+        (AttackSpec("invariance-linf"),),
+        n=20,
+        shard_size=20,
+        oracle="exact:spheres",
+    )
     outcome = run_benchmark(config, tmp_path, name="run", progress=False)
     report = outcome.summary["oracles"]["exact:spheres"]
     assert report["exact"] is True and report["calibration"] == []
-    assert "oracle" not in RunConfig(config.models, config.threats, config.attacks, n=20).to_dict(), "runs without --oracle keep their digest"
-    assert main(["run", "spheres-mlp-standard", "--threat", "linf:0.025", "--attack", "invariance-linf", "--n", "20", "--oracle", "proxy:nothing", "--out", str(tmp_path), "--no-progress"]) == 1
+    assert "oracle" not in RunConfig(config.models, config.threats, config.attacks, n=20).to_dict(), (
+        "runs without --oracle keep their digest"
+    )
+    assert (
+        main(
+            [
+                "run",
+                "spheres-mlp-standard",
+                "--threat",
+                "linf:0.025",
+                "--attack",
+                "invariance-linf",
+                "--n",
+                "20",
+                "--oracle",
+                "proxy:nothing",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     assert "unknown oracle 'proxy:nothing'" in capsys.readouterr().err
     assert [path.name for path in tmp_path.iterdir()] == ["run"], "nothing written for the refused run"
-    assert main(["run", "spheres-mlp-standard", "--attack", "invariance-linf", "--n", "20", "--oracle", f"people:{tmp_path / 'none.sqlite'}", "--out", str(tmp_path), "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "run",
+                "spheres-mlp-standard",
+                "--attack",
+                "invariance-linf",
+                "--n",
+                "20",
+                "--oracle",
+                f"people:{tmp_path / 'none.sqlite'}",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     assert "does not exist" in capsys.readouterr().err and [path.name for path in tmp_path.iterdir()] == ["run"]

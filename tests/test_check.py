@@ -7,15 +7,17 @@ import shutil
 
 import pandas as pd
 import pytest
-import torch
 import tomli_w
+import torch
+
 from invarbench.attacks import ThreatModel, foolbox_attacks
 from invarbench.cli import main
+from invarbench.config import AttackSpec, ModelSpec, RunConfig
 from invarbench.io import sha256_file
 from invarbench.leaderboard.check import AGGREGATE_TOLERANCE, LOGIT_TOLERANCE, check_entries
 from invarbench.leaderboard.entries import add_run
 from invarbench.models import get_card, registry
-from invarbench.runner import AttackSpec, ModelSpec, RunConfig, run_benchmark
+from invarbench.runner import run_benchmark
 
 STEM = "spheres-mlp-pgd-linf__spheres__perturbation"
 
@@ -24,7 +26,13 @@ STEM = "spheres-mlp-pgd-linf__spheres__perturbation"
 def spheres_entries(tmp_path, isolated_registry):
     """A perturbation entry of a spheres model (PGD at two eps, 40 points) in an isolated registry."""
     isolated_registry("spheres-mlp-pgd-linf")
-    config = RunConfig((ModelSpec("spheres-mlp-pgd-linf", "spheres"),), (ThreatModel("linf", (0.02, 0.05)),), (AttackSpec("pgd", (("steps", 10),)),), n=40, shard_size=20)
+    config = RunConfig(
+        (ModelSpec("spheres-mlp-pgd-linf", "spheres"),),
+        (ThreatModel("linf", (0.02, 0.05)),),
+        (AttackSpec("pgd", (("steps", 10),)),),
+        n=40,
+        shard_size=20,
+    )
     run_benchmark(config, tmp_path / "runs", name="run", progress=False)
     entries = tmp_path / "entries"
     add_run(tmp_path / "runs" / "run", entries)
@@ -54,7 +62,12 @@ def test_a_flip_is_allowed_only_within_the_margin_and_counted_apart(spheres_entr
     records.to_parquet(path, index=False)
     assert main(["check", STEM, "--entries", str(spheres_entries), "--no-progress"]) == 0
     output = capsys.readouterr().out
-    assert "ok   " in output and "1 borderline flips within tolerance" in output and "borderline: pgd linf" in output and "success False -> True" in output
+    assert (
+        "ok   " in output
+        and "1 borderline flips within tolerance" in output
+        and "borderline: pgd linf" in output
+        and "success False -> True" in output
+    )
     # The same flip with a stored margin well beyond the tolerance is a regression.
     records.loc[broken, "logit_margin"] = 2.0
     records.to_parquet(path, index=False)
@@ -88,7 +101,9 @@ def test_one_changed_weight_fails_the_check_even_with_the_sha256_updated(spheres
     new_sha = sha256_file(checkpoint)
     card_path.write_text(card_path.read_text().replace(get_card("spheres-mlp-pgd-linf").checkpoint_sha256, new_sha))
     entry_path = spheres_entries / f"{STEM}.json"
-    entry_path.write_text(entry_path.read_text().replace(json.loads(entry_path.read_text())["checkpoint_sha256"], new_sha))
+    entry_path.write_text(
+        entry_path.read_text().replace(json.loads(entry_path.read_text())["checkpoint_sha256"], new_sha)
+    )
     assert main(["check", STEM, "--entries", str(spheres_entries), "--no-progress"]) == 1
     output = capsys.readouterr().out
     assert "FAIL" in output and "the model's margins moved by" in output
@@ -106,9 +121,24 @@ def test_a_changed_oracle_member_fails_the_check(tmp_path, isolated_registry, mn
         isolated_registry(name)
     oracles = registry.CARDS_DIR.parent / "oracles"
     oracles.mkdir()
-    definition = {"name": "proxy:test-readers", "dataset": "mnist", "notes": "three readers", "members": [f"oracle-mnist-reader-{index}" for index in range(3)], "views": [{"stretch": 1.0, "closing": 3}], "knn": 0, "agreement": 0.6}
+    definition = {
+        "name": "proxy:test-readers",
+        "dataset": "mnist",
+        "notes": "three readers",
+        "members": [f"oracle-mnist-reader-{index}" for index in range(3)],
+        "views": [{"stretch": 1.0, "closing": 3}],
+        "knn": 0,
+        "agreement": 0.6,
+    }
     (oracles / "test-readers.toml").write_text(tomli_w.dumps(definition))
-    config = RunConfig((ModelSpec("mnist-cnn-standard", "mnist"),), (ThreatModel("linf", (0.4,)),), (AttackSpec("invariance-linf"),), n=10, shard_size=10, oracle="proxy:test-readers")
+    config = RunConfig(
+        (ModelSpec("mnist-cnn-standard", "mnist"),),
+        (ThreatModel("linf", (0.4,)),),
+        (AttackSpec("invariance-linf"),),
+        n=10,
+        shard_size=10,
+        oracle="proxy:test-readers",
+    )
     run_benchmark(config, tmp_path / "runs", name="run", progress=False)
     entries = tmp_path / "entries"
     add_run(tmp_path / "runs" / "run", entries)
@@ -116,8 +146,14 @@ def test_a_changed_oracle_member_fails_the_check(tmp_path, isolated_registry, mn
     assert main(["check", stem, "--entries", str(entries), "--no-progress"]) == 0
     capsys.readouterr()
     # A member re-trained (another checkpoint under the same card name) changes the judge.
-    shutil.copy(registry.CHECKPOINTS_DIR / "oracle-mnist-reader-1.pt", registry.CHECKPOINTS_DIR / "oracle-mnist-reader-0.pt")
+    shutil.copy(
+        registry.CHECKPOINTS_DIR / "oracle-mnist-reader-1.pt", registry.CHECKPOINTS_DIR / "oracle-mnist-reader-0.pt"
+    )
     card = registry.CARDS_DIR / "oracle-mnist-reader-0.toml"
-    card.write_text(card.read_text().replace(get_card("oracle-mnist-reader-0").checkpoint_sha256, get_card("oracle-mnist-reader-1").checkpoint_sha256))
+    card.write_text(
+        card.read_text().replace(
+            get_card("oracle-mnist-reader-0").checkpoint_sha256, get_card("oracle-mnist-reader-1").checkpoint_sha256
+        )
+    )
     assert main(["check", stem, "--entries", str(entries), "--no-progress"]) == 1
     assert "oracle proxy:test-readers: members" in capsys.readouterr().out

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+
 from invarbench.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, format_table, main
 from invarbench.io import sha256_file
 
@@ -12,7 +13,20 @@ def run(*args):
     return subprocess.run([*INVARBENCH, *args], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("args", [[], ["data"], ["data", "fetch"], ["models"], ["models", "list"], ["models", "show"], ["models", "train"], ["models", "evaluate"], ["bench"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["data"],
+        ["data", "fetch"],
+        ["models"],
+        ["models", "list"],
+        ["models", "show"],
+        ["models", "train"],
+        ["models", "evaluate"],
+        ["bench"],
+    ],
+)
 def test_help_everywhere(args):
     completed = run(*args, "--help")
     assert completed.returncode == EXIT_OK
@@ -30,7 +44,14 @@ def test_usage_errors_exit_2():
 def test_models_list_shows_the_zoo(capsys):
     assert main(["models", "list"]) == EXIT_OK
     output = capsys.readouterr().out
-    for name in ["mnist-cnn-standard", "mnist-cnn-pgd-linf-0.3", "mnist-cnn-pgd-linf-0.4", "mnist-cnn-pgd-l2-2.0", "spheres-mlp-standard", "spheres-mlp-pgd-linf"]:
+    for name in [
+        "mnist-cnn-standard",
+        "mnist-cnn-pgd-linf-0.3",
+        "mnist-cnn-pgd-linf-0.4",
+        "mnist-cnn-pgd-l2-2.0",
+        "spheres-mlp-standard",
+        "spheres-mlp-pgd-linf",
+    ]:
         assert name in output
     assert "clean accuracy" in output.splitlines()[0]
     assert main(["models", "list", "--architectures"]) == EXIT_OK

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from invarbench.cli import build_parser
 
 HEAVY = ("numpy", "torch", "pandas", "pyarrow", "jinja2", "matplotlib", "scipy", "foolbox", "pyautoattack", "ray")

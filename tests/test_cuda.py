@@ -10,19 +10,27 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+
 from invarbench.attacks import ThreatModel, create_attack
 from invarbench.attacks.oracles import load_oracle
+from invarbench.config import AttackSpec, ModelSpec, RunConfig
 from invarbench.environment import resolve_device
 from invarbench.evaluation import logits, same_logits
 from invarbench.leaderboard.check import check_entries
 from invarbench.models import get_card, list_models, load_model
-from invarbench.runner import AttackSpec, ModelSpec, RunConfig, run_benchmark
+from invarbench.runner import run_benchmark
 
 #: The device compared with the CPU: cuda, or cpu for a rehearsal of these tests on a machine without a
 #: GPU (``make device-check`` with --dry-run sets INVARBENCH_CUDA_TESTS_ON=cpu, so that device minutes
 #: are not spent on a broken test).
 DEVICE = os.environ.get("INVARBENCH_CUDA_TESTS_ON", "cuda")
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device (make device-check runs these on a lent GPU machine)")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        DEVICE == "cuda" and not torch.cuda.is_available(),
+        reason="needs a CUDA device (make device-check runs these on a lent GPU machine)",
+    ),
+]
 
 ENTRIES = Path(__file__).resolve().parents[1] / "leaderboard" / "entries"
 MNIST_ZOO = [name for name in list_models() if get_card(name).dataset == "mnist"]
@@ -59,7 +67,8 @@ def test_logits_and_input_gradients_on_cuda_equal_the_cpus(name, mnist, cuda):
     large = expected.abs() > GRADIENT_TOLERANCE * expected.abs().amax(dim=1, keepdim=True)
     signs = (got.sign() == expected.sign())[large].float().mean()
     assert cosine.min() >= 0.99 and signs >= 0.99, (
-        f"{name}: smallest cosine {cosine.min():.4f}, sign agreement {signs:.4f} on {int(large.sum())} pixels, largest difference {(got - expected).abs().max():.3g} of {expected.abs().max():.3g}"
+        f"{name}: smallest cosine {cosine.min():.4f}, sign agreement {signs:.4f} on {int(large.sum())} pixels, largest"
+        f" difference {(got - expected).abs().max():.3g} of {expected.abs().max():.3g}"
     )
 
 
@@ -70,11 +79,17 @@ def test_pgd_and_fmn_on_cuda_give_the_cpus_outcomes_and_examples_the_cpu_confirm
     results = {}
     for device in ("cpu", DEVICE):
         model = load_model("mnist-cnn-pgd-linf-0.3").to(device)
-        results[device] = create_attack(attack, **options)(model, images, labels, norm=threat.norm, epsilons=threat.epsilons, seed=0)
+        results[device] = create_attack(attack, **options)(
+            model, images, labels, norm=threat.norm, epsilons=threat.epsilons, seed=0
+        )
     flips = (results["cpu"].success != results[DEVICE].success).float().mean(dim=1)
-    assert (flips <= FLIP_TOLERANCE).all(), f"{attack}: outcomes differ on {flips.tolist()} of the points at eps {threat.epsilons}"
+    assert (flips <= FLIP_TOLERANCE).all(), (
+        f"{attack}: outcomes differ on {flips.tolist()} of the points at eps {threat.epsilons}"
+    )
     gpu = results[DEVICE]
-    assert (gpu.norms[gpu.success] <= torch.tensor(threat.epsilons).view(-1, 1).expand_as(gpu.norms)[gpu.success] + 1e-5).all()
+    assert (
+        gpu.norms[gpu.success] <= torch.tensor(threat.epsilons).view(-1, 1).expand_as(gpu.norms)[gpu.success] + 1e-5
+    ).all()
     if gpu.adversarials is not None:
         cpu_model = load_model("mnist-cnn-pgd-linf-0.3")
         for e, eps in enumerate(threat.epsilons):
@@ -91,7 +106,12 @@ def test_aa_fast_and_autoattack_on_cuda_break_every_point_the_stored_autoattack_
     l_inf 0.3, made on a CPU: on CUDA, both attacks break each point it broke."""
     stored = pd.read_parquet(ENTRIES / "mnist-cnn-pgd-linf-0.3__mnist__perturbation.parquet")
     points = 50
-    reference = stored[(stored["attack"] == "autoattack") & (stored["norm"] == "linf") & (stored["eps"] == 0.3) & (stored["index"] < points)]
+    reference = stored[
+        (stored["attack"] == "autoattack")
+        & (stored["norm"] == "linf")
+        & (stored["eps"] == 0.3)
+        & (stored["index"] < points)
+    ]
     broken = set(reference[reference["ran"] & reference["success"].fillna(False).astype(bool)]["index"])
     images, labels = mnist.evaluation_subset(points)
     model = load_model("mnist-cnn-pgd-linf-0.3").to(cuda)
@@ -118,22 +138,45 @@ def test_proxy_oracle_on_cuda_votes_as_on_the_cpu(mnist, cuda):
 def test_a_run_on_cuda_gives_the_cpus_outcomes(tmp_path, mnist, cuda):
     """The same run (every attack kind: gradient, minimum-norm, AutoAttack, the invariance searches judged
     by the default oracle) on the CPU and on CUDA: per-point outcomes agree but for float rounding."""
-    attacks = ("fgsm", "pgd:steps=20", "fmn:steps=20", "autoattack:version=custom,attacks=apgd-ce+square", "invariance-linf", "invariance-l0", "metameric:steps=20")
-    config = RunConfig((ModelSpec("mnist-cnn-standard", "mnist"),), (ThreatModel("linf", (0.1, 0.3)),), tuple(AttackSpec.parse(spec) for spec in attacks), n=20, shard_size=20)
+    attacks = (
+        "fgsm",
+        "pgd:steps=20",
+        "fmn:steps=20",
+        "autoattack:version=custom,attacks=apgd-ce+square",
+        "invariance-linf",
+        "invariance-l0",
+        "metameric:steps=20",
+    )
+    config = RunConfig(
+        (ModelSpec("mnist-cnn-standard", "mnist"),),
+        (ThreatModel("linf", (0.1, 0.3)),),
+        tuple(AttackSpec.parse(spec) for spec in attacks),
+        n=20,
+        shard_size=20,
+    )
     on_gpu = run_benchmark(config, tmp_path, name="cuda", device=DEVICE, progress=False)
     on_cpu = run_benchmark(config, tmp_path, name="cpu", device="cpu", progress=False)
     assert json.loads((tmp_path / "cuda" / "manifest.json").read_text())["device"].startswith(DEVICE)
-    assert on_gpu.summary["models"]["mnist-cnn-standard"]["clean_correct"] == on_cpu.summary["models"]["mnist-cnn-standard"]["clean_correct"]
+    assert (
+        on_gpu.summary["models"]["mnist-cnn-standard"]["clean_correct"]
+        == on_cpu.summary["models"]["mnist-cnn-standard"]["clean_correct"]
+    )
     keys = ["attack", "norm", "eps", "index"]
-    perturbation = pd.read_parquet(tmp_path / "cpu" / "results.parquet").merge(pd.read_parquet(tmp_path / "cuda" / "results.parquet"), on=keys, suffixes=("_cpu", "_cuda"))
+    perturbation = pd.read_parquet(tmp_path / "cpu" / "results.parquet").merge(
+        pd.read_parquet(tmp_path / "cuda" / "results.parquet"), on=keys, suffixes=("_cpu", "_cuda")
+    )
     for (attack, eps), group in perturbation.groupby(["attack", "eps"]):
         flips = (group["success_cpu"].fillna(False) != group["success_cuda"].fillna(False)).mean()
         assert flips <= FLIP_TOLERANCE, f"{attack} eps {eps}: outcomes differ on {flips:.0%} of the points"
-    invariance = pd.read_parquet(tmp_path / "cpu" / "invariance.parquet").merge(pd.read_parquet(tmp_path / "cuda" / "invariance.parquet"), on=keys, suffixes=("_cpu", "_cuda"))
+    invariance = pd.read_parquet(tmp_path / "cpu" / "invariance.parquet").merge(
+        pd.read_parquet(tmp_path / "cuda" / "invariance.parquet"), on=keys, suffixes=("_cpu", "_cuda")
+    )
     assert len(invariance) and set(invariance["attack"]) == {"invariance-linf", "invariance-l0", "metameric"}
     searched = invariance[invariance["attack"] == "invariance-linf"]
     # The l_inf search picks training images by pixel distance, which no model computes: the same on both.
-    assert (searched["target_class_cpu"] == searched["target_class_cuda"]).all() and (searched["source_index_cpu"] == searched["source_index_cuda"]).all()
+    assert (searched["target_class_cpu"] == searched["target_class_cuda"]).all() and (
+        searched["source_index_cpu"] == searched["source_index_cuda"]
+    ).all()
     for attack, group in invariance.groupby("attack"):
         agree = (group["oracle_label_cpu"] == group["oracle_label_cuda"]).mean()
         assert agree >= 1 - FLIP_TOLERANCE, f"{attack}: the oracle's labels agree on {agree:.0%} of the candidates"
@@ -163,4 +206,6 @@ def test_a_checkpoint_trained_on_cuda_loads_on_the_cpu(isolated_registry, cuda):
     state = torch.load(report.card.checkpoint_path, weights_only=True)
     assert all(tensor.device.type == "cpu" for tensor in state.values())
     points = torch.randn(64, *report.card.input_shape)
-    assert same_logits(logits(load_model("spheres-mlp-standard").to(cuda), points), logits(load_model("spheres-mlp-standard"), points))
+    assert same_logits(
+        logits(load_model("spheres-mlp-standard").to(cuda), points), logits(load_model("spheres-mlp-standard"), points)
+    )

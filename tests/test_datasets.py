@@ -7,6 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+
 from invarbench import datasets
 from invarbench.datasets import extract_mnist_from_wheel, load_dataset, load_mnist, sample_spheres, spheres_label
 from invarbench.errors import DataError
@@ -91,7 +92,14 @@ def test_hub_pickle_layout_at_a_user_path(tmp_path):
     levels = lambda array: (array.reshape(len(array), -1) / 256.0).astype(np.float32)  # noqa: E731
     path = tmp_path / "mnist.pkl.gz"
     with gzip.open(path, "wb") as handle:
-        pickle.dump(((levels(train_x), train_y.astype(np.int64)), (levels(test_x), test_y.astype(np.int64)), (levels(test_x), test_y.astype(np.int64))), handle)
+        pickle.dump(
+            (
+                (levels(train_x), train_y.astype(np.int64)),
+                (levels(test_x), test_y.astype(np.int64)),
+                (levels(test_x), test_y.astype(np.int64)),
+            ),
+            handle,
+        )
     dataset = load_mnist(path)
     assert torch.equal(dataset.test_images * 256, torch.from_numpy(test_x.astype(np.float32)).unsqueeze(1))
 
@@ -103,7 +111,9 @@ def test_missing_and_corrupt_cache_name_the_fix(tmp_path, monkeypatch):
     cached = tmp_path / "mnist" / "mnist.pkl.gz"
     cached.parent.mkdir()
     cached.write_bytes(b"garbage")
-    with pytest.raises(DataError, match=r"mnist\.pkl\.gz does not have the pinned sha256.*invarbench data fetch mnist --force"):
+    with pytest.raises(
+        DataError, match=r"mnist\.pkl\.gz does not have the pinned sha256.*invarbench data fetch mnist --force"
+    ):
         load_mnist()
     with pytest.raises(DataError, match="does not exist"):
         load_mnist(tmp_path / "nowhere")
@@ -150,7 +160,9 @@ def test_cifar10_python_batches(tmp_path, monkeypatch, cifar10_folder):
     # does the cache folder when no path is given.
     assert torch.equal(load_dataset("cifar10", source=tmp_path).test_images, dataset.test_images)
     monkeypatch.setenv("INVARBENCH_HOME", str(tmp_path / "home"))
-    with pytest.raises(DataError, match="CIFAR-10 is not in the cache .*cifar10/cifar-10-batches-py does not exist.*--data"):
+    with pytest.raises(
+        DataError, match="CIFAR-10 is not in the cache .*cifar10/cifar-10-batches-py does not exist.*--data"
+    ):
         load_dataset("cifar10")
     shutil.copytree(folder, tmp_path / "home" / "cifar10" / "cifar-10-batches-py")
     assert torch.equal(load_dataset("cifar10").test_labels, dataset.test_labels)
@@ -186,7 +198,9 @@ def test_decoded_mnist_copy_is_bit_exact_and_rebuilt_when_damaged(mnist, tmp_pat
     assert len(decoded) == 1
     second = load_mnist()
     for loaded in (first, second):
-        assert torch.equal(loaded.train_images, reference.train_images) and torch.equal(loaded.test_images, reference.test_images)
+        assert torch.equal(loaded.train_images, reference.train_images) and torch.equal(
+            loaded.test_images, reference.test_images
+        )
         assert torch.equal(loaded.test_labels, reference.test_labels) and loaded.source == reference.source
     decoded[0].write_bytes(b"not an npz")
     assert torch.equal(load_mnist().test_images, reference.test_images)

@@ -30,7 +30,12 @@ def test_device_check_dry_run_writes_every_part_and_the_report_renders_it(tmp_pa
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "travels: tree" in completed.stdout
     written = {path.name: json.loads(path.read_text()) for path in out.glob("*.json")}
-    assert set(written) == {"device_tests-dry-run.json", "pgd_sweep-dry-run.json", "aa_fast-dry-run.json", "invariance_speed-dry-run.json"}
+    assert set(written) == {
+        "device_tests-dry-run.json",
+        "pgd_sweep-dry-run.json",
+        "aa_fast-dry-run.json",
+        "invariance_speed-dry-run.json",
+    }
     assert all(part["status"] == "ok" for part in written.values())
     collected = [test["test"] for test in written["device_tests-dry-run.json"]["tests"]]
     assert len(collected) >= 6 and all("test_cuda.py" in test for test in collected)
@@ -61,5 +66,9 @@ def test_every_cuda_test_lives_where_the_device_check_runs_them():
     import device_check
 
     marker = "pytest." + "mark.cuda"  # split so that this file does not hold it
-    elsewhere = [path.name for path in (ROOT / "tests").glob("test_*.py") if path.name != Path(device_check.CUDA_TESTS).name and marker in path.read_text()]
+    elsewhere = [
+        path.name
+        for path in (ROOT / "tests").glob("test_*.py")
+        if path.name != Path(device_check.CUDA_TESTS).name and marker in path.read_text()
+    ]
     assert not elsewhere, f"tests marked cuda outside {device_check.CUDA_TESTS}: {elsewhere}; move them there"

@@ -33,7 +33,12 @@ MODULES = _modules()
 
 
 def _is_type_checking(node: ast.If) -> bool:
-    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING" or isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING"
+    return (
+        isinstance(node.test, ast.Name)
+        and node.test.id == "TYPE_CHECKING"
+        or isinstance(node.test, ast.Attribute)
+        and node.test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST, in_function=False):
@@ -42,9 +47,15 @@ def _imports(tree: ast.AST, in_function=False):
         if isinstance(node, ast.Import | ast.ImportFrom):
             yield node, in_function
         elif isinstance(node, ast.If) and _is_type_checking(node):
-            yield from (item for child in node.orelse for item in _imports(ast.Module(body=[child], type_ignores=[]), in_function))
+            yield from (
+                item
+                for child in node.orelse
+                for item in _imports(ast.Module(body=[child], type_ignores=[]), in_function)
+            )
         else:
-            yield from _imports(node, in_function or isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda))
+            yield from _imports(
+                node, in_function or isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+            )
 
 
 def _targets(module: str, node: ast.Import | ast.ImportFrom) -> set[str]:
@@ -126,7 +137,12 @@ def _cycle_in(graph, component):
 
 def test_the_graph_sees_every_package_and_its_imports():
     top, _ = import_graph()
-    assert {"invarbench", "invarbench.cli", "invarbench.attacks.invariance.linf", "invarbench.leaderboard.check"} <= set(MODULES)
+    assert {
+        "invarbench",
+        "invarbench.cli",
+        "invarbench.attacks.invariance.linf",
+        "invarbench.leaderboard.check",
+    } <= set(MODULES)
     assert "invarbench.attacks.base" in top["invarbench.attacks"]
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
 

@@ -4,12 +4,13 @@ other layer shapes; the networks it must refuse; and Square's results with it an
 
 import pytest
 import torch
+from torch import nn
+
 from invarbench.attacks import create_attack
 from invarbench.attacks.incremental import IncrementalForward, split_network
 from invarbench.attacks.square import square_linf
 from invarbench.models import BenchmarkModel
 from invarbench.models.architectures import MnistCNN
-from torch import nn
 
 
 def windows_at(examples, corners, side, generator):
@@ -17,7 +18,9 @@ def windows_at(examples, corners, side, generator):
     proposal = examples.clone()
     for rows, columns in corners:
         for point, (row, column) in enumerate(zip(rows.tolist(), columns.tolist())):
-            proposal[point, :, row : row + side, column : column + side] = torch.rand(proposal.shape[1], side, side, generator=generator)
+            proposal[point, :, row : row + side, column : column + side] = torch.rand(
+                proposal.shape[1], side, side, generator=generator
+            )
     return proposal
 
 
@@ -25,9 +28,15 @@ def corners_for(count, side, size, windows, generator, *, borders=True):
     """Random corners, the first points' at the four corners of the image (the windows cut by its borders)."""
     corners = []
     for _ in range(windows):
-        rows, columns = torch.randint(0, size - side + 1, (count,), generator=generator), torch.randint(0, size - side + 1, (count,), generator=generator)
+        rows, columns = (
+            torch.randint(0, size - side + 1, (count,), generator=generator),
+            torch.randint(0, size - side + 1, (count,), generator=generator),
+        )
         if borders:
-            rows[:4], columns[:4] = torch.tensor([0, 0, size - side, size - side]), torch.tensor([0, size - side, 0, size - side])
+            rows[:4], columns[:4] = (
+                torch.tensor([0, 0, size - side, size - side]),
+                torch.tensor([0, size - side, 0, size - side]),
+            )
         corners.append((rows, columns))
     return corners
 
@@ -42,9 +51,17 @@ def other_layers(seed=0):
     windows, a leaky ReLU, three channels, and a head of more than one layer."""
     torch.manual_seed(seed)
     network = nn.Sequential(
-        nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.LeakyReLU(0.1), nn.AvgPool2d(3, stride=2),
-        nn.Conv2d(6, 8, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(8 * 3 * 3, 16), nn.ReLU(), nn.Linear(16, 5),
+        nn.Conv2d(3, 6, 3),
+        nn.BatchNorm2d(6),
+        nn.LeakyReLU(0.1),
+        nn.AvgPool2d(3, stride=2),
+        nn.Conv2d(6, 8, 3, padding=1),
+        nn.Tanh(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 3 * 3, 16),
+        nn.ReLU(),
+        nn.Linear(16, 5),
     )
     with torch.no_grad():
         network[1].running_mean.uniform_(-0.5, 0.5)
@@ -52,7 +69,9 @@ def other_layers(seed=0):
     return BenchmarkModel(network, bounds=(-1.0, 1.0), num_classes=5, mean=(0.1, 0.2, 0.3), std=(0.5, 0.6, 0.7)).eval()
 
 
-@pytest.mark.parametrize("make,shape,to_model", [(zoo_like, (1, 28, 28), None), (other_layers, (3, 16, 16), lambda unit: -1 + 2 * unit)])
+@pytest.mark.parametrize(
+    "make,shape,to_model", [(zoo_like, (1, 28, 28), None), (other_layers, (3, 16, 16), lambda unit: -1 + 2 * unit)]
+)
 @pytest.mark.parametrize("windows", [1, 2])
 def test_incremental_logits_are_the_models_after_accepted_and_rejected_proposals(make, shape, to_model, windows):
     model = make()
@@ -83,7 +102,9 @@ def test_incremental_logits_are_the_models_after_accepted_and_rejected_proposals
 def test_networks_it_cannot_read_are_refused():
     x = torch.rand(4, 1, 8, 8)
     mlp = BenchmarkModel(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), bounds=(0.0, 1.0), num_classes=3).eval()
-    strided = BenchmarkModel(nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.Flatten(), nn.Linear(18, 3)), bounds=(0.0, 1.0), num_classes=3).eval()
+    strided = BenchmarkModel(
+        nn.Sequential(nn.Conv2d(1, 2, 3, stride=2), nn.Flatten(), nn.Linear(18, 3)), bounds=(0.0, 1.0), num_classes=3
+    ).eval()
     assert split_network(mlp.network) is None and split_network(strided.network) is None
     for model in (mlp, strided):
         forward, how = IncrementalForward.build(model, x)
@@ -120,10 +141,24 @@ def test_square_finds_the_same_with_and_without_the_incremental_forward_pass(mni
     calls, propose = [], incremental.propose
     incremental.propose = lambda *arguments: calls.append(len(arguments[1])) or propose(*arguments)
     with torch.no_grad():
-        runs = [square_linf(model, x, labels, eps=0.1, queries=400, generator=torch.Generator().manual_seed(0), rescale_schedule=True, incremental=use) for use in (incremental, None)]
+        runs = [
+            square_linf(
+                model,
+                x,
+                labels,
+                eps=0.1,
+                queries=400,
+                generator=torch.Generator().manual_seed(0),
+                rescale_schedule=True,
+                incremental=use,
+            )
+            for use in (incremental, None)
+        ]
     (best, margin, used), (reference_best, reference_margin, reference_used) = runs
     assert torch.equal(used, reference_used) and torch.equal(best, reference_best)
-    assert len(calls) >= 300 and sum(calls) >= int(used.sum()) // 2, "queries of windows up to 1/12 of the image went through it"
+    assert len(calls) >= 300 and sum(calls) >= int(used.sum()) // 2, (
+        "queries of windows up to 1/12 of the image went through it"
+    )
     assert torch.allclose(margin, reference_margin, atol=1e-4)
     assert 5 <= (margin <= 0).sum() <= len(x) - 5, "a setting where Square breaks some points and not others"
     result = create_attack("square", queries=50)(model, x, labels, norm="linf", epsilons=(0.1,))

@@ -6,18 +6,37 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from invarbench.attacks import ThreatModel, create_attack
-from invarbench.attacks.invariance import TRAMER_TARGETS, InvarianceContext, affine_matrices, metamer_partners, random_affine_copies, transform_grid, warp
+from invarbench.attacks.invariance import (
+    TRAMER_TARGETS,
+    InvarianceContext,
+    affine_matrices,
+    metamer_partners,
+    random_affine_copies,
+    transform_grid,
+    warp,
+)
 from invarbench.attacks.neighbours import nearest, nearest_per_class
-from invarbench.attacks.oracles import ABSTAIN, ExactOracle, LabelFileOracle, ProxyOracle, default_oracle, load_invariance_sets, spheres_margin
-from invarbench.config import entry_config, rerun_as
+from invarbench.attacks.oracles import (
+    ABSTAIN,
+    ExactOracle,
+    LabelFileOracle,
+    ProxyOracle,
+    default_oracle,
+    load_invariance_sets,
+    spheres_margin,
+)
+from invarbench.config import AttackSpec, ModelSpec, RunConfig, entry_config, rerun_as
 from invarbench.datasets import SPHERE_INNER_RADIUS, SPHERE_OUTER_RADIUS, Dataset, load_dataset, spheres_label
 from invarbench.errors import ConfigError, DataError
 from invarbench.io import sha256_file
 from invarbench.leaderboard.check import judge_guided_warnings
+from invarbench.metrics import invariance_metrics
 from invarbench.models import build_architecture, load_model
 from invarbench.models.wrapper import BenchmarkModel
-from invarbench.runner import AttackSpec, ModelSpec, RunConfig, invariance_metrics, run_benchmark, wilson_interval
+from invarbench.runner import run_benchmark
+from invarbench.statistics import wilson_interval
 
 
 def test_nearest_per_class_matches_brute_force():
@@ -59,7 +78,14 @@ def test_linf_search_on_spheres_is_exact_and_inside_the_ball():
     model = load_model("spheres-mlp-pgd-linf")
     attack = create_attack("invariance-linf")
     eps = 0.025
-    result = attack(model, images, labels, norm="linf", epsilons=(eps,), context=InvarianceContext(dataset, default_oracle(dataset), torch.arange(300)))
+    result = attack(
+        model,
+        images,
+        labels,
+        norm="linf",
+        epsilons=(eps,),
+        context=InvarianceContext(dataset, default_oracle(dataset), torch.arange(300)),
+    )
     assert result.oracle == "exact:spheres"
     assert (result.perturbation_norms <= eps + 1e-6).all()
     # Closed form: the largest l_inf move of a point's radius is x +- eps sign(x); the label can change
@@ -95,17 +121,30 @@ def test_linf_neighbour_search_projects_aligns_and_keeps_least_ink():
     train_x, train_y = _toy_images(200, 0)
     test_x, test_y = _toy_images(6, 1)
     dataset = Dataset("toy", train_x, train_y, test_x, test_y, 2, (0.0, 1.0), "toy")
-    model = BenchmarkModel(build_architecture("mlp", input_dim=784, hidden=(8,), num_classes=2), bounds=(0, 1), num_classes=2)
-    oracle = ExactOracle("exact:toy", lambda images: (images[:, 0, 14, 6:22].sum(1) > images[:, 0, 6:22, 14].sum(1)).long())
+    model = BenchmarkModel(
+        build_architecture("mlp", input_dim=784, hidden=(8,), num_classes=2), bounds=(0, 1), num_classes=2
+    )
+    oracle = ExactOracle(
+        "exact:toy", lambda images: (images[:, 0, 14, 6:22].sum(1) > images[:, 0, 6:22, 14].sum(1)).long()
+    )
     attack = create_attack("invariance-linf", targets="all", shifts=(0.0, 1.0), rotations=(0.0,))
-    result = attack(model, test_x, test_y, norm="linf", epsilons=(0.3, 1.0), context=InvarianceContext(dataset, oracle, torch.arange(6)))
+    result = attack(
+        model,
+        test_x,
+        test_y,
+        norm="linf",
+        epsilons=(0.3, 1.0),
+        context=InvarianceContext(dataset, oracle, torch.arange(6)),
+    )
     assert result.candidates.shape == (2, 6, 1, 28, 28)
     assert ((result.candidates[0] - test_x).abs() <= 0.3 + 1e-6).all()
     assert torch.equal(result.target_classes, (1 - test_y).repeat(2, 1))
     # At eps 1 the candidate is the aligned neighbour itself: a training image of the other class.
     for point in range(6):
         source = train_x[result.source_indices[1, point]]
-        assert torch.allclose(result.candidates[1, point], source, atol=1e-5) or torch.allclose(result.candidates[1, point], torch.roll(source, -1, dims=-1), atol=1e-5)
+        assert torch.allclose(result.candidates[1, point], source, atol=1e-5) or torch.allclose(
+            result.candidates[1, point], torch.roll(source, -1, dims=-1), atol=1e-5
+        )
     with pytest.raises(ConfigError, match="targets"):
         create_attack("invariance-linf", targets="some")
 
@@ -179,10 +218,22 @@ def test_wilson_interval_and_metrics():
     low, high = wilson_interval(8, 10)
     assert abs(low - 0.4902) < 1e-3 and abs(high - 0.9433) < 1e-3  # textbook value for 8/10
     assert wilson_interval(0, 0) == [0.0, 1.0]
-    rows = pd.DataFrame({"ran": [True] * 5 + [False], "label": [1, 1, 1, 1, 1, 1], "oracle_label": pd.array([7, 7, 1, None, 7, 7], dtype="Int64"), "model_prediction": [7, 1, 1, 1, 1, 7], "oracle": "o", "perturbation_norm": 0.3, "logit_error": float("nan")})
+    rows = pd.DataFrame(
+        {
+            "ran": [True] * 5 + [False],
+            "label": [1, 1, 1, 1, 1, 1],
+            "oracle_label": pd.array([7, 7, 1, None, 7, 7], dtype="Int64"),
+            "model_prediction": [7, 1, 1, 1, 1, 7],
+            "oracle": "o",
+            "perturbation_norm": 0.3,
+            "logit_error": float("nan"),
+        }
+    )
     metrics = invariance_metrics(rows)
     assert metrics["candidates"] == 5 and metrics["abstained"] == 1 and metrics["label_changed"] == 3
-    assert metrics["invariance_accuracy"] == pytest.approx(1 / 3) and metrics["excessive_invariance_rate"] == pytest.approx(2 / 3)
+    assert metrics["invariance_accuracy"] == pytest.approx(1 / 3) and metrics[
+        "excessive_invariance_rate"
+    ] == pytest.approx(2 / 3)
 
 
 def test_exact_metamers_of_an_invertible_network(mnist):
@@ -195,7 +246,16 @@ def test_exact_metamers_of_an_invertible_network(mnist):
         assert z.shape == (12, 784)
         assert (model.decode(z) - images).abs().max() < 1e-4, "exact inverse"
     attack = create_attack("metameric")
-    result = attack(model, images, labels, norm="metamer", epsilons=(0.0,), context=InvarianceContext(mnist, ExactOracle("exact:test", lambda x: torch.zeros(len(x), dtype=torch.long)), torch.arange(12)))
+    result = attack(
+        model,
+        images,
+        labels,
+        norm="metamer",
+        epsilons=(0.0,),
+        context=InvarianceContext(
+            mnist, ExactOracle("exact:test", lambda x: torch.zeros(len(x), dtype=torch.long)), torch.arange(12)
+        ),
+    )
     assert result.logit_errors.max() < 1e-4
     partners = metamer_partners(labels)
     assert (labels[partners] != labels).all()
@@ -208,7 +268,16 @@ def test_gradient_metamers_pull_logits_towards_the_source():
     model = BenchmarkModel(network, bounds=(0, 1), num_classes=3)
     images, labels = torch.rand(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     attack = create_attack("metameric", steps=50)
-    result = attack(model, images, labels, norm="linf", epsilons=(0.05, 0.5), context=InvarianceContext(None, ExactOracle("exact:test", lambda x: torch.zeros(len(x), dtype=torch.long)), torch.arange(6)))
+    result = attack(
+        model,
+        images,
+        labels,
+        norm="linf",
+        epsilons=(0.05, 0.5),
+        context=InvarianceContext(
+            None, ExactOracle("exact:test", lambda x: torch.zeros(len(x), dtype=torch.long)), torch.arange(6)
+        ),
+    )
     partners = metamer_partners(labels)
     with torch.no_grad():
         start_error = (model(images[partners]) - model(images)).abs().amax(1)
@@ -218,12 +287,23 @@ def test_gradient_metamers_pull_logits_towards_the_source():
 
 
 def test_l0_search_changes_at_most_the_budget(mnist):
-    small = Dataset("mnist", mnist.train_images[:2000], mnist.train_labels[:2000], mnist.test_images, mnist.test_labels, 10, (0.0, 1.0), "mnist-first-2000")
+    small = Dataset(
+        "mnist",
+        mnist.train_images[:2000],
+        mnist.train_labels[:2000],
+        mnist.test_images,
+        mnist.test_labels,
+        10,
+        (0.0, 1.0),
+        "mnist-first-2000",
+    )
     model = load_model("mnist-cnn-standard")
     oracle = ProxyOracle("proxy:test", [load_model("mnist-cnn-pgd-l2-2.0")], agreement=1.0)
     attack = create_attack("invariance-l0", pixels=25, copies=1, max_clusters=4)
     images, labels = mnist.evaluation_subset(5)
-    result = attack(model, images, labels, norm="l0", epsilons=(25.0,), context=InvarianceContext(small, oracle, torch.arange(5)))
+    result = attack(
+        model, images, labels, norm="l0", epsilons=(25.0,), context=InvarianceContext(small, oracle, torch.arange(5))
+    )
     binary = (images > 0.5).float()
     changed = (result.candidates[0] != binary).flatten(1).sum(1)
     assert (changed <= 25).all() and torch.equal(changed.float(), result.perturbation_norms[0])
@@ -262,11 +342,22 @@ def _blob_reader(prefer, avoid):
 def _blob_search(tmp_path):
     """A data set whose one test point's l_0 candidates are blob A, blob B or both; a guide (a TorchScript
     file) that prefers A, and a voting judge that prefers B."""
-    dataset = Dataset("blobs", torch.stack([_blob_image(), _blob_image(_BLOB_A, _BLOB_B)]), torch.tensor([0, 1]), _blob_image().unsqueeze(0), torch.tensor([0]), 10, (0.0, 1.0), "synthetic")
+    dataset = Dataset(
+        "blobs",
+        torch.stack([_blob_image(), _blob_image(_BLOB_A, _BLOB_B)]),
+        torch.tensor([0, 1]),
+        _blob_image().unsqueeze(0),
+        torch.tensor([0]),
+        10,
+        (0.0, 1.0),
+        "synthetic",
+    )
     guide = tmp_path / "guide-prefers-a.pt"
     torch.jit.save(torch.jit.script(_blob_reader(_BLOB_A, _BLOB_B)), guide)
     judge = ProxyOracle("proxy:judge", [_blob_reader(_BLOB_B, _BLOB_A)], agreement=1.0)
-    model = BenchmarkModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), bounds=(0, 1), num_classes=10).eval()
+    model = BenchmarkModel(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), bounds=(0, 1), num_classes=10
+    ).eval()
     return dataset, guide, judge, model
 
 
@@ -274,12 +365,18 @@ def test_l0_candidates_are_chosen_by_the_guide_and_labelled_by_the_judge(tmp_pat
     dataset, guide, judge, model = _blob_search(tmp_path)
     images, labels = dataset.evaluation_subset(1)
     context = InvarianceContext(dataset, judge, torch.arange(1))
-    guided = create_attack("invariance-l0", copies=0, guide=str(guide))(model, images, labels, norm="l0", epsilons=(25.0,), context=context)
+    guided = create_attack("invariance-l0", copies=0, guide=str(guide))(
+        model, images, labels, norm="l0", epsilons=(25.0,), context=context
+    )
     assert torch.equal(guided.candidates[0, 0], _blob_image(_BLOB_A)), "the guide's choice: blob A"
     assert guided.target_classes.tolist() == [[1]] and guided.options["guide"] == str(guide)
-    assert guided.oracle == "proxy:judge" and guided.oracle_labels.tolist() == [[0]], "the judge reads blob A as the original digit"
+    assert guided.oracle == "proxy:judge" and guided.oracle_labels.tolist() == [[0]], (
+        "the judge reads blob A as the original digit"
+    )
     # The former search chose by its judge: blob B, which the judge then reads as changed.
-    former = create_attack("invariance-l0-judge-guided", copies=0)(model, images, labels, norm="l0", epsilons=(25.0,), context=context)
+    former = create_attack("invariance-l0-judge-guided", copies=0)(
+        model, images, labels, norm="l0", epsilons=(25.0,), context=context
+    )
     assert torch.equal(former.candidates[0, 0], _blob_image(_BLOB_B)) and former.oracle_labels.tolist() == [[1]]
     assert "guide" not in former.options
 
@@ -288,40 +385,102 @@ def test_a_guide_that_is_the_judge_is_refused(tmp_path):
     dataset, guide, judge, model = _blob_search(tmp_path)
     images, labels = dataset.evaluation_subset(1)
     context = InvarianceContext(dataset, judge, torch.arange(1))
-    with pytest.raises(ConfigError, match=r"invariance-l0 guide=proxy:judge: proxy:judge is the oracle that judges this run; .*pass invariance-l0:guide=MODEL with a model that is neither the judge nor one of its members"):
-        create_attack("invariance-l0", copies=0, guide="proxy:judge")(model, images, labels, norm="l0", epsilons=(25.0,), context=context)
+    with pytest.raises(
+        ConfigError,
+        match=(
+            r"invariance-l0 guide=proxy:judge: proxy:judge is the oracle that judges this run; .*pass"
+            r" invariance-l0:guide=MODEL with a model that is neither the judge nor one of its members"
+        ),
+    ):
+        create_attack("invariance-l0", copies=0, guide="proxy:judge")(
+            model, images, labels, norm="l0", epsilons=(25.0,), context=context
+        )
     # A member of the judge, known by its checkpoint's sha256 whatever the guide is called.
     judge.member_checkpoints = {"judge-member": sha256_file(guide)}
-    with pytest.raises(ConfigError, match=r"guide=.*guide-prefers-a\.pt is judge-member, a member of proxy:judge, the oracle that judges this run"):
-        create_attack("invariance-l0", copies=0, guide=f"mnist-cnn-standard+{guide}")(model, images, labels, norm="l0", epsilons=(25.0,), context=context)
-    with pytest.raises(ConfigError, match="spheres-mlp-standard is a model of spheres with 2 classes; the data set searched is blobs"):
-        create_attack("invariance-l0", copies=0, guide="spheres-mlp-standard")(model, images, labels, norm="l0", epsilons=(25.0,), context=context)
+    with pytest.raises(
+        ConfigError,
+        match=r"guide=.*guide-prefers-a\.pt is judge-member, a member of proxy:judge, the oracle that judges this run",
+    ):
+        create_attack("invariance-l0", copies=0, guide=f"mnist-cnn-standard+{guide}")(
+            model, images, labels, norm="l0", epsilons=(25.0,), context=context
+        )
+    with pytest.raises(
+        ConfigError, match="spheres-mlp-standard is a model of spheres with 2 classes; the data set searched is blobs"
+    ):
+        create_attack("invariance-l0", copies=0, guide="spheres-mlp-standard")(
+            model, images, labels, norm="l0", epsilons=(25.0,), context=context
+        )
 
 
 def test_a_run_guided_by_a_member_of_its_judge_is_refused_before_anything_is_written(tmp_path):
-    config = RunConfig((ModelSpec("mnist-cnn-standard", "mnist"),), (ThreatModel("linf", (0.3,)),), (AttackSpec.parse("invariance-l0:guide=oracle-mnist-reader-0"),), n=10)
-    with pytest.raises(ConfigError, match="oracle-mnist-reader-0 is oracle-mnist-reader-0, a member of proxy:mnist-readers, the oracle that judges this run"):
+    config = RunConfig(
+        (ModelSpec("mnist-cnn-standard", "mnist"),),
+        (ThreatModel("linf", (0.3,)),),
+        (AttackSpec.parse("invariance-l0:guide=oracle-mnist-reader-0"),),
+        n=10,
+    )
+    with pytest.raises(
+        ConfigError,
+        match=(
+            "oracle-mnist-reader-0 is oracle-mnist-reader-0, a member of proxy:mnist-readers, the oracle that judges"
+            " this run"
+        ),
+    ):
         run_benchmark(config, tmp_path, name="run", progress=False)
     assert not any(tmp_path.iterdir())
 
 
 def test_runs_record_the_guide_and_entries_without_one_are_checked_with_the_former_search():
-    config = RunConfig((ModelSpec("mnist-cnn-standard", "mnist"),), (ThreatModel("linf", (0.3,)),), (AttackSpec("invariance-l0"), AttackSpec.parse("invariance-l0:guide=mnist-cnn-pgd-linf-0.1+mnist-cnn-pgd-l2-2.0")))
+    config = RunConfig(
+        (ModelSpec("mnist-cnn-standard", "mnist"),),
+        (ThreatModel("linf", (0.3,)),),
+        (
+            AttackSpec("invariance-l0"),
+            AttackSpec.parse("invariance-l0:guide=mnist-cnn-pgd-linf-0.1+mnist-cnn-pgd-l2-2.0"),
+        ),
+    )
     assert config.to_dict()["attacks"] == [
         {"name": "invariance-l0", "options": {}, "guide": "mnist-cnn-standard"},
-        {"name": "invariance-l0", "options": {"guide": ["mnist-cnn-pgd-linf-0.1", "mnist-cnn-pgd-l2-2.0"]}, "guide": "mnist-cnn-pgd-linf-0.1+mnist-cnn-pgd-l2-2.0"},
+        {
+            "name": "invariance-l0",
+            "options": {"guide": ["mnist-cnn-pgd-linf-0.1", "mnist-cnn-pgd-l2-2.0"]},
+            "guide": "mnist-cnn-pgd-linf-0.1+mnist-cnn-pgd-l2-2.0",
+        },
     ]
     assert rerun_as({"name": "invariance-l0", "options": {}}) == "invariance-l0-judge-guided"
     assert rerun_as({"name": "invariance-l0", "options": {}, "guide": "mnist-cnn-standard"}) == "invariance-l0"
     # An entry is re-run with the guide it records, whatever today's default.
-    entry = {"model": "mnist-cnn-standard", "reference": "mnist-cnn-standard", "dataset": "mnist", "settings": {**config.to_dict(), "attacks": [{"name": "invariance-l0", "options": {"pixels": 20}, "guide": "mnist-cnn-pgd-linf-0.1"}, {"name": "invariance-l0", "options": {}}]}}
-    assert entry_config(entry, 100).attacks == (AttackSpec("invariance-l0", (("pixels", 20), ("guide", "mnist-cnn-pgd-linf-0.1"))), AttackSpec("invariance-l0", (), runs_as="invariance-l0-judge-guided"))
+    entry = {
+        "model": "mnist-cnn-standard",
+        "reference": "mnist-cnn-standard",
+        "dataset": "mnist",
+        "settings": {
+            **config.to_dict(),
+            "attacks": [
+                {"name": "invariance-l0", "options": {"pixels": 20}, "guide": "mnist-cnn-pgd-linf-0.1"},
+                {"name": "invariance-l0", "options": {}},
+            ],
+        },
+    }
+    assert entry_config(entry, 100).attacks == (
+        AttackSpec("invariance-l0", (("pixels", 20), ("guide", "mnist-cnn-pgd-linf-0.1"))),
+        AttackSpec("invariance-l0", (), runs_as="invariance-l0-judge-guided"),
+    )
     # ... and `invarbench check` says which of its searches chose by the judge.
-    assert len(judge_guided_warnings(entry)) == 1 and "re-checked with it (invariance-l0-judge-guided)" in judge_guided_warnings(entry)[0]
+    assert (
+        len(judge_guided_warnings(entry)) == 1
+        and "re-checked with it (invariance-l0-judge-guided)" in judge_guided_warnings(entry)[0]
+    )
 
 
 def test_runner_runs_invariance_attacks_and_resumes(tmp_path):
-    config = RunConfig((ModelSpec("spheres-mlp-pgd-linf", "spheres"),), (ThreatModel("linf", (0.02, 0.025)),), (AttackSpec("pgd", (("steps", 5),)), AttackSpec("invariance-linf")), n=40, shard_size=20)
+    config = RunConfig(
+        (ModelSpec("spheres-mlp-pgd-linf", "spheres"),),
+        (ThreatModel("linf", (0.02, 0.025)),),
+        (AttackSpec("pgd", (("steps", 5),)), AttackSpec("invariance-linf")),
+        n=40,
+        shard_size=20,
+    )
     outcome = run_benchmark(config, tmp_path, name="run", progress=False)
     run_dir = tmp_path / "run"
     records = pd.read_parquet(run_dir / "invariance.parquet")
@@ -352,14 +511,30 @@ def test_cli_evaluates_a_fixed_invariance_set(tmp_path, mnist, capsys):
     # People's labels: two kept (as the test labels), two "changed" to another digit.
     labels = mnist.test_labels[indices].numpy().copy()
     labels[[1, 3]] = (labels[[1, 3]] + 1) % 10
-    _write_set(tmp_path / "set" / "linf", "automated_eps03", (images * 255).round().astype(np.uint8), labels.astype(np.int64))
+    _write_set(
+        tmp_path / "set" / "linf", "automated_eps03", (images * 255).round().astype(np.uint8), labels.astype(np.int64)
+    )
     np.save(tmp_path / "set" / "indexs.npy", indices)
-    code = main(["run", "mnist-cnn-standard", "--invariance-set", str(tmp_path / "set"), "--out", str(tmp_path / "runs"), "--name", "r", "--no-progress"])
+    code = main(
+        [
+            "run",
+            "mnist-cnn-standard",
+            "--invariance-set",
+            str(tmp_path / "set"),
+            "--out",
+            str(tmp_path / "runs"),
+            "--name",
+            "r",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     output = capsys.readouterr().out
     assert "label-file:linf/automated_eps03" in output
     records = pd.read_parquet(tmp_path / "runs" / "r" / "invariance.parquet")
-    assert len(records) == 10 and records["ran"].sum() == 4, "n defaults to the largest index + 1; only the set's points are judged"
+    assert len(records) == 10 and records["ran"].sum() == 4, (
+        "n defaults to the largest index + 1; only the set's points are judged"
+    )
     judged = records[records["ran"]]
     assert judged["oracle_label"].tolist() == labels.tolist()
     model = load_model("mnist-cnn-standard")
@@ -378,9 +553,13 @@ def test_zoo_fi_revnets_invert_exactly_and_oracle_members_are_not_ranked(mnist):
         with torch.no_grad():
             z, _ = model.encode(images)
             assert torch.equal(model(images), z[:, :10])
-            assert (model.decode(z) - images).abs().max() < 1e-2, "float32: the trained couplings amplify rounding (about 2e-4 measured)"
+            assert (model.decode(z) - images).abs().max() < 1e-2, (
+                "float32: the trained couplings amplify rounding (about 2e-4 measured)"
+            )
             exact = model.double()
-            assert (exact.decode(exact.encode(images.double())[0]) - images.double()).abs().max() < 1e-4, "exact inverse (float64, as metamers are computed)"
+            assert (exact.decode(exact.encode(images.double())[0]) - images.double()).abs().max() < 1e-4, (
+                "exact inverse (float64, as metamers are computed)"
+            )
     members = list_models(role="oracle")
     assert members and not set(members) & set(list_models())
     assert all(get_card(name).role == "oracle" for name in members)
@@ -392,17 +571,25 @@ def test_ice_objective_trains_the_nuisance_classifier_and_penalises_label_inform
     torch.manual_seed(0)
     network = build_architecture("fi-revnet", blocks=(1, 1), hidden=(8, 8), dense_blocks=1, dense_hidden=32)
     model = BenchmarkModel(network, bounds=(0, 1), num_classes=10)
-    objective = IndependenceCrossEntropy(model, num_classes=10, nuisance_weight=1.0, likelihood_weight=0.1, hidden=32, learning_rate=1e-2)
+    objective = IndependenceCrossEntropy(
+        model, num_classes=10, nuisance_weight=1.0, likelihood_weight=0.1, hidden=32, learning_rate=1e-2
+    )
     images, labels = torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))
     before = [parameter.clone() for parameter in objective.nuisance_classifier.parameters()]
     loss, logits = objective(images, labels, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and logits.shape == (32, 10)
-    assert any(not torch.equal(old, new) for old, new in zip(before, objective.nuisance_classifier.parameters())), "the nuisance classifier took its own step"
+    assert any(not torch.equal(old, new) for old, new in zip(before, objective.nuisance_classifier.parameters())), (
+        "the nuisance classifier took its own step"
+    )
     loss.backward()
-    assert any(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in network.parameters()), "the network gets the iCE gradient"
+    assert any(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in network.parameters()), (
+        "the network gets the iCE gradient"
+    )
     ramped, _ = objective(images, labels, torch.Generator().manual_seed(0), ramp=0.0)
     plain = torch.nn.functional.cross_entropy(model(images), labels)
-    assert abs(ramped.item() - plain.item()) < 0.05, "with the ramp at 0 only the cross-entropy remains (up to dequantisation noise)"
+    assert abs(ramped.item() - plain.item()) < 0.05, (
+        "with the ramp at 0 only the cross-entropy remains (up to dequantisation noise)"
+    )
 
 
 def test_ice_uniform_objective_leaves_no_way_out_through_a_confidently_wrong_nuisance_classifier():
@@ -414,8 +601,12 @@ def test_ice_uniform_objective_leaves_no_way_out_through_a_confidently_wrong_nui
     uniform = torch.zeros(20, 10)
     log_c = math.log(10)
     assert abs(nuisance_penalty(uniform, labels, "uniform").item() - log_c) < 1e-6
-    assert nuisance_penalty(wrong, labels, "uniform").item() > 10, "the uniform form penalises a confidently wrong prediction"
-    assert abs(nuisance_penalty(wrong, labels, "capped-ce").item() + log_c) < 1e-6, "the capped form rewards it as much as chance"
+    assert nuisance_penalty(wrong, labels, "uniform").item() > 10, (
+        "the uniform form penalises a confidently wrong prediction"
+    )
+    assert abs(nuisance_penalty(wrong, labels, "capped-ce").item() + log_c) < 1e-6, (
+        "the capped form rewards it as much as chance"
+    )
     assert abs(nuisance_penalty(uniform, labels, "capped-ce").item() + log_c) < 1e-6
     with pytest.raises(ValueError, match="nuisance objective 'entropy'"):
         nuisance_penalty(uniform, labels, "entropy")
@@ -423,29 +614,50 @@ def test_ice_uniform_objective_leaves_no_way_out_through_a_confidently_wrong_nui
     torch.manual_seed(0)
     network = build_architecture("fi-revnet", blocks=(1, 1), hidden=(8, 8), dense_blocks=1, dense_hidden=32)
     model = BenchmarkModel(network, bounds=(0, 1), num_classes=10)
-    ice = IndependenceCrossEntropy(model, num_classes=10, nuisance_weight=1.0, likelihood_weight=0.0, hidden=8, learning_rate=1e-2, objective="uniform", steps=3)
+    ice = IndependenceCrossEntropy(
+        model,
+        num_classes=10,
+        nuisance_weight=1.0,
+        likelihood_weight=0.0,
+        hidden=8,
+        learning_rate=1e-2,
+        objective="uniform",
+        steps=3,
+    )
     images = torch.rand(20, 1, 28, 28)
     loss, _ = ice(images, labels, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and 0.0 <= ice.nuisance_accuracy <= 1.0
     with pytest.raises(ValueError, match="steps must be >= 1"):
-        IndependenceCrossEntropy(model, num_classes=10, nuisance_weight=1.0, likelihood_weight=0.0, hidden=8, learning_rate=0.0, steps=0)
+        IndependenceCrossEntropy(
+            model, num_classes=10, nuisance_weight=1.0, likelihood_weight=0.0, hidden=8, learning_rate=0.0, steps=0
+        )
 
 
 def test_planning_gives_invariance_attacks_their_own_threats():
-    from invarbench.runner import attack_threats
+    from invarbench.plan import attack_threats
 
     threats = (ThreatModel("linf", (0.3, 0.4)), ThreatModel("l2", (2.0,)))
     assert attack_threats(AttackSpec("pgd"), threats, False) == list(threats)
     assert attack_threats(AttackSpec("invariance-linf"), threats, False) == [threats[0]]
-    assert attack_threats(AttackSpec("metameric"), threats, True) == [ThreatModel("metamer", (0.0,))], "exact metamers: one job whatever the balls"
+    assert attack_threats(AttackSpec("metameric"), threats, True) == [ThreatModel("metamer", (0.0,))], (
+        "exact metamers: one job whatever the balls"
+    )
     assert attack_threats(AttackSpec("metameric"), threats, False) == list(threats), "gradient metamers in each ball"
-    assert attack_threats(AttackSpec("invariance-l0", (("pixels", 12),)), threats, False) == [ThreatModel("l0", (12.0,))]
+    assert attack_threats(AttackSpec("invariance-l0", (("pixels", 12),)), threats, False) == [
+        ThreatModel("l0", (12.0,))
+    ]
 
 
 def test_gallery_draws_a_run_and_is_reproducible(tmp_path):
     from invarbench.gallery import invariance_gallery
 
-    config = RunConfig((ModelSpec("spheres-mlp-pgd-linf", "spheres"),), (ThreatModel("linf", (0.025,)),), (AttackSpec("invariance-linf"),), n=60, shard_size=30)
+    config = RunConfig(
+        (ModelSpec("spheres-mlp-pgd-linf", "spheres"),),
+        (ThreatModel("linf", (0.025,)),),
+        (AttackSpec("invariance-linf"),),
+        n=60,
+        shard_size=30,
+    )
     run_benchmark(config, tmp_path, name="run", progress=False)
     first = invariance_gallery(tmp_path / "run", tmp_path / "a.png", count=3)
     second = invariance_gallery(tmp_path / "run", tmp_path / "b.png", count=3)
@@ -464,5 +676,8 @@ def test_a_card_with_an_unknown_nuisance_objective_is_refused_naming_the_card(tm
     card = get_card("mnist-firevnet-ice")
     training = {**card.training, "nuisance_objective": "entropy", "epochs": 0}
     with pytest.raises(ConfigError, match=r"bad\.toml: \[training\] nuisance objective 'entropy'"):
-        train(replace(card, training=training, path=tmp_path / "bad.toml", checkpoint_file=str(tmp_path / "bad.pt")), progress=False)
+        train(
+            replace(card, training=training, path=tmp_path / "bad.toml", checkpoint_file=str(tmp_path / "bad.pt")),
+            progress=False,
+        )
     assert not (tmp_path / "bad.pt").exists() and not (tmp_path / "bad.toml").exists(), "nothing written"

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+
 from invarbench.cli import main
 
 RUN = [
@@ -41,12 +42,21 @@ KILLS = 10
 
 # Imports everything a run needs, says it is ready, and runs once told to go (a line on stdin; if the
 # test stops first, stdin closes and the interpreter exits without running).
-CHILD = "import sys; from pathlib import Path; import invarbench.runner, invarbench.api; from invarbench.cli import main; Path(sys.argv[1]).touch(); sys.stdin.readline().strip() == 'go' or sys.exit(3); sys.exit(main(sys.argv[2:]))"
+CHILD = (
+    "import sys; from pathlib import Path; import invarbench.runner, invarbench.api; from invarbench.cli import main;"
+    " Path(sys.argv[1]).touch(); sys.stdin.readline().strip() == 'go' or sys.exit(3); sys.exit(main(sys.argv[2:]))"
+)
 
 
 def _spawn(out: Path) -> subprocess.Popen:
     """Start an interpreter for the run into ``out``; it imports, then waits for :func:`_go`."""
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(out.parent / f"{out.name}.ready"), *RUN, "--out", str(out)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(out.parent / f"{out.name}.ready"), *RUN, "--out", str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def _go(process: subprocess.Popen, out: Path) -> None:
@@ -54,7 +64,9 @@ def _go(process: subprocess.Popen, out: Path) -> None:
     ready = out.parent / f"{out.name}.ready"
     deadline = time.monotonic() + 120
     while not ready.exists():
-        assert process.poll() is None and time.monotonic() < deadline, f"the run into {out} did not start (exit {process.returncode})"
+        assert process.poll() is None and time.monotonic() < deadline, (
+            f"the run into {out} did not start (exit {process.returncode})"
+        )
         time.sleep(0.01)
     process.stdin.write(b"go\n")
     process.stdin.close()
@@ -77,9 +89,13 @@ def _job_records(path: Path) -> pd.DataFrame:
 
 
 def _assert_same_results(run_dir: Path, reference: Path) -> None:
-    assert _files(run_dir) == _files(reference), "other files than an uninterrupted run's (a leftover temporary, lock or state?)"
+    assert _files(run_dir) == _files(reference), (
+        "other files than an uninterrupted run's (a leftover temporary, lock or state?)"
+    )
     for name in ("results.parquet", "invariance.parquet"):
-        pd.testing.assert_frame_equal(pd.read_parquet(run_dir / name), pd.read_parquet(reference / name), check_exact=True)
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(run_dir / name), pd.read_parquet(reference / name), check_exact=True
+        )
     for job in sorted((reference / "jobs").iterdir()):
         pd.testing.assert_frame_equal(_job_records(run_dir / "jobs" / job.name), _job_records(job), check_exact=True)
     for candidates in sorted((reference / "candidates").iterdir()):
@@ -112,7 +128,11 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_results(t
         process.wait(timeout=30)
         run_dir = out / "run"
         finished = (run_dir / "jobs").glob("*.parquet") if run_dir.exists() else []
-        complete = run_dir.exists() and (run_dir / "manifest.json").exists() and json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
+        complete = (
+            run_dir.exists()
+            and (run_dir / "manifest.json").exists()
+            and json.loads((run_dir / "manifest.json").read_text())["status"] == "complete"
+        )
         interrupted.append((process.returncode == -signal.SIGKILL and not complete, len(list(finished))))
         _finish(out)
         _assert_same_results(run_dir, reference)

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from invarbench.datasets import load_dataset
 from invarbench.errors import ModelError
 from invarbench.evaluation import clean_accuracy
@@ -12,7 +13,14 @@ from invarbench.models.training import pgd_training_examples, train
 
 ZOO_CHECKPOINTS = registry.CHECKPOINTS_DIR
 
-ZOO = ["mnist-cnn-pgd-l2-2.0", "mnist-cnn-pgd-linf-0.3", "mnist-cnn-pgd-linf-0.4", "mnist-cnn-standard", "spheres-mlp-pgd-linf", "spheres-mlp-standard"]
+ZOO = [
+    "mnist-cnn-pgd-l2-2.0",
+    "mnist-cnn-pgd-linf-0.3",
+    "mnist-cnn-pgd-linf-0.4",
+    "mnist-cnn-standard",
+    "spheres-mlp-pgd-linf",
+    "spheres-mlp-standard",
+]
 
 
 def test_registry_lists_the_zoo():
@@ -29,7 +37,11 @@ def test_zoo_checkpoint_is_small_and_matches_its_card(name):
 @pytest.mark.parametrize("name", ZOO)
 def test_load_model_reproduces_card_clean_accuracy(name, request):
     card = get_card(name)
-    dataset = request.getfixturevalue("mnist") if card.dataset == "mnist" else load_dataset(card.dataset, **card.dataset_options)
+    dataset = (
+        request.getfixturevalue("mnist")
+        if card.dataset == "mnist"
+        else load_dataset(card.dataset, **card.dataset_options)
+    )
     model = load_model(name)
     assert isinstance(model, BenchmarkModel) and not model.training
     assert model.bounds == card.bounds and model.num_classes == card.num_classes
@@ -50,7 +62,13 @@ def test_checkpoint_path_that_does_not_exist(tmp_path):
 def test_missing_registered_checkpoint_names_the_fix(isolated_registry, monkeypatch):
     monkeypatch.delenv(registry.CHECKPOINTS_ENV, raising=False)
     isolated_registry("spheres-mlp-standard", with_checkpoint=False)
-    with pytest.raises(ModelError, match=f"is in none of .*set {registry.CHECKPOINTS_ENV} to a folder holding them.*run `invarbench models train spheres-mlp-standard`"):
+    with pytest.raises(
+        ModelError,
+        match=(
+            f"is in none of .*set {registry.CHECKPOINTS_ENV} to a folder holding them.*run `invarbench models train"
+            " spheres-mlp-standard`"
+        ),
+    ):
         load_model("spheres-mlp-standard")
 
 
@@ -60,7 +78,10 @@ def test_retired_checkpoint_says_why_and_how_to_train_it_again(monkeypatch):
     card = get_card("oracle-mnist-cnn-wide")
     assert card.checkpoint_retired and not card.checkpoint_path.exists()
     assert tomllib.loads(card.to_toml())["checkpoint"]["retired"] == card.checkpoint_retired
-    with pytest.raises(ModelError, match="Not kept in the repository.*`invarbench models train oracle-mnist-cnn-wide`.*set INVARBENCH_CHECKPOINTS"):
+    with pytest.raises(
+        ModelError,
+        match="Not kept in the repository.*`invarbench models train oracle-mnist-cnn-wide`.*set INVARBENCH_CHECKPOINTS",
+    ):
         load_model("oracle-mnist-cnn-wide")
 
 
@@ -165,9 +186,13 @@ def test_training_pgd_reaches_the_closed_form_optimum_on_a_linear_model():
     x = torch.full((1, 20), 0.5)
     y = torch.ones(1, dtype=torch.long)
     generator = torch.Generator().manual_seed(0)
-    linf = pgd_training_examples(linear, x, y, norm="linf", eps=0.1, steps=20, step_size=0.05, bounds=(0, 1), generator=generator)
+    linf = pgd_training_examples(
+        linear, x, y, norm="linf", eps=0.1, steps=20, step_size=0.05, bounds=(0, 1), generator=generator
+    )
     torch.testing.assert_close(linf - x, -0.1 * w.sign().unsqueeze(0))
-    l2 = pgd_training_examples(linear, x, y, norm="l2", eps=0.5, steps=50, step_size=0.1, bounds=(0, 1), generator=generator)
+    l2 = pgd_training_examples(
+        linear, x, y, norm="l2", eps=0.5, steps=50, step_size=0.1, bounds=(0, 1), generator=generator
+    )
     torch.testing.assert_close(l2 - x, -0.5 * (w / w.norm()).unsqueeze(0), atol=1e-4, rtol=0)
 
 
@@ -258,14 +283,15 @@ def test_unknown_recipe(isolated_registry):
         train(get_card("digits-mlp-test"), progress=False)
 
 
-
 def test_firevnet_checkpoints_leave_out_the_permutations_the_seed_rebuilds():
     arguments = {"blocks": [1, 1], "hidden": [8, 8], "dense_blocks": 1, "dense_hidden": 16}
     network = build_architecture("fi-revnet", **arguments)
     state = network.state_dict()
     assert not [key for key in state if key.endswith(("w_perm", "w_perm_inv"))]
     # A state_dict saved with them (before they were left out) loads when they are the seed's ...
-    permutations = {key: tensor.clone() for key, tensor in network.named_buffers() if key.endswith(("w_perm", "w_perm_inv"))}
+    permutations = {
+        key: tensor.clone() for key, tensor in network.named_buffers() if key.endswith(("w_perm", "w_perm_inv"))
+    }
     assert permutations
     again = build_architecture("fi-revnet", **arguments)
     again.load_state_dict({**state, **permutations})
@@ -273,6 +299,10 @@ def test_firevnet_checkpoints_leave_out_the_permutations_the_seed_rebuilds():
     with torch.no_grad():
         assert torch.equal(again(x), network(x)) and torch.allclose(network.decode(network.encode(x)[0]), x, atol=1e-5)
     # ... and is refused when they are another seed's.
-    other = {key: tensor.clone() for key, tensor in build_architecture("fi-revnet", **arguments, permutation_seed=1).named_buffers() if key in permutations}
+    other = {
+        key: tensor.clone()
+        for key, tensor in build_architecture("fi-revnet", **arguments, permutation_seed=1).named_buffers()
+        if key in permutations
+    }
     with pytest.raises(RuntimeError, match="permutation_seed"):
         again.load_state_dict({**state, **other})

@@ -7,14 +7,15 @@ import json
 import pandas as pd
 import pytest
 import torch
+from test_attacks import linear_model, linear_problem
+
 from invarbench.attacks import ATTACKS, ThreatModel, create_attack, perturbation_norm
 from invarbench.cli import main
-from invarbench.config import entry_config, rerun_as
+from invarbench.config import AttackSpec, ModelSpec, RunConfig, entry_config, rerun_as
 from invarbench.errors import ConfigError
 from invarbench.leaderboard.entries import add_run
 from invarbench.models import BenchmarkModel, load_model
-from invarbench.runner import AttackSpec, ModelSpec, RunConfig, run_benchmark
-from test_attacks import linear_model, linear_problem
+from invarbench.runner import run_benchmark
 
 STRONG = {"steps": 100, "rel_stepsize": 0.05}
 
@@ -50,11 +51,17 @@ def test_pgd_reaches_the_closed_form_optimum_on_a_linear_model(norm):
     model, x, labels, minimal = linear_problem(norm)
     for point in range(len(labels)):
         eps = (0.97 * minimal[point].item(), 1.03 * minimal[point].item())
-        result = create_attack("pgd", **STRONG)(model, x[point : point + 1], labels[point : point + 1], norm=norm, epsilons=eps)
+        result = create_attack("pgd", **STRONG)(
+            model, x[point : point + 1], labels[point : point + 1], norm=norm, epsilons=eps
+        )
         assert result.success[:, 0].tolist() == [False, True], (norm, point)
         assert (result.norms[:, 0] <= torch.tensor(eps) + 1e-6).all()
         assert result.margins[1, 0] < 0 < result.margins[0, 0]
-    assert result.options["implementation"] == "invarbench" and result.options["steps"] == 100 and result.options["random_start"]
+    assert (
+        result.options["implementation"] == "invarbench"
+        and result.options["steps"] == 100
+        and result.options["random_start"]
+    )
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -83,7 +90,9 @@ def test_restarts_run_only_on_points_still_robust():
     model, recorder = recorded(model)
     eps = 1.03 * minimal.median().item()
     steps, restarts = 10, 3
-    result = create_attack("pgd", steps=steps, rel_stepsize=0.1, restarts=restarts)(model, x, labels, norm="linf", epsilons=(eps,))
+    result = create_attack("pgd", steps=steps, rel_stepsize=0.1, restarts=restarts)(
+        model, x, labels, norm="linf", epsilons=(eps,)
+    )
     counts = appearances(recorder, x)
     assert result.success[0].any() and not result.success[0].all()
     assert (counts[result.success[0]] <= 1 + steps + 1).all()
@@ -111,16 +120,26 @@ def test_the_same_seed_repeats_and_another_seed_draws_other_starts():
     x = torch.randn(60, 30) * 0.2
     labels = model(x).argmax(1).detach()
     attack = create_attack("pgd", steps=1, rel_stepsize=0.01)
-    first, again, other = (attack(model, x, labels, norm="linf", epsilons=(0.01, 0.02), seed=seed) for seed in (3, 3, 4))
-    assert torch.equal(first.success, again.success) and torch.equal(first.adversarials, again.adversarials) and torch.equal(first.margins, again.margins)
+    first, again, other = (
+        attack(model, x, labels, norm="linf", epsilons=(0.01, 0.02), seed=seed) for seed in (3, 3, 4)
+    )
+    assert (
+        torch.equal(first.success, again.success)
+        and torch.equal(first.adversarials, again.adversarials)
+        and torch.equal(first.margins, again.margins)
+    )
     assert not torch.equal(first.adversarials, other.adversarials)
-    assert not torch.equal(first.success, other.success), "one step from a random start: the outcome depends on the start"
+    assert not torch.equal(first.success, other.success), (
+        "one step from a random start: the outcome depends on the start"
+    )
 
 
 @pytest.mark.parametrize("norm,epsilons", [("linf", (0.05, 0.1, 0.3)), ("l2", (0.5, 1.0, 2.0))])
 def test_examples_stay_in_the_bounds_and_the_ball(mnist, norm, epsilons):
     images, labels = mnist.evaluation_subset(30)
-    result = create_attack("pgd", steps=10)(load_model("mnist-cnn-standard"), images, labels, norm=norm, epsilons=epsilons)
+    result = create_attack("pgd", steps=10)(
+        load_model("mnist-cnn-standard"), images, labels, norm=norm, epsilons=epsilons
+    )
     for index, eps in enumerate(epsilons):
         examples = result.adversarials[index]
         assert examples.min() >= 0 and examples.max() <= 1
@@ -142,14 +161,25 @@ def test_pgd_is_not_weaker_than_foolbox_pgd_on_the_robust_zoo_model(mnist, norm,
 
 
 def test_bad_options_name_the_option_and_the_fix():
-    for options, message in [({"restarts": 0}, "restarts=0"), ({"steps": 0}, "steps=0"), ({"rel_stepsize": -0.1}, "must be positive"), ({"batch_size": 0}, "batch_size=0")]:
+    for options, message in [
+        ({"restarts": 0}, "restarts=0"),
+        ({"steps": 0}, "steps=0"),
+        ({"rel_stepsize": -0.1}, "must be positive"),
+        ({"batch_size": 0}, "batch_size=0"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             create_attack("pgd", **options)
     assert ATTACKS["pgd"].__module__.endswith("attacks.pgd") and "foolbox" in ATTACKS["foolbox-pgd"].__module__
 
 
-def test_runs_record_the_engine_and_entries_without_it_are_checked_with_foolbox_pgd(tmp_path, isolated_registry, monkeypatch):
-    assert RunConfig((ModelSpec("spheres-mlp-pgd-linf", "spheres"),), (ThreatModel("linf", (0.02,)),), (AttackSpec("pgd"), AttackSpec("fgsm"))).to_dict()["attacks"] == [
+def test_runs_record_the_engine_and_entries_without_it_are_checked_with_foolbox_pgd(
+    tmp_path, isolated_registry, monkeypatch
+):
+    assert RunConfig(
+        (ModelSpec("spheres-mlp-pgd-linf", "spheres"),),
+        (ThreatModel("linf", (0.02,)),),
+        (AttackSpec("pgd"), AttackSpec("fgsm")),
+    ).to_dict()["attacks"] == [
         {"name": "pgd", "options": {}, "implementation": "invarbench"},
         {"name": "fgsm", "options": {}},
     ]
@@ -159,7 +189,13 @@ def test_runs_record_the_engine_and_entries_without_it_are_checked_with_foolbox_
     # An entry as stored before this engine: Foolbox's PGD run under the name pgd (so its label and seeds),
     # its settings recording no implementation.
     isolated_registry("spheres-mlp-pgd-linf")
-    config = RunConfig((ModelSpec("spheres-mlp-pgd-linf", "spheres"),), (ThreatModel("linf", (0.02, 0.05)),), (AttackSpec("pgd", (("steps", 10),), runs_as="foolbox-pgd"),), n=40, shard_size=20)
+    config = RunConfig(
+        (ModelSpec("spheres-mlp-pgd-linf", "spheres"),),
+        (ThreatModel("linf", (0.02, 0.05)),),
+        (AttackSpec("pgd", (("steps", 10),), runs_as="foolbox-pgd"),),
+        n=40,
+        shard_size=20,
+    )
     run_benchmark(config, tmp_path / "runs", name="run", progress=False)
     entries = tmp_path / "entries"
     add_run(tmp_path / "runs" / "run", entries)
@@ -171,6 +207,12 @@ def test_runs_record_the_engine_and_entries_without_it_are_checked_with_foolbox_
     assert entry_config(entry, 40).attacks == (AttackSpec("pgd", (("steps", 10),), runs_as="foolbox-pgd"),)
     engines = []
     for name in ("pgd", "foolbox-pgd"):
-        monkeypatch.setattr(ATTACKS[name], "run", lambda self, *args, original=ATTACKS[name].run, **kwargs: engines.append(self.name) or original(self, *args, **kwargs))
+        monkeypatch.setattr(
+            ATTACKS[name],
+            "run",
+            lambda self, *args, original=ATTACKS[name].run, **kwargs: (
+                engines.append(self.name) or original(self, *args, **kwargs)
+            ),
+        )
     assert main(["check", stem, "--entries", str(entries), "--no-progress"]) == 0
     assert set(engines) == {"foolbox-pgd"}

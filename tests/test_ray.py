@@ -24,6 +24,11 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+
+# The kill-resume test's run: PGD, FGSM in the cascade and an invariance attack, 3 x 6 shards = 18 jobs.
+from test_kill_resume import JOBS, RUN
+from torch import nn
+
 from invarbench.attacks import ThreatModel
 from invarbench.cli import main
 from invarbench.config import AttackSpec, ModelSpec, RunConfig, entry_config
@@ -32,9 +37,6 @@ from invarbench.executors import ExecutorSettings
 from invarbench.leaderboard.entries import add_run
 from invarbench.models import load_model
 from invarbench.runner import run_benchmark
-# The kill-resume test's run: PGD, FGSM in the cascade and an invariance attack, 3 x 6 shards = 18 jobs.
-from test_kill_resume import JOBS, RUN
-from torch import nn
 
 RAY = ["--executor", "ray", "--workers", "2", "--threads-per-worker", "1"]
 
@@ -48,7 +50,11 @@ def _ray_processes() -> set[int]:
                 command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if command.startswith("ray::") or "/ray/core/src/ray/" in command or "ray/_private/workers/default_worker.py" in command:
+            if (
+                command.startswith("ray::")
+                or "/ray/core/src/ray/" in command
+                or "ray/_private/workers/default_worker.py" in command
+            ):
                 found.add(int(entry.name))
     return found
 
@@ -87,17 +93,26 @@ def _job_table(path: Path):
 
 
 def _assert_same_results(run_dir: Path, reference: Path) -> None:
-    assert sorted(path.name for path in (run_dir / "jobs").iterdir()) == sorted(path.name for path in (reference / "jobs").iterdir())
+    assert sorted(path.name for path in (run_dir / "jobs").iterdir()) == sorted(
+        path.name for path in (reference / "jobs").iterdir()
+    )
     for job in (reference / "jobs").iterdir():
         assert _job_table(run_dir / "jobs" / job.name).equals(_job_table(job)), job.name
-        assert pq.read_schema(run_dir / "jobs" / job.name).metadata[b"invarbench.warnings"] == pq.read_schema(job).metadata[b"invarbench.warnings"]
+        assert (
+            pq.read_schema(run_dir / "jobs" / job.name).metadata[b"invarbench.warnings"]
+            == pq.read_schema(job).metadata[b"invarbench.warnings"]
+        )
     for name in ("results.parquet", "invariance.parquet"):
-        pd.testing.assert_frame_equal(pd.read_parquet(run_dir / name), pd.read_parquet(reference / name), check_exact=True)
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(run_dir / name), pd.read_parquet(reference / name), check_exact=True
+        )
     for candidates in (reference / "candidates").iterdir():
         with np.load(candidates) as expected, np.load(run_dir / "candidates" / candidates.name) as found:
             np.testing.assert_array_equal(found["candidates"], expected["candidates"])
     summary, expected = (json.loads((path / "summary.json").read_text()) for path in (run_dir, reference))
-    assert {key: value for key, value in summary.items() if key not in ("executor", "workers")} == {key: value for key, value in expected.items() if key not in ("executor", "workers")}
+    assert {key: value for key, value in summary.items() if key not in ("executor", "workers")} == {
+        key: value for key, value in expected.items() if key not in ("executor", "workers")
+    }
     assert not (run_dir / "run.lock").exists() and not (run_dir / "state").exists() and not list(run_dir.rglob("*.tmp"))
 
 
@@ -115,7 +130,16 @@ def test_executor_options_are_checked_before_anything_is_written(tmp_path, capsy
     assert "--address 127.0.0.1:1: no Ray head answers there" in error and "ray start --head" in error
     monkeypatch.setitem(sys.modules, "ray", None)  # ray not installed
     with pytest.raises(ConfigError, match=r"--executor ray needs the ray package.*pip install"):
-        run_benchmark(RunConfig((ModelSpec("spheres-mlp-standard", "spheres"),), (ThreatModel("linf", (0.02,)),), (AttackSpec("fgsm"),), n=10), tmp_path, executor=ExecutorSettings("ray"))
+        run_benchmark(
+            RunConfig(
+                (ModelSpec("spheres-mlp-standard", "spheres"),),
+                (ThreatModel("linf", (0.02,)),),
+                (AttackSpec("fgsm"),),
+                n=10,
+            ),
+            tmp_path,
+            executor=ExecutorSettings("ray"),
+        )
     assert not list(tmp_path.iterdir()), "a refused run wrote files"
 
 
@@ -137,7 +161,10 @@ def test_ray_run_has_the_local_runs_records_and_records_its_executor(tmp_path, c
     entry = json.loads(path.read_text())
     assert (entry["settings"]["executor"], entry["settings"]["workers"]) == ("ray", 2)
     # `invarbench check` rebuilds the configuration from entries with and without them (older ones).
-    for settings in (entry["settings"], {key: value for key, value in entry["settings"].items() if key not in ("executor", "workers")}):
+    for settings in (
+        entry["settings"],
+        {key: value for key, value in entry["settings"].items() if key not in ("executor", "workers")},
+    ):
         config = entry_config({**entry, "settings": settings}, 20)
         assert config.n == 20 and [attack.name for attack in config.attacks][-1] == "fgsm"
 
@@ -174,13 +201,27 @@ def test_a_worker_killed_in_the_middle_of_a_job_is_retried_and_changes_nothing(t
     model = load_model("spheres-mlp-standard")
     model.network = KillsItsWorkerOnce(model.network, marker)
     spec = ModelSpec.from_module(model, "spheres", name="spheres-killer")
-    config = RunConfig((spec,), (ThreatModel("linf", (0.02, 0.05)),), (AttackSpec("pgd", (("steps", 5),)), AttackSpec("fgsm")), n=40, shard_size=10)
-    local = run_benchmark(config, tmp_path, name="local", progress=False, executor=ExecutorSettings("local", threads_per_worker=1))
+    config = RunConfig(
+        (spec,),
+        (ThreatModel("linf", (0.02, 0.05)),),
+        (AttackSpec("pgd", (("steps", 5),)), AttackSpec("fgsm")),
+        n=40,
+        shard_size=10,
+    )
+    local = run_benchmark(
+        config, tmp_path, name="local", progress=False, executor=ExecutorSettings("local", threads_per_worker=1)
+    )
     assert not marker.exists(), "the driver's forward passes must not kill it"
-    distributed = run_benchmark(config, tmp_path, name="ray", progress=False, executor=ExecutorSettings("ray", workers=2, threads_per_worker=1))
+    distributed = run_benchmark(
+        config, tmp_path, name="ray", progress=False, executor=ExecutorSettings("ray", workers=2, threads_per_worker=1)
+    )
     assert marker.exists() and int(marker.read_text()) != os.getpid(), "no worker was killed"
     assert distributed.jobs_run == local.jobs_run == 8
-    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ray" / "results.parquet"), pd.read_parquet(tmp_path / "local" / "results.parquet"), check_exact=True)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "ray" / "results.parquet"),
+        pd.read_parquet(tmp_path / "local" / "results.parquet"),
+        check_exact=True,
+    )
     for job in (tmp_path / "local" / "jobs").iterdir():
         assert _job_table(tmp_path / "ray" / "jobs" / job.name).equals(_job_table(job)), job.name
 
@@ -188,10 +229,19 @@ def test_a_worker_killed_in_the_middle_of_a_job_is_retried_and_changes_nothing(t
 @pytest.mark.slow
 def test_a_killed_driver_resumes_with_the_same_records(tmp_path, cluster, reference):
     command = [*RUN, "--out", str(tmp_path), *RAY, "--address", cluster]
-    driver = subprocess.Popen([sys.executable, "-m", "invarbench.cli", *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "invarbench.cli", *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     jobs = tmp_path / "run" / "jobs"
     deadline = time.monotonic() + 120
-    while driver.poll() is None and time.monotonic() < deadline and len(list(jobs.glob("*.parquet")) if jobs.exists() else []) < 4:
+    while (
+        driver.poll() is None
+        and time.monotonic() < deadline
+        and len(list(jobs.glob("*.parquet")) if jobs.exists() else []) < 4
+    ):
         time.sleep(0.02)
     assert driver.poll() is None, f"the driver ended before it was killed: {driver.stderr.read().decode()[-2000:]}"
     os.kill(driver.pid, signal.SIGKILL)
@@ -212,10 +262,28 @@ def test_a_checkpoint_file_reaches_the_workers_through_the_object_store(tmp_path
     network = load_model("spheres-mlp-standard").network
     path = tmp_path / "spheres.pt"
     torch.jit.save(torch.jit.script(network), str(path))
-    command = ["run", str(path), "--dataset", "spheres", "--attack", "fgsm", "--threat", "linf:0.05", "--n", "20", "--shard-size", "10", "--no-progress"]
+    command = [
+        "run",
+        str(path),
+        "--dataset",
+        "spheres",
+        "--attack",
+        "fgsm",
+        "--threat",
+        "linf:0.05",
+        "--n",
+        "20",
+        "--shard-size",
+        "10",
+        "--no-progress",
+    ]
     assert main([*command, "--out", str(tmp_path / "local"), "--name", "run", "--threads-per-worker", "1"]) == 0
     assert main([*command, "--out", str(tmp_path / "ray"), "--name", "run", *RAY]) == 0
-    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ray" / "run" / "results.parquet"), pd.read_parquet(tmp_path / "local" / "run" / "results.parquet"), check_exact=True)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "ray" / "run" / "results.parquet"),
+        pd.read_parquet(tmp_path / "local" / "run" / "results.parquet"),
+        check_exact=True,
+    )
 
 
 @pytest.mark.slow

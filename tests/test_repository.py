@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from invarbench.io import compact_png
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +20,9 @@ TRACKED_LIMIT_BYTES = 50_000_000
 def tracked_files() -> list[Path]:
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    )
     return [ROOT / name for name in listed if name and (ROOT / name).is_file()]
 
 
@@ -27,7 +30,10 @@ def test_tracked_files_stay_under_the_limit():
     sizes = sorted(((path.stat().st_size, path.relative_to(ROOT)) for path in tracked_files()), reverse=True)
     total = sum(size for size, _ in sizes)
     largest = ", ".join(f"{name} {size / 1e6:.2f} MB" for size, name in sizes[:5])
-    assert total <= TRACKED_LIMIT_BYTES, f"tracked files weigh {total / 1e6:.2f} MB, over {TRACKED_LIMIT_BYTES / 1e6:.0f} MB (largest: {largest}); keep weights and data out of git"
+    assert total <= TRACKED_LIMIT_BYTES, (
+        f"tracked files weigh {total / 1e6:.2f} MB, over {TRACKED_LIMIT_BYTES / 1e6:.0f} MB (largest: {largest}); keep"
+        " weights and data out of git"
+    )
 
 
 def test_compact_png_keeps_every_pixel_and_leaves_what_it_cannot_keep():

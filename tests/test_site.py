@@ -5,11 +5,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from invarbench.attacks import ThreatModel
+from invarbench.config import AttackSpec, ModelSpec, RunConfig
 from invarbench.leaderboard.entries import add_run, load_entries
 from invarbench.leaderboard.site import build_site
 from invarbench.leaderboard.tables import build_tables
-from invarbench.runner import AttackSpec, ModelSpec, RunConfig, run_benchmark
+from invarbench.runner import run_benchmark
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -17,7 +19,13 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("site")
-    config = RunConfig((ModelSpec("spheres-mlp-standard", "spheres"), ModelSpec("spheres-mlp-pgd-linf", "spheres")), (ThreatModel("linf", (0.02, 0.025)),), (AttackSpec("fgsm"), AttackSpec("invariance-linf")), n=40, shard_size=20)
+    config = RunConfig(
+        (ModelSpec("spheres-mlp-standard", "spheres"), ModelSpec("spheres-mlp-pgd-linf", "spheres")),
+        (ThreatModel("linf", (0.02, 0.025)),),
+        (AttackSpec("fgsm"), AttackSpec("invariance-linf")),
+        n=40,
+        shard_size=20,
+    )
     run_benchmark(config, root / "runs", name="run", progress=False)
     add_run(root / "runs" / "run", root / "entries")
     build_tables(root / "entries", root / "output")
@@ -42,7 +50,9 @@ def test_site_is_local_links_instead_of_copying_and_rebuilds_byte_identically(si
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (make test installs it with apt-get)")
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (make test installs it with apt-get)"
+)
 def test_page_in_headless_chromium_shows_every_entry_sorts_and_loads_images(site, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -55,7 +65,12 @@ def test_page_in_headless_chromium_shows_every_entry_sorts_and_loads_images(site
         models = table.locator("tbody tr td:nth-child(2)").all_inner_texts()
         assert sorted(models) == sorted(entry["model"] for entry in entries if entry["track"] == "perturbation")
         invariance_rows = page.locator("#spheres-invariance tbody tr").count()
-        assert invariance_rows == sum(len(settings) for entry in entries if entry["track"] == "invariance" for settings in entry["results"]["invariance"].values())
+        assert invariance_rows == sum(
+            len(settings)
+            for entry in entries
+            if entry["track"] == "invariance"
+            for settings in entry["results"]["invariance"].values()
+        )
         # Sorting by model name reorders the rows (they start ranked by worst-case robust accuracy).
         before = table.locator("tbody tr td:nth-child(2)").all_inner_texts()
         table.locator("th", has_text="model").first.click()
@@ -68,7 +83,9 @@ def test_page_in_headless_chromium_shows_every_entry_sorts_and_loads_images(site
         images = page.locator("img")
         assert images.count() > 0
         for position in range(images.count()):
-            assert images.nth(position).evaluate("image => image.complete && image.naturalWidth > 0"), images.nth(position).get_attribute("src")
+            assert images.nth(position).evaluate("image => image.complete && image.naturalWidth > 0"), images.nth(
+                position
+            ).get_attribute("src")
         page.screenshot(path=str(tmp_path / "leaderboard.png"), full_page=True)
         assert (tmp_path / "leaderboard.png").stat().st_size > 10_000
         model_page = browser.new_page()

@@ -3,6 +3,7 @@ determinism, early exit, the traced forward pass, and agreement with pyautoattac
 
 import pytest
 import torch
+
 from invarbench.attacks import create_attack
 from invarbench.attacks.square import p_selection, square_l2, square_linf, traced_forward
 from invarbench.models import BenchmarkModel
@@ -31,12 +32,27 @@ def linear_two_class(count=40, seed=0):
 
 def small_cnn(bounds=(0.0, 1.0), seed=0):
     torch.manual_seed(seed)
-    network = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 10))
+    network = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 4 * 4, 10),
+    )
     return BenchmarkModel(network, bounds=bounds, num_classes=10).eval()
 
 
 def test_p_selection_follows_the_papers_schedule():
-    assert [p_selection(query, p_init=0.8, queries=5000) for query in (0, 10, 11, 50, 51, 4000, 4001, 8001)] == [0.8, 0.8, 0.4, 0.4, 0.2, 0.8 / 64, 0.8 / 128, 0.8 / 512]
+    assert [p_selection(query, p_init=0.8, queries=5000) for query in (0, 10, 11, 50, 51, 4000, 4001, 8001)] == [
+        0.8,
+        0.8,
+        0.4,
+        0.4,
+        0.2,
+        0.8 / 64,
+        0.8 / 128,
+        0.8 / 512,
+    ]
     # Rescaled: the 10000-query schedule stretched over the budget.
     assert p_selection(500, p_init=0.8, queries=1000, rescale_schedule=True) == 0.8 / 128
 
@@ -75,7 +91,9 @@ def test_square_stays_in_the_ball_and_the_bounds(norm):
         result = create_attack("square", queries=200)(model, x, labels, norm=norm, epsilons=(eps,))
         adversarials = result.adversarials[0]
         assert (adversarials >= low).all() and (adversarials <= high).all(), bounds
-        sizes = (adversarials - x).flatten(1).abs().amax(1) if norm == "linf" else (adversarials - x).flatten(1).norm(dim=1)
+        sizes = (
+            (adversarials - x).flatten(1).abs().amax(1) if norm == "linf" else (adversarials - x).flatten(1).norm(dim=1)
+        )
         assert (sizes <= eps * (1 + 1e-6)).all() and torch.equal(sizes, result.norms[0]), bounds
         assert result.success.any() and torch.equal(result.adversarial_predictions[0] != labels, result.success[0])
         assert result.options["forward"].startswith("traced")
@@ -111,7 +129,9 @@ def test_broken_points_stop_being_queried(search, eps):
         return model(batch)
 
     queries = 150
-    best, margin, used = search(forward, x, labels, eps=eps, queries=queries, generator=torch.Generator().manual_seed(0))
+    best, margin, used = search(
+        forward, x, labels, eps=eps, queries=queries, generator=torch.Generator().manual_seed(0)
+    )
     broken = margin <= 0
     assert 0 < broken.sum() < len(x)
     assert sum(rows) == int(used.sum()), "each point is queried only while it is robust"
@@ -124,7 +144,14 @@ def test_broken_points_stop_being_queried(search, eps):
     robust = (~broken).nonzero().flatten()
     with torch.no_grad():
         unlikely = model(x).argmin(1)
-    again, again_margin, again_used = search(model, x, torch.where(broken, unlikely, labels), eps=eps, queries=queries, generator=torch.Generator().manual_seed(0))
+    again, again_margin, again_used = search(
+        model,
+        x,
+        torch.where(broken, unlikely, labels),
+        eps=eps,
+        queries=queries,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert (again_used[broken] == 1).all() and (again_margin[broken] < 0).all()
     assert torch.equal(again[robust], best[robust])
 
@@ -154,20 +181,34 @@ def test_traced_forward_falls_back_where_tracing_changes_the_model():
 @pytest.mark.mnist
 @pytest.mark.parametrize("norm,eps,queries", [("linf", 0.3, 200), ("l2", 3.0, 300)])
 def test_square_agrees_with_pyautoattacks_on_a_zoo_model(mnist, norm, eps, queries):
+    from pyautoattack.square import SquareAttack
+
     from invarbench.attacks.autoattack import UnitBox
     from invarbench.models import load_model
-    from pyautoattack.square import SquareAttack
 
     images, labels = mnist.evaluation_subset(40)
     model = load_model("mnist-cnn-pgd-linf-0.1")
     # Above the model's training eps and a short budget, so that Square breaks some points and not others
     # (measured, robust accuracy with invarbench's and pyautoattack's: l_inf 0.700 and 0.775, l_2 0.425 and 0.450).
     ours = create_attack("square", queries=queries)(model, images, labels, norm=norm, epsilons=(eps,))
-    square = SquareAttack(UnitBox(model, tuple(images.shape[1:])), p_init=0.8, n_queries=queries, eps=eps, norm={"linf": "Linf", "l2": "L2"}[norm], n_restarts=1, seed=0, device=torch.device("cpu"), resc_schedule=False)
+    square = SquareAttack(
+        UnitBox(model, tuple(images.shape[1:])),
+        p_init=0.8,
+        n_queries=queries,
+        eps=eps,
+        norm={"linf": "Linf", "l2": "L2"}[norm],
+        n_restarts=1,
+        seed=0,
+        device=torch.device("cpu"),
+        resc_schedule=False,
+    )
     with torch.no_grad():
         reference = model(square.perturb(images, labels)).argmax(1) != labels
     ours_accuracy, reference_accuracy = 1 - ours.success[0].float().mean().item(), 1 - reference.float().mean().item()
     assert 0.1 < reference_accuracy < 0.9, "a setting where Square breaks some points and not others"
     # Within 4 of the 40 points, and never weaker beyond 2 points (each point draws its own windows here).
-    assert abs(ours_accuracy - reference_accuracy) <= 0.1 and ours_accuracy <= reference_accuracy + 0.05, (ours_accuracy, reference_accuracy)
+    assert abs(ours_accuracy - reference_accuracy) <= 0.1 and ours_accuracy <= reference_accuracy + 0.05, (
+        ours_accuracy,
+        reference_accuracy,
+    )
     assert ours.options["forward"].startswith("traced")

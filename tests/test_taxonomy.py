@@ -6,7 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from invarbench.attacks import ATTACKS, Attack, Budget, InvarianceAttack, InvarianceContext, MinimumNormAttack, ThreatModel, create_attack
+
+from invarbench.attacks import (
+    ATTACKS,
+    Attack,
+    Budget,
+    InvarianceAttack,
+    InvarianceContext,
+    MinimumNormAttack,
+    ThreatModel,
+    create_attack,
+)
 from invarbench.attacks.oracles import ExactOracle
 from invarbench.errors import ConfigError
 from invarbench.models import BenchmarkModel
@@ -16,7 +26,13 @@ ENTRIES = Path(__file__).parents[1] / "leaderboard" / "entries"
 
 def test_registered_attacks_are_classified_by_their_class():
     assert {name for name, cls in ATTACKS.items() if issubclass(cls, MinimumNormAttack)} == {"fmn"}
-    assert {name for name, cls in ATTACKS.items() if issubclass(cls, InvarianceAttack)} == {"invariance-linf", "invariance-l0", "invariance-l0-judge-guided", "metameric", "invariance-set"}
+    assert {name for name, cls in ATTACKS.items() if issubclass(cls, InvarianceAttack)} == {
+        "invariance-linf",
+        "invariance-l0",
+        "invariance-l0-judge-guided",
+        "metameric",
+        "invariance-set",
+    }
     for name, cls in ATTACKS.items():
         assert issubclass(cls, Attack)
         # The kind recorded in stored settings follows the class.
@@ -43,7 +59,12 @@ def test_budget_text_round_trips(text):
 def test_budgets_format_as_the_stored_settings_and_parse_back():
     assert str(Budget("l0", 25)) == "l0:25" and Budget("l0", 25).value == 25.0
     assert str(Budget("linf", 0.4)) == "linf:0.4" and str(Budget("metamer", 0.0)) == "metamer:0"
-    stored = [setting for path in sorted(ENTRIES.glob("*__invariance.json")) for per_setting in json.loads(path.read_text())["results"]["invariance"].values() for setting in per_setting]
+    stored = [
+        setting
+        for path in sorted(ENTRIES.glob("*__invariance.json"))
+        for per_setting in json.loads(path.read_text())["results"]["invariance"].values()
+        for setting in per_setting
+    ]
     assert {"l0:25", "linf:0.3", "metamer:0"} <= set(stored)
     assert all(str(Budget.parse(setting)) == setting for setting in stored)
 
@@ -84,11 +105,20 @@ def test_invariance_attacks_give_their_budgets_per_threat():
 
 
 def test_an_invariance_attack_called_without_context_names_the_fix():
-    model = BenchmarkModel(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)), bounds=(0, 1), num_classes=3)
+    model = BenchmarkModel(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)), bounds=(0, 1), num_classes=3
+    )
     images, labels = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
     attack = create_attack("metameric", steps=2)
-    with pytest.raises(ConfigError, match=r"'metameric' needs context=InvarianceContext\(dataset, oracle, indices\).*pass it in the call"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'metameric' needs context=InvarianceContext\(dataset, oracle, indices\).*pass it in the call",
+    ):
         attack(model, images, labels, norm="linf", epsilons=(0.1,))
     oracle = ExactOracle("exact:test", lambda x: torch.zeros(len(x), dtype=torch.long))
-    result = attack(model, images, labels, norm="linf", epsilons=(0.1,), context=InvarianceContext(None, oracle, torch.arange(4)))
-    assert result.oracle == "exact:test" and not hasattr(attack, "context"), "the context is an argument of the call, not state of the attack"
+    result = attack(
+        model, images, labels, norm="linf", epsilons=(0.1,), context=InvarianceContext(None, oracle, torch.arange(4))
+    )
+    assert result.oracle == "exact:test" and not hasattr(attack, "context"), (
+        "the context is an argument of the call, not state of the attack"
+    )

@@ -20,11 +20,44 @@ steps that do not depend on the model (nearest neighbours) are cached per data s
 
 # isort: off
 # In the order the attacks register (as in ATTACKS and `invarbench attacks list`).
-from invarbench.attacks.invariance.base import InvarianceAttack, InvarianceContext, InvarianceResult, _DeviceBridge, _on_cpu_tensors  # noqa: F401
-from invarbench.attacks.invariance.transforms import CACHE_VERSION, ROTATIONS, SHIFTS, _cache_path, _cached, _is_image, affine_matrices, random_affine_copies, transform_grid, warp  # noqa: F401
-from invarbench.attacks.invariance.linf import TRAMER_TARGETS, InvarianceLinf, allowed_targets, search_neighbours  # noqa: F401
-from invarbench.attacks.invariance.metameric import Metameric, metamer_partners  # noqa: F401
-from invarbench.attacks.invariance.guide import DEFAULT_GUIDE, load_guide  # noqa: F401
-from invarbench.attacks.invariance.l0 import InvarianceL0, InvarianceL0JudgeGuided  # noqa: F401
-from invarbench.attacks.invariance.fixed_set import InvarianceSetAttack  # noqa: F401
+from invarbench.attacks.invariance.base import InvarianceAttack, InvarianceContext, InvarianceResult
+from invarbench.attacks.invariance.transforms import (
+    CACHE_VERSION,
+    ROTATIONS,
+    SHIFTS,
+    affine_matrices,
+    random_affine_copies,
+    transform_grid,
+    warp,
+)
+from invarbench.attacks.invariance.linf import TRAMER_TARGETS, InvarianceLinf, allowed_targets, search_neighbours
+from invarbench.attacks.invariance.metameric import Metameric, metamer_partners
+from invarbench.attacks.invariance.guide import DEFAULT_GUIDE, load_guide
+from invarbench.attacks.invariance.l0 import InvarianceL0, InvarianceL0JudgeGuided
+from invarbench.attacks.invariance.fixed_set import InvarianceSetAttack
+
 # isort: on
+
+__all__ = [
+    "CACHE_VERSION",
+    "DEFAULT_GUIDE",
+    "ROTATIONS",
+    "SHIFTS",
+    "TRAMER_TARGETS",
+    "InvarianceAttack",
+    "InvarianceContext",
+    "InvarianceL0",
+    "InvarianceL0JudgeGuided",
+    "InvarianceLinf",
+    "InvarianceResult",
+    "InvarianceSetAttack",
+    "Metameric",
+    "affine_matrices",
+    "allowed_targets",
+    "load_guide",
+    "metamer_partners",
+    "random_affine_copies",
+    "search_neighbours",
+    "transform_grid",
+    "warp",
+]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+
 from invarbench.attacks.base import Attack, Budget, ThreatModel, frozen_parameters
 from invarbench.attacks.oracles import Oracle
 from invarbench.errors import ConfigError
@@ -75,32 +76,64 @@ class InvarianceAttack(Attack):
         own budgets instead (once, whatever threats are configured)."""
         return tuple(Budget(threat.norm, eps) for eps in threat.epsilons) if threat.norm in self.norms else ()
 
-    def __call__(self, model, images, labels, *, norm, epsilons, seed=0, active=None, context: InvarianceContext | None = None) -> InvarianceResult:
+    def __call__(
+        self, model, images, labels, *, norm, epsilons, seed=0, active=None, context: InvarianceContext | None = None
+    ) -> InvarianceResult:
         if context is None:
             raise ConfigError(
-                f"attack {self.name!r} needs context=InvarianceContext(dataset, oracle, indices) (the data set its candidates come from, the oracle that judges them, "
-                "the points' indices in the test set); pass it in the call, or run the attack through `invarbench run` or invarbench.evaluate"
+                f"attack {self.name!r} needs context=InvarianceContext(dataset, oracle, indices) (the data set its"
+                " candidates come from, the oracle that judges them, the points' indices in the test set); pass it in"
+                " the call, or run the attack through `invarbench run` or invarbench.evaluate"
             )
         if len(images) != len(labels):
             raise ConfigError(f"attack {self.name!r} got {len(images)} images but {len(labels)} labels")
         with frozen_parameters(model):
-            return self.run(_on_cpu_tensors(model), images, labels, norm=norm, epsilons=tuple(float(eps) for eps in epsilons), seed=seed, active=active, context=context)
+            return self.run(
+                _on_cpu_tensors(model),
+                images,
+                labels,
+                norm=norm,
+                epsilons=tuple(float(eps) for eps in epsilons),
+                seed=seed,
+                active=active,
+                context=context,
+            )
 
     @abstractmethod
-    def run(self, model, images, labels, *, norm: str, epsilons: tuple[float, ...], seed: int, active: torch.Tensor | None, context: InvarianceContext) -> InvarianceResult:  # type: ignore[override]
+    def run(
+        self,
+        model,
+        images,
+        labels,
+        *,
+        norm: str,
+        epsilons: tuple[float, ...],
+        seed: int,
+        active: torch.Tensor | None,
+        context: InvarianceContext,
+    ) -> InvarianceResult:  # type: ignore[override]
         ...
 
-    def _judge(self, model, candidates: torch.Tensor, oracle: Oracle) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def _judge(
+        self, model, candidates: torch.Tensor, oracle: Oracle
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """The oracle's labels and the model's predictions for (eps, points, ...) candidates, and the
         margins that decided them (``InvarianceResult`` keyword arguments)."""
         shape = candidates.shape[:2]
         flat = candidates.reshape(-1, *candidates.shape[2:])
         if not len(flat):
             empty = torch.zeros(shape, dtype=torch.long)
-            return empty, empty.clone(), {"model_margins": torch.zeros(shape), "oracle_margins": torch.full(shape, -1, dtype=torch.long)}
+            return (
+                empty,
+                empty.clone(),
+                {"model_margins": torch.zeros(shape), "oracle_margins": torch.full(shape, -1, dtype=torch.long)},
+            )
         output = logits(model, flat)
         oracle_labels, votes = oracle.decide(flat)
-        margins = {"model_margins": top_margins(output).view(shape), "oracle_margins": (torch.full_like(oracle_labels, -1) if votes is None else votes).view(shape)}
+        margins = {
+            "model_margins": top_margins(output).view(shape),
+            "oracle_margins": (torch.full_like(oracle_labels, -1) if votes is None else votes).view(shape),
+        }
         return oracle_labels.view(shape), output.argmax(1).view(shape), margins
 
 

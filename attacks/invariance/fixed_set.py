@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from invarbench.attacks.base import Budget, ThreatModel, register_attack
 from invarbench.attacks.invariance.base import InvarianceAttack, InvarianceResult
 from invarbench.attacks.oracles import ABSTAIN, LabelFileOracle, load_invariance_sets
@@ -21,7 +22,10 @@ class InvarianceSetAttack(InvarianceAttack):
 
     def __init__(self, *, directory: str = ""):
         if not directory:
-            raise ConfigError("invariance-set needs directory=DIR (a folder of NAME.npy + NAME_labels.npy files); use --invariance-set DIR")
+            raise ConfigError(
+                "invariance-set needs directory=DIR (a folder of NAME.npy + NAME_labels.npy files); use"
+                " --invariance-set DIR"
+            )
         self.directory = str(directory)
 
     def sets(self):
@@ -55,4 +59,19 @@ class InvarianceSetAttack(InvarianceAttack):
             predictions = torch.stack([model(candidates[e]).argmax(1).cpu() for e in range(len(epsilons))])
         norms = (candidates - images.unsqueeze(0)).flatten(2).abs().amax(2)
         targets = torch.where(ran & (oracle_labels != labels), oracle_labels, torch.full_like(oracle_labels, -1))
-        return InvarianceResult(self.name, "set", epsilons, candidates, targets, sources, names[0] if names else "label-file", oracle_labels, predictions, norms, torch.full((len(epsilons), count), float("nan")), self.options(), ran=ran, oracles=tuple(names))
+        return InvarianceResult(
+            self.name,
+            "set",
+            epsilons,
+            candidates,
+            targets,
+            sources,
+            names[0] if names else "label-file",
+            oracle_labels,
+            predictions,
+            norms,
+            torch.full((len(epsilons), count), float("nan")),
+            self.options(),
+            ran=ran,
+            oracles=tuple(names),
+        )

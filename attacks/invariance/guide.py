@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from invarbench.errors import ConfigError, ModelError
 from invarbench.models import load_model
 from invarbench.models.registry import checkpoint_sha256, declared_dataset
@@ -21,9 +22,14 @@ DEFAULT_GUIDE = "mnist-cnn-standard"
 
 def guide_references(guide: str | Sequence[str]) -> tuple[str, ...]:
     """The models a ``guide`` option names: one model reference, or several joined by '+' (an ensemble)."""
-    references = tuple(str(item) for item in guide) if isinstance(guide, (list, tuple)) else tuple(str(guide).split("+"))
+    references = (
+        tuple(str(item) for item in guide) if isinstance(guide, (list, tuple)) else tuple(str(guide).split("+"))
+    )
     if not all(references):
-        raise ConfigError(f"guide={guide!r} names no model; pass a registered model, a checkpoint file, or several joined by '+', e.g. guide={DEFAULT_GUIDE}")
+        raise ConfigError(
+            f"guide={guide!r} names no model; pass a registered model, a checkpoint file, or several joined by '+',"
+            f" e.g. guide={DEFAULT_GUIDE}"
+        )
     return references
 
 
@@ -45,8 +51,9 @@ class Guide:
             declared = declared_dataset(reference)
             if declared not in (None, dataset) or model.num_classes != num_classes:
                 raise ConfigError(
-                    f"{attack} guide={self.guide}: {reference} is a model of {declared or 'another data set'} with {model.num_classes} classes; "
-                    f"the data set searched is {dataset} ({num_classes} classes): pass a guide trained on {dataset} (guide=MODEL)"
+                    f"{attack} guide={self.guide}: {reference} is a model of {declared or 'another data set'} with"
+                    f" {model.num_classes} classes; the data set searched is {dataset} ({num_classes} classes): pass a"
+                    f" guide trained on {dataset} (guide=MODEL)"
                 )
 
 
@@ -54,16 +61,32 @@ def load_guide(attack: str, guide: str, *, judge: str, judge_members: dict[str, 
     """The guide of ``attack`` for a run judged by the oracle ``judge`` (its members by card name with their
     checkpoints' sha256), refused where it is that oracle or one of its members (by name or checkpoint)."""
     references = guide_references(guide)
-    fix = f"pass {attack}:guide=MODEL with a model that is neither the judge nor one of its members (`invarbench models list`; the default is {DEFAULT_GUIDE})"
+    fix = (
+        f"pass {attack}:guide=MODEL with a model that is neither the judge nor one of its members (`invarbench models"
+        f" list`; the default is {DEFAULT_GUIDE})"
+    )
     models = []
     for reference in references:
         if reference == judge:
-            raise ConfigError(f"{attack} guide={guide}: {reference} is the oracle that judges this run; a search that chooses by its judge keeps what the judge reads as changed; {fix}")
+            raise ConfigError(
+                f"{attack} guide={guide}: {reference} is the oracle that judges this run; a search that chooses by its"
+                f" judge keeps what the judge reads as changed; {fix}"
+            )
         try:
             models.append(load_model(reference).eval())
         except ModelError as error:
             raise ConfigError(f"{attack} guide={guide}: {error}") from error
-        member = next((name for name, digest in judge_members.items() if reference == name or checkpoint_sha256(reference) == digest), None)
+        member = next(
+            (
+                name
+                for name, digest in judge_members.items()
+                if reference == name or checkpoint_sha256(reference) == digest
+            ),
+            None,
+        )
         if member is not None:
-            raise ConfigError(f"{attack} guide={guide}: {reference} is {member}, a member of {judge}, the oracle that judges this run; {fix}")
+            raise ConfigError(
+                f"{attack} guide={guide}: {reference} is {member}, a member of {judge}, the oracle that judges this"
+                f" run; {fix}"
+            )
     return Guide(guide, references, models)

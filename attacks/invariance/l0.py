@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+
 from invarbench.attacks.base import Budget, ThreatModel, register_attack
 from invarbench.attacks.invariance.base import InvarianceAttack, InvarianceContext, InvarianceResult
 from invarbench.attacks.invariance.guide import DEFAULT_GUIDE, guide_references, load_guide
@@ -50,7 +51,9 @@ class L0ClusterSearch(InvarianceAttack):
 
         dataset = context.dataset
         if not _is_image(images):
-            raise ConfigError(f"{self.name} works on images; data set {dataset.name!r} has inputs of shape {tuple(images.shape[1:])}")
+            raise ConfigError(
+                f"{self.name} works on images; data set {dataset.name!r} has inputs of shape {tuple(images.shape[1:])}"
+            )
         # Before the neighbour search: a refused guide is refused at once.
         score = self.scorer(context)
         binary = (images > self.threshold).float()
@@ -61,20 +64,40 @@ class L0ClusterSearch(InvarianceAttack):
             if self.copies:
                 references = torch.cat([references, random_affine_copies(references, self.copies, seed=0)])
                 reference_labels = reference_labels.repeat(self.copies + 1)
-            distances, indices = nearest_per_class(binary.flatten(1), (references > self.threshold).float().flatten(1), reference_labels, dataset.num_classes, chunk_size=256)
+            distances, indices = nearest_per_class(
+                binary.flatten(1),
+                (references > self.threshold).float().flatten(1),
+                reference_labels,
+                dataset.num_classes,
+                chunk_size=256,
+            )
             distances[torch.arange(len(labels)), labels] = float("inf")
             target = distances.argmin(1)
             chosen = indices[torch.arange(len(labels)), target]
-            return {"target": target, "neighbour": (references[chosen] > self.threshold).float(), "source": chosen % len(dataset.train_labels)}
+            return {
+                "target": target,
+                "neighbour": (references[chosen] > self.threshold).float(),
+                "source": chosen % len(dataset.train_labels),
+            }
 
-        path = _cache_path(context.cache_dir, "l0-neighbours", dataset.source, dataset.name, context.indices.tolist(), self.copies, self.threshold)
+        path = _cache_path(
+            context.cache_dir,
+            "l0-neighbours",
+            dataset.source,
+            dataset.name,
+            context.indices.tolist(),
+            self.copies,
+            self.threshold,
+        )
         found = _cached(path, search)
         candidates = binary.clone()
         for point in range(len(labels)):
             difference = (binary[point, 0] != found["neighbour"][point, 0]).numpy()
             clusters, count = ndimage.label(difference, structure=np.ones((3, 3)))
             sizes = np.bincount(clusters.ravel())[1:]
-            usable = [cluster + 1 for cluster in np.argsort(-sizes, kind="stable") if sizes[cluster] <= self.pixels][: self.max_clusters]
+            usable = [cluster + 1 for cluster in np.argsort(-sizes, kind="stable") if sizes[cluster] <= self.pixels][
+                : self.max_clusters
+            ]
             options = []
             for subset_size in range(1, len(usable) + 1):
                 for subset in itertools.combinations(usable, subset_size):
@@ -87,7 +110,21 @@ class L0ClusterSearch(InvarianceAttack):
             candidates[point] = stacked[int(score(stacked, int(found["target"][point])).argmax())]
         oracle_labels, predictions, margins = self._judge(model, candidates.unsqueeze(0), context.oracle)
         norms = (candidates != binary).flatten(1).sum(1).float().unsqueeze(0)
-        return InvarianceResult(self.name, "l0", (float(self.pixels),), candidates.unsqueeze(0), found["target"].unsqueeze(0), found["source"].unsqueeze(0), context.oracle.name, oracle_labels, predictions, norms, torch.full((1, len(labels)), float("nan")), self.options(), **margins)
+        return InvarianceResult(
+            self.name,
+            "l0",
+            (float(self.pixels),),
+            candidates.unsqueeze(0),
+            found["target"].unsqueeze(0),
+            found["source"].unsqueeze(0),
+            context.oracle.name,
+            oracle_labels,
+            predictions,
+            norms,
+            torch.full((1, len(labels)), float("nan")),
+            self.options(),
+            **margins,
+        )
 
 
 @register_attack
@@ -98,13 +135,23 @@ class InvarianceL0(L0ClusterSearch):
 
     name = "invariance-l0"
 
-    def __init__(self, *, pixels: int = 25, copies: int = 3, max_clusters: int = 6, threshold: float = 0.5, guide: str | list[str] = DEFAULT_GUIDE):
+    def __init__(
+        self,
+        *,
+        pixels: int = 25,
+        copies: int = 3,
+        max_clusters: int = 6,
+        threshold: float = 0.5,
+        guide: str | list[str] = DEFAULT_GUIDE,
+    ):
         super().__init__(pixels=pixels, copies=copies, max_clusters=max_clusters, threshold=threshold)
         self.guide = "+".join(guide_references(guide))
 
     def scorer(self, context):
         dataset, oracle = context.dataset, context.oracle
-        guide = load_guide(self.name, self.guide, judge=oracle.name, judge_members=getattr(oracle, "member_checkpoints", {}))
+        guide = load_guide(
+            self.name, self.guide, judge=oracle.name, judge_members=getattr(oracle, "member_checkpoints", {})
+        )
         guide.check_fits(self.name, dataset.name, dataset.num_classes)
         return lambda candidates, target: guide.probabilities(candidates)[:, target]
 

@@ -3,18 +3,47 @@
 from __future__ import annotations
 
 import torch
+
 from invarbench.attacks.base import register_attack
 from invarbench.attacks.invariance.base import InvarianceAttack, InvarianceResult
-from invarbench.attacks.invariance.transforms import ROTATIONS, SHIFTS, _cache_path, _cached, _is_image, affine_matrices, transform_grid, warp
+from invarbench.attacks.invariance.transforms import (
+    ROTATIONS,
+    SHIFTS,
+    _cache_path,
+    _cached,
+    _is_image,
+    affine_matrices,
+    transform_grid,
+    warp,
+)
 from invarbench.attacks.neighbours import ClassIndex, nearest_per_class
 from invarbench.attacks.norms import project
 from invarbench.errors import ConfigError
 
 # Tramèr et al.'s allowed target classes for the l_inf search: the changes a person reads as a new digit.
-TRAMER_TARGETS = {0: (4, 6, 8, 9), 1: (4, 6, 7, 9), 2: (8,), 3: (8,), 4: (8, 9), 5: (3, 8), 6: (0,), 7: (2, 3), 8: (3,), 9: (3, 4, 5)}
+TRAMER_TARGETS = {
+    0: (4, 6, 8, 9),
+    1: (4, 6, 7, 9),
+    2: (8,),
+    3: (8,),
+    4: (8, 9),
+    5: (3, 8),
+    6: (0,),
+    7: (2, 3),
+    8: (3,),
+    9: (3, 4, 5),
+}
 
 
-def search_neighbours(images: torch.Tensor, train_images: torch.Tensor, train_labels: torch.Tensor, num_classes: int, *, transforms: torch.Tensor | None, points_per_chunk: int = 4) -> dict[str, torch.Tensor]:
+def search_neighbours(
+    images: torch.Tensor,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    num_classes: int,
+    *,
+    transforms: torch.Tensor | None,
+    points_per_chunk: int = 4,
+) -> dict[str, torch.Tensor]:
     """For every point and class: the nearest training image of that class over the transforms of the
     point. Returns distance, train index and transform index, each (points, classes)."""
     count = len(images)
@@ -55,11 +84,25 @@ class InvarianceLinf(InvarianceAttack):
 
     name = "invariance-linf"
 
-    def __init__(self, *, targets: str = "tramer", search: str = "auto", shifts: tuple[float, ...] = SHIFTS, rotations: tuple[float, ...] = ROTATIONS, oracle_steps: int = 20):
+    def __init__(
+        self,
+        *,
+        targets: str = "tramer",
+        search: str = "auto",
+        shifts: tuple[float, ...] = SHIFTS,
+        rotations: tuple[float, ...] = ROTATIONS,
+        oracle_steps: int = 20,
+    ):
         if targets not in ("tramer", "all"):
-            raise ConfigError(f"invariance-linf targets={targets!r}: use 'tramer' (the published allowed map) or 'all' (every other class)")
+            raise ConfigError(
+                f"invariance-linf targets={targets!r}: use 'tramer' (the published allowed map) or 'all' (every other"
+                " class)"
+            )
         if search not in ("auto", "neighbours", "oracle-gradient"):
-            raise ConfigError(f"invariance-linf search={search!r}: use auto, neighbours (Tramèr et al.) or oracle-gradient (exact oracles with a margin)")
+            raise ConfigError(
+                f"invariance-linf search={search!r}: use auto, neighbours (Tramèr et al.) or oracle-gradient (exact"
+                " oracles with a margin)"
+            )
         self.targets = targets
         self.search = search
         self.oracle_steps = oracle_steps
@@ -74,11 +117,27 @@ class InvarianceLinf(InvarianceAttack):
         search = self.search if self.search != "auto" else ("oracle-gradient" if margin is not None else "neighbours")
         if search == "oracle-gradient":
             if margin is None:
-                raise ConfigError(f"invariance-linf search=oracle-gradient needs an exact oracle with a margin; {context.oracle.name} has none (use search=neighbours)")
+                raise ConfigError(
+                    f"invariance-linf search=oracle-gradient needs an exact oracle with a margin; {context.oracle.name}"
+                    " has none (use search=neighbours)"
+                )
             return self._oracle_gradient(model, images, labels, epsilons, margin, context.oracle)
         transforms = transform_grid(self.shifts, self.rotations)
-        path = _cache_path(context.cache_dir, "neighbours", dataset.source, dataset.name, context.indices.tolist(), self.shifts, self.rotations)
-        found = _cached(path, lambda: search_neighbours(images, dataset.train_images, dataset.train_labels, dataset.num_classes, transforms=transforms))
+        path = _cache_path(
+            context.cache_dir,
+            "neighbours",
+            dataset.source,
+            dataset.name,
+            context.indices.tolist(),
+            self.shifts,
+            self.rotations,
+        )
+        found = _cached(
+            path,
+            lambda: search_neighbours(
+                images, dataset.train_images, dataset.train_labels, dataset.num_classes, transforms=transforms
+            ),
+        )
         low, high = model.bounds
         count, classes = len(labels), dataset.num_classes
         aligned = []
@@ -86,7 +145,10 @@ class InvarianceLinf(InvarianceAttack):
             # Each point's class-`label` neighbour, aligned back onto the point by the inverse of the best transform.
             neighbours = dataset.train_images[found["index"][:, label].clamp_min(0)]
             if _is_image(images):
-                neighbours = warp(neighbours, affine_matrices(transforms[found["transform"][:, label]], images.shape[-1], inverse=True))
+                neighbours = warp(
+                    neighbours,
+                    affine_matrices(transforms[found["transform"][:, label]], images.shape[-1], inverse=True),
+                )
             aligned.append(neighbours)
         allowed = torch.zeros(count, classes, dtype=torch.bool)
         for point, label in enumerate(labels.tolist()):
@@ -95,7 +157,10 @@ class InvarianceLinf(InvarianceAttack):
         candidates = torch.empty(len(epsilons), *images.shape)
         targets = torch.empty(len(epsilons), count, dtype=torch.long)
         for eps_index, eps in enumerate(epsilons):
-            projected = torch.stack([project(aligned[label], images, norm="linf", eps=eps, bounds=(low, high)) for label in range(classes)], dim=1)
+            projected = torch.stack(
+                [project(aligned[label], images, norm="linf", eps=eps, bounds=(low, high)) for label in range(classes)],
+                dim=1,
+            )
             ink = (images.unsqueeze(1) - projected).clamp_min(0).flatten(2).sum(2)
             ink = torch.where(allowed, ink, torch.full_like(ink, float("inf")))
             targets[eps_index] = ink.argmin(dim=1)
@@ -118,11 +183,15 @@ class InvarianceLinf(InvarianceAttack):
                 candidate.requires_grad_(True)
                 (gradient,) = torch.autograd.grad(margin(candidate, labels).sum(), candidate)
                 with torch.no_grad():
-                    candidate = project(candidate + eps / 4 * gradient.sign(), images, norm="linf", eps=eps, bounds=(low, high))
+                    candidate = project(
+                        candidate + eps / 4 * gradient.sign(), images, norm="linf", eps=eps, bounds=(low, high)
+                    )
             candidates[eps_index] = candidate.detach()
         oracle_labels = oracle.label(candidates.flatten(0, 1)).view(len(epsilons), -1)
         targets = torch.where(oracle_labels != labels, oracle_labels, torch.full_like(oracle_labels, -1))
-        return self._finish(model, images, labels, candidates, epsilons, targets, torch.full_like(targets, -1), oracle, norm="linf")
+        return self._finish(
+            model, images, labels, candidates, epsilons, targets, torch.full_like(targets, -1), oracle, norm="linf"
+        )
 
     def _finish(self, model, images, labels, candidates, epsilons, targets, sources, oracle, *, norm):
         oracle_labels, predictions, margins = self._judge(model, candidates, oracle)
@@ -130,5 +199,17 @@ class InvarianceLinf(InvarianceAttack):
         norms = delta.abs().amax(2) if norm == "linf" else (delta != 0).sum(2).float()
         count = len(labels)
         return InvarianceResult(
-            self.name, norm, epsilons, candidates, targets, sources, oracle.name, oracle_labels, predictions, norms, torch.full((len(epsilons), count), float("nan")), self.options(), **margins,
+            self.name,
+            norm,
+            epsilons,
+            candidates,
+            targets,
+            sources,
+            oracle.name,
+            oracle_labels,
+            predictions,
+            norms,
+            torch.full((len(epsilons), count), float("nan")),
+            self.options(),
+            **margins,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
+
 from invarbench.attacks.base import Budget, ThreatModel, register_attack
 from invarbench.attacks.invariance.base import InvarianceAttack, InvarianceResult
 from invarbench.attacks.norms import project
@@ -61,7 +62,10 @@ class Metameric(InvarianceAttack):
             wanted_logits = model(images)
         if norm == "metamer":
             if not getattr(model, "invertible", False):
-                raise ConfigError(f"exact metamers need an invertible model; {getattr(model, 'name', 'this model')} is not (gradient metamers run with --threat linf:EPS)")
+                raise ConfigError(
+                    f"exact metamers need an invertible model; {getattr(model, 'name', 'this model')} is not (gradient"
+                    " metamers run with --threat linf:EPS)"
+                )
             # In float64: the inverse of a mix of two codes can leave the input range by orders of
             # magnitude, where float32 rounding alone would blur the logits by ~1e-3.
             exact = copy.deepcopy(model).double()
@@ -90,7 +94,9 @@ class Metameric(InvarianceAttack):
                             candidate = candidate - step * gradient.sign()
                         else:
                             shape = (-1, *[1] * (images.dim() - 1))
-                            candidate = candidate - step * gradient / gradient.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
+                            candidate = candidate - step * gradient / gradient.flatten(1).norm(dim=1).clamp_min(
+                                1e-12
+                            ).view(shape)
                         candidate = project(candidate, starts, norm=norm, eps=eps, bounds=(low, high))
                 candidates[eps_index] = candidate.detach()
                 with torch.no_grad():
@@ -101,4 +107,18 @@ class Metameric(InvarianceAttack):
         # Points without a partner get no metamer: the oracle label counts as an abstention (decided by no vote).
         oracle_labels[:, ~has_partner] = ABSTAIN
         margins["oracle_margins"][:, ~has_partner] = -1
-        return InvarianceResult(self.name, norm, epsilons, candidates, targets.repeat(len(epsilons), 1), sources.repeat(len(epsilons), 1), context.oracle.name, oracle_labels, predictions, norms, logit_errors, self.options(), **margins)
+        return InvarianceResult(
+            self.name,
+            norm,
+            epsilons,
+            candidates,
+            targets.repeat(len(epsilons), 1),
+            sources.repeat(len(epsilons), 1),
+            context.oracle.name,
+            oracle_labels,
+            predictions,
+            norms,
+            logit_errors,
+            self.options(),
+            **margins,
+        )

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from invarbench.io import atomic_write
 
 SHIFTS = (-3.0, -1.5, 0.0, 1.5, 3.0)
@@ -20,7 +21,14 @@ def transform_grid(shifts=SHIFTS, rotations=ROTATIONS) -> torch.Tensor:
     return torch.tensor([(dx, dy, angle) for angle in rotations for dy in shifts for dx in shifts], dtype=torch.float32)
 
 
-def affine_matrices(parameters: torch.Tensor, size: int, *, scale: torch.Tensor | None = None, shear: torch.Tensor | None = None, inverse: bool = False) -> torch.Tensor:
+def affine_matrices(
+    parameters: torch.Tensor,
+    size: int,
+    *,
+    scale: torch.Tensor | None = None,
+    shear: torch.Tensor | None = None,
+    inverse: bool = False,
+) -> torch.Tensor:
     """``affine_grid`` matrices (T, 2, 3) for shifts in pixels, rotations in degrees (and optional
     scale and shear): output pixel p samples the input at A p + b (normalised coordinates)."""
     angles = parameters[:, 2] * math.pi / 180
@@ -73,7 +81,17 @@ def _is_image(images: torch.Tensor) -> bool:
     return images.dim() == 4 and images.shape[-1] == images.shape[-2] and images.shape[-1] >= 8
 
 
-def random_affine_copies(images: torch.Tensor, copies: int, *, seed: int, max_degrees: float = 15.0, max_shift: float = 2.0, scale_range: tuple[float, float] = (0.9, 1.1), max_shear: float = 0.2, batch: int = 10_000) -> torch.Tensor:
+def random_affine_copies(
+    images: torch.Tensor,
+    copies: int,
+    *,
+    seed: int,
+    max_degrees: float = 15.0,
+    max_shift: float = 2.0,
+    scale_range: tuple[float, float] = (0.9, 1.1),
+    max_shear: float = 0.2,
+    batch: int = 10_000,
+) -> torch.Tensor:
     """``copies`` random affine versions (rotation, scale, shear, shift) of every image, stacked after
     each other: (copies * N, C, H, W)."""
     generator = torch.Generator().manual_seed(seed)
@@ -81,9 +99,18 @@ def random_affine_copies(images: torch.Tensor, copies: int, *, seed: int, max_de
     result = []
     for _ in range(copies):
         count = len(images)
-        parameters = torch.stack([(torch.rand(count, generator=generator) * 2 - 1) * max_shift, (torch.rand(count, generator=generator) * 2 - 1) * max_shift, (torch.rand(count, generator=generator) * 2 - 1) * max_degrees], dim=1)
+        parameters = torch.stack(
+            [
+                (torch.rand(count, generator=generator) * 2 - 1) * max_shift,
+                (torch.rand(count, generator=generator) * 2 - 1) * max_shift,
+                (torch.rand(count, generator=generator) * 2 - 1) * max_degrees,
+            ],
+            dim=1,
+        )
         scale = scale_range[0] + torch.rand(count, generator=generator) * (scale_range[1] - scale_range[0])
         shear = (torch.rand(count, generator=generator) * 2 - 1) * max_shear
         matrices = affine_matrices(parameters, size, scale=scale, shear=shear)
-        result.extend(warp(images[start : start + batch], matrices[start : start + batch]) for start in range(0, count, batch))
+        result.extend(
+            warp(images[start : start + batch], matrices[start : start + batch]) for start in range(0, count, batch)
+        )
     return torch.cat(result)

@@ -24,6 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+
 from invarbench.datasets import load_dataset
 from invarbench.models.measure import encode_all, readout_error
 from invarbench.models.registry import load_model
@@ -34,7 +35,12 @@ CLASSES = 10
 def encoded(model_name: str):
     model = load_model(model_name).eval()
     dataset = load_dataset("mnist")
-    return encode_all(model, dataset.train_images), encode_all(model, dataset.test_images), dataset.train_labels, dataset.test_labels
+    return (
+        encode_all(model, dataset.train_images),
+        encode_all(model, dataset.test_images),
+        dataset.train_labels,
+        dataset.test_labels,
+    )
 
 
 class ConditionalCoupling(torch.nn.Module):
@@ -44,7 +50,13 @@ class ConditionalCoupling(torch.nn.Module):
     def __init__(self, dimension: int, hidden: int = 512):
         super().__init__()
         self.half = dimension // 2
-        self.net = torch.nn.Sequential(torch.nn.Linear(self.half + CLASSES, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 2 * (dimension - self.half)))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(self.half + CLASSES, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, 2 * (dimension - self.half)),
+        )
         torch.nn.init.zeros_(self.net[-1].weight)
         torch.nn.init.zeros_(self.net[-1].bias)
 
@@ -76,7 +88,13 @@ def head(train_z, test_z, train_labels, *, adversary_weight: float, epochs: int,
             log_det = log_det + term
         return x, log_det
 
-    adversary = torch.nn.Sequential(torch.nn.Linear(dimension, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, CLASSES))
+    adversary = torch.nn.Sequential(
+        torch.nn.Linear(dimension, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, CLASSES),
+    )
     optimizer = torch.optim.Adam(layers.parameters(), lr=1e-3)
     adversary_optimizer = torch.optim.Adam(adversary.parameters(), lr=1e-3)
     for epoch in range(epochs):
@@ -98,10 +116,26 @@ def head(train_z, test_z, train_labels, *, adversary_weight: float, epochs: int,
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        print(f"epoch {epoch + 1}: nll/dim {negative_log_likelihood.item():.3f}, adversary batch accuracy {sum(accuracies) / len(accuracies):.3f}", flush=True)
+        print(
+            f"epoch {epoch + 1}: nll/dim {negative_log_likelihood.item():.3f}, adversary batch accuracy"
+            f" {sum(accuracies) / len(accuracies):.3f}",
+            flush=True,
+        )
     with torch.no_grad():
-        return (torch.cat([flow(train_nuisance[s : s + 1000], train_condition[s : s + 1000])[0] for s in range(0, len(train_nuisance), 1000)]),
-                torch.cat([flow(test_nuisance[s : s + 1000], test_condition[s : s + 1000])[0] for s in range(0, len(test_nuisance), 1000)]))
+        return (
+            torch.cat(
+                [
+                    flow(train_nuisance[s : s + 1000], train_condition[s : s + 1000])[0]
+                    for s in range(0, len(train_nuisance), 1000)
+                ]
+            ),
+            torch.cat(
+                [
+                    flow(test_nuisance[s : s + 1000], test_condition[s : s + 1000])[0]
+                    for s in range(0, len(test_nuisance), 1000)
+                ]
+            ),
+        )
 
 
 def main() -> None:
@@ -124,7 +158,14 @@ def main() -> None:
         train_p, test_p = train_z[:, :CLASSES].argmax(1), test_z[:, :CLASSES].argmax(1)
         features = (train_n - means[train_p]) / stds[train_p], (test_n - means[test_p]) / stds[test_p]
     else:
-        features = head(train_z, test_z, train_labels, adversary_weight=args.adversary_weight, epochs=args.epochs, blocks=args.blocks)
+        features = head(
+            train_z,
+            test_z,
+            train_labels,
+            adversary_weight=args.adversary_weight,
+            epochs=args.epochs,
+            blocks=args.blocks,
+        )
     error = readout_error(*features, train_labels, test_labels, classes=CLASSES, epochs=3)
     print(json.dumps({**vars(args), "after_the_fact_error": round(error, 4), "seconds": round(time.time() - started)}))
 
