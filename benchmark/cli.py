@@ -284,7 +284,7 @@ def _run(args: argparse.Namespace) -> int:
     attack_specs = list(args.attack or ([] if args.invariance_set else ["pgd"]))
     n = args.n
     if args.invariance_set:
-        from invarbench.attacks.oracles import load_invariance_sets
+        from invarbench.oracles import load_invariance_sets
 
         directory = str(Path(args.invariance_set).resolve())
         largest = max(int(item.original_indices.max()) for item in load_invariance_sets(directory))
@@ -328,7 +328,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _oracle_list(args: argparse.Namespace) -> int:
-    from invarbench.attacks.oracles import DEFAULT_ORACLES, list_oracles
+    from invarbench.oracles import DEFAULT_ORACLES, list_oracles
 
     defaults = set(DEFAULT_ORACLES.values())
     rows = []
@@ -349,9 +349,9 @@ def _oracle_list(args: argparse.Namespace) -> int:
 
 
 def _oracle_evaluate(args: argparse.Namespace) -> int:
-    from invarbench.attacks.calibration import CALIBRATION_HEADER, calibrate_sets, calibration_row, labelled_sets
-    from invarbench.attacks.oracles import get_oracle_definition
     from invarbench.datasets import load_dataset
+    from invarbench.oracles import get_oracle_definition
+    from invarbench.oracles.calibration import CALIBRATION_HEADER, calibrate_sets, calibration_row, labelled_sets
 
     definition = get_oracle_definition(args.oracle)
     sets = labelled_sets(args.labels)

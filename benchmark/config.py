@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from invarbench import oracles
 from invarbench.attacks import ATTACKS, ThreatModel, create_attack
-from invarbench.attacks.oracles import get_oracle_definition
 from invarbench.errors import ConfigError
 from invarbench.models import BenchmarkModel, get_card, list_models, load_model
 from invarbench.models.registry import checkpoint_sha256
@@ -221,13 +221,8 @@ class RunConfig:
         if self.n < 1 or self.shard_size < 1:
             raise ConfigError(f"--n ({self.n}) and --shard-size ({self.shard_size}) must be positive")
         # Refused before anything is written: a misspelt oracle must not leave a run directory behind.
-        if self.oracle and self.oracle.startswith("people:") and not Path(self.oracle[len("people:") :]).is_file():
-            raise ConfigError(
-                f"--oracle {self.oracle}: labels database {self.oracle[len('people:') :]} does not exist;"
-                " create it with `invarbench label create SOURCE --db FILE`"
-            )
-        if self.oracle and not self.oracle.startswith(("people:", "exact:")):
-            get_oracle_definition(self.oracle)
+        if self.oracle:
+            oracles.check_name(self.oracle)
         keys = [model.key for model in self.models]
         if len(set(keys)) != len(keys):
             raise ConfigError(f"models {keys} repeat a name; list each model once")

@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from invarbench.attacks.oracles import default_oracle
 from invarbench.config import entry_config
 from invarbench.datasets import load_dataset
 from invarbench.errors import ConfigError
 from invarbench.evaluation import predict
 from invarbench.io import write_figure
+from invarbench.oracles import default_oracle
 from invarbench.plan import plan
 from invarbench.store import RunStore, read_json
 

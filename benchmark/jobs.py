@@ -9,8 +9,8 @@ import pandas as pd
 import torch
 
 from invarbench.attacks.invariance import InvarianceContext
-from invarbench.attacks.oracles import ABSTAIN
 from invarbench.evaluation import logits, top_margins
+from invarbench.oracles import ABSTAIN
 from invarbench.plan import Job
 from invarbench.store import as_records
 

@@ -31,8 +31,6 @@ import io
 import random
 import re
 import secrets
-import sqlite3
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -41,10 +39,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from invarbench.attacks.oracles import ABSTAIN, InvarianceSet, Oracle, image_key, load_invariance_sets, load_oracle
 from invarbench.datasets import load_dataset
 from invarbench.errors import ConfigError, DataError, did_you_mean
 from invarbench.io import atomic_write_bytes
+from invarbench.oracles.people import PeopleLabels, majority_label, wal_connection
+from invarbench.oracles.types import image_key, load_invariance_sets
 from invarbench.store import RunStore, read_json
 
 LABELS = tuple("0123456789") + ("n", "?")
@@ -76,24 +75,6 @@ class LabelItem:
     original_label: int
     pixels: np.ndarray  # (28, 28) uint8
     control: bool = False
-
-
-@dataclass(frozen=True)
-class AnnotatorQuality:
-    """One annotator: their invitation (``active``, ``revoked``, or ``none`` for a name typed on a loopback
-    server without invitations), items labelled, control items labelled and labelled right, and whether
-    they are flagged (accuracy on the control items below the database's threshold)."""
-
-    name: str
-    invitation: str
-    labelled: int
-    controls: int
-    controls_right: int
-    flagged: bool
-
-    @property
-    def accuracy(self) -> float | None:
-        return self.controls_right / self.controls if self.controls else None
 
 
 def items_from_source(source: str | Path) -> tuple[str, list[LabelItem]]:
@@ -218,58 +199,10 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    """Autocommit (every label is its own transaction) in WAL mode, fsynced: a killed server loses nothing."""
-    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    try:
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=FULL")
-    except sqlite3.DatabaseError:
-        connection.close()
-        raise
-    return connection
-
-
-class LabelStore:
-    """A labels database. ``create`` fills it from a source once; ``open`` refuses a missing file."""
-
-    def __init__(self, path: Path, connection: sqlite3.Connection):
-        self.path = path
-        self.connection = connection
-        #: The web app's handlers run in a thread pool and share this connection; they hold this lock.
-        self.lock = threading.Lock()
-
-    @classmethod
-    def open(cls, path: str | Path) -> LabelStore:
-        path = Path(path)
-        if not path.is_file():
-            raise DataError(
-                f"labels database {path} does not exist; create it with `invarbench label create SOURCE --db {path}`"
-            )
-        connection = None
-        try:
-            # Read-only first: opening for writing switches the file to WAL mode, which would change a
-            # file that is not a labels database (an empty file, another program's database).
-            with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as probe:
-                probe.execute("SELECT value FROM meta WHERE key = 'source'").fetchone()
-                current = (
-                    "control" in {row[1] for row in probe.execute("PRAGMA table_info(items)")}
-                    and probe.execute("SELECT 1 FROM sqlite_master WHERE name = 'annotators'").fetchone()
-                )
-            if not current:
-                raise DataError(
-                    f"labels database {path} was made by an earlier invarbench, without control items and invitations;"
-                    " create a new one with `invarbench label create SOURCE --db NEW.sqlite`"
-                )
-            connection = _connect(path)
-        except sqlite3.DatabaseError as error:
-            if connection is not None:
-                connection.close()
-            raise DataError(
-                f"{path} is not a labels database of invarbench ({error}); pass the file `invarbench label create`"
-                " created"
-            ) from error
-        return cls(path, connection)
+class LabelStore(PeopleLabels):
+    """A labels database to fill and label: ``create`` fills it from a source once; the app and the
+    commands add labels and invitations. Reading it (votes, majorities, annotators) is
+    :class:`~invarbench.oracles.people.PeopleLabels`'s."""
 
     @classmethod
     def create(
@@ -343,7 +276,7 @@ class LabelStore:
             leftover.unlink(missing_ok=True)
         connection = None
         try:
-            connection = _connect(temporary)
+            connection = wal_connection(temporary)
             connection.executescript(SCHEMA)
             connection.execute("BEGIN")
             connection.executemany("INSERT INTO meta VALUES (?, ?)", [(key, str(value)) for key, value in meta.items()])
@@ -364,15 +297,6 @@ class LabelStore:
             raise
         return cls.open(path)
 
-    def close(self) -> None:
-        self.connection.close()
-
-    def __enter__(self) -> LabelStore:
-        return self
-
-    def __exit__(self, *exception) -> None:
-        self.close()
-
     @contextlib.contextmanager
     def _transaction(self):
         """One write transaction, begun at once: another process (a server, another command) waits for it."""
@@ -383,10 +307,6 @@ class LabelStore:
             self.connection.execute("ROLLBACK")
             raise
         self.connection.execute("COMMIT")
-
-    def meta(self, key: str) -> str | None:
-        row = self.connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
 
     def total(self) -> int:
         """Items shown to every annotator, control items included."""
@@ -405,12 +325,6 @@ class LabelStore:
 
     def has_item(self, item_id: int) -> bool:
         return self.connection.execute("SELECT 1 FROM items WHERE id = ?", (item_id,)).fetchone() is not None
-
-    def image(self, item_id: int) -> np.ndarray:
-        row = self.connection.execute("SELECT image FROM items WHERE id = ?", (item_id,)).fetchone()
-        if row is None:
-            raise DataError(f"no item {item_id} in {self.path}")
-        return np.frombuffer(row[0], dtype=np.uint8).reshape(28, 28)
 
     def label(self, annotator: str, item_id: int, label: str) -> None:
         if label not in LABELS:
@@ -466,66 +380,12 @@ class LabelStore:
                 "UPDATE annotators SET token_sha256 = NULL, revoked = ? WHERE name = ?", (time.time(), name)
             )
 
-    def invitations(self) -> dict[str, bool]:
-        """Every annotator ever invited, and whether their invitation is still active."""
-        return {
-            name: revoked is None
-            for name, revoked in self.connection.execute("SELECT name, revoked FROM annotators ORDER BY name")
-        }
-
     def annotator_for(self, token: str) -> str | None:
         """The annotator whose active invitation ``token`` is, else None."""
         row = self.connection.execute(
             "SELECT name FROM annotators WHERE token_sha256 = ? AND revoked IS NULL", (token_digest(token),)
         ).fetchone()
         return row[0] if row else None
-
-    def annotators(self) -> list[AnnotatorQuality]:
-        """Every annotator who was invited or gave a label, by name, with their accuracy on control items."""
-        threshold = float(self.meta("min_control_accuracy"))
-        invitations = self.invitations()
-        counts = {
-            name: (labelled, controls, right)
-            for name, labelled, controls, right in self.connection.execute(
-                "SELECT labels.annotator, COUNT(*), SUM(items.control), SUM(items.control AND labels.label ="
-                " CAST(items.original_label AS TEXT)) FROM labels JOIN items ON items.id = labels.item_id GROUP BY"
-                " labels.annotator"
-            )
-        }
-        rows = []
-        for name in sorted(set(invitations) | set(counts)):
-            labelled, controls, right = counts.get(name, (0, 0, 0))
-            invitation = "none" if name not in invitations else "active" if invitations[name] else "revoked"
-            rows.append(
-                AnnotatorQuality(
-                    name, invitation, labelled, controls, right, flagged=bool(controls) and right / controls < threshold
-                )
-            )
-        return rows
-
-    def flagged(self) -> set[str]:
-        return {row.name for row in self.annotators() if row.flagged}
-
-    def votes(self, *, keep_flagged: bool = False) -> dict[int, list[str]]:
-        """Labels of the items that are not control items, by item; flagged annotators' left out unless
-        ``keep_flagged``."""
-        left_out = set() if keep_flagged else self.flagged()
-        votes: dict[int, list[str]] = {}
-        for item_id, annotator, label in self.connection.execute(
-            "SELECT labels.item_id, labels.annotator, labels.label FROM labels JOIN items ON items.id = labels.item_id"
-            " WHERE NOT items.control ORDER BY labels.item_id, labels.annotator"
-        ):
-            if annotator not in left_out:
-                votes.setdefault(item_id, []).append(label)
-        return votes
-
-    def items(self) -> list[tuple[int, str, int, int, int]]:
-        """(id, set name, position, test index, original label) of every item but the control items, by set and
-        position."""
-        return self.connection.execute(
-            "SELECT id, set_name, position, test_index, original_label FROM items WHERE NOT control ORDER BY set_name,"
-            " position"
-        ).fetchall()
 
     def summary(self) -> list[dict]:
         """Per set: items, items with a label, with two or more, with a majority digit (and its share of
@@ -548,24 +408,6 @@ class LabelStore:
             # Of the labelled items, the share with a majority digit (unlabelled items have no say).
             row["majority_rate"] = row["majority"] / row["labelled"] if row["labelled"] else None
         return list(rows.values())
-
-    def majority_sets(self, *, keep_flagged: bool = False) -> list[InvarianceSet]:
-        """Items with a majority digit as invariance sets (images, people's labels, test indices)."""
-        votes = self.votes(keep_flagged=keep_flagged)
-        grouped: dict[str, list[tuple[np.ndarray, int, int]]] = {}
-        for item_id, set_name, _, test_index, _ in self.items():
-            majority = majority_label(votes.get(item_id, []))
-            if majority is not None:
-                grouped.setdefault(set_name, []).append((self.image(item_id), majority, test_index))
-        return [
-            InvarianceSet(
-                name,
-                torch.from_numpy(np.stack([image for image, _, _ in rows]).astype(np.float32) / 255).unsqueeze(1),
-                torch.tensor([label for _, label, _ in rows]),
-                torch.tensor([index for _, _, index in rows]),
-            )
-            for name, rows in grouped.items()
-        ]
 
     def export(self, out: str | Path, *, keep_flagged: bool = False) -> list[Path]:
         """Tramèr et al.'s layout: SET.npy (uint8), SET_labels.npy (majority digits), SET_indexs.npy."""
@@ -599,14 +441,6 @@ def safe_name(set_name: str) -> str:
     return "".join(character if character.isalnum() or character in "-." else "_" for character in set_name)
 
 
-def majority_label(votes: list[str]) -> int | None:
-    """The digit more than half of the votes gave, else None (``n`` and ``?`` count as votes)."""
-    if not votes:
-        return None
-    label, count = Counter(votes).most_common(1)[0]
-    return int(label) if label.isdigit() and count * 2 > len(votes) else None
-
-
 def fleiss_kappa(ratings: list[list[str]]) -> float | None:
     """Fleiss' kappa over the items rated by the most common number of raters (at least 2); None when
     no item has two ratings or every rating is the same category (kappa undefined)."""
@@ -624,43 +458,3 @@ def fleiss_kappa(ratings: list[list[str]]) -> float | None:
     if chance >= 1.0:
         return None
     return float((agreement - chance) / (1 - chance))
-
-
-def majority_sets(db_path: str | Path) -> list[InvarianceSet]:
-    """People's majority labels of a labels database as invariance sets (for oracle calibration)."""
-    store = LabelStore.open(db_path)
-    try:
-        return store.majority_sets()
-    finally:
-        store.close()
-
-
-class PeopleOracle(Oracle):
-    """People's majority labels from a labels database, flagged annotators left out; abstains on unknown
-    images, control items and items without a majority digit. Images are matched at 8-bit precision."""
-
-    exact = True
-
-    def __init__(self, db_path: str | Path):
-        store = LabelStore.open(db_path)
-        self.name = f"people:{Path(db_path).name}"
-        votes = store.votes()
-        majorities: dict[bytes, set[int]] = {}
-        for item_id, key in store.connection.execute("SELECT id, image_key FROM items WHERE NOT control"):
-            if (label := majority_label(votes.get(item_id, []))) is not None:
-                majorities.setdefault(bytes(key), set()).add(label)
-        store.close()
-        # The same image in two sets with different majority digits has no answer: abstain there.
-        self.labels = {key: next(iter(found)) for key, found in majorities.items() if len(found) == 1}
-
-    def label(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([self.labels.get(image_key(image), ABSTAIN) for image in images], dtype=torch.long)
-
-
-def resolve_oracle(spec: str, dataset) -> Oracle:
-    """An oracle from a name: a named oracle (``invarbench oracle list``), ``exact:spheres``, or
-    ``people:DB``, the majority labels of a labels database of ``invarbench label``. It lives here, not
-    in ``attacks.oracles``, because people's labels (this module) are read through those oracles' types."""
-    if spec.startswith("people:"):
-        return PeopleOracle(spec[len("people:") :])
-    return load_oracle(spec, dataset)

@@ -8,8 +8,8 @@ import pandas as pd
 import torch
 
 from invarbench.attacks import Budget
-from invarbench.attacks.oracles import ABSTAIN
 from invarbench.config import RunConfig
+from invarbench.oracles import ABSTAIN
 from invarbench.plan import Job
 from invarbench.statistics import wilson_interval
 

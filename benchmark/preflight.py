@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from invarbench.attacks.invariance import load_guide
-from invarbench.attacks.oracles import DEFAULT_ORACLES, Oracle, oracle_members
 from invarbench.config import RunConfig
 from invarbench.errors import ConfigError, InvarbenchError
 from invarbench.models import get_card, load_model
 from invarbench.models.external import check_robustbench, is_robustbench
+from invarbench.oracles.types import DEFAULT_ORACLES, Oracle, oracle_members
 from invarbench.store import RunStore, read_json
 
 

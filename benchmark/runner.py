@@ -20,8 +20,8 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from invarbench import oracles
 from invarbench.attacks import ATTACKS
-from invarbench.attacks.oracles import default_oracle
 from invarbench.checks import CHECKS, check_compatible, check_model
 from invarbench.config import RunConfig
 from invarbench.datasets import load_dataset
@@ -29,7 +29,6 @@ from invarbench.environment import cpu_description, package_versions, resolve_de
 from invarbench.errors import ConfigError
 from invarbench.evaluation import predict
 from invarbench.executors import ExecutorSettings, JobOutput, JobTask, ModelInputs, create_executor
-from invarbench.labelling import resolve_oracle
 from invarbench.metrics import _tally, oracle_report, summarize
 from invarbench.models import get_card
 from invarbench.plan import plan
@@ -106,7 +105,7 @@ def run_benchmark(
 
         jobs = plan(config)
         outcome = RunOutcome(run_dir, {})
-        oracles: dict[tuple, Any] = {}
+        judges: dict[tuple, Any] = {}
         oracle_reports: dict[str, dict[str, Any]] = {}
         model_info: dict[str, dict[str, Any]] = {}
         datasets: dict[tuple, Any] = {}
@@ -150,14 +149,12 @@ def run_benchmark(
                 "checks": flags,
                 "warnings": [CHECKS[check] for check, raised in flags.items() if raised],
             }
-            if key not in oracles and any(
+            if key not in judges and any(
                 attack.kind == "invariance" and getattr(ATTACKS[attack.name], "needs_oracle", False)
                 for attack in config.attacks
             ):
-                oracles[key] = (
-                    oracle or (resolve_oracle(config.oracle, dataset) if config.oracle else default_oracle(dataset))
-                ).to(torch_device)
-                oracle_reports[oracles[key].name] = oracle_report(oracles[key], images, labels)
+                judges[key] = (oracle or oracles.resolve(config.oracle, dataset)).to(torch_device)
+                oracle_reports[judges[key].name] = oracle_report(judges[key], images, labels)
             inputs[spec.key] = ModelInputs(
                 spec,
                 model,
@@ -165,7 +162,7 @@ def run_benchmark(
                 dataset.bounds,
                 model_info[spec.key]["checkpoint_sha256"],
                 dataset,
-                oracles.get(key),
+                judges.get(key),
             )
             # Per norm, not per threat: an attack restricted to some eps (eps=...) still sees what the
             # attacks before it found at those eps.

@@ -21,9 +21,9 @@ import torch
 
 from invarbench.attacks import create_attack
 from invarbench.attacks.invariance.base import InvarianceContext
-from invarbench.attacks.oracles import default_oracle
 from invarbench.datasets import load_dataset
 from invarbench.models import load_model
+from invarbench.oracles import default_oracle
 
 
 class _RoundingNoise(torch.autograd.Function):

@@ -33,13 +33,13 @@ import pandas as pd
 import torch
 
 from invarbench.attacks import ATTACKS, MinimumNormAttack
-from invarbench.attacks.oracles import list_oracles
 from invarbench.config import FORMER_UNGUIDED, entry_config, rerun_as
 from invarbench.environment import cpu_description, resolve_device
 from invarbench.errors import InvarbenchError
 from invarbench.io import atomic_write, sha256_file
 from invarbench.leaderboard.entries import ENTRIES_DIR, entry_stem, load_entries
 from invarbench.models import get_card, list_models
+from invarbench.oracles import list_oracles
 from invarbench.runner import run_benchmark
 from invarbench.store import as_records
 

@@ -17,13 +17,13 @@ import pandas as pd
 
 from invarbench.attacks import ThreatModel
 from invarbench.attacks.autoattack import reliability_flag
-from invarbench.attacks.calibration import format_rate
-from invarbench.attacks.oracles import list_oracles
 from invarbench.config import HEADLINE_THREATS, RUNNER_OPTIONS, AttackSpec
 from invarbench.io import atomic_write_text
 from invarbench.leaderboard import OUTPUT_DIR
 from invarbench.leaderboard.entries import ENTRIES_DIR, curve_median_norm, load_entries
 from invarbench.leaderboard.plots import build_plots
+from invarbench.oracles import list_oracles
+from invarbench.oracles.calibration import format_rate
 from invarbench.results import WORST_CASE, entry_results, invariance_frame, robustness_frame
 
 

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from invarbench.attacks.calibration import calibrate, calibrate_sets, labelled_sets
-from invarbench.attacks.oracles import (
+from invarbench.cli import main
+from invarbench.errors import ConfigError, DataError
+from invarbench.oracles.calibration import calibrate, calibrate_sets, labelled_sets
+from invarbench.oracles.types import (
     ABSTAIN,
     InvarianceSet,
     Oracle,
@@ -15,8 +17,6 @@ from invarbench.attacks.oracles import (
     get_oracle_definition,
     list_oracles,
 )
-from invarbench.cli import main
-from invarbench.errors import ConfigError, DataError
 
 
 class _Fixed(Oracle):

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from invarbench.attacks import ThreatModel, create_attack
-from invarbench.attacks.oracles import load_oracle
 from invarbench.config import AttackSpec, ModelSpec, RunConfig
 from invarbench.environment import resolve_device
 from invarbench.evaluation import logits, same_logits
 from invarbench.leaderboard.check import check_entries
 from invarbench.models import get_card, list_models, load_model
+from invarbench.oracles import load_oracle
 from invarbench.runner import run_benchmark
 
 #: The device compared with the CPU: cuda, or cpu for a rehearsal of these tests on a machine without a

@@ -163,3 +163,16 @@ def test_the_lazy_modules_would_have_no_cycle_either():
     top, lazy = import_graph()
     cycles = find_cycles({module: top[module] | (lazy[module] if module in LAZY else set()) for module in MODULES})
     assert not cycles, "import cycles through the lazy imports:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_the_oracles_depend_on_neither_the_attacks_nor_the_labelling_app():
+    """Attacks and the labelling app read oracles; oracles are judged apart from both."""
+    top, _ = import_graph()
+    oracles = {module: targets for module, targets in top.items() if module.split(".")[:2] == ["invarbench", "oracles"]}
+    assert "invarbench.oracles.people" in oracles and "invarbench.oracles.calibration" in oracles
+    for module, targets in oracles.items():
+        above = sorted(
+            target for target in targets if target.startswith(("invarbench.attacks", "invarbench.labelling"))
+        )
+        assert not above, f"{module} imports {above}"
+    assert "invarbench.oracles.people" in top["invarbench.labelling"]

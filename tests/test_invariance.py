@@ -17,16 +17,6 @@ from invarbench.attacks.invariance import (
     transform_grid,
     warp,
 )
-from invarbench.attacks.neighbours import nearest, nearest_per_class
-from invarbench.attacks.oracles import (
-    ABSTAIN,
-    ExactOracle,
-    LabelFileOracle,
-    ProxyOracle,
-    default_oracle,
-    load_invariance_sets,
-    spheres_margin,
-)
 from invarbench.config import AttackSpec, ModelSpec, RunConfig, entry_config, rerun_as
 from invarbench.datasets import SPHERE_INNER_RADIUS, SPHERE_OUTER_RADIUS, Dataset, load_dataset, spheres_label
 from invarbench.errors import ConfigError, DataError
@@ -35,6 +25,16 @@ from invarbench.leaderboard.check import judge_guided_warnings
 from invarbench.metrics import invariance_metrics
 from invarbench.models import build_architecture, load_model
 from invarbench.models.wrapper import BenchmarkModel
+from invarbench.neighbours import nearest, nearest_per_class
+from invarbench.oracles.types import (
+    ABSTAIN,
+    ExactOracle,
+    LabelFileOracle,
+    ProxyOracle,
+    default_oracle,
+    load_invariance_sets,
+    spheres_margin,
+)
 from invarbench.runner import run_benchmark
 from invarbench.statistics import wilson_interval
 

@@ -18,11 +18,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from invarbench.attacks.oracles import ABSTAIN, LabelFileOracle, load_invariance_sets
 from invarbench.cli import main
 from invarbench.errors import ConfigError, DataError
-from invarbench.labelling import LabelStore, PeopleOracle, fleiss_kappa, majority_label, majority_sets, resolve_oracle
+from invarbench.labelling import LabelStore, fleiss_kappa
 from invarbench.labelling_app import MAX_BODY_BYTES, create_app
+from invarbench.oracles import ABSTAIN, LabelFileOracle, PeopleOracle, load_invariance_sets, resolve
+from invarbench.oracles.people import majority_label, majority_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -164,11 +165,11 @@ def test_store_labels_undo_resume_export_and_people_oracle(mnist, tmp_path):
 
 def test_resolve_oracle_people_and_unknown_names(mnist, tmp_path):
     LabelStore.create(tmp_path / "labels.sqlite", _folder(tmp_path / "set", mnist, range(2))).close()
-    assert resolve_oracle(f"people:{tmp_path / 'labels.sqlite'}", mnist).name == "people:labels.sqlite"
+    assert resolve(f"people:{tmp_path / 'labels.sqlite'}", mnist).name == "people:labels.sqlite"
     with pytest.raises(DataError, match="does not exist; create it with"):
-        resolve_oracle(f"people:{tmp_path / 'missing.sqlite'}", mnist)
+        resolve(f"people:{tmp_path / 'missing.sqlite'}", mnist)
     with pytest.raises(ConfigError, match="unknown oracle 'people-ish'.*people:DB"):
-        resolve_oracle("people-ish", mnist)
+        resolve("people-ish", mnist)
 
 
 def test_run_items_are_the_existing_candidates_one_per_image_of_a_set(mnist, tmp_path):

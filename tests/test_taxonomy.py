@@ -17,9 +17,9 @@ from invarbench.attacks import (
     ThreatModel,
     create_attack,
 )
-from invarbench.attacks.oracles import ExactOracle
 from invarbench.errors import ConfigError
 from invarbench.models import BenchmarkModel
+from invarbench.oracles import ExactOracle
 
 ENTRIES = Path(__file__).parents[1] / "leaderboard" / "entries"
 

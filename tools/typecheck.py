@@ -28,8 +28,7 @@ CORE = (
     "invarbench.executors",
     "invarbench.store",
     "invarbench.results",
-    "invarbench.attacks.oracles",
-    "invarbench.attacks.calibration",
+    "invarbench.oracles",
 )
 
 

@@ -10,9 +10,9 @@ from typing import Any, ClassVar
 import torch
 
 from invarbench.attacks.base import Attack, Budget, ThreatModel, frozen_parameters
-from invarbench.attacks.oracles import Oracle
 from invarbench.errors import ConfigError
 from invarbench.evaluation import logits, model_device, top_margins
+from invarbench.oracles import Oracle
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ import torch
 
 from invarbench.attacks.base import Budget, ThreatModel, register_attack
 from invarbench.attacks.invariance.base import InvarianceAttack, InvarianceResult
-from invarbench.attacks.oracles import ABSTAIN, LabelFileOracle, load_invariance_sets
 from invarbench.errors import ConfigError
+from invarbench.oracles import ABSTAIN, LabelFileOracle, load_invariance_sets
 
 
 @register_attack

@@ -13,8 +13,8 @@ from invarbench.attacks.base import Budget, ThreatModel, register_attack
 from invarbench.attacks.invariance.base import InvarianceAttack, InvarianceContext, InvarianceResult
 from invarbench.attacks.invariance.guide import DEFAULT_GUIDE, guide_references, load_guide
 from invarbench.attacks.invariance.transforms import _cache_path, _cached, _is_image, random_affine_copies
-from invarbench.attacks.neighbours import nearest_per_class
 from invarbench.errors import ConfigError
+from invarbench.neighbours import nearest_per_class
 
 
 class L0ClusterSearch(InvarianceAttack):

@@ -16,9 +16,9 @@ from invarbench.attacks.invariance.transforms import (
     transform_grid,
     warp,
 )
-from invarbench.attacks.neighbours import ClassIndex, nearest_per_class
 from invarbench.attacks.norms import project
 from invarbench.errors import ConfigError
+from invarbench.neighbours import ClassIndex, nearest_per_class
 
 # Tramèr et al.'s allowed target classes for the l_inf search: the changes a person reads as a new digit.
 TRAMER_TARGETS = {

@@ -9,8 +9,8 @@ import torch
 from invarbench.attacks.base import Budget, ThreatModel, register_attack
 from invarbench.attacks.invariance.base import InvarianceAttack, InvarianceResult
 from invarbench.attacks.norms import project
-from invarbench.attacks.oracles import ABSTAIN
 from invarbench.errors import ConfigError
+from invarbench.oracles import ABSTAIN
 
 
 def metamer_partners(labels: torch.Tensor) -> torch.Tensor:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from invarbench.attacks.oracles import ABSTAIN, InvarianceSet, Oracle, load_invariance_sets
 from invarbench.errors import DataError
-from invarbench.labelling import majority_sets
+from invarbench.oracles.people import majority_sets
+from invarbench.oracles.types import ABSTAIN, InvarianceSet, Oracle, load_invariance_sets
 from invarbench.statistics import wilson_interval
 
 

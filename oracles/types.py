@@ -25,11 +25,11 @@ import numpy as np
 import tomli_w
 import torch
 
-from invarbench.attacks.neighbours import nearest
 from invarbench.datasets import SPHERE_INNER_RADIUS, SPHERE_OUTER_RADIUS, spheres_label
 from invarbench.errors import ConfigError, DataError, did_you_mean
 from invarbench.io import atomic_write_text, read_toml
 from invarbench.models import get_card, load_model, registry
+from invarbench.neighbours import nearest
 
 ABSTAIN = -1
 
