@@ -19,6 +19,7 @@ from invarbench.attacks import aa_fast  # noqa: F401
 from invarbench.attacks.base import (
     ATTACKS,
     Attack,
+    BaseAttack,
     Budget,
     MinimumNormAttack,
     PerturbationResult,
@@ -32,6 +33,7 @@ from invarbench.attacks.norms import perturbation_norm, project, project_perturb
 __all__ = [
     "ATTACKS",
     "Attack",
+    "BaseAttack",
     "Budget",
     "InvarianceAttack",
     "InvarianceContext",

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -259,15 +259,14 @@ def frozen_parameters(model: torch.nn.Module):
             parameter.requires_grad_(True)
 
 
-class Attack(ABC):
-    """An attack: a registered name, typed keyword-only options, per-sample results.
-
-    Subclasses declare their options as keyword-only ``__init__`` parameters with defaults;
-    :meth:`options` reports them (recorded in every result) and :meth:`__call__` validates inputs.
-    """
+class BaseAttack(ABC):
+    """What every registered attack has: a name, the track it belongs to (``invarbench.tracks``), the norms
+    it supports and typed keyword-only options. Subclasses declare their options as keyword-only
+    ``__init__`` parameters with defaults; :meth:`options` reports them (recorded in every result)."""
 
     name: ClassVar[str]
-    kind: ClassVar[str] = "perturbation"
+    #: The name of the track (``invarbench.tracks``) that plans, runs and reports the attack.
+    track: ClassVar[str]
     norms: ClassVar[tuple[str, ...]] = NORMS
     #: True if the same inputs and seed always give the same outcome (regression checks compare exactly).
     deterministic: ClassVar[bool] = True
@@ -277,7 +276,15 @@ class Attack(ABC):
         return {name: getattr(self, name) for name in parameters if name != "self"}
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "options": self.options()}
+        return {"name": self.name, "track": self.track, "options": self.options()}
+
+
+class Attack(BaseAttack):
+    """A perturbation attack at fixed eps values: looks, within each eps-ball, for a change that flips the
+    model's prediction; per-sample results (:class:`PerturbationResult`). :meth:`__call__` validates inputs.
+    """
+
+    track: ClassVar[str] = "perturbation"
 
     def __call__(
         self,
@@ -344,15 +351,16 @@ class MinimumNormAttack(Attack):
         """Each point's smallest adversarial norm found (+inf where none) and the model's label there."""
 
 
-ATTACKS: dict[str, type[Attack]] = {}
+ATTACKS: dict[str, type[BaseAttack]] = {}
+AttackClass = TypeVar("AttackClass", bound=type[BaseAttack])
 
 
-def register_attack(cls: type[Attack]) -> type[Attack]:
+def register_attack(cls: AttackClass) -> AttackClass:
     ATTACKS[cls.name] = cls
     return cls
 
 
-def create_attack(name: str, **options) -> Attack:
+def create_attack(name: str, **options) -> Any:
     """Instantiate a registered attack by name, with close-match suggestions for typos."""
     if name not in ATTACKS:
         raise ConfigError(

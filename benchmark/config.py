@@ -83,10 +83,6 @@ class AttackSpec:
         """False for ``cascade=false``: the attack runs on every correctly classified point."""
         return dict(self.options).get("cascade", True) is not False
 
-    @property
-    def kind(self) -> str:
-        return ATTACKS[self.name].kind
-
     def provenance(self) -> dict[str, str]:
         """What the settings record beside the given options, so that a check re-runs an entry with what
         made it: the implementation of attacks that declare one (``pgd``), and the guide of attacks that

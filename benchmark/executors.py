@@ -25,20 +25,18 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from invarbench.attacks.invariance import InvarianceContext
 from invarbench.config import ModelSpec
 from invarbench.errors import ConfigError, InvarbenchError
-from invarbench.io import invarbench_home
-from invarbench.jobs import execute_invariance_job, execute_job
-from invarbench.plan import Job
+from invarbench.jobs import Job, JobOutput, JobTask
+from invarbench.tracks import track_of
 
 EXECUTORS = ("local", "ray")
 
@@ -77,28 +75,6 @@ class ExecutorSettings:
 
 
 @dataclass
-class JobTask:
-    """A job with everything it needs but the model and the shared inputs of its model (``ModelInputs``)."""
-
-    job: Job
-    images: torch.Tensor
-    labels: torch.Tensor
-    clean_predictions: torch.Tensor
-    cascade: bool
-    #: Ids of the jobs whose records this job reads, in plan order (the earlier attacks of its shard and norm).
-    after: tuple[str, ...] = ()
-
-
-@dataclass
-class JobOutput:
-    records: pd.DataFrame
-    seconds: float
-    warnings: tuple[str, ...] = ()
-    #: An invariance job's candidate images.
-    candidates: Any = None
-
-
-@dataclass
 class ModelInputs:
     """What the jobs of one model share: the model as the driver loaded it, where a worker gets it from,
     and (for invariance attacks) the data set and the oracle."""
@@ -121,33 +97,13 @@ def perform(
     oracle: Any = None,
     workspace: Path | None = None,
 ) -> JobOutput:
-    """Run one job: a pure function of the job, the model, its shard, the earlier attacks' records and,
-    for invariance attacks, the data set and oracle."""
-    job = task.job
+    """Run one job through its attack's track: a pure function of the job, the model, its shard, the
+    earlier attacks' records and, for tracks whose jobs need them, the data set and oracle."""
     started = time.perf_counter()
-    if job.attack.kind == "invariance":
-        context = InvarianceContext(
-            dataset, oracle, torch.arange(job.start, job.stop), cache_dir=invarbench_home() / "cache" / "invariance"
-        )
-        records, candidates = execute_invariance_job(
-            job, model, task.images, task.labels, task.clean_predictions, context
-        )
-        return JobOutput(records, time.perf_counter() - started, candidates=candidates)
-    previous = pd.concat(earlier) if earlier else None
-    records, warnings = execute_job(
-        job,
-        model,
-        task.images,
-        task.labels,
-        task.clean_predictions,
-        previous,
-        cascade=task.cascade,
-        workspace=workspace,
+    output = track_of(task.job.attack).execute(
+        task, model, earlier, dataset=dataset, oracle=oracle, workspace=workspace
     )
-    return JobOutput(records, time.perf_counter() - started, warnings)
-
-
-Finished = Callable[[JobTask, JobOutput], None]
+    return replace(output, seconds=time.perf_counter() - started)
 
 
 class LocalExecutor:
@@ -181,11 +137,13 @@ class LocalExecutor:
         self,
         tasks: list[JobTask],
         inputs: dict[str, ModelInputs],
-        records: dict[str, pd.DataFrame],
-        finished: Finished,
+        known: dict[str, pd.DataFrame],
         *,
         workspace: Callable[[Job], Path],
-    ) -> None:
+    ) -> Iterator[tuple[JobTask, JobOutput]]:
+        """Run ``tasks`` in order and yield each with its output; ``known`` holds the records of finished
+        jobs that tasks read (the cascade), and the executor adds each output's records to it."""
+        records = known
         for task in tasks:
             shared = inputs[task.job.model]
             output = perform(
@@ -197,7 +155,7 @@ class LocalExecutor:
                 workspace=workspace(task.job),
             )
             records[task.job.id] = output.records
-            finished(task, output)
+            yield task, output
 
 
 def _import_ray():
@@ -278,11 +236,13 @@ class RayExecutor:
         self,
         tasks: list[JobTask],
         inputs: dict[str, ModelInputs],
-        records: dict[str, pd.DataFrame],
-        finished: Finished,
+        known: dict[str, pd.DataFrame],
         *,
         workspace: Callable[[Job], Path],
-    ) -> None:
+    ) -> Iterator[tuple[JobTask, JobOutput]]:
+        """Submit each task once the records it reads are known, at most ``workers`` at once, and yield
+        each finished task with its output (in the order they finish)."""
+        records = known
         ray = self.ray
         remote = ray.remote(_ray_job).options(
             num_cpus=self.threads_per_worker, max_retries=self.settings.max_retries, retry_exceptions=False
@@ -290,7 +250,7 @@ class RayExecutor:
         shared = {}
         for key in {task.job.model for task in tasks}:
             source = inputs[key]
-            invariance = any(task.job.attack.kind == "invariance" for task in tasks if task.job.model == key)
+            needs_data = any(track_of(task.job.attack).needs_dataset for task in tasks if task.job.model == key)
             payload = _model_payload(source)
             shared[key] = (
                 _WorkerModel(
@@ -301,8 +261,8 @@ class RayExecutor:
                     payload[0],
                     ray.put(payload[1]) if payload[1] is not None else None,
                 ),
-                ray.put(source.dataset) if invariance else None,
-                ray.put(source.oracle) if invariance and source.oracle is not None else None,
+                ray.put(source.dataset) if needs_data else None,
+                ray.put(source.oracle) if needs_data and source.oracle is not None else None,
             )
         pending = list(tasks)
         running: dict[Any, JobTask] = {}
@@ -332,7 +292,7 @@ class RayExecutor:
                     task = running.pop(reference)
                     output = self._result(reference, task)
                     records[task.job.id] = output.records
-                    finished(task, output)
+                    yield task, output
         finally:
             for reference in running:
                 ray.cancel(reference, force=True)
@@ -362,7 +322,7 @@ class _WorkerModel:
     num_classes: int
     bounds: tuple[float, float]
     sha256: str
-    kind: str
+    source: str
     payload: Any = None
 
 
@@ -398,7 +358,7 @@ def _worker_model(model: _WorkerModel) -> torch.nn.Module:
 
 def _load_worker_model(model: _WorkerModel, payload: Any) -> torch.nn.Module:
     host = socket.gethostname()
-    if model.kind == "by_name":
+    if model.source == "by_name":
         loaded = model.spec.load(model.num_classes, model.bounds)
         found = model.spec.checkpoint_sha256()
         if found != model.sha256:
@@ -406,7 +366,7 @@ def _load_worker_model(model: _WorkerModel, payload: Any) -> torch.nn.Module:
                 f"model {model.spec.key} on Ray worker {host} has checkpoint sha256 {found[:12]}, the driver's has"
                 f" {model.sha256[:12]}; install the same invarbench version on every node"
             )
-    elif model.kind == "file":
+    elif model.source == "file":
         data = payload
         found = hashlib.sha256(data).hexdigest()
         if found != model.sha256:

@@ -19,6 +19,7 @@ from invarbench.io import write_figure
 from invarbench.oracles import default_oracle
 from invarbench.plan import plan
 from invarbench.store import RunStore, read_json
+from invarbench.tracks import PERTURBATION
 
 
 def candidate_image(run_dir: Path, record: pd.Series, shard_size: int, _jobs: dict | None = None) -> np.ndarray:
@@ -155,7 +156,7 @@ def perturbation_gallery(entry: dict, entries_dir: str | Path, out: str | Path, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if entry["track"] != "perturbation":
+    if entry["track"] != PERTURBATION.name:
         raise ConfigError(f"entry {entry['model']} ({entry['track']}) is not a perturbation entry")
     shard_size = entry["settings"]["shard_size"]
     config = entry_config(entry, min(shard_size, entry["settings"]["n"]))

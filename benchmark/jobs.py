@@ -1,18 +1,61 @@
-"""One job run on its shard: the attack's outcome as per-sample records."""
+"""A job (one attack on one shard of one model under one threat model) and its execution: the attack's
+outcome as per-sample records."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
+from invarbench.attacks import ThreatModel
 from invarbench.attacks.invariance import InvarianceContext
+from invarbench.config import AttackSpec
 from invarbench.evaluation import logits, top_margins
 from invarbench.oracles import ABSTAIN
-from invarbench.plan import Job
-from invarbench.store import as_records
+from invarbench.store import INVARIANCE_COLUMNS, RECORD_COLUMNS, as_records
+
+
+@dataclass(frozen=True)
+class Job:
+    model: str
+    threat: ThreatModel
+    attack_index: int
+    attack: AttackSpec
+    shard: int
+    start: int
+    stop: int
+    seed: int
+
+    @property
+    def id(self) -> str:
+        model = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.model)
+        return f"{model}__{self.threat.norm}__{self.attack_index:02d}-{self.attack.name}__shard{self.shard:05d}"
+
+
+@dataclass
+class JobTask:
+    """A job with everything it needs but the model and the shared inputs of its model (``ModelInputs``)."""
+
+    job: Job
+    images: torch.Tensor
+    labels: torch.Tensor
+    clean_predictions: torch.Tensor
+    cascade: bool
+    #: Ids of the jobs whose records this job reads, in plan order (the earlier attacks of its shard and norm).
+    after: tuple[str, ...] = ()
+
+
+@dataclass
+class JobOutput:
+    records: pd.DataFrame
+    seconds: float
+    warnings: tuple[str, ...] = ()
+    #: An invariance job's candidate images.
+    candidates: Any = None
 
 
 def _point_columns(
@@ -97,7 +140,7 @@ def execute_job(
                 }
             )
         )
-    return as_records(pd.concat(rows, ignore_index=True)), warnings
+    return as_records(pd.concat(rows, ignore_index=True), RECORD_COLUMNS), warnings
 
 
 def execute_invariance_job(
@@ -141,7 +184,7 @@ def execute_invariance_job(
                 }
             )
         )
-    return as_records(pd.concat(rows, ignore_index=True)), result.candidates
+    return as_records(pd.concat(rows, ignore_index=True), INVARIANCE_COLUMNS), result.candidates
 
 
 def decision_margins(model: torch.nn.Module, result) -> tuple[torch.Tensor, torch.Tensor]:

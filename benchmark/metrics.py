@@ -1,4 +1,4 @@
-"""A run's summary from its records: robust accuracy per attack, invariance metrics, the oracle's trust."""
+"""Figures from records: robust accuracy per attack, invariance metrics, minimum-norm curves, the oracle's trust."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 import pandas as pd
 import torch
 
-from invarbench.attacks import Budget
-from invarbench.config import RunConfig
+from invarbench.attacks import ATTACKS, Budget, MinimumNormAttack
+from invarbench.config import AttackSpec, RunConfig
+from invarbench.jobs import Job
 from invarbench.oracles import ABSTAIN
-from invarbench.plan import Job
 from invarbench.statistics import wilson_interval
 
 
@@ -57,66 +57,57 @@ def invariance_metrics(rows: pd.DataFrame) -> dict[str, Any]:
     return metrics
 
 
-def summarize(
-    records: pd.DataFrame, config: RunConfig, models: dict[str, dict[str, Any]], invariance: pd.DataFrame | None = None
+def robustness_section(
+    records: pd.DataFrame, config: RunConfig, attacks: list[tuple[int, AttackSpec]], clean_correct: int
 ) -> dict[str, Any]:
-    """Clean accuracy, cumulative robust accuracy after each perturbation attack (in cascade order),
-    worst case; invariance metrics per invariance attack and eps."""
-    perturbation = [(index, attack) for index, attack in enumerate(config.attacks) if attack.kind != "invariance"]
-    summary: dict[str, Any] = {
-        "n": config.n,
-        "seed": config.seed,
-        "cascade": config.cascade,
-        "attack_order": [attack.label() for _, attack in perturbation],
-        "models": {},
-    }
-    for model, info in models.items():
-        model_records = records[records["model"] == model]
-        clean_correct = info["clean_correct"]
-        entry = {**info, "clean_accuracy": clean_correct / config.n, "threats": {}}
-        for threat in config.threats if perturbation else ():
-            per_eps = {}
-            for eps in threat.epsilons:
-                selected = model_records[(model_records["norm"] == threat.norm) & (model_records["eps"] == eps)]
-                broken = set()
-                attacks = {}
-                for attack_index, attack in perturbation:
-                    only = attack.only_epsilons
-                    if only is not None and not any(abs(eps - wanted) < 1e-12 for wanted in only):
-                        continue
-                    rows = selected[selected["attack_index"] == attack_index]
-                    newly = set(rows.loc[rows["success"].fillna(False).astype(bool), "index"].tolist())
-                    attacked = int(rows["ran"].sum())
-                    broken |= newly
-                    robust = clean_correct - len(broken)
-                    attacks[attack.label()] = {
-                        "attacked": attacked,
-                        "broken": len(newly),
-                        "robust": robust,
-                        "robust_accuracy": robust / config.n,
-                        "attack_success_rate": len(newly) / attacked if attacked else 0.0,
-                    }
+    """One model's robust accuracy per norm and eps (the summary's ``threats``): after each perturbation
+    attack ``attacks`` lists (run position, spec), cumulative in cascade order, and in the worst case."""
+    threats: dict[str, Any] = {}
+    for threat in config.threats if attacks else ():
+        per_eps = {}
+        for eps in threat.epsilons:
+            selected = records[(records["norm"] == threat.norm) & (records["eps"] == eps)]
+            broken: set[int] = set()
+            figures = {}
+            for attack_index, attack in attacks:
+                only = attack.only_epsilons
+                if only is not None and not any(abs(eps - wanted) < 1e-12 for wanted in only):
+                    continue
+                rows = selected[selected["attack_index"] == attack_index]
+                newly = set(rows.loc[rows["success"].fillna(False).astype(bool), "index"].tolist())
+                attacked = int(rows["ran"].sum())
+                broken |= newly
                 robust = clean_correct - len(broken)
-                per_eps[f"{eps:g}"] = {
-                    "attacks": attacks,
-                    "worst_case": {"robust": robust, "robust_accuracy": robust / config.n},
+                figures[attack.label()] = {
+                    "attacked": attacked,
+                    "broken": len(newly),
+                    "robust": robust,
+                    "robust_accuracy": robust / config.n,
+                    "attack_success_rate": len(newly) / attacked if attacked else 0.0,
                 }
-            entry["threats"][threat.norm] = per_eps
-        if invariance is not None and len(invariance):
-            model_rows = invariance[invariance["model"] == model]
-            entry["invariance"] = {}
-            for attack_index, attack in enumerate(config.attacks):
-                rows = model_rows[model_rows["attack_index"] == attack_index]
-                if len(rows):
-                    entry["invariance"][attack.label()] = {
-                        str(Budget(norm, eps)): invariance_metrics(group)
-                        for (norm, eps), group in rows.groupby(["norm", "eps"], sort=True)
-                    }
-        summary["models"][model] = entry
-    return summary
+            robust = clean_correct - len(broken)
+            per_eps[f"{eps:g}"] = {
+                "attacks": figures,
+                "worst_case": {"robust": robust, "robust_accuracy": robust / config.n},
+            }
+        threats[threat.norm] = per_eps
+    return threats
 
 
-def _tally(tallies: dict[tuple, list[int]], job: Job, records: pd.DataFrame) -> str:
+def invariance_section(records: pd.DataFrame, config: RunConfig) -> dict[str, Any]:
+    """One model's invariance metrics (the summary's ``invariance``) per invariance attack and setting."""
+    section = {}
+    for attack_index, attack in enumerate(config.attacks):
+        rows = records[records["attack_index"] == attack_index]
+        if len(rows):
+            section[attack.label()] = {
+                str(Budget(norm, eps)): invariance_metrics(group)
+                for (norm, eps), group in rows.groupby(["norm", "eps"], sort=True)
+            }
+    return section
+
+
+def tally(tallies: dict[tuple, list[int]], job: Job, records: pd.DataFrame) -> str:
     """Add the job's outcome at its largest eps to the running tally of its attack; describe the tally."""
     rows = records[(records["eps"] == job.threat.epsilons[-1]) & records["ran"]]
     tally = tallies.setdefault((job.model, str(job.threat), job.attack_index), [0, 0])
@@ -124,3 +115,33 @@ def _tally(tallies: dict[tuple, list[int]], job: Job, records: pd.DataFrame) -> 
     tally[1] += int(rows["success"].sum())
     attacked, broken = tally
     return f"{1 - broken / attacked:.1%} of {attacked}" if attacked else "-"
+
+
+def minimum_norm_curves(records: pd.DataFrame, attacks: list[dict[str, Any]], n: int) -> dict[str, dict[str, Any]]:
+    """Per norm, the smallest adversarial norm a minimum-norm attack (a ``MinimumNormAttack``, e.g.
+    FMN) found for every point it ran on, sorted: the whole robust-accuracy-versus-eps curve, since a
+    point counts as robust at eps when its smallest norm is larger (see :func:`curve_robust_accuracy`).
+    The first such attack of the cascade per norm is kept; +inf (none found) is stored as a count."""
+    curves: dict[str, dict[str, Any]] = {}
+    for position, attack in enumerate(attacks):
+        if not issubclass(ATTACKS[attack["name"]], MinimumNormAttack):
+            continue
+        rows = records[
+            (records["attack"] == attack["name"]) & (records["attack_index"] == position) & records["ran"].astype(bool)
+        ]
+        for norm, per_norm in rows.groupby("norm", sort=True):
+            if norm in curves:
+                continue
+            # The same minimal norm is recorded once per eps; one eps's rows hold every point the attack ran on.
+            first = per_norm[per_norm["eps"] == per_norm["eps"].min()].sort_values("index")
+            norms = first["perturbation_norm"].to_numpy(dtype=float)
+            finite = sorted(float(f"{value:.6g}") for value in norms if value == value and value != float("inf"))
+            curves[str(norm)] = {
+                "attack": attack["name"],
+                "options": attack.get("options", {}),
+                "n": n,
+                "attacked": len(first),
+                "not_found": int(len(norms) - len(finite)),
+                "minimal_norms": finite,
+            }
+    return curves

@@ -3,29 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import re
-from dataclasses import dataclass
 
 from invarbench.attacks import ThreatModel
 from invarbench.config import AttackSpec, RunConfig
-from invarbench.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class Job:
-    model: str
-    threat: ThreatModel
-    attack_index: int
-    attack: AttackSpec
-    shard: int
-    start: int
-    stop: int
-    seed: int
-
-    @property
-    def id(self) -> str:
-        model = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.model)
-        return f"{model}__{self.threat.norm}__{self.attack_index:02d}-{self.attack.name}__shard{self.shard:05d}"
+from invarbench.jobs import Job
+from invarbench.tracks import track_of
 
 
 def derive_seed(*parts: object) -> int:
@@ -34,39 +16,8 @@ def derive_seed(*parts: object) -> int:
 
 
 def attack_threats(attack: AttackSpec, threats: tuple[ThreatModel, ...], invertible: bool) -> list[ThreatModel]:
-    """The threat models an attack runs under: perturbation attacks under every configured one;
-    invariance attacks under those their norm allows (exact metamers and l_0 budgets once, as their own
-    pseudo-norm)."""
-    if attack.kind != "invariance":
-        only = attack.only_epsilons
-        if only is None:
-            return list(threats)
-        restricted = [
-            ThreatModel(
-                threat.norm, tuple(eps for eps in threat.epsilons if any(abs(eps - wanted) < 1e-12 for wanted in only))
-            )
-            for threat in threats
-        ]
-        unknown = [
-            eps for eps in only if not any(abs(eps - value) < 1e-12 for threat in threats for value in threat.epsilons)
-        ]
-        if unknown:
-            raise ConfigError(
-                f"attack {attack.label()!r} asks for eps {unknown}, which no --threat configures; add them to a"
-                " --threat or drop them from eps="
-            )
-        return [threat for threat in restricted if threat.epsilons]
-    instance = attack.create()
-    selected: list[ThreatModel] = []
-    for threat in threats:
-        budgets = instance.budgets(threat, invertible)
-        if not budgets:
-            continue
-        # A job runs one norm (or pseudo-norm) at every budget of it.
-        candidate = ThreatModel(budgets[0].norm, tuple(budget.value for budget in budgets))
-        if candidate not in selected:
-            selected.append(candidate)
-    return selected
+    """The threat models an attack runs under, as its track chooses them (see ``Track.threats``)."""
+    return track_of(attack).threats(attack, threats, invertible)
 
 
 def plan(config: RunConfig) -> list[Job]:

@@ -20,25 +20,30 @@ import pyarrow.parquet as pq
 from invarbench.attacks.invariance import load_guide
 from invarbench.config import RunConfig
 from invarbench.errors import ConfigError, InvarbenchError
-from invarbench.models import get_card, load_model
+from invarbench.models import BenchmarkModel, get_card, load_model
 from invarbench.models.external import check_robustbench, is_robustbench
 from invarbench.oracles.types import DEFAULT_ORACLES, Oracle, oracle_members
 from invarbench.store import RunStore, read_json
 
 
-def check_models(config: RunConfig) -> None:
+def check_models(config: RunConfig) -> dict[str, BenchmarkModel]:
     """Every model is a registered one whose card and checkpoint load (sha256 checked), or an existing
-    checkpoint file; every eps fits a registered model's input bounds."""
+    checkpoint file; every eps fits a registered model's input bounds. Returns the registered models as
+    loaded, by key, for the run to evaluate (in-memory models need no checks)."""
+    loaded = {}
     for spec in config.models:
+        if spec.module is not None:
+            continue
         if is_robustbench(spec.reference):
             check_robustbench(spec.reference)
         elif not spec.is_registered and not Path(spec.reference).exists():
             get_card(spec.reference)  # raises the registry's "unknown model" error, with suggestions
         if spec.is_registered:
             card = get_card(spec.reference)
-            load_model(spec.reference)
+            loaded[spec.key] = load_model(spec.reference)
             for threat in config.threats:
                 threat.check_against_bounds(card.bounds, math.prod(card.input_shape), source=spec.key)
+    return loaded
 
 
 def check_guides(config: RunConfig, oracle: Oracle | None = None) -> None:

@@ -86,10 +86,11 @@ def read_json(path: Path, *, fix: str = "it was not written by invarbench, remov
         raise ConfigError(f"{path} cannot be read as JSON ({error}); {fix}") from error
 
 
-def read_records(path: Path, *, fix: str) -> pd.DataFrame:
-    """Per-sample records stored as Parquet; a damaged file is an error that names ``fix``."""
+def read_records(path: Path, *, fix: str, columns: dict[str, str] | None = None) -> pd.DataFrame:
+    """Per-sample records stored as Parquet (``columns``: see :func:`as_records`); a damaged file is an
+    error that names ``fix``."""
     try:
-        return as_records(pd.read_parquet(path))
+        return as_records(pd.read_parquet(path), columns)
     except (OSError, pa.ArrowException) as error:
         raise ConfigError(f"records {path} are damaged ({error}); {fix}") from error
 
@@ -187,9 +188,18 @@ class RunStore:
 
         atomic_write(self.candidates_dir / f"{job_id}.npz", write)
 
-    def write_job(self, job_id: str, records: pd.DataFrame, *, seconds: float, warnings: tuple[str, ...] = ()) -> None:
-        """A finished job's records, its time and the reliability warnings its attack raised."""
-        table = pa.Table.from_pandas(as_records(records), preserve_index=False)
+    def write_job(
+        self,
+        job_id: str,
+        records: pd.DataFrame,
+        *,
+        seconds: float,
+        warnings: tuple[str, ...] = (),
+        columns: dict[str, str] | None = None,
+    ) -> None:
+        """A finished job's records (with its track's ``columns``), its time and the reliability warnings its
+        attack raised."""
+        table = pa.Table.from_pandas(as_records(records, columns), preserve_index=False)
         metadata = {
             b"invarbench.seconds": str(seconds).encode(),
             b"invarbench.warnings": json.dumps(list(warnings)).encode(),
@@ -197,26 +207,27 @@ class RunStore:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
         atomic_write(self.job_path(job_id), lambda tmp: pq.write_table(table, tmp))
 
-    def read_job(self, job_id: str) -> tuple[pd.DataFrame, float]:
+    def read_job(self, job_id: str, columns: dict[str, str] | None = None) -> tuple[pd.DataFrame, float]:
+        """A finished job's records (with its track's ``columns``) and its time."""
         table = pq.read_table(self.job_path(job_id))
         seconds = float((table.schema.metadata or {}).get(b"invarbench.seconds", b"0"))
-        return as_records(table.to_pandas()), seconds
+        return as_records(table.to_pandas(), columns), seconds
 
     def job_warnings(self, job_id: str) -> list[str]:
         """The reliability warnings a finished job's attack raised (none for jobs stored before they were kept)."""
         metadata = pq.read_schema(self.job_path(job_id)).metadata or {}
         return json.loads(metadata.get(b"invarbench.warnings", b"[]"))
 
-    def write_results(self, records: pd.DataFrame, invariance: pd.DataFrame | None = None) -> None:
-        atomic_write(self.results_path, lambda tmp: as_records(records).to_parquet(tmp, index=False))
-        if invariance is not None:
-            atomic_write(self.invariance_path, lambda tmp: as_records(invariance).to_parquet(tmp, index=False))
+    def write_records(self, name: str, records: pd.DataFrame) -> None:
+        """Every record of a track (``results.parquet``, ``invariance.parquet``), once the run is complete."""
+        atomic_write(self.run_dir / name, lambda tmp: records.reset_index(drop=True).to_parquet(tmp, index=False))
 
 
-def as_records(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with exactly the record columns (perturbation or invariance, told apart by the
-    ``oracle`` column), in order, with their declared dtypes."""
-    columns = INVARIANCE_COLUMNS if "oracle" in frame else RECORD_COLUMNS
+def as_records(frame: pd.DataFrame, columns: dict[str, str] | None = None) -> pd.DataFrame:
+    """``frame`` with exactly the record ``columns`` (a track's), in order, with their declared dtypes;
+    without ``columns``, those of the perturbation or invariance records (told apart by ``oracle``)."""
+    if columns is None:
+        columns = INVARIANCE_COLUMNS if "oracle" in frame else RECORD_COLUMNS
     absent = [column for column in OPTIONAL_COLUMNS if column in columns and column not in frame]
     if absent:
         frame = frame.assign(**{column: pd.Series(index=frame.index, dtype=columns[column]) for column in absent})

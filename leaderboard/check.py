@@ -42,6 +42,7 @@ from invarbench.models import get_card, list_models
 from invarbench.oracles import list_oracles
 from invarbench.runner import run_benchmark
 from invarbench.store import as_records
+from invarbench.tracks import get_track
 
 # Robust-accuracy tolerance (absolute) of attacks whose outcome is random.
 RANDOM_TOLERANCE = {"autoattack": 0.02}
@@ -50,10 +51,6 @@ ORACLE_VOTE_TOLERANCE = 1
 NORM_TOLERANCE = 0.01
 AGGREGATE_TOLERANCE = 0.03
 MARGIN_DRIFT_TOLERANCE = 0.05
-COMPARED = {
-    "perturbation": ("success", "adversarial_prediction"),
-    "invariance": ("target_class", "oracle_label", "model_prediction"),
-}
 
 
 @dataclass
@@ -106,7 +103,8 @@ def check_entry(
     judge = oracle_changes(entry)
     if judge:
         return CheckResult(name, False, judge)
-    stored = as_records(pd.read_parquet(entries_dir / entry["regression"]["file"]))
+    track = get_track(entry["track"])
+    stored = as_records(pd.read_parquet(entries_dir / entry["regression"]["file"]), track.columns)
     available = entry["regression"]["points"]
     shard_size = entry["settings"]["shard_size"]
     points = available if points is None else min(available, -(-points // shard_size) * shard_size)
@@ -126,9 +124,7 @@ def check_entry(
         except InvarbenchError as error:
             return CheckResult(name, False, [f"re-evaluation failed: {error}"])
         run = Path(scratch) / "check"
-        fresh = as_records(
-            pd.read_parquet(run / ("invariance.parquet" if entry["track"] == "invariance" else "results.parquet"))
-        )
+        fresh = as_records(pd.read_parquet(run / track.records_file), track.columns)
     # Records are paired by attack name and by the attack's place among those of the same name, not by
     # its position in the run: an entry that keeps one track of a run (`leaderboard add --track`) has
     # fewer attacks than the run its records came from, so the positions differ.
@@ -145,7 +141,7 @@ def check_entry(
     both = merged[merged["_merge"] == "both"]
     votes = _member_votes(entry)
     for (attack, norm, eps), group in both.groupby(["attack", "norm", "eps"], sort=True):
-        if entry["track"] == "perturbation" and not ATTACKS[attack].deterministic:
+        if not track.per_point(attack):
             old = 1 - group["success_stored"].fillna(False).astype(bool).mean()
             new = 1 - group["success_new"].fillna(False).astype(bool).mean()
             tolerance = RANDOM_TOLERANCE.get(attack, 0.0)
@@ -156,9 +152,7 @@ def check_entry(
                 )
             continue
         for _, row in group.iterrows():
-            changed = [
-                column for column in COMPARED[entry["track"]] if _differs(row[f"{column}_stored"], row[f"{column}_new"])
-            ]
+            changed = [column for column in track.compared if _differs(row[f"{column}_stored"], row[f"{column}_new"])]
             if not changed:
                 continue
             line = f"{attack} {norm} {eps:g} point {row['index']}: " + ", ".join(
@@ -178,14 +172,14 @@ def check_entry(
                 borderline.append(f"{line} ({'; '.join(sorted(set(reasons)))})")
             else:
                 differences.append(f"{line} ({_margins(changed, row)})")
-        margin = "logit_margin" if entry["track"] == "perturbation" else "model_margin"
-        drift = (group[f"{margin}_stored"] - group[f"{margin}_new"]).abs().dropna()
+        margin = track.margin
+        drift = (group[f"{margin}_stored"] - group[f"{margin}_new"]).abs().dropna() if margin else pd.Series()
         if len(drift) and drift.median() > MARGIN_DRIFT_TOLERANCE:
             differences.append(
                 f"{attack} {norm} {eps:g}: the model's margins moved by {drift.median():.3f} logits (median over"
                 f" {len(drift)} records; tolerance {MARGIN_DRIFT_TOLERANCE}): the model or the attack changed"
             )
-        for rate, stored_value, new_value in _rates(group, entry["track"]):
+        for rate, stored_value, new_value in track.rates(group):
             if abs(stored_value - new_value) > AGGREGATE_TOLERANCE + 1e-9:
                 differences.append(
                     f"{attack} {norm} {eps:g}: {rate} moved from {stored_value:.3f} to {new_value:.3f} over"
@@ -265,6 +259,8 @@ def _borderline(column: str, row: pd.Series, attack: str, eps: float, votes: int
             if _within((row["model_margin_stored"], row["model_margin_new"]), LOGIT_TOLERANCE)
             else ""
         )
+    if column not in ("oracle_label", "target_class"):
+        return ""  # a column no margin decides (another track's): any flip is a difference
     # The oracle's label, and the target class a search takes from it.
     return (
         f"oracle within one member's {votes} votes of changing"
@@ -284,7 +280,7 @@ MARGIN_OF = {
 
 def _margins(changed: list[str], row: pd.Series) -> str:
     """The stored and new margins behind the changed columns, e.g. ``oracle_margin NA -> 3``."""
-    columns = dict.fromkeys(MARGIN_OF[column] for column in changed)
+    columns = dict.fromkeys(MARGIN_OF[column] for column in changed if column in MARGIN_OF)
     return "; ".join(
         f"{column} {_show_margin(row[f'{column}_stored'])} -> {_show_margin(row[f'{column}_new'])}"
         for column in columns
@@ -293,29 +289,6 @@ def _margins(changed: list[str], row: pd.Series) -> str:
 
 def _show_margin(value) -> str:
     return "NA" if pd.isna(value) else f"{value:.3g}"
-
-
-def _rates(group: pd.DataFrame, track: str):
-    """(name, stored, new) for each rate over a group of paired records."""
-    if track == "perturbation":
-        yield (
-            "attack success rate",
-            *(group[f"success_{side}"].fillna(False).astype(bool).mean() for side in ("stored", "new")),
-        )
-        return
-    rates: dict[str, list[float]] = {
-        "abstention rate": [],
-        "label-changed rate": [],
-        "rate of changed labels the model follows": [],
-    }
-    for side in ("stored", "new"):
-        oracle = group[f"oracle_label_{side}"].astype("object")
-        changed = oracle.notna() & (oracle.fillna(-1) != group["label_stored"])
-        follows = changed & (group[f"model_prediction_{side}"].astype("object").fillna(-2) == oracle.fillna(-1))
-        for name, values in zip(rates, (oracle.isna(), changed, follows)):
-            rates[name].append(float(values.mean()))
-    for name, (stored, new) in rates.items():
-        yield name, stored, new
 
 
 def judge_guided_warnings(entry: dict) -> list[str]:

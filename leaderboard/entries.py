@@ -15,7 +15,6 @@ from typing import Any
 
 import pandas as pd
 
-from invarbench.attacks import ATTACKS, MinimumNormAttack
 from invarbench.errors import ConfigError
 from invarbench.gallery import invariance_gallery, perturbation_gallery
 from invarbench.io import atomic_write
@@ -23,9 +22,9 @@ from invarbench.leaderboard import ENTRIES_DIR
 from invarbench.models import get_card, list_models
 from invarbench.models.external import is_robustbench
 from invarbench.store import RunStore, as_records, read_json, read_records, write_json
+from invarbench.tracks import INVARIANCE, PERTURBATION, TRACKS, get_track
 
 SCHEMA = 1
-TRACKS = ("perturbation", "invariance")
 REQUIRED = (
     "schema",
     "model",
@@ -65,8 +64,11 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
     rewrite = (
         f"re-run the command recorded in {store.manifest_path} to rewrite it from the job records, then add the run"
     )
-    perturbation_records = read_records(store.results_path, fix=rewrite)
-    invariance_records = read_records(store.invariance_path, fix=rewrite) if store.invariance_path.exists() else None
+    records_of = {
+        track: read_records(run_dir / track.records_file, fix=rewrite, columns=track.columns)
+        for track in TRACKS.values()
+        if (run_dir / track.records_file).exists()
+    }
     registered = set(list_models(role=None))
     entries = []
     for model_config in config["models"]:
@@ -94,18 +96,14 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
             ),
             "invertible": bool(card.invertible) if card else False,
         }
-        for track in TRACKS:
-            attacks = [
-                attack
-                for attack in config["attacks"]
-                if (ATTACKS[attack["name"]].kind == "invariance") == (track == "invariance")
-            ]
+        for track in TRACKS.values():
+            attacks = track.attacks(config["attacks"])
             if not attacks:
                 continue
-            records = invariance_records if track == "invariance" else perturbation_records
+            records = records_of.get(track)
             if records is None:
                 raise ConfigError(
-                    f"the run in {run_dir} configured invariance attacks but has no invariance.parquet; it was not"
+                    f"the run in {run_dir} configured {track.name} attacks but has no {track.records_file}; it was not"
                     " written by this version of invarbench"
                 )
             results = {
@@ -116,27 +114,21 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
             }
             if "attack_warnings" in model_summary:
                 results["attack_warnings"] = model_summary["attack_warnings"]
-            if track == "perturbation":
-                results.update(threats=model_summary["threats"], attack_order=summary["attack_order"])
-                curves = minimum_norm_curves(
-                    perturbation_records[perturbation_records["model"] == key], attacks, config["n"]
-                )
-                if curves:
-                    results["curves"] = curves
-            else:
-                results.update(invariance=model_summary.get("invariance", {}), oracles=summary.get("oracles", {}))
+            results.update(
+                track.entry_results(model_summary, summary, records[records["model"] == key], attacks, config["n"])
+            )
             # Whole shards only: a job's seed and batch are those of its shard, so a re-run of the same
             # shards reproduces deterministic attacks exactly.
             shard_size = config["shard_size"]
             points = min(config["n"], -(-regression_points // shard_size) * shard_size)
             subset = records[(records["model"] == key) & (records["index"] < points)]
-            stem = entry_stem(key, model_config["dataset"], track)
+            stem = entry_stem(key, model_config["dataset"], track.name)
             entry = {
                 "schema": SCHEMA,
                 "model": key,
                 "reference": model_config["reference"],
                 "dataset": model_config["dataset"],
-                "track": track,
+                "track": track.name,
                 "checkpoint_sha256": model_summary["checkpoint_sha256"],
                 "model_card": description,
                 "settings": {
@@ -146,7 +138,7 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
                     "shard_size": config["shard_size"],
                     "threats": config["threats"],
                     "attacks": attacks,
-                    **_oracle_setting(track, config, summary),
+                    **track.entry_settings(config, summary),
                     **_executor_setting(summary),
                 },
                 "versions": manifest["versions"],
@@ -164,13 +156,6 @@ def entries_from_run(run_dir: str | Path, *, regression_points: int = 200) -> li
     return entries
 
 
-def _oracle_setting(track: str, config: dict[str, Any], summary: dict[str, Any]) -> dict[str, str]:
-    """The oracle that judged an invariance entry, by name, so that a check re-judges with the same one."""
-    names = sorted(summary.get("oracles", {}))
-    chosen = config.get("oracle") or (names[0] if len(names) == 1 else None)
-    return {"oracle": chosen} if track == "invariance" and chosen else {}
-
-
 # Settings that record how a run was executed, not what it computed: entries that differ only in them agree.
 EXECUTION_SETTINGS = ("executor", "workers")
 
@@ -183,36 +168,6 @@ def _executor_setting(summary: dict[str, Any]) -> dict[str, Any]:
 
 def _computed_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in settings.items() if key not in EXECUTION_SETTINGS}
-
-
-def minimum_norm_curves(records: pd.DataFrame, attacks: list[dict[str, Any]], n: int) -> dict[str, dict[str, Any]]:
-    """Per norm, the smallest adversarial norm a minimum-norm attack (a ``MinimumNormAttack``, e.g.
-    FMN) found for every point it ran on, sorted: the whole robust-accuracy-versus-eps curve, since a
-    point counts as robust at eps when its smallest norm is larger (see :func:`curve_robust_accuracy`).
-    The first such attack of the cascade per norm is kept; +inf (none found) is stored as a count."""
-    curves: dict[str, dict[str, Any]] = {}
-    for position, attack in enumerate(attacks):
-        if not issubclass(ATTACKS[attack["name"]], MinimumNormAttack):
-            continue
-        rows = records[
-            (records["attack"] == attack["name"]) & (records["attack_index"] == position) & records["ran"].astype(bool)
-        ]
-        for norm, per_norm in rows.groupby("norm", sort=True):
-            if norm in curves:
-                continue
-            # The same minimal norm is recorded once per eps; one eps's rows hold every point the attack ran on.
-            first = per_norm[per_norm["eps"] == per_norm["eps"].min()].sort_values("index")
-            norms = first["perturbation_norm"].to_numpy(dtype=float)
-            finite = sorted(float(f"{value:.6g}") for value in norms if value == value and value != float("inf"))
-            curves[str(norm)] = {
-                "attack": attack["name"],
-                "options": attack.get("options", {}),
-                "n": n,
-                "attacked": len(first),
-                "not_found": int(len(norms) - len(finite)),
-                "minimal_norms": finite,
-            }
-    return curves
 
 
 def curve_robust_accuracy(curve: dict[str, Any], eps: float) -> float:
@@ -252,9 +207,8 @@ def add_run(
     entries_dir = Path(entries_dir)
     found = entries_from_run(run_dir, regression_points=regression_points)
     if tracks is not None:
-        unknown = sorted(set(tracks) - set(TRACKS))
-        if unknown:
-            raise ConfigError(f"unknown track {', '.join(unknown)}; use {' or '.join(TRACKS)}")
+        for name in tracks:
+            get_track(name)
         absent = sorted(set(tracks) - {entry["track"] for entry, _ in found})
         if absent:
             raise ConfigError(
@@ -278,7 +232,8 @@ def add_run(
     written = []
     for entry, subset in found:
         stem = entry_stem(entry["model"], entry["dataset"], entry["track"])
-        if entry["track"] == "invariance":
+        track = get_track(entry["track"])
+        if track is INVARIANCE:
             # Galleries need the candidate images, which only the run directory holds.
             for attack in sorted({attack["name"] for attack in entry["settings"]["attacks"]}):
                 try:
@@ -294,12 +249,13 @@ def add_run(
                 except ConfigError:
                     pass
         atomic_write(
-            entries_dir / f"{stem}.parquet", lambda tmp, subset=subset: as_records(subset).to_parquet(tmp, index=False)
+            entries_dir / f"{stem}.parquet",
+            lambda tmp, subset=subset, track=track: as_records(subset, track.columns).to_parquet(tmp, index=False),
         )
         path = entries_dir / f"{stem}.json"
         write_json(path, entry)
         written.append(path)
-        if entry["track"] == "perturbation" and galleries:
+        if track is PERTURBATION and galleries:
             # Recomputed from the entry's first shard and checked against its stored records (on disk now).
             try:
                 written.append(

@@ -15,6 +15,7 @@ from invarbench.attacks import Budget
 from invarbench.io import write_figure
 from invarbench.leaderboard.entries import curve_robust_accuracy
 from invarbench.results import WORST_CASE, entry_results, invariance_frame, robustness_frame
+from invarbench.tracks import INVARIANCE, PERTURBATION
 
 
 def _save(figure, axis, stem: Path) -> list[Path]:
@@ -42,13 +43,15 @@ def build_plots(entries: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     written = []
     for dataset in sorted({entry["dataset"] for entry in entries}):
         perturbation = sorted(
-            (entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "perturbation"),
+            (entry for entry in entries if entry["dataset"] == dataset and entry["track"] == PERTURBATION.name),
             key=lambda entry: entry["model"],
         )
         robustness = robustness_frame(entry_results(perturbation))
         worst = robustness[robustness["attack"] == WORST_CASE]
         linf_invariance = invariance_frame(
-            entry_results(entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "invariance")
+            entry_results(
+                entry for entry in entries if entry["dataset"] == dataset and entry["track"] == INVARIANCE.name
+            )
         )
         linf_invariance = linf_invariance[linf_invariance["attack"] == "invariance-linf"]
         norms = sorted(set(robustness["norm"]))

@@ -25,6 +25,7 @@ from invarbench.leaderboard.plots import build_plots
 from invarbench.oracles import list_oracles
 from invarbench.oracles.calibration import format_rate
 from invarbench.results import WORST_CASE, entry_results, invariance_frame, robustness_frame
+from invarbench.tracks import INVARIANCE, PERTURBATION
 
 
 def _percent(value: float | None) -> str:
@@ -84,9 +85,9 @@ def perturbation_table(entries: list[dict[str, Any]], dataset: str, *, summary: 
     ``summary`` keeps only the worst case per threat (named "NORM EPS"), for the README. The full
     table also gives, per norm, the median over all points of the minimum-norm attack's smallest
     adversarial norm (where the entry stores its curve)."""
-    selected = [entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "perturbation"]
+    selected = [entry for entry in entries if entry["dataset"] == dataset and entry["track"] == PERTURBATION.name]
     invariance = {
-        entry["model"]: entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "invariance"
+        entry["model"]: entry for entry in entries if entry["dataset"] == dataset and entry["track"] == INVARIANCE.name
     }
     headline = _headline(dataset)
     robustness = robustness_frame(entry_results(selected))
@@ -216,7 +217,7 @@ def oracle_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
         if definition.dataset == dataset
     }
     for entry in entries:
-        if entry["dataset"] == dataset and entry["track"] == "invariance":
+        if entry["dataset"] == dataset and entry["track"] == INVARIANCE.name:
             reports.update(entry["results"].get("oracles", {}))
     rows = []
     for name, report in sorted(reports.items()):
@@ -241,7 +242,7 @@ def oracle_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
 def _invariance_entries(entries: list[dict[str, Any]], dataset: str) -> tuple[dict[str, dict[str, Any]], pd.DataFrame]:
     """A data set's invariance entries by model, and their figures (:func:`invariance_frame`)."""
     selected = {
-        entry["model"]: entry for entry in entries if entry["dataset"] == dataset and entry["track"] == "invariance"
+        entry["model"]: entry for entry in entries if entry["dataset"] == dataset and entry["track"] == INVARIANCE.name
     }
     return selected, invariance_frame(entry_results(selected.values()))
 
@@ -328,7 +329,7 @@ def _display(frame: pd.DataFrame) -> pd.DataFrame:
         elif column.endswith("min. norm"):
             shown[column] = ["-" if value is None or pd.isna(value) else f"{value:.3g}" for value in shown[column]]
         elif (
-            shown[column].dtype.kind == "f"
+            pd.api.types.is_float_dtype(shown[column])
             or column in ("clean",)
             or "worst case" in column
             or column.startswith("invariance accuracy")

@@ -10,6 +10,7 @@ import torch
 from invarbench.attacks import (
     ATTACKS,
     Attack,
+    BaseAttack,
     Budget,
     InvarianceAttack,
     InvarianceContext,
@@ -34,9 +35,9 @@ def test_registered_attacks_are_classified_by_their_class():
         "invariance-set",
     }
     for name, cls in ATTACKS.items():
-        assert issubclass(cls, Attack)
-        # The kind recorded in stored settings follows the class.
-        assert cls.kind == ("invariance" if issubclass(cls, InvarianceAttack) else "perturbation"), name
+        assert issubclass(cls, BaseAttack) and issubclass(cls, Attack) != issubclass(cls, InvarianceAttack)
+        # The track follows the class: perturbation attacks and invariance attacks are siblings.
+        assert cls.track == ("invariance" if issubclass(cls, InvarianceAttack) else "perturbation"), name
 
 
 def test_a_minimum_norm_attack_must_give_minimal_norms():

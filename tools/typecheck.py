@@ -28,6 +28,7 @@ CORE = (
     "invarbench.executors",
     "invarbench.store",
     "invarbench.results",
+    "invarbench.tracks",
     "invarbench.oracles",
 )
 

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from invarbench.attacks.base import Attack, Budget, ThreatModel, frozen_parameters
+from invarbench.attacks.base import BaseAttack, Budget, ThreatModel, frozen_parameters
 from invarbench.errors import ConfigError
 from invarbench.evaluation import logits, model_device, top_margins
 from invarbench.oracles import Oracle
@@ -60,12 +60,12 @@ class InvarianceContext:
     cache_dir: Path | None = None
 
 
-class InvarianceAttack(Attack):
+class InvarianceAttack(BaseAttack):
     """An attack that changes the true label (judged by an oracle) while the model's prediction may stay
     put. Called with an :class:`InvarianceContext` (``context=``), it runs at :class:`Budget` settings:
     a norm ball's eps, or its own pseudo-norm's budget (``l0:25``, ``metamer:0``, ``set:0``)."""
 
-    kind: ClassVar[str] = "invariance"
+    track: ClassVar[str] = "invariance"
     norms: ClassVar[tuple[str, ...]] = ("linf",)
     #: False for attacks that bring their own judge (fixed sets with people's labels).
     needs_oracle: ClassVar[bool] = True
@@ -77,8 +77,18 @@ class InvarianceAttack(Attack):
         return tuple(Budget(threat.norm, eps) for eps in threat.epsilons) if threat.norm in self.norms else ()
 
     def __call__(
-        self, model, images, labels, *, norm, epsilons, seed=0, active=None, context: InvarianceContext | None = None
+        self,
+        model: torch.nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        norm: str,
+        epsilons: tuple[float, ...],
+        seed: int = 0,
+        context: InvarianceContext | None = None,
     ) -> InvarianceResult:
+        """Search every point at each eps (or budget) and judge the candidates; ``context`` gives the data
+        set the candidates come from, the oracle and the points' indices."""
         if context is None:
             raise ConfigError(
                 f"attack {self.name!r} needs context=InvarianceContext(dataset, oracle, indices) (the data set its"
@@ -95,7 +105,6 @@ class InvarianceAttack(Attack):
                 norm=norm,
                 epsilons=tuple(float(eps) for eps in epsilons),
                 seed=seed,
-                active=active,
                 context=context,
             )
 
@@ -109,10 +118,8 @@ class InvarianceAttack(Attack):
         norm: str,
         epsilons: tuple[float, ...],
         seed: int,
-        active: torch.Tensor | None,
         context: InvarianceContext,
-    ) -> InvarianceResult:  # type: ignore[override]
-        ...
+    ) -> InvarianceResult: ...
 
     def _judge(
         self, model, candidates: torch.Tensor, oracle: Oracle

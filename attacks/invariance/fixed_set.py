@@ -35,7 +35,7 @@ class InvarianceSetAttack(InvarianceAttack):
         # One budget per set (its position), once, whatever threats are configured.
         return tuple(Budget("set", position) for position in range(len(self.sets())))
 
-    def run(self, model, images, labels, *, norm, epsilons, seed, active, context):
+    def run(self, model, images, labels, *, norm, epsilons, seed, context):
         sets = self.sets()
         indices = context.indices
         count = len(labels)

@@ -46,7 +46,7 @@ class L0ClusterSearch(InvarianceAttack):
     def scorer(self, context: InvarianceContext) -> Callable[[torch.Tensor, int], torch.Tensor]:
         """What scores a point's candidate images (options, 1, H, W) for its target class."""
 
-    def run(self, model, images, labels, *, norm, epsilons, seed, active, context):
+    def run(self, model, images, labels, *, norm, epsilons, seed, context):
         from scipy import ndimage
 
         dataset = context.dataset

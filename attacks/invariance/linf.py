@@ -109,7 +109,7 @@ class InvarianceLinf(InvarianceAttack):
         self.shifts = tuple(float(value) for value in shifts)
         self.rotations = tuple(float(value) for value in rotations)
 
-    def run(self, model, images, labels, *, norm, epsilons, seed, active, context):
+    def run(self, model, images, labels, *, norm, epsilons, seed, context):
         dataset = context.dataset
         # The one search that chooses by its judge: only an exact oracle has a margin, a synthetic data set's
         # own labelling function, which has no errors for the search to exploit (its climb is the exact optimum).

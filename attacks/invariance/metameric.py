@@ -51,7 +51,7 @@ class Metameric(InvarianceAttack):
             return (Budget("metamer", 0),) if threat.norm in ("linf", "metamer") else ()
         return super().budgets(threat, invertible)
 
-    def run(self, model, images, labels, *, norm, epsilons, seed, active, context):
+    def run(self, model, images, labels, *, norm, epsilons, seed, context):
         partners = metamer_partners(labels)
         has_partner = partners >= 0
         partner_positions = partners.clamp_min(0)
