@@ -28,8 +28,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from torch import nn
 
-    from invarbench.attacks import ThreatModel
-    from invarbench.config import AttackSpec, ModelSpec, RunConfig
+    from invarbench.config import ModelSpec, RunConfig
     from invarbench.executors import ExecutorSettings
 
 #: The parent folder of run directories when none is given (`invarbench run --out`), relative to the working directory.
@@ -347,25 +346,6 @@ def _as_specs(model, dataset: str | None, bounds, num_classes) -> tuple[ModelSpe
     return tuple(specs)
 
 
-def _threats(threats, specs: tuple[ModelSpec, ...]) -> tuple[ThreatModel, ...]:
-    from invarbench.attacks import ThreatModel
-    from invarbench.config import default_threats, merge_threats
-
-    if threats is None:
-        return default_threats(specs)
-    threats = [threats] if isinstance(threats, (str, ThreatModel)) else list(threats)
-    return merge_threats(
-        [threat if isinstance(threat, ThreatModel) else ThreatModel.parse(threat) for threat in threats]
-    )
-
-
-def _attacks(attacks) -> tuple[AttackSpec, ...]:
-    from invarbench.config import AttackSpec
-
-    attacks = [attacks] if isinstance(attacks, (str, AttackSpec)) else list(attacks)
-    return tuple(attack if isinstance(attack, AttackSpec) else AttackSpec.parse(attack) for attack in attacks)
-
-
 def evaluate(
     model,
     *,
@@ -407,10 +387,10 @@ def evaluate(
 
     settings = ExecutorSettings(executor, address=address, workers=workers, threads_per_worker=threads_per_worker)
     specs = _as_specs(model, dataset, bounds, num_classes)
-    config = RunConfig(
+    config = RunConfig.build(
         specs,
-        _threats(threats, specs),
-        _attacks(attacks),
+        threats,
+        attacks,
         n=n,
         seed=seed,
         oracle=oracle if isinstance(oracle, str) else None,

@@ -262,8 +262,7 @@ def _run(args: argparse.Namespace) -> int:
     import json
 
     from invarbench.api import model_spec, run_config
-    from invarbench.attacks import ThreatModel
-    from invarbench.config import AttackSpec, RunConfig, default_threats, merge_threats
+    from invarbench.config import RunConfig
     from invarbench.executors import ExecutorSettings
 
     try:
@@ -278,9 +277,6 @@ def _run(args: argparse.Namespace) -> int:
 
         os.environ[ROBUSTBENCH_DIR_ENV] = str(args.robustbench_dir.resolve())
     specs = tuple(model_spec(model, args.dataset, args.architecture, architecture_args) for model in args.models)
-    threats = (
-        merge_threats([ThreatModel.parse(spec) for spec in args.threat]) if args.threat else default_threats(specs)
-    )
     attack_specs = list(args.attack or ([] if args.invariance_set else ["pgd"]))
     n = args.n
     if args.invariance_set:
@@ -290,12 +286,11 @@ def _run(args: argparse.Namespace) -> int:
         largest = max(int(item.original_indices.max()) for item in load_invariance_sets(directory))
         attack_specs.append(f"invariance-set:directory={directory}")
         n = n if n is not None else largest + 1
-    attacks = tuple(AttackSpec.parse(spec) for spec in attack_specs)
     n = n if n is not None else 1000
-    config = RunConfig(
+    config = RunConfig.build(
         specs,
-        threats,
-        attacks,
+        args.threat or None,
+        attack_specs,
         n=n,
         seed=args.seed,
         shard_size=args.shard_size,

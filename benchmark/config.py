@@ -223,6 +223,29 @@ class RunConfig:
         if len(set(keys)) != len(keys):
             raise ConfigError(f"models {keys} repeat a name; list each model once")
 
+    @classmethod
+    def build(
+        cls,
+        models: tuple[ModelSpec, ...],
+        threats: str | ThreatModel | list | tuple | None,
+        attacks: str | AttackSpec | list | tuple,
+        **settings: Any,
+    ) -> RunConfig:
+        """The configuration of ``invarbench run`` and ``invarbench.evaluate`` alike: ``threats`` as
+        ``"linf:0.1,0.3"`` texts or ThreatModels, one per norm once merged (None: each model's training
+        threat model, else its data set's headline one); ``attacks`` as ``"pgd:steps=10"`` texts or
+        AttackSpecs, in cascade order; ``settings`` the other fields (n, seed, shard_size, cascade, oracle)."""
+        if threats is None:
+            chosen = default_threats(models)
+        else:
+            listed = [threats] if isinstance(threats, (str, ThreatModel)) else list(threats)
+            chosen = merge_threats(
+                [item if isinstance(item, ThreatModel) else ThreatModel.parse(item) for item in listed]
+            )
+        listed_attacks = [attacks] if isinstance(attacks, (str, AttackSpec)) else list(attacks)
+        specs = tuple(item if isinstance(item, AttackSpec) else AttackSpec.parse(item) for item in listed_attacks)
+        return cls(models, chosen, specs, **settings)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "models": [
