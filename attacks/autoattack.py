@@ -91,12 +91,12 @@ class AutoAttack(Attack):
         self.version, self.attacks, self.batch_size = version, list(attacks) if attacks else None, batch_size
 
     def _ensemble(
-        self, model, *, norm: str, eps: float, seed: int, input_shape: tuple[int, ...]
+        self, model, *, norm: str, eps: float, seed: int, input_shape: tuple[int, ...], counter: PassCounter
     ) -> tuple[pyautoattack.AutoAttack, dict]:
         device = model_device(model)
         num_classes = model.num_classes
         ensemble = pyautoattack.AutoAttack(
-            UnitBox(model, input_shape),
+            UnitBox(model, input_shape, counter),
             norm=NORM_NAMES[norm],
             eps=eps,
             version=self.version,
@@ -128,6 +128,7 @@ class AutoAttack(Attack):
         details: dict = {}
         messages: list[str] = []
         device = model_device(model)
+        counter = PassCounter()
         if workspace is not None:
             workspace.mkdir(parents=True, exist_ok=True)
         for index, eps in enumerate(epsilons):
@@ -137,7 +138,12 @@ class AutoAttack(Attack):
             low, high = model.bounds
             # pyautoattack clips to [0, 1]: attack in unit-box coordinates, where eps scales by 1/(high - low).
             ensemble, details = self._ensemble(
-                model, norm=norm, eps=eps / (high - low), seed=seed, input_shape=tuple(images.shape[1:])
+                model,
+                norm=norm,
+                eps=eps / (high - low),
+                seed=seed,
+                input_shape=tuple(images.shape[1:]),
+                counter=counter,
             )
             state_path = workspace / f"autoattack-{norm}-{eps:g}.json" if workspace is not None else None
             still_robust, resumed = self._resume(ensemble, state_path, len(points))
@@ -175,7 +181,12 @@ class AutoAttack(Attack):
             success,
             norms,
             predictions,
-            {**self.options(), **details, "implementation": f"pyautoattack {pyautoattack.__version__}"},
+            {
+                **self.options(),
+                **details,
+                "passes": counter.as_dict(),
+                "implementation": f"pyautoattack {pyautoattack.__version__}",
+            },
             warnings=unique,
         )
 
@@ -197,21 +208,52 @@ class AutoAttack(Attack):
         return state.robust_flags.clone(), True
 
 
-class UnitBox(torch.nn.Module):
-    """``model`` seen through inputs rescaled to [0, 1], the only input domain pyautoattack supports."""
+class PassCounter:
+    """Forward and backward passes through a model, counted in points (a batch of 50 counts 50)."""
 
-    def __init__(self, model: torch.nn.Module, input_shape: tuple[int, ...]):
+    def __init__(self):
+        self.forward = 0
+        self.backward = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"forward": self.forward, "backward": self.backward}
+
+
+class _CountBackward(torch.autograd.Function):
+    """The identity on a model's logits that counts the points of every backward pass through them."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, counter: PassCounter) -> torch.Tensor:
+        ctx.counter = counter
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor):
+        ctx.counter.backward += len(gradient)
+        return gradient, None
+
+
+class UnitBox(torch.nn.Module):
+    """``model`` seen through inputs rescaled to [0, 1], the only input domain pyautoattack supports;
+    with a ``counter``, every forward and backward pass through it is counted."""
+
+    def __init__(self, model: torch.nn.Module, input_shape: tuple[int, ...], counter: PassCounter | None = None):
         super().__init__()
         self.model = model
         self.input_shape = tuple(input_shape)
         self.low, self.high = model.bounds
+        self.counter = counter
 
     def to_model(self, unit_x: torch.Tensor) -> torch.Tensor:
         """Flat inputs in [0, 1] as the model's inputs (its shape and bounds)."""
         return self.low + unit_x.reshape(len(unit_x), *self.input_shape) * (self.high - self.low)
 
     def forward(self, unit_x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.to_model(unit_x))
+        output = self.model(self.to_model(unit_x))
+        if self.counter is None:
+            return output
+        self.counter.forward += len(unit_x)
+        return _CountBackward.apply(output, self.counter) if output.requires_grad else output
 
 
 def image_shape(shape: torch.Size) -> tuple[int, ...]:

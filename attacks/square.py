@@ -135,13 +135,16 @@ def square_linf(
     rescale_schedule: bool = False,
     bounds: tuple[float, float] = (0.0, 1.0),
     incremental: IncrementalForward | None = None,
+    stop: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Square l_inf on images ``x`` (N, C, H, W) with ``forward`` giving logits (and ``incremental``, built
     for the same model, for the queries of small windows).
 
     Returns each point's best example (its first misclassified one where it was broken), the margin
     there (``forward``'s logits) and the number of forward passes it took (the start counts one; at
-    most ``queries + 1``, as in pyautoattack).
+    most ``queries + 1``, as in pyautoattack). ``stop(query, margin)``, called before every query, returns the
+    points whose search ends there (e.g. :class:`invarbench.attacks.aa_fast.SquareStopping`); a point's
+    search does not depend on when the others' ended.
     """
     if x.dim() != 4:
         raise ValueError(f"square_linf needs images (N, C, H, W), got shape {tuple(x.shape)}")
@@ -158,8 +161,11 @@ def square_linf(
     evaluate = _Queries(forward, incremental, labels, x.shape)
     rows = torch.arange(height, device=device)
     columns = torch.arange(width, device=device)
+    stopped = torch.zeros(count, dtype=torch.bool, device=device)
     for query in range(queries):
-        todo = (margin > 0).nonzero().flatten()
+        if stop is not None:
+            stopped |= stop(query, margin).to(device)
+        todo = ((margin > 0) & ~stopped).nonzero().flatten()
         if len(todo) == 0:
             break
         p = p_selection(query, p_init=p_init, queries=queries, rescale_schedule=rescale_schedule)
@@ -239,9 +245,10 @@ def square_l2(
     p_init: float = 0.8,
     rescale_schedule: bool = False,
     bounds: tuple[float, float] = (0.0, 1.0),
+    stop: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Square l_2 on images ``x`` (N, C, H, W, H and W at least 5) with ``forward`` giving logits; returns
-    as :func:`square_linf` does.
+    (and ends points' searches with ``stop``) as :func:`square_linf` does.
 
     Start: a 5 x 5 grid of tiles of side H // 5, each holding :func:`square_pattern` (transposed or not at
     random) with a random sign per channel, scaled to norm eps. Query ``i``: for each point two windows
@@ -277,8 +284,11 @@ def square_l2(
     margin = label_margins(forward(best), labels)
     used = torch.ones(count, dtype=torch.long, device=device)
     evaluate = _Queries(forward, None, labels, x.shape)
+    stopped = torch.zeros(count, dtype=torch.bool, device=device)
     for query in range(queries):
-        todo = (margin > 0).nonzero().flatten()
+        if stop is not None:
+            stopped |= stop(query, margin).to(device)
+        todo = ((margin > 0) & ~stopped).nonzero().flatten()
         if len(todo) == 0:
             break
         p = p_selection(query, p_init=p_init, queries=queries, rescale_schedule=rescale_schedule)
