@@ -13,25 +13,33 @@ Per eps, on the points still robust:
 3. Square (a gradient-free search) with ``square_queries`` queries, invarbench's own (attacks/square.py:
    the same algorithm, each point's own windows, seeded, forward passes through an inference-optimised
    copy of the model where one matches it) or with ``square="pyautoattack"`` pyautoattack's
-   ``SquareAttack``; so robustness that masked gradients hide is still found;
-4. only where Square broke more than ``escalate_above`` (5%) of the points that the gradient stages
-   left (a sign of gradient masking; pyautoattack warns from 0.2%), AutoAttack's full targeted stages on
-   the survivors: APGD-T against the other targets, then FAB-T against every target (``escalate=false``
-   leaves this out). Measured: on ``mnist-cnn-pgd-linf-0.3`` at l_2 2 (first 20 points) Square broke 45%
-   and FAB-T then 3 of the 4 points left; on ``mnist-cnn-pgd-linf-0.4`` at l_inf 0.3 (first 100) Square
-   broke 1% and these stages nothing.
+   ``SquareAttack``; so robustness that masked gradients hide is still found. A point's search ends
+   early (:class:`SquareStopping`) only where its margin stayed above the lowest margin the gradient
+   stages reached on it and could not reach zero in the queries left at ``square_stop`` times its fall
+   over the last ``square_every`` queries;
+4. the guarantee: AutoAttack's remaining targeted stages, APGD-T against the other targets and FAB-T
+   against every target, on each survivor where they can matter: its closest example (the lowest
+   margin any stage reached) is within ``close`` (0.25) of its clean margin, or Square came closer
+   than the gradient stages on it; and on every survivor where Square broke more than
+   ``escalate_above`` (5%) of the points the gradient stages left (gradient masking; pyautoattack warns
+   from 0.2%; ``escalate=false`` leaves this out), then with FAB-T first.
 
-Each stage runs only on the points every earlier stage left robust, one eps at a time. Without masking,
-FAB-T (AutoAttack's third stage) and APGD-T's other targets are left out: that is where the time goes.
-The other savings are in how the model runs: every stage on a channels-last copy of it (where that
-gives its logits, :func:`channels_last_copy`), invarbench's Square through a traced copy and, at l_inf,
-the incremental forward pass for small windows (attacks/square.py). Success is judged on the model.
+Each stage runs only on the points every earlier stage left robust, one eps at a time from the
+smallest; a point broken at a smaller eps is broken at the larger ones by the same example. Each
+stage's entry in ``stage_statistics`` names the points it ran on, why (for the remaining stages), the
+points it broke, its seconds and, for Square, each point's queries; ``passes`` counts the forward and
+backward passes (in points) through the model. For points left robust the result keeps the closest
+example, so its margin says how near the attack came. The other savings are in how the model runs:
+every stage but the remaining ones on a channels-last copy of it (where that gives its logits,
+:func:`channels_last_copy`), invarbench's Square through a traced copy and, at l_inf, the incremental
+forward pass for small windows (attacks/square.py). Success is judged on the model.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable
 
 import pyautoattack
@@ -41,12 +49,12 @@ from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
 
-from invarbench.attacks.autoattack import NORM_NAMES, UnitBox, _batches, collected_warnings, image_shape
+from invarbench.attacks.autoattack import NORM_NAMES, PassCounter, UnitBox, _batches, collected_warnings, image_shape
 from invarbench.attacks.base import Attack, Outcome, register_attack
 from invarbench.attacks.incremental import IncrementalForward
 from invarbench.attacks.square import square_l2, square_linf, traced_forward
 from invarbench.errors import ConfigError
-from invarbench.evaluation import logits, model_device, same_logits
+from invarbench.evaluation import label_margins, logits, model_device, same_logits
 
 RANKINGS = ("malt", "logits")
 DUAL_NORMS = {"linf": 1, "l2": 2}
@@ -59,11 +67,19 @@ SQUARE_IMPLEMENTATIONS = ("invarbench", "pyautoattack")
 
 @register_attack
 class AAFast(Attack):
-    """APGD-CE, then targeted APGD against the top ``targets`` classes, then Square, each on the survivors.
+    """APGD-CE, targeted APGD against the top ``targets`` classes and Square on every point still robust;
+    then AutoAttack's remaining targeted stages (APGD-T against the other targets, FAB-T) on the points
+    where they can matter: those the earlier stages brought close to the decision boundary, and every
+    survivor where Square beat the gradient stages.
 
-    ``targets=0`` or ``square_queries=0`` leaves that stage out; ``escalate`` runs AutoAttack's full targeted
-    stages after Square where Square broke more than ``escalate_above`` of the points. Models with fewer than 4 classes skip the
-    targeted stage (its loss needs 4; recorded in the results).
+    ``targets=0`` or ``square_queries=0`` leaves that stage out. ``close`` is the guarantee's threshold: a
+    survivor whose closest example's margin is at most ``close`` times its clean margin gets the remaining
+    stages. ``square_stop`` ends a point's Square search early where, at a checkpoint, its margin stayed
+    above the gradient stages' and could not reach zero in the queries left even falling ``square_stop``
+    times as fast as over the last ``square_every`` queries (0 runs every search to the end). ``escalate``
+    runs the remaining stages on every survivor where Square broke more than ``escalate_above`` of the
+    points the gradient stages left. Models with fewer than 4 classes skip the targeted stages (their
+    loss needs 4; recorded in the results).
     """
 
     name = "aa-fast"
@@ -75,6 +91,9 @@ class AAFast(Attack):
         ranking: str = "logits",
         steps: int = 100,
         square_queries: int = 5000,
+        close: float = 0.25,
+        square_stop: float = 1.5,
+        square_every: int = 250,
         escalate: bool = True,
         escalate_above: float = 0.05,
         batch_size: int = 500,
@@ -88,6 +107,7 @@ class AAFast(Attack):
             ("targets", targets, 0),
             ("steps", steps, 1),
             ("square_queries", square_queries, 0),
+            ("square_every", square_every, 1),
             ("batch_size", batch_size, 1),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -106,6 +126,14 @@ class AAFast(Attack):
             raise ConfigError(
                 f"aa-fast: escalate_above is the fraction of points Square must break for the full targeted stages to run, in [0, 1), got {escalate_above!r} (e.g. aa-fast:escalate_above=0.002, pyautoattack's warning threshold)"
             )
+        if isinstance(close, bool) or not isinstance(close, (int, float)) or close < 0:
+            raise ConfigError(
+                f"aa-fast: close is the share of a point's clean margin under which AutoAttack's remaining stages run on it, a number >= 0, got {close!r} (e.g. aa-fast:close=0.25; a large value such as 1e9 runs them on every survivor)"
+            )
+        if isinstance(square_stop, bool) or not isinstance(square_stop, (int, float)) or square_stop < 0:
+            raise ConfigError(
+                f"aa-fast: square_stop is how many times faster than lately a point's Square margin must be able to fall to keep searching, a number >= 0 (0: never stop early), got {square_stop!r} (e.g. aa-fast:square_stop=2)"
+            )
         self.targets, self.ranking, self.steps, self.square_queries, self.batch_size = (
             targets,
             ranking,
@@ -113,6 +141,7 @@ class AAFast(Attack):
             square_queries,
             batch_size,
         )
+        self.close, self.square_stop, self.square_every = close, square_stop, square_every
         self.escalate, self.escalate_above = escalate, escalate_above
         if square not in SQUARE_IMPLEMENTATIONS:
             raise ConfigError(
@@ -128,19 +157,21 @@ class AAFast(Attack):
         square_fits = norm != "l2" or min(image_shape(images.shape[1:])[1:]) >= SQUARE_L2_MIN_SIDE
         stages = ["apgd-ce"] + ["apgd-t"] * (targets > 0) + ["square"] * (self.square_queries > 0 and square_fits)
         all_targets = model.num_classes - 1 if targets else 0
-        escalation = (
-            (["apgd-t-rest"] * (all_targets > targets) + ["fab-t"]) if self.escalate and "square" in stages else []
-        )
+        remaining = ["apgd-t-rest"] * (all_targets > targets) + ["fab-t"] * (model.num_classes >= 3)
         statistics: list[dict] = []
         messages: list[str] = []
         logger = logging.getLogger("auto-attack")
         logger.setLevel(logging.WARNING)
         low, high = model.bounds
+        counter = PassCounter()
         fast, layout = channels_last_copy(model, images[:8].to(device))
-        box, given = UnitBox(fast, tuple(images.shape[1:])), UnitBox(model, tuple(images.shape[1:]))
+        box, given = UnitBox(fast, tuple(images.shape[1:]), counter), UnitBox(model, tuple(images.shape[1:]), counter)
+        order = sorted(range(len(epsilons)), key=lambda index: epsilons[index])
         # pyautoattack seeds torch's global generator: keep the caller's random state as it was.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for index, eps in enumerate(epsilons):
+            broken_below: dict[int, torch.Tensor] = {}
+            for index in order:
+                eps = epsilons[index]
                 points = active[index].nonzero().flatten()
                 if len(points) == 0:
                     continue
@@ -159,18 +190,28 @@ class AAFast(Attack):
                         batch_size=self.batch_size,
                         device=device,
                         logger=logger,
+                        points=points,
                     )
+                    cascade.carry_over(broken_below)
                     cascade.check_model()
                     for stage in stages:
                         cascade.run_stage(stage, **self._stage_options(stage, targets, norm))
                     checks.check_square_sr(cascade.accuracies, logger=logger)
-                    if escalation and cascade.square_beat_gradients(self.escalate_above) and cascade.robust.any():
-                        for stage in escalation:
-                            cascade.run_stage(
-                                stage, **self._stage_options(stage, targets, norm, classes=model.num_classes)
-                            )
+                    masked = self.escalate and "square" in stages and cascade.square_beat_gradients(self.escalate_above)
+                    chosen, why = cascade.choose_for_remaining(self.close, every_survivor=masked)
+                    # Where gradients are masked FAB-T breaks most survivors: it goes first there, APGD-T first elsewhere.
+                    for stage in sorted(remaining, key=lambda stage: stage != "fab-t") if masked else remaining:
+                        if not (cascade.robust & chosen).any():
+                            break
+                        cascade.run_stage(
+                            stage,
+                            chosen=chosen,
+                            why=why,
+                            **self._stage_options(stage, targets, norm, classes=model.num_classes),
+                        )
                 messages.extend(f"eps {eps:g}: {message}" for message in raised)
                 statistics.extend({"eps": eps, **entry} for entry in cascade.statistics)
+                broken_below.update(cascade.broken())
                 outcome.judge(
                     model,
                     index,
@@ -184,16 +225,17 @@ class AAFast(Attack):
                 )
         details = {
             "stages": stages,
-            "escalation_stages": escalation,
+            "remaining_stages": remaining,
             "square_implementation": self.square,
             "memory_format": layout,
             "n_target_classes": targets,
             "stage_statistics": statistics,
+            "passes": counter.as_dict(),
             "implementation": f"pyautoattack {pyautoattack.__version__}: "
             + " -> ".join(self._describe(stage, targets) for stage in stages)
             + (
-                f"; where Square beat the gradient stages: {' -> '.join(self._describe(stage, targets) for stage in escalation)}"
-                if escalation
+                f"; on survivors within {self.close:g} of their clean margin, and on every survivor where Square beat the gradient stages: {' -> '.join(self._describe(stage, targets) for stage in remaining)}"
+                if remaining
                 else ""
             ),
         }
@@ -209,7 +251,12 @@ class AAFast(Attack):
         if stage == "apgd-t":
             return f"APGD-T ({self.steps} steps, top {targets} targets by {self.ranking})"
         if stage == "square":
-            return f"Square ({self.square_queries} queries)"
+            stopping = (
+                f", a search ended early where its margin could not reach zero at {self.square_stop:g}x its recent fall"
+                if self.square_stop
+                else ""
+            )
+            return f"Square ({self.square_queries} queries{stopping})"
         return {"apgd-t-rest": "APGD-T (the other targets)", "fab-t": "FAB-T (every target)"}[stage]
 
     def _stage_options(self, stage: str, targets: int, norm: str, classes: int = 0) -> dict:
@@ -220,19 +267,50 @@ class AAFast(Attack):
             return {"steps": self.steps, "ranks": range(first, last), "ranking": self.ranking, "dual": DUAL_NORMS[norm]}
         if stage == "fab-t":
             return {"steps": self.steps, "targets": classes - 1}
-        return {"queries": self.square_queries, "implementation": self.square}
+        return {
+            "queries": self.square_queries,
+            "implementation": self.square,
+            "stop": self.square_stop,
+            "every": self.square_every,
+        }
+
+
+class SquareStopping:
+    """When a point's Square search ends before its budget: at every ``every``-th query from the
+    ``2 * every``-th on, where its margin is still above the lowest margin the gradient stages reached
+    (``floor``: Square is not beating them on it) and could not reach zero in the queries left even if it
+    fell ``factor`` times as fast as over the last ``every`` queries. Square's margins fall ever more
+    slowly as its windows shrink, so the straight line drawn from the last stretch already overestimates
+    what is left to gain; ``factor`` is the margin of safety on top."""
+
+    def __init__(self, floor: torch.Tensor, *, queries: int, every: int, factor: float):
+        self.floor, self.queries, self.every, self.factor = floor, queries, every, factor
+        self.previous: torch.Tensor | None = None
+
+    def __call__(self, query: int, margin: torch.Tensor) -> torch.Tensor:
+        ended = torch.zeros(len(margin), dtype=torch.bool)
+        if query % self.every or self.factor == 0:
+            return ended
+        margin = margin.cpu()
+        if self.previous is not None:
+            fall = (self.previous - margin).clamp_min(0) / self.every
+            ended = (margin > self.floor) & (margin - self.factor * fall * (self.queries - query) > 0)
+        self.previous = margin.clone()
+        return ended
 
 
 class _Cascade:
-    """The points of one eps in pyautoattack's unit box: which are still robust, their best adversarials.
+    """The points of one eps in pyautoattack's unit box: which are still robust, their best adversarials,
+    and for the others the closest example any stage found (lowest margin) and its margin.
 
     ``box`` is the model as the cascade runs it (a channels-last copy where one matches it), ``given`` the
-    model as given: the escalation stages (AutoAttack's own APGD-T and FAB-T) run on that one, so that
+    model as given: the remaining stages (AutoAttack's own APGD-T and FAB-T) run on that one, so that
     on the points they attack they compute what AutoAttack computes. FAB-T's path is sensitive to the
-    last bits of the logits: measured with a one-off script on ``mnist-cnn-pgd-linf-0.3`` at l_2 2, test point 13, it broke the
-    point on the model as given and not on the channels-last copy."""
+    last bits of the logits (on ``mnist-cnn-pgd-linf-0.3`` at l_2 2, test point 13, it broke the point on
+    the model as given and not on the channels-last copy). ``points`` are the points' indices in the
+    evaluation, which the statistics name."""
 
-    def __init__(self, box, unit, labels, *, given, norm, eps, seed, batch_size, device, logger):
+    def __init__(self, box, unit, labels, *, given, norm, eps, seed, batch_size, device, logger, points=None):
         self.box, self.given, self.x, self.y = box, given, unit, labels
         self.norm, self.eps, self.seed, self.batch_size, self.device, self.logger = (
             NORM_NAMES[norm],
@@ -242,11 +320,44 @@ class _Cascade:
             device,
             logger,
         )
+        self.points = torch.arange(len(labels)) if points is None else points.cpu()
         self.adversarial = unit.clone()
-        self.robust = logits(box, unit, batch_size=batch_size).argmax(1) == labels
+        with torch.no_grad():
+            clean = logits(box, unit, batch_size=batch_size)
+        self.clean_margin = label_margins(clean, labels)
+        self.robust = self.clean_margin > 0
+        self.closest = self.clean_margin.clone()
+        self.gradient_closest = self.clean_margin.clone()
         self.accuracies = {"clean": self.robust.float().mean().item()}
         self.statistics: list[dict] = []
         self.square_forward = "eager"
+
+    def carry_over(self, broken: dict[int, torch.Tensor]) -> None:
+        """Points broken at a smaller eps (``broken``: evaluation index -> example in the unit box) are
+        broken here too, by the same example: they are not attacked again."""
+        carried = [
+            (local, broken[int(point)])
+            for local, point in enumerate(self.points.tolist())
+            if int(point) in broken and self.robust[local]
+        ]
+        for local, example in carried:
+            self.robust[local] = False
+            self.adversarial[local] = example
+        if carried:
+            self.statistics.append(
+                {
+                    "stage": "smaller eps",
+                    "attacked": len(carried),
+                    "broken": len(carried),
+                    "points": self.points[[local for local, _ in carried]].tolist(),
+                    "why": "broken at a smaller eps, by an example inside this ball",
+                }
+            )
+
+    def broken(self) -> dict[int, torch.Tensor]:
+        """Evaluation index -> adversarial example, of the points no longer robust that were correct when clean."""
+        fooled = (~self.robust & (self.clean_margin > 0)).nonzero().flatten()
+        return {int(self.points[local]): self.adversarial[local].clone() for local in fooled.tolist()}
 
     def check_model(self) -> None:
         """pyautoattack's checks of the model (randomised, probability outputs, dynamic), on the first batch."""
@@ -255,9 +366,16 @@ class _Cascade:
         checks.check_range_output(self.box, x, logger=self.logger)
         checks.check_dynamic(self.box, x, False, logger=self.logger)
 
-    def run_stage(self, stage: str, **options) -> None:
-        attacked = int(self.robust.sum())
-        if stage == "apgd-ce":
+    def run_stage(self, stage: str, chosen: torch.Tensor | None = None, why: str | None = None, **options) -> None:
+        """Run one stage on the points still robust (of ``chosen``, where given, for the reason ``why``)."""
+        selected = self.robust.clone() if chosen is None else self.robust & chosen
+        attacked = int(selected.sum())
+        ran_on = self.points[selected.nonzero().flatten()].tolist()
+        extra: dict = {}
+        started = time.perf_counter()
+        if attacked == 0:
+            pass
+        elif stage == "apgd-ce":
             apgd = APGDAttack(
                 self.box,
                 n_iter=options["steps"],
@@ -270,17 +388,17 @@ class _Cascade:
                 device=self.device,
                 logger=self.logger,
             )
-            self._on_survivors(lambda x, y, _: apgd.perturb(x, y))
+            self._on_survivors(lambda x, y, _: _single_run(apgd, x, y), selected, gradient=True)
         elif stage in ("apgd-t", "apgd-t-rest"):
             ranks = options["ranks"]
             ranked = torch.full((len(self.y), ranks.stop), -1, dtype=torch.long)
-            survivors = self.robust.nonzero().flatten()
+            survivors = selected.nonzero().flatten()
             for batch in _batches(len(survivors), self.batch_size):
-                chosen = survivors[batch]
-                ranked[chosen] = rank_targets(
+                picked = survivors[batch]
+                ranked[picked] = rank_targets(
                     self.box,
-                    self.x[chosen].to(self.device),
-                    self.y[chosen].to(self.device),
+                    self.x[picked].to(self.device),
+                    self.y[picked].to(self.device),
                     dual=options["dual"],
                     ranking=options["ranking"],
                 )[:, : ranks.stop].cpu()
@@ -300,9 +418,13 @@ class _Cascade:
             for rank in ranks:
                 before = int(self.robust.sum())
                 self._on_survivors(
-                    lambda x, y, chosen: _targeted(apgd, x, y, ranked[chosen, rank].to(self.device)), box
+                    lambda x, y, picked, rank=rank: _single_run(apgd, x, y, ranked[picked, rank].to(self.device)),
+                    selected,
+                    box,
+                    gradient=True,
                 )
                 broken.append(before - int(self.robust.sum()))
+            extra["broken_per_target"] = broken
         elif stage == "fab-t":
             fab = FABAttack_PT(
                 self.given,
@@ -315,32 +437,48 @@ class _Cascade:
                 device=self.device,
                 n_target_classes=options["targets"],
             )
-            self._on_survivors(lambda x, y, _: fab.perturb(x, y), self.given)
+            self._on_survivors(lambda x, y, _: fab.perturb(x, y), selected, self.given)
         elif options["implementation"] == "invarbench":
-            if self.robust.any():
-                forward, incremental, self.square_forward = _unit_forward(
-                    self.box, self.x[self.robust][:8].to(self.device), local=self.norm == "Linf"
+            forward, incremental, self.square_forward = _unit_forward(
+                self.box, self.x[selected][:8].to(self.device), local=self.norm == "Linf"
+            )
+            generator = torch.Generator().manual_seed(self.seed)
+            survivors = selected.nonzero().flatten()
+            search = square_linf if self.norm == "Linf" else square_l2
+            local = {"incremental": incremental} if self.norm == "Linf" else {}
+            used: list[torch.Tensor] = []
+
+            def square(x, y, picked):
+                stop = (
+                    SquareStopping(
+                        self.gradient_closest[picked],
+                        queries=options["queries"],
+                        every=options["every"],
+                        factor=options["stop"],
+                    )
+                    if options["stop"]
+                    else None
                 )
-                generator = torch.Generator().manual_seed(self.seed)
-                if self.norm == "Linf":
-                    self._on_survivors(
-                        lambda x, y, _: square_linf(
-                            forward,
-                            x,
-                            y,
-                            eps=self.eps,
-                            queries=options["queries"],
-                            generator=generator,
-                            p_init=0.8,
-                            incremental=incremental,
-                        )[0]
-                    )
-                else:
-                    self._on_survivors(
-                        lambda x, y, _: square_l2(
-                            forward, x, y, eps=self.eps, queries=options["queries"], generator=generator, p_init=0.8
-                        )[0]
-                    )
+                best, _, queries = search(
+                    forward,
+                    x,
+                    y,
+                    eps=self.eps,
+                    queries=options["queries"],
+                    generator=generator,
+                    p_init=0.8,
+                    stop=stop,
+                    **local,
+                )
+                used.append(queries.cpu())
+                return best
+
+            self._on_survivors(square, selected)
+            queries_used = torch.cat(used) if used else torch.zeros(0, dtype=torch.long)
+            extra["queries"] = queries_used.tolist()
+            extra["ended_early"] = (
+                int(((queries_used < options["queries"] + 1) & self.robust[survivors]).sum()) if len(used) else 0
+            )
         else:
             square = SquareAttack(
                 self.box,
@@ -354,34 +492,71 @@ class _Cascade:
                 device=self.device,
                 resc_schedule=False,
             )
-            self._on_survivors(lambda x, y, _: square.perturb(x, y))
+            self._on_survivors(lambda x, y, _: square.perturb(x, y), selected)
         self.accuracies[stage] = self.robust.float().mean().item()
-        entry = {"stage": stage, "attacked": attacked, "broken": attacked - int(self.robust.sum())}
+        entry = {
+            "stage": stage,
+            "attacked": attacked,
+            "broken": attacked - int((self.robust & selected).sum()),
+            "seconds": round(time.perf_counter() - started, 3),
+            "points": ran_on,
+        }
+        if why is not None:
+            entry["why"] = why
         if stage == "square":
             entry["implementation"] = options["implementation"] + (
                 f", {self.square_forward} forward" if options["implementation"] == "invarbench" else ""
             )
-        self.statistics.append({**entry, "broken_per_target": broken} if stage.startswith("apgd-t") else entry)
+        self.statistics.append({**entry, **extra})
 
     def square_beat_gradients(self, fraction: float) -> bool:
         """Square broke more than ``fraction`` of the points after every gradient stage: a sign of gradient masking."""
         before = min(accuracy for stage, accuracy in self.accuracies.items() if stage != "square")
         return "square" in self.accuracies and self.accuracies["square"] < before - fraction
 
+    def choose_for_remaining(self, close: float, *, every_survivor: bool) -> tuple[torch.Tensor, str]:
+        """The survivors AutoAttack's remaining stages run on, and why: every one where Square beat the
+        gradient stages (``every_survivor``), else those whose closest example (any stage's) has a margin
+        of at most ``close`` times their clean margin, or where Square came closer than the gradient
+        stages (a point of its own where gradients may be masked)."""
+        if every_survivor:
+            return self.robust.clone(), "Square beat the gradient stages on this eps (gradient masking): every survivor"
+        near = self.closest <= close * self.clean_margin
+        square_closer = self.closest < self.gradient_closest
+        return (
+            self.robust & (near | square_closer),
+            f"closest example's margin at most {close:g} x the clean margin, or Square came closer than the gradient stages",
+        )
+
     def _on_survivors(
-        self, attack: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], box: UnitBox | None = None
+        self,
+        attack: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+        selected: torch.Tensor,
+        box: UnitBox | None = None,
+        *,
+        gradient: bool = False,
     ) -> None:
-        """Run ``attack(x, y, indices)`` on the points still robust, in batches; keep what fools the model
-        (``box``, by default the cascade's)."""
-        survivors = self.robust.nonzero().flatten()
+        """Run ``attack(x, y, indices)`` on the ``selected`` points still robust, in batches; keep what
+        fools the model (``box``, by default the cascade's) and, for the others, the example of lowest
+        margin. ``attack`` returns its adversarials, or (adversarials, examples of highest loss)."""
+        survivors = (selected & self.robust).nonzero().flatten()
         for batch in _batches(len(survivors), self.batch_size):
             chosen = survivors[batch]
             x, y = self.x[chosen].to(self.device), self.y[chosen].to(self.device)
-            adversarial = attack(x, y, chosen).detach()
+            returned = attack(x, y, chosen)
+            candidates = [part.detach() for part in (returned if isinstance(returned, tuple) else (returned,))]
             with torch.no_grad():
-                fooled = ((box or self.box)(adversarial).argmax(1) != y).cpu()
+                margins = [label_margins((box or self.box)(candidate), y).cpu() for candidate in candidates]
+            margin, which = torch.stack(margins).min(0)
+            lowest = torch.stack(candidates)[which.to(self.device), torch.arange(len(chosen), device=self.device)].cpu()
+            fooled = margin < 0
             self.robust[chosen[fooled]] = False
-            self.adversarial[chosen[fooled]] = adversarial[fooled].cpu()
+            self.adversarial[chosen[fooled]] = lowest[fooled]
+            nearer = ~fooled & (margin < self.closest[chosen])
+            self.closest[chosen[nearer]] = margin[nearer]
+            self.adversarial[chosen[nearer]] = lowest[nearer]
+            if gradient:
+                self.gradient_closest[chosen] = torch.minimum(self.gradient_closest[chosen], margin)
 
 
 def channels_last_copy(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, str]:
@@ -418,16 +593,20 @@ def _unit_forward(
     return (lambda unit: model(box.to_model(unit))), incremental, how
 
 
-def _targeted(apgd: APGDAttack_targeted, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """One run of pyautoattack's targeted APGD with a chosen target per point (its ``perturb`` takes the
-    k-th largest logit for every point instead)."""
+def _single_run(
+    apgd: APGDAttack, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One run of pyautoattack's APGD on points it classifies correctly, seeded as its ``perturb`` seeds
+    it; targeted APGD with a chosen target per point (its ``perturb`` takes the k-th largest logit for
+    every point instead). Returns its adversarials and its examples of highest loss."""
     apgd.init_hyperparam(x)
-    apgd.y_target = target
+    if target is not None:
+        apgd.y_target = target
     torch.random.manual_seed(apgd.seed)
     if x.is_cuda:
         torch.cuda.random.manual_seed(apgd.seed)
-    _, _, _, adversarial = apgd.attack_single_run(x, y)
-    return adversarial
+    highest_loss, _, _, adversarial = apgd.attack_single_run(x, y)
+    return adversarial, highest_loss
 
 
 def rank_targets(

@@ -1,10 +1,12 @@
+import logging
+
 import pytest
 import torch
 from test_attacks import Staircase, linear_problem
 
 from invarbench.attacks import create_attack
-from invarbench.attacks.aa_fast import _Cascade, channels_last_copy, rank_targets
-from invarbench.attacks.autoattack import reliability_flag
+from invarbench.attacks.aa_fast import SquareStopping, _Cascade, channels_last_copy, rank_targets
+from invarbench.attacks.autoattack import UnitBox, reliability_flag
 from invarbench.errors import ConfigError
 from invarbench.models import BenchmarkModel
 from invarbench.models.architectures import MnistCNN
@@ -89,10 +91,18 @@ def test_each_stage_attacks_only_the_points_earlier_stages_left_robust(monkeypat
         Recorder(), x, labels, norm="linf", epsilons=(0.007,)
     )
     statistics = result.options["stage_statistics"]
-    assert [entry["stage"] for entry in statistics] == ["apgd-ce", "apgd-t", "square"]
+    main, remaining = statistics[:3], statistics[3:]
+    assert [entry["stage"] for entry in main] == ["apgd-ce", "apgd-t", "square"]
     assert 0 < statistics[0]["broken"] < len(labels), "eps chosen so that APGD-CE breaks some points, not all"
-    for earlier, later in zip(statistics, statistics[1:]):
+    for earlier, later in zip(main, main[1:]):
         assert later["attacked"] == earlier["attacked"] - earlier["broken"]
+        assert set(later["points"]) <= set(earlier["points"]) and len(later["points"]) == later["attacked"]
+    # AutoAttack's remaining stages run only on survivors chosen by the guarantee's rule, and say why.
+    survivors = main[-1]["attacked"] - main[-1]["broken"]
+    for later in remaining:
+        assert later["stage"] in ("apgd-t-rest", "fab-t") and "clean margin" in later["why"]
+        assert later["attacked"] <= survivors and set(later["points"]) <= set(main[-1]["points"])
+        survivors -= later["broken"]
     # Every batch the model sees during a stage holds at most the points that stage attacks.
     stage_of = {entry["stage"]: entry for entry in statistics}
     current = None
@@ -129,11 +139,16 @@ def test_square_breaks_what_zero_gradients_hide_and_is_flagged():
     )
     _, square, fab = short.options["stage_statistics"]
     assert 0 < square["broken"] < 20 and (fab["stage"], fab["attacked"]) == ("fab-t", 20 - square["broken"])
+    assert "every survivor" in fab["why"]
+    # Without the escalation, FAB-T still runs, but only on the points where Square came closer than the
+    # gradients (here every survivor: the staircase's gradients are zero), for that reason.
     for options in ({"escalate": False}, {"escalate_above": 0.1}):
         plain = create_attack("aa-fast", square_queries=10, square="pyautoattack", **options)(
             model, x, y, norm="linf", epsilons=(0.3,)
         )
-        assert [entry["stage"] for entry in plain.options["stage_statistics"]] == ["apgd-ce", "square"], options
+        stages = plain.options["stage_statistics"]
+        assert [entry["stage"] for entry in stages][:2] == ["apgd-ce", "square"], options
+        assert all("every survivor" not in entry["why"] for entry in stages[2:]), options
 
 
 def test_aa_fast_is_deterministic_for_a_seed_and_leaves_the_global_generator_alone():
@@ -148,7 +163,16 @@ def test_aa_fast_is_deterministic_for_a_seed_and_leaves_the_global_generator_alo
     second = attack(model, x, labels, norm="l2", epsilons=(0.03, 0.06), seed=5)
     for name in ("success", "norms", "adversarial_predictions", "adversarials", "margins"):
         assert torch.equal(getattr(first, name), getattr(second, name)), name
-    assert first.options == second.options
+
+    def untimed(options):
+        return {
+            **options,
+            "stage_statistics": [
+                {k: v for k, v in entry.items() if k != "seconds"} for entry in options["stage_statistics"]
+            ],
+        }
+
+    assert untimed(first.options) == untimed(second.options)
     assert 0 < int(first.success[0].sum()) < int(first.success[1].sum()), "eps chosen between the points' distances"
 
 
@@ -237,3 +261,66 @@ def test_the_escalation_stages_run_on_the_model_as_given(monkeypatch):
     )
     cascade.run_stage("fab-t", steps=10, targets=9)
     assert len(seen) == 1 and seen[0] is model and cascade.box.model is fast
+
+
+def test_the_remaining_stages_go_to_survivors_near_the_boundary_or_where_square_came_closer():
+    model, _, x, labels = linear_images(count=6)
+    box = UnitBox(model, tuple(x.shape[1:]))
+    cascade = _Cascade(
+        box,
+        x,
+        labels,
+        given=box,
+        norm="linf",
+        eps=0.01,
+        seed=0,
+        batch_size=10,
+        device=torch.device("cpu"),
+        logger=logging.getLogger("test"),
+    )
+    clean = cascade.clean_margin.clone()
+    assert (clean > 0).all()
+    cascade.robust[5] = False  # broken earlier: never chosen
+    cascade.gradient_closest = clean * torch.tensor([0.1, 0.3, 0.9, 0.9, 0.2, 0.1])
+    cascade.closest = cascade.gradient_closest.clone()
+    cascade.closest[3] = 0.5 * clean[3]  # Square came closer than the gradient stages
+    chosen, why = cascade.choose_for_remaining(0.25, every_survivor=False)
+    assert chosen.tolist() == [True, False, False, True, True, False] and "0.25" in why
+    everyone, why = cascade.choose_for_remaining(0.25, every_survivor=True)
+    assert everyone.tolist() == [True] * 5 + [False] and "every survivor" in why
+
+
+def test_square_stopping_ends_only_searches_that_cannot_reach_zero_and_stay_above_the_gradients():
+    floor = torch.tensor([1.0, 1.0, 5.0, 1.0])
+    stopping = SquareStopping(floor, queries=1000, every=100, factor=1.5)
+    assert not stopping(100, torch.tensor([9.0, 9.0, 9.0, 9.0])).any(), "no history yet: nothing ends"
+    # Falls over the last 100 queries: 0.1, 3, 0.1, 0; 800 queries left, at 1.5x: 1.2, 36, 1.2, 0.
+    ended = stopping(200, torch.tensor([8.9, 6.0, 8.9, 9.0]))
+    assert ended.tolist() == [True, False, True, True]
+    assert not stopping(250, torch.tensor([8.9, 6.0, 4.0, 9.0])).any(), "between checkpoints nothing ends"
+    # A margin that stopped falling ends (point 1); below the gradient stages' margin (point 2, floor 5) a
+    # search goes on however slowly it falls.
+    assert stopping(300, torch.tensor([8.9, 6.0, 4.0, 9.0])).tolist() == [True, True, False, True]
+
+
+@pytest.mark.mnist
+def test_aa_fast_breaks_the_points_only_late_targets_break_on_the_zoo_model():
+    """Test points 29 and 39 of mnist-cnn-pgd-linf-0.1 at l_2 2: AutoAttack broke them (APGD-T at target
+    ranks 4 and 7, and FAB-T); an earlier aa-fast, with only the top 3 targets, did not."""
+    from invarbench.datasets import load_dataset
+    from invarbench.models import load_model
+
+    images, labels = load_dataset("mnist").evaluation_subset(40)
+    points = torch.tensor([29, 39])
+    result = create_attack("aa-fast")(
+        load_model("mnist-cnn-pgd-linf-0.1"), images[points], labels[points], norm="l2", epsilons=(2.0,)
+    )
+    assert result.success[0].tolist() == [True, True]
+    late = [entry for entry in result.options["stage_statistics"] if entry["stage"] in ("apgd-t-rest", "fab-t")]
+    square = next(entry for entry in result.options["stage_statistics"] if entry["stage"] == "square")
+    left = square["attacked"] - square["broken"]
+    # Whichever of the two the first stages leave (APGD's random start depends on the batch), the remaining
+    # stages are chosen for it and break it.
+    assert left >= 1 and late and late[0]["attacked"] == left, result.options["stage_statistics"]
+    assert sum(entry["broken"] for entry in late) == left, result.options["stage_statistics"]
+    assert result.options["passes"]["forward"] > 0 and result.options["passes"]["backward"] > 0
