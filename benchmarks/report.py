@@ -96,17 +96,25 @@ def _pgd_overhead(report: dict) -> str:
 
 
 def _aa_fast(report: dict) -> str:
+    start = report.get("start", 0)
+    block = f"First {report['n']}" if not start else f"Test points {start} to {start + report['n'] - 1} ({report['n']})"
+
+    def passes(row: dict, attack: str) -> str:
+        counted = row.get(f"{attack}_passes")
+        return f"{counted['forward']:,} / {counted['backward']:,}" if counted else "not counted"
+
     lines = [
         (
-            f"{_origin(report)} First {report['n']} MNIST test points, seed {report['seed']}, pyautoattack"
+            f"{_origin(report)} {block} MNIST test points, seed {report['seed']}, pyautoattack"
             f" {report['pyautoattack']} standard as the reference."
         ),
         "",
         (
             "| model | threat | AutoAttack robust | aa-fast robust | difference (points) | AutoAttack (s) | aa-fast (s)"
-            " | speed-up | broken only by AutoAttack | broken only by aa-fast |"
+            " | speed-up | broken only by AutoAttack | broken only by aa-fast | AutoAttack passes (forward / backward)"
+            " | aa-fast passes (forward / backward) |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"]:
         lines.append(
@@ -115,7 +123,15 @@ def _aa_fast(report: dict) -> str:
             f" {row['autoattack_seconds']:.1f} | {row['aa_fast_seconds']:.1f} | {row['speedup']:.2f}x |"
             f" {', '.join(map(str, row['only_autoattack_broke'])) or '-'} |"
             f" {', '.join(map(str, row['only_aa_fast_broke'])) or '-'} |"
+            f" {passes(row, 'autoattack')} | {passes(row, 'aa_fast')} |"
         )
+    if len(report["rows"]) > 1:
+        reference = sum(row["autoattack_seconds"] for row in report["rows"])
+        fast = sum(row["aa_fast_seconds"] for row in report["rows"])
+        lines += [
+            "",
+            f"Summed over these pairs: AutoAttack {reference:.1f} s, aa-fast {fast:.1f} s, {reference / fast:.2f}x.",
+        ]
     return "\n".join(lines) + "\n"
 
 
