@@ -104,7 +104,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             ]
         )
     if invariance_rows:
-        from invarbench.leaderboard.tables import calibration_summary
+        from invarbench.oracles.calibration import calibration_summary
 
         parts.append("")
         parts.append(

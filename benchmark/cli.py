@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
+from datetime import date
 from pathlib import Path
 
 from invarbench import __version__
@@ -199,6 +201,31 @@ def _leaderboard_build(args: argparse.Namespace) -> int:
         )
     for path in written:
         print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _leaderboard_baseline(args: argparse.Namespace) -> int:
+    from invarbench.leaderboard.baseline import take_baseline, write_baseline
+
+    out = args.out or args.entries.parent / "baselines" / f"{date.today().isoformat()}.json"
+    print(f"wrote {write_baseline(take_baseline(args.entries, note=args.note), out)}")
+    return EXIT_OK
+
+
+def _leaderboard_reference(args: argparse.Namespace) -> int:
+    from invarbench.leaderboard.check import select_entries
+    from invarbench.leaderboard.reference import describe, run_reference
+    from invarbench.tracks import PERTURBATION
+
+    entries = [entry for entry in select_entries(args.entries, args.names) if entry["track"] == PERTURBATION.name]
+    if not entries:
+        raise InvarbenchError(
+            f"no perturbation entry in {args.entries} matches {' '.join(args.names or []) or 'anything'}; name an entry"
+            " (MODEL__DATASET__perturbation) or a model with a stored perturbation entry"
+        )
+    for entry in entries:
+        path = run_reference(entry, args.entries, attack=args.attack, runs_dir=args.runs, progress=not args.no_progress)
+        print(f"wrote {path}: {describe(json.loads(path.read_text()))}")
     return EXIT_OK
 
 
@@ -831,6 +858,40 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     build.set_defaults(handler=_leaderboard_build)
+    baseline = leaderboard_commands.add_parser(
+        "baseline",
+        help="keep the stored entries' headline results to compare regenerated entries with",
+        description=(
+            "Write the perturbation entries' worst case at the headline threats, and which regression points their"
+            " attacks broke, to a baseline file; `leaderboard build` compares later entries with every baseline"
+            " (DATASET-baseline-comparison.md). Take one before replacing the entries."
+        ),
+    )
+    baseline.add_argument("--entries", type=Path, default=ENTRIES_DIR, help=f"entries folder (default: {ENTRIES_DIR})")
+    baseline.add_argument(
+        "--out", type=Path, help="baseline file, never overwritten (default: baselines/DATE.json beside the entries)"
+    )
+    baseline.add_argument("--note", default="", help="what the baseline is, kept in the file")
+    baseline.set_defaults(handler=_leaderboard_baseline)
+    reference = leaderboard_commands.add_parser(
+        "reference",
+        help="run a reference attack (the official AutoAttack) on entries' regression subsets",
+        description=(
+            "Run a reference attack at the data set's headline threats on each perturbation entry's regression"
+            " subset, with its seed, and keep beside the entry (references/ENTRY.json) which points it broke that"
+            " the entry's attacks did not; the tables show it as a column. Resumable: runs go to --runs."
+        ),
+    )
+    reference.add_argument("names", nargs="*", metavar="ENTRY|MODEL", help="entries or models (default: every one)")
+    reference.add_argument("--entries", type=Path, default=ENTRIES_DIR, help=f"entries folder (default: {ENTRIES_DIR})")
+    reference.add_argument(
+        "--attack", default="autoattack", help="the reference attack with its options (default: autoattack)"
+    )
+    reference.add_argument(
+        "--runs", type=Path, default=DEFAULT_RUNS_DIR, help=f"where its runs go (default: {DEFAULT_RUNS_DIR})"
+    )
+    reference.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    reference.set_defaults(handler=_leaderboard_reference)
 
     check = commands.add_parser(
         "check",

@@ -330,6 +330,22 @@ def _show(value) -> str:
     return "NA" if pd.isna(value) else str(value)
 
 
+def select_entries(entries_dir: str | Path, names: list[str] | None = None) -> list[dict]:
+    """The stored entries named by file stem (MODEL__DATASET__TRACK) or model name; every one without names."""
+    entries_dir = Path(entries_dir)
+    entries = load_entries(entries_dir)
+    if not names:
+        return entries
+    known = {entry_stem(entry["model"], entry["dataset"], entry["track"]): entry for entry in entries}
+    missing = [name for name in names if name not in known and not any(entry["model"] == name for entry in entries)]
+    if missing:
+        raise InvarbenchError(
+            f"no leaderboard entry named {', '.join(missing)} in {entries_dir}; use an entry file's stem"
+            " (MODEL__DATASET__TRACK) or a model name"
+        )
+    return [entry for stem, entry in known.items() if stem in names or entry["model"] in names]
+
+
 def check_entries(
     entries_dir: str | Path = ENTRIES_DIR,
     *,
@@ -340,16 +356,7 @@ def check_entries(
     device: str | None = None,
 ) -> list[CheckResult]:
     entries_dir = Path(entries_dir)
-    entries = load_entries(entries_dir)
-    if names:
-        known = {entry_stem(entry["model"], entry["dataset"], entry["track"]): entry for entry in entries}
-        missing = [name for name in names if name not in known and not any(entry["model"] == name for entry in entries)]
-        if missing:
-            raise InvarbenchError(
-                f"no leaderboard entry named {', '.join(missing)} in {entries_dir}; use an entry file's stem"
-                " (MODEL__DATASET__TRACK) or a model name"
-            )
-        entries = [entry for stem, entry in known.items() if stem in names or entry["model"] in names]
+    entries = select_entries(entries_dir, names)
     if device is not None:
         resolve_device(device)
     return [
@@ -358,4 +365,4 @@ def check_entries(
     ]
 
 
-__all__ = ["CheckResult", "check_entries", "check_entry"]
+__all__ = ["CheckResult", "check_entries", "check_entry", "select_entries"]

@@ -17,7 +17,6 @@ from invarbench.leaderboard import OUTPUT_DIR, SITE_DIR
 from invarbench.leaderboard.entries import ENTRIES_DIR, load_entries
 from invarbench.leaderboard.plots import build_plots
 from invarbench.leaderboard.tables import (
-    calibration_summary,
     html_table,
     invariance_table,
     oracle_table,
@@ -25,6 +24,7 @@ from invarbench.leaderboard.tables import (
     reliability_notes,
 )
 from invarbench.models import get_card, list_models
+from invarbench.oracles.calibration import calibration_summary
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
 TEMPLATES = jinja2.Environment(

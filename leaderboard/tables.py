@@ -20,10 +20,12 @@ from invarbench.attacks.autoattack import reliability_flag
 from invarbench.config import HEADLINE_THREATS, RUNNER_OPTIONS, AttackSpec
 from invarbench.io import atomic_write_text
 from invarbench.leaderboard import OUTPUT_DIR
+from invarbench.leaderboard.baseline import comparison_frame, load_baselines
 from invarbench.leaderboard.entries import ENTRIES_DIR, curve_median_norm, load_entries
 from invarbench.leaderboard.plots import build_plots
+from invarbench.leaderboard.reference import describe, load_reference
 from invarbench.oracles import list_oracles
-from invarbench.oracles.calibration import format_rate
+from invarbench.oracles.calibration import calibration_summary, format_rate
 from invarbench.results import WORST_CASE, entry_results, invariance_frame, robustness_frame
 from invarbench.tracks import INVARIANCE, PERTURBATION
 
@@ -190,21 +192,6 @@ def reliability_notes(entry: dict[str, Any]) -> list[str]:
             " it to see them"
         )
     return notes
-
-
-def calibration_summary(report: dict[str, Any] | None) -> str:
-    """An oracle's calibration against people's labels in a few words, for a table cell."""
-    if report is None:
-        return "unknown oracle"
-    if report.get("exact"):
-        return "exact (labelling function or people's labels)"
-    calibration = report.get("calibration") or []
-    if not calibration:
-        return "not calibrated against people's labels"
-    return "; ".join(
-        f"{item['labels']}: sees {_percent(item['sees_change'])}, false {_percent(item['false_change'])}"
-        for item in calibration
-    )
 
 
 def oracle_table(entries: list[dict[str, Any]], dataset: str) -> pd.DataFrame:
@@ -388,13 +375,30 @@ def html_table(frame: pd.DataFrame, *, table_id: str) -> str:
     )
 
 
+def with_references(
+    frame: pd.DataFrame, entries: list[dict[str, Any]], entries_dir: str | Path, dataset: str
+) -> pd.DataFrame:
+    """The perturbation table with a ``reference`` column before ``flags`` (what a reference attack on the
+    regression subset found that the entry's attacks missed, leaderboard/reference.py), where any entry has one."""
+    shown = {
+        entry["model"]: describe(load_reference(entries_dir, entry))
+        for entry in entries
+        if entry["dataset"] == dataset and entry["track"] == PERTURBATION.name
+    }
+    if frame.empty or all(text == "-" for text in shown.values()):
+        return frame
+    frame = frame.copy()
+    frame.insert(list(frame.columns).index("flags"), "reference", frame["model"].map(shown).fillna("-"))
+    return frame
+
+
 def build_tables(entries_dir: str | Path = ENTRIES_DIR, out_dir: str | Path = OUTPUT_DIR) -> list[Path]:
     """Write every table in every format; returns the files written."""
     entries = load_entries(entries_dir)
     out_dir = Path(out_dir)
     written = []
     for dataset in sorted({entry["dataset"] for entry in entries}):
-        perturbation = perturbation_table(entries, dataset)
+        perturbation = with_references(perturbation_table(entries, dataset), entries, entries_dir, dataset)
         if not perturbation.empty:
             # The compact table (worst case per threat) the README shows; the full one has every attack.
             written.append(
@@ -432,6 +436,9 @@ def build_tables(entries_dir: str | Path = ENTRIES_DIR, out_dir: str | Path = OU
             written.append(
                 atomic_write_text(stem.with_suffix(".html"), html_table(frame, table_id=f"{dataset}-{track}"))
             )
+        comparison = comparison_frame(load_baselines(Path(entries_dir).parent / "baselines"), entries_dir, dataset)
+        if not comparison.empty:
+            written.append(atomic_write_text(out_dir / f"{dataset}-baseline-comparison.md", markdown(comparison)))
     written += build_plots(entries, out_dir)
     return written
 

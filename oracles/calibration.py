@@ -111,6 +111,26 @@ def format_rate(count: int, total: int) -> str:
     return f"{100 * count / total:.1f}% ({count}/{total}) [{100 * low:.1f}, {100 * high:.1f}]"
 
 
+def calibration_summary(report: dict | None) -> str:
+    """An oracle's calibration against people's labels in a few words (a run's or an entry's record of
+    it), for a table cell."""
+    if report is None:
+        return "unknown oracle"
+    if report.get("exact"):
+        return "exact (labelling function or people's labels)"
+    calibration = report.get("calibration") or []
+    if not calibration:
+        return "not calibrated against people's labels"
+
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    return "; ".join(
+        f"{item['labels']}: sees {percent(item['sees_change'])}, false {percent(item['false_change'])}"
+        for item in calibration
+    )
+
+
 def calibration_row(calibration: Calibration) -> list[str]:
     """One table row: set, items, abstains, agrees with people, sees-change, false-change."""
     return [
