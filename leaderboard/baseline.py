@@ -102,7 +102,10 @@ def write_baseline(baseline: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     if path.exists():
         raise InvarbenchError(f"{path} exists: a baseline is written once; give another --out to take a new one")
-    return atomic_write_text(path, json.dumps(baseline, indent=2) + "\n")
+    # One line per pair: the point lists would take a line per index otherwise.
+    pairs = ",\n".join(f"    {json.dumps(pair)}" for pair in baseline["pairs"])
+    head = json.dumps({key: value for key, value in baseline.items() if key != "pairs"}, indent=2)[:-2]
+    return atomic_write_text(path, f'{head},\n  "pairs": [\n{pairs}\n  ]\n}}\n')
 
 
 def load_baselines(directory: str | Path) -> list[tuple[str, dict[str, Any]]]:

@@ -360,13 +360,23 @@ def latex(frame: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def html_table(frame: pd.DataFrame, *, table_id: str) -> str:
+def html_table(frame: pd.DataFrame, *, table_id: str, links: dict[str, str] | None = None) -> str:
+    """An HTML table (sortable and filterable by the site's script); ``links`` turns the ``model`` cells
+    into links (model name -> address)."""
     shown = _display(frame)
+    links = links or {}
     head = "".join(
         f'<th data-column="{position}">{html.escape(str(column))}</th>' for position, column in enumerate(shown.columns)
     )
+
+    def cell(column: str, value: object) -> str:
+        text = html.escape(str(value))
+        if column == "model" and value in links:
+            text = f'<a href="{html.escape(links[str(value)])}">{text}</a>'
+        return f"<td>{text}</td>"
+
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(value))}</td>" for value in row) + "</tr>\n"
+        "<tr>" + "".join(cell(column, value) for column, value in zip(shown.columns, row)) + "</tr>\n"
         for row in shown.itertuples(index=False)
     )
     return (

@@ -96,7 +96,11 @@ def test_tables_rank_by_worst_case_and_rebuild_byte_identically(spheres_run, tmp
         == 0
     )
     assert (tmp_path / "site" / "index.html").exists()
-    names = sorted(path.name for path in out.iterdir())
+    names = sorted(path.name for path in out.iterdir() if path.is_file())
+    # Each model's own robustness curves over the others', for its page.
+    assert sorted(path.name for path in (out / "models").iterdir()) == [
+        f"{model}-robustness.svg" for model in ("spheres-mlp-pgd-linf", "spheres-mlp-standard")
+    ]
     tables = [
         f"spheres-{track}.{suffix}"
         for track in ("perturbation", "invariance", "oracles")
@@ -106,9 +110,9 @@ def test_tables_rank_by_worst_case_and_rebuild_byte_identically(spheres_run, tmp
         f"spheres-{kind}.{suffix}" for kind in ("robustness-linf", "tradeoff-linf-0.025") for suffix in ("png", "svg")
     ]
     assert names == sorted(tables + plots)
-    first = {name: (out / name).read_bytes() for name in names}
+    first = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
     build_tables(entries_dir, out)
-    assert first == {name: (out / name).read_bytes() for name in names}
+    assert first == {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
     table = perturbation_table(load_entries(entries_dir), "spheres")
     worst = table["linf 0.025 worst case"].tolist()
     assert worst == sorted(worst, reverse=True) and table["rank"].tolist() == [1, 2]

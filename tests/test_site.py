@@ -38,7 +38,7 @@ def test_site_is_local_links_instead_of_copying_and_rebuilds_byte_identically(si
     assert "http://" not in index and "https://" not in index, "no external network resources"
     assert (site / "site" / "models" / "spheres-mlp-pgd-linf.html").exists()
     # Only pages: plots stay in the output folder, galleries with the entries, style and script in the templates.
-    assert sorted(path.suffix for path in (site / "site").rglob("*") if path.is_file()) == [".html"] * 3
+    assert sorted(path.suffix for path in (site / "site").rglob("*") if path.is_file()) == [".html"] * 4
     import re
 
     assert 'src="../output/spheres-' in index
@@ -57,20 +57,18 @@ def test_page_in_headless_chromium_shows_every_entry_sorts_and_loads_images(site
     from playwright.sync_api import sync_playwright
 
     entries = load_entries(site / "entries")
+    perturbation = sorted(entry["model"] for entry in entries if entry["track"] == "perturbation")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        page = browser.new_page()
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto((site / "site" / "index.html").as_uri())
-        table = page.locator("#spheres-perturbation")
+        # The index leads with the headline table: model, clean, worst case per eps, invariance, flags.
+        table = page.locator("#spheres-headline")
+        headers = table.locator("th").all_inner_texts()
+        assert headers[:3] == ["rank", "model", "clean"] and headers[-1] == "flags"
+        assert "architecture" not in headers and not any(" after " in header for header in headers)
         models = table.locator("tbody tr td:nth-child(2)").all_inner_texts()
-        assert sorted(models) == sorted(entry["model"] for entry in entries if entry["track"] == "perturbation")
-        invariance_rows = page.locator("#spheres-invariance tbody tr").count()
-        assert invariance_rows == sum(
-            len(settings)
-            for entry in entries
-            if entry["track"] == "invariance"
-            for settings in entry["results"]["invariance"].values()
-        )
+        assert sorted(models) == perturbation
         # Sorting by model name reorders the rows (they start ranked by worst-case robust accuracy).
         before = table.locator("tbody tr td:nth-child(2)").all_inner_texts()
         table.locator("th", has_text="model").first.click()
@@ -78,22 +76,50 @@ def test_page_in_headless_chromium_shows_every_entry_sorts_and_loads_images(site
         table.locator("th", has_text="model").first.click()
         descending = table.locator("tbody tr td:nth-child(2)").all_inner_texts()
         assert ascending == sorted(before) and descending == sorted(before, reverse=True) and ascending != descending
-        page.locator('input.filter[data-table="spheres-perturbation"]').fill("pgd-linf")
+        page.locator('input.filter[data-table="spheres-headline"]').fill("pgd-linf")
         assert table.locator("tbody tr:visible").count() == 1
-        images = page.locator("img")
-        assert images.count() > 0
-        for position in range(images.count()):
-            assert images.nth(position).evaluate("image => image.complete && image.naturalWidth > 0"), images.nth(
-                position
-            ).get_attribute("src")
+        # The oracle's calibration is said once, in the invariance summary's caption, not on every row.
+        assert page.content().count("exact (labelling function") == 1
+        assert "oracle" not in page.locator("#spheres-invariance-summary th").all_inner_texts()
+        # It reads without horizontal scrolling at 1280 px, with the trade-off and robustness plots.
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+        sources = page.locator("img").evaluate_all("images => images.map(image => image.getAttribute('src'))")
+        assert any("tradeoff" in source for source in sources) and any("robustness" in source for source in sources)
+        _assert_images_load(page)
         page.screenshot(path=str(tmp_path / "leaderboard.png"), full_page=True)
         assert (tmp_path / "leaderboard.png").stat().st_size > 10_000
-        model_page = browser.new_page()
+        # Each model links its page; every attack's figure is on the details page.
+        table.locator("a", has_text="spheres-mlp-pgd-linf").click()
+        assert page.url.endswith("models/spheres-mlp-pgd-linf.html")
+        details = browser.new_page()
+        details.goto((site / "site" / "details.html").as_uri())
+        assert details.locator("#spheres-perturbation tbody tr").count() == len(perturbation)
+        assert any(" after " in header for header in details.locator("#spheres-perturbation th").all_inner_texts())
+        invariance_rows = details.locator("#spheres-invariance tbody tr").count()
+        assert invariance_rows == sum(
+            len(settings)
+            for entry in entries
+            if entry["track"] == "invariance"
+            for settings in entry["results"]["invariance"].values()
+        )
+        assert details.locator("#spheres-oracles tbody tr").count() == 1
+        model_page = browser.new_page(viewport={"width": 1280, "height": 900})
         model_page.goto((site / "site" / "models" / "spheres-mlp-pgd-linf.html").as_uri())
         assert "Model card" in model_page.content()
+        # Its own robustness curve, drawn over the others', comes first.
+        first = model_page.locator("img").first.get_attribute("src")
+        assert first.endswith("output/models/spheres-mlp-pgd-linf-robustness.svg")
         # Beside the invariance figures: which oracle judged them and how far it can be trusted.
         assert "judged by the oracle exact:spheres: exact" in model_page.locator("p.oracle").inner_text()
-        assert page.locator("#spheres-oracles tbody tr").count() == 1
-        for position in range(model_page.locator("img").count()):
-            assert model_page.locator("img").nth(position).evaluate("image => image.complete && image.naturalWidth > 0")
+        assert model_page.evaluate("document.documentElement.scrollWidth") <= 1280
+        _assert_images_load(model_page)
         browser.close()
+
+
+def _assert_images_load(page) -> None:
+    images = page.locator("img")
+    assert images.count() > 0
+    for position in range(images.count()):
+        assert images.nth(position).evaluate("image => image.complete && image.naturalWidth > 0"), images.nth(
+            position
+        ).get_attribute("src")
