@@ -267,8 +267,9 @@ def test_the_escalation_stages_run_on_the_model_as_given(monkeypatch):
     assert len(seen) == 1 and seen[0] is model and cascade.box.model is fast
 
 
-def test_the_remaining_stages_go_to_survivors_near_the_boundary_or_where_square_came_closer():
-    model, _, x, labels = linear_images(count=6)
+def linear_cascade(count: int) -> tuple[_Cascade, torch.Tensor]:
+    """A cascade at l_inf 0.01 over ``count`` points of the linear model, and their labels."""
+    model, _, x, labels = linear_images(count=count)
     box = UnitBox(model, tuple(x.shape[1:]))
     cascade = _Cascade(
         box,
@@ -282,6 +283,11 @@ def test_the_remaining_stages_go_to_survivors_near_the_boundary_or_where_square_
         device=torch.device("cpu"),
         logger=logging.getLogger("test"),
     )
+    return cascade, labels
+
+
+def test_the_remaining_stages_go_to_survivors_near_the_boundary_or_where_square_came_closer():
+    cascade, _ = linear_cascade(6)
     clean = cascade.clean_margin.clone()
     assert (clean > 0).all()
     cascade.robust[5] = False  # broken earlier: never chosen
@@ -295,20 +301,7 @@ def test_the_remaining_stages_go_to_survivors_near_the_boundary_or_where_square_
 
 
 def test_boundary_restarts_go_to_the_targets_whose_gap_came_near_zero():
-    model, _, x, labels = linear_images(count=4)
-    box = UnitBox(model, tuple(x.shape[1:]))
-    cascade = _Cascade(
-        box,
-        x,
-        labels,
-        given=box,
-        norm="linf",
-        eps=0.01,
-        seed=0,
-        batch_size=10,
-        device=torch.device("cpu"),
-        logger=logging.getLogger("test"),
-    )
+    cascade, labels = linear_cascade(4)
     clean = cascade.clean_gaps.clone()
     # Point 0 came within 3% of class t0's boundary, point 1 within 10% of t1's; point 2 within 1% but is broken.
     t0, t1, t2 = (int((labels[point] + 1) % clean.shape[1]) for point in range(3))
