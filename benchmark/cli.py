@@ -102,7 +102,7 @@ def _models_show(args: argparse.Namespace) -> int:
 
 def _models_train(args: argparse.Namespace) -> int:
     from invarbench.models import get_card
-    from invarbench.models.training import train
+    from invarbench.training import train
 
     report = train(get_card(args.name), progress=not args.no_progress, device=args.device)
     card = report.card
@@ -114,8 +114,8 @@ def _models_train(args: argparse.Namespace) -> int:
 
 
 def _models_evaluate(args: argparse.Namespace) -> int:
+    from invarbench.measure import measure_card
     from invarbench.models import get_card
-    from invarbench.models.measure import measure_card
 
     card = get_card(args.name)
     measured = measure_card(card, restarts=args.restarts, seed=args.seed)
@@ -138,8 +138,8 @@ def _models_nuisance(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from invarbench.datasets import load_dataset
+    from invarbench.measure import nuisance_classifier_error
     from invarbench.models import get_card, load_model
-    from invarbench.models.measure import nuisance_classifier_error
 
     card = get_card(args.name)
     if not card.invertible:

@@ -195,7 +195,7 @@ def test_stored_cpu_entries_pass_their_check_on_cuda(cuda):
 
 
 def test_a_checkpoint_trained_on_cuda_loads_on_the_cpu(isolated_registry, cuda):
-    from invarbench.models.training import train
+    from invarbench.training import train
 
     isolated_registry("spheres-mlp-standard")
     card = get_card("spheres-mlp-standard")

@@ -340,7 +340,7 @@ def test_model_and_data_set_must_agree(tmp_path, monkeypatch, capsys, cifar10_fo
 
 def test_cuda_refused_with_a_clear_error_without_a_gpu(tmp_path, monkeypatch, capsys, isolated_registry):
     from invarbench.models import get_card
-    from invarbench.models.training import train
+    from invarbench.training import train
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, _, err = run_cli(

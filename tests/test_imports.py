@@ -176,3 +176,16 @@ def test_the_oracles_depend_on_neither_the_attacks_nor_the_labelling_app():
         )
         assert not above, f"{module} imports {above}"
     assert "invarbench.oracles.people" in top["invarbench.labelling"]
+
+
+def test_the_models_import_no_attack_so_attacks_and_models_form_no_cycle():
+    """Attacks load models (an invariance search's guide); training and card figures, which run attacks,
+    live above both (invarbench.training, invarbench.measure)."""
+    top, lazy = import_graph()
+    models = [module for module in top if module.split(".")[:2] == ["invarbench", "models"]]
+    assert "invarbench.models.registry" in models
+    for module in models:
+        above = sorted(target for target in top[module] | lazy[module] if target.startswith("invarbench.attacks"))
+        assert not above, f"{module} imports {above}"
+    assert "invarbench.models" in top["invarbench.attacks.invariance.guide"]
+    assert "invarbench.attacks" in top["invarbench.measure"]

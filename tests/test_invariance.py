@@ -566,7 +566,7 @@ def test_zoo_fi_revnets_invert_exactly_and_oracle_members_are_not_ranked(mnist):
 
 
 def test_ice_objective_trains_the_nuisance_classifier_and_penalises_label_information():
-    from invarbench.models.training import IndependenceCrossEntropy
+    from invarbench.training import IndependenceCrossEntropy
 
     torch.manual_seed(0)
     network = build_architecture("fi-revnet", blocks=(1, 1), hidden=(8, 8), dense_blocks=1, dense_hidden=32)
@@ -593,7 +593,7 @@ def test_ice_objective_trains_the_nuisance_classifier_and_penalises_label_inform
 
 
 def test_ice_uniform_objective_leaves_no_way_out_through_a_confidently_wrong_nuisance_classifier():
-    from invarbench.models.training import IndependenceCrossEntropy, nuisance_penalty
+    from invarbench.training import IndependenceCrossEntropy, nuisance_penalty
 
     labels = torch.arange(10).repeat(2)
     wrong = torch.full((20, 10), -20.0)
@@ -671,7 +671,7 @@ def test_a_card_with_an_unknown_nuisance_objective_is_refused_naming_the_card(tm
     from dataclasses import replace
 
     from invarbench.models.registry import get_card
-    from invarbench.models.training import train
+    from invarbench.training import train
 
     card = get_card("mnist-firevnet-ice")
     training = {**card.training, "nuisance_objective": "entropy", "epochs": 0}

@@ -9,7 +9,7 @@ from invarbench.errors import ModelError
 from invarbench.evaluation import clean_accuracy
 from invarbench.io import sha256_file
 from invarbench.models import BenchmarkModel, build_architecture, get_card, list_models, load_model, registry
-from invarbench.models.training import pgd_training_examples, train
+from invarbench.training import pgd_training_examples, train
 
 ZOO_CHECKPOINTS = registry.CHECKPOINTS_DIR
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from invarbench.datasets import load_dataset
-from invarbench.models.measure import encode_all, readout_error
+from invarbench.measure import encode_all, readout_error
 from invarbench.models.registry import load_model
 
 CLASSES = 10

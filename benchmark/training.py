@@ -20,8 +20,8 @@ from invarbench.attacks.norms import project
 from invarbench.datasets import load_dataset
 from invarbench.environment import resolve_device
 from invarbench.errors import ConfigError
+from invarbench.measure import measure_card
 from invarbench.models.augmentation import ReaderAugmentation, reader_augment
-from invarbench.models.measure import measure_card
 from invarbench.models.registry import ModelCard, build_network, load_model, save_state_dict, wrap
 
 RECIPES = ("standard", "pgd", "ice", "reader")
