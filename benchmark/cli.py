@@ -556,13 +556,8 @@ def _bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="invarbench", description="Adversarial robustness from both sides: perturbation and invariance attacks."
-    )
-    parser.add_argument("--version", action="version", version=f"invarbench {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_data_commands(commands) -> None:
+    """`invarbench data`: data sets: fetch and pack."""
     data = commands.add_parser("data", help="data sets", description="Fetch and inspect data sets.")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     fetch = data_commands.add_parser(
@@ -602,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("out", type=Path, help="the .npz file to write")
     pack.set_defaults(handler=_data_pack)
 
+
+def _add_models_commands(commands) -> None:
+    """`invarbench models`: the model zoo: list, show, train, evaluate, nuisance."""
     models = commands.add_parser(
         "models", help="the model registry", description="List, show and train registered models."
     )
@@ -662,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     nuisance.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     nuisance.set_defaults(handler=_models_nuisance)
 
+
+def _add_run_commands(commands) -> None:
+    """`invarbench run`: an evaluation run."""
     run = commands.add_parser(
         "run",
         help="evaluate models against attacks (resumable)",
@@ -804,6 +805,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.set_defaults(handler=_run)
 
+
+def _add_leaderboard_commands(commands) -> None:
+    """`invarbench leaderboard`: leaderboard entries, tables, baselines and references."""
     from invarbench.leaderboard import ENTRIES_DIR, OUTPUT_DIR, SITE_DIR
 
     leaderboard = commands.add_parser(
@@ -893,6 +897,11 @@ def build_parser() -> argparse.ArgumentParser:
     reference.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     reference.set_defaults(handler=_leaderboard_reference)
 
+
+def _add_check_commands(commands) -> None:
+    """`invarbench check`: the regression check."""
+    from invarbench.leaderboard import ENTRIES_DIR
+
     check = commands.add_parser(
         "check",
         help="regression check of stored entries",
@@ -924,6 +933,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-progress", action="store_true", help="hide progress bars")
     check.set_defaults(handler=_check)
 
+
+def _add_gallery_commands(commands) -> None:
+    """`invarbench gallery`: galleries of a run."""
     gallery = commands.add_parser(
         "gallery",
         help="draw invariance candidates of a run",
@@ -939,6 +951,9 @@ def build_parser() -> argparse.ArgumentParser:
     gallery.add_argument("--count", type=int, default=8, help="number of candidates (default 8)")
     gallery.set_defaults(handler=_gallery)
 
+
+def _add_oracle_commands(commands) -> None:
+    """`invarbench oracle`: oracles and their calibration."""
     oracle = commands.add_parser(
         "oracle",
         help="oracles that judge invariance candidates",
@@ -978,6 +993,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     oracle_evaluate.set_defaults(handler=_oracle_evaluate)
 
+
+def _add_label_commands(commands) -> None:
+    """`invarbench label`: labelling studies."""
     label = commands.add_parser(
         "label",
         help="people's labels for invariance candidates",
@@ -1075,6 +1093,9 @@ def build_parser() -> argparse.ArgumentParser:
     label_export.add_argument("--keep-flagged", action="store_true", help="count flagged annotators' labels too")
     label_export.set_defaults(handler=_label_export)
 
+
+def _add_bench_commands(commands) -> None:
+    """`invarbench bench`: the quick benchmark of the zoo."""
     bench = commands.add_parser(
         "bench",
         help="quick benchmark of the reference zoo",
@@ -1087,6 +1108,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="seed for PGD's random start (default 0)")
     bench.add_argument("--no-progress", action="store_true", help="hide progress output")
     bench.set_defaults(handler=_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="invarbench", description="Adversarial robustness from both sides: perturbation and invariance attacks."
+    )
+    parser.add_argument("--version", action="version", version=f"invarbench {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_data_commands(commands)
+    _add_models_commands(commands)
+    _add_run_commands(commands)
+    _add_leaderboard_commands(commands)
+    _add_check_commands(commands)
+    _add_gallery_commands(commands)
+    _add_oracle_commands(commands)
+    _add_label_commands(commands)
+    _add_bench_commands(commands)
     return parser
 
 
