@@ -21,10 +21,9 @@ from invarbench.leaderboard import OUTPUT_DIR, SITE_DIR
 from invarbench.leaderboard.entries import ENTRIES_DIR, load_entries
 from invarbench.leaderboard.plots import build_plots
 from invarbench.leaderboard.tables import (
+    dataset_tables,
     html_table,
     invariance_summary_table,
-    invariance_table,
-    oracle_table,
     perturbation_table,
     reliability_notes,
 )
@@ -95,26 +94,18 @@ def _dataset_sections(entries: list[dict], plot_files: list[Path], site_dir: Pat
     return sections
 
 
-def _detail_tables(entries: list[dict]) -> list[dict]:
-    """Every table in full (each attack, setting and oracle), for the details page."""
+def _detail_tables(entries: list[dict], entries_dir: Path) -> list[dict]:
+    """Every full table of every track (each attack, setting and oracle), for the details page."""
     tables = []
+    links = {entry["model"]: f"models/{entry['model']}.html" for entry in entries}
     for dataset in sorted({entry["dataset"] for entry in entries}):
-        links = {entry["model"]: f"models/{entry['model']}.html" for entry in entries}
-        for track, title, frame in (
-            ("perturbation", "perturbation track, every attack", perturbation_table(entries, dataset)),
-            ("invariance", "invariance track, every attack and setting", invariance_table(entries, dataset)),
-            (
-                "oracles",
-                "oracles of the invariance track and their calibration against people's labels",
-                oracle_table(entries, dataset),
-            ),
-        ):
-            if len(frame):
-                table_id = f"{dataset}-{track}"
+        for table, frame in dataset_tables(entries, dataset, entries_dir):
+            if table.full:
+                table_id = f"{dataset}-{table.name}"
                 tables.append(
                     {
                         "id": table_id,
-                        "title": f"{dataset}: {title}",
+                        "title": f"{dataset}: {table.title or table.name}",
                         "html": Markup(html_table(frame, table_id=table_id, links=links)),
                     }
                 )
@@ -150,7 +141,9 @@ def build_site(
     )
     written.append(atomic_write_text(site_dir / "index.html", index))
     details = TEMPLATES.get_template("details.html.j2").render(
-        title="invarbench leaderboard: every attack", links=_links(site_dir), tables=_detail_tables(entries)
+        title="invarbench leaderboard: every attack",
+        links=_links(site_dir),
+        tables=_detail_tables(entries, entries_dir),
     )
     written.append(atomic_write_text(site_dir / "details.html", details))
     registered = set(list_models(role=None))

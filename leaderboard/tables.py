@@ -10,6 +10,8 @@ tables list every invariance attack and setting with its oracle, counts and 95% 
 from __future__ import annotations
 
 import html
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -402,55 +404,105 @@ def with_references(
     return frame
 
 
+@dataclass(frozen=True)
+class Table:
+    """A table a track's entries make: ``DATASET-NAME`` in the output folder, built by ``build(entries,
+    dataset, entries_dir)``. A ``full`` table is written as Markdown, CSV, LaTeX and HTML and shown on the
+    site's details page under ``title``; the others (compact summaries, comparisons) as Markdown only."""
+
+    name: str
+    build: Callable[[list[dict[str, Any]], str, Path], pd.DataFrame]
+    title: str = ""
+    full: bool = True
+
+
+#: The tables of each track, by track name, in the order they are built (:func:`register_tables`).
+TABLES: dict[str, list[Table]] = {}
+
+
+def register_tables(track: str, *tables: Table) -> None:
+    """Add ``tables`` to those built for ``track``'s entries (a new track registers its own)."""
+    TABLES.setdefault(track, []).extend(tables)
+
+
+def _write_table(frame: pd.DataFrame, stem: Path, table_id: str) -> list[Path]:
+    """A full table as Markdown, CSV (intervals as ``low;high``), LaTeX and HTML."""
+    csv = frame.copy()
+    for column in [column for column in csv.columns if column.endswith(" ci95")]:
+        csv[column] = [
+            f"{interval[0]:.6f};{interval[1]:.6f}" if isinstance(interval, list | tuple) else ""
+            for interval in csv[column]
+        ]
+    return [
+        atomic_write_text(stem.with_suffix(".md"), markdown(frame)),
+        atomic_write_text(stem.with_suffix(".csv"), csv.to_csv(index=False, float_format="%.6f", lineterminator="\n")),
+        atomic_write_text(stem.with_suffix(".tex"), latex(frame)),
+        atomic_write_text(stem.with_suffix(".html"), html_table(frame, table_id=table_id)),
+    ]
+
+
+def dataset_tables(
+    entries: list[dict[str, Any]], dataset: str, entries_dir: str | Path
+) -> Iterator[tuple[Table, pd.DataFrame]]:
+    """Every registered table of ``dataset`` that has rows, with its frame."""
+    for tables in TABLES.values():
+        for table in tables:
+            frame = table.build(entries, dataset, Path(entries_dir))
+            if not frame.empty:
+                yield table, frame
+
+
 def build_tables(entries_dir: str | Path = ENTRIES_DIR, out_dir: str | Path = OUTPUT_DIR) -> list[Path]:
-    """Write every table in every format; returns the files written."""
+    """Write every registered table of every data set (:data:`TABLES`) and the plots; returns the files written."""
     entries = load_entries(entries_dir)
     out_dir = Path(out_dir)
     written = []
     for dataset in sorted({entry["dataset"] for entry in entries}):
-        perturbation = with_references(perturbation_table(entries, dataset), entries, entries_dir, dataset)
-        if not perturbation.empty:
-            # The compact table (worst case per threat) the README shows; the full one has every attack.
-            written.append(
-                atomic_write_text(
-                    out_dir / f"{dataset}-perturbation-summary.md",
-                    markdown(perturbation_table(entries, dataset, summary=True)),
-                )
-            )
-        invariance_summary = invariance_summary_table(entries, dataset)
-        if not invariance_summary.empty:
-            written.append(
-                atomic_write_text(out_dir / f"{dataset}-invariance-summary.md", markdown(invariance_summary))
-            )
-        for track, frame in (
-            ("perturbation", perturbation),
-            ("invariance", invariance_table(entries, dataset)),
-            ("oracles", oracle_table(entries, dataset)),
-        ):
-            if frame.empty:
-                continue
-            stem = out_dir / f"{dataset}-{track}"
-            written.append(atomic_write_text(stem.with_suffix(".md"), markdown(frame)))
-            csv = frame.copy()
-            for column in [column for column in csv.columns if column.endswith(" ci95")]:
-                csv[column] = [
-                    f"{interval[0]:.6f};{interval[1]:.6f}" if isinstance(interval, list | tuple) else ""
-                    for interval in csv[column]
-                ]
-            written.append(
-                atomic_write_text(
-                    stem.with_suffix(".csv"), csv.to_csv(index=False, float_format="%.6f", lineterminator="\n")
-                )
-            )
-            written.append(atomic_write_text(stem.with_suffix(".tex"), latex(frame)))
-            written.append(
-                atomic_write_text(stem.with_suffix(".html"), html_table(frame, table_id=f"{dataset}-{track}"))
-            )
-        comparison = comparison_frame(load_baselines(Path(entries_dir).parent / "baselines"), entries_dir, dataset)
-        if not comparison.empty:
-            written.append(atomic_write_text(out_dir / f"{dataset}-baseline-comparison.md", markdown(comparison)))
+        for table, frame in dataset_tables(entries, dataset, entries_dir):
+            stem = out_dir / f"{dataset}-{table.name}"
+            if table.full:
+                written += _write_table(frame, stem, f"{dataset}-{table.name}")
+            else:
+                written.append(atomic_write_text(stem.with_suffix(".md"), markdown(frame)))
     written += build_plots(entries, out_dir)
     return written
+
+
+register_tables(
+    PERTURBATION.name,
+    # The compact table (worst case per threat) the README shows; the full one has every attack.
+    Table(
+        "perturbation-summary",
+        lambda entries, dataset, _: perturbation_table(entries, dataset, summary=True),
+        full=False,
+    ),
+    Table(
+        "perturbation",
+        lambda entries, dataset, folder: with_references(
+            perturbation_table(entries, dataset), entries, folder, dataset
+        ),
+        title="perturbation track, every attack",
+    ),
+    Table(
+        "baseline-comparison",
+        lambda entries, dataset, folder: comparison_frame(load_baselines(folder.parent / "baselines"), folder, dataset),
+        full=False,
+    ),
+)
+register_tables(
+    INVARIANCE.name,
+    Table("invariance-summary", lambda entries, dataset, _: invariance_summary_table(entries, dataset), full=False),
+    Table(
+        "invariance",
+        lambda entries, dataset, _: invariance_table(entries, dataset),
+        title="invariance track, every attack and setting",
+    ),
+    Table(
+        "oracles",
+        lambda entries, dataset, _: oracle_table(entries, dataset),
+        title="oracles of the invariance track and their calibration against people's labels",
+    ),
+)
 
 
 def sync_readme(readme: str | Path, out_dir: str | Path = OUTPUT_DIR, *, prefix: str = "leaderboard") -> list[str]:

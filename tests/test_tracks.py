@@ -1,5 +1,6 @@
-"""Tracks as objects: a third track, defined here in one module and registered, runs end to end through
-the runner, its summary, a leaderboard entry and a regression check, with nothing else changed."""
+"""Tracks as objects: a third track, defined here in one module and registered with its table, runs end to
+end through the runner, its summary, a leaderboard entry, a regression check and the leaderboard's tables
+and site, with nothing else changed."""
 
 from typing import Any, ClassVar
 
@@ -13,6 +14,8 @@ from invarbench.evaluation import predict
 from invarbench.jobs import JobOutput
 from invarbench.leaderboard.check import check_entries
 from invarbench.leaderboard.entries import add_run, load_entries
+from invarbench.leaderboard.site import build_site
+from invarbench.leaderboard.tables import TABLES, Table, build_tables, register_tables
 from invarbench.runner import run_benchmark
 from invarbench.store import POINT_COLUMNS, as_records
 from invarbench.tracks import INVARIANCE, PERTURBATION, TRACKS, Track, register_track, track_of
@@ -79,12 +82,23 @@ class NoiseTrack(Track):
         yield "flip rate", *(float(group[f"flipped_{side}"].mean()) for side in ("stored", "new"))
 
 
+def noise_table(entries, dataset, _entries_dir) -> pd.DataFrame:
+    """The noise track's leaderboard table: each model's flip rate per eps."""
+    rows = [
+        {"model": entry["model"], **{f"flip rate {eps}": rate for eps, rate in entry["results"]["noise"].items()}}
+        for entry in entries
+        if entry["dataset"] == dataset and entry["track"] == "noise"
+    ]
+    return pd.DataFrame(rows)
+
+
 @pytest.fixture
 def noise_track():
     track = register_track(NoiseTrack())
     register_attack(GaussianNoise)
+    register_tables(track.name, Table("noise", noise_table, title="noise track"))
     yield track
-    del TRACKS[track.name], ATTACKS[GaussianNoise.name]
+    del TRACKS[track.name], ATTACKS[GaussianNoise.name], TABLES[track.name]
 
 
 def test_the_built_in_tracks_own_their_attacks():
@@ -118,3 +132,10 @@ def test_a_third_track_runs_is_entered_and_checked_end_to_end(noise_track, tmp_p
 
     [result] = check_entries(entries_dir, names=["spheres-mlp-standard__spheres__noise"], points=50)
     assert result.passed, result.differences
+
+    # Its table, registered beside the track, is built with the others and shown on the site's details page.
+    written = build_tables(entries_dir, tmp_path / "out")
+    assert tmp_path / "out" / "spheres-noise.md" in written and tmp_path / "out" / "spheres-perturbation.md" in written
+    assert "flip rate 0.5" in (tmp_path / "out" / "spheres-noise.md").read_text()
+    build_site(entries_dir, tmp_path / "site", tmp_path / "out")
+    assert 'id="spheres-noise"' in (tmp_path / "site" / "details.html").read_text()
