@@ -123,7 +123,8 @@ class AAFast(Attack):
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ConfigError(
-                    f"aa-fast: {option} must be an integer >= {least}, got {value!r} (e.g. aa-fast:{option}={max(least, 1)})"
+                    f"aa-fast: {option} must be an integer >= {least}, got {value!r} "
+                    f"(e.g. aa-fast:{option}={max(least, 1)})"
                 )
         if not isinstance(escalate, bool):
             raise ConfigError(
@@ -135,15 +136,21 @@ class AAFast(Attack):
             or not 0 <= escalate_above < 1
         ):
             raise ConfigError(
-                f"aa-fast: escalate_above is the fraction of points Square must break for the full targeted stages to run, in [0, 1), got {escalate_above!r} (e.g. aa-fast:escalate_above=0.002, pyautoattack's warning threshold)"
+                "aa-fast: escalate_above is the fraction of points Square must break for the full targeted stages "
+                f"to run, in [0, 1), got {escalate_above!r} (e.g. aa-fast:escalate_above=0.002, pyautoattack's "
+                "warning threshold)"
             )
         if isinstance(close, bool) or not isinstance(close, (int, float)) or close < 0:
             raise ConfigError(
-                f"aa-fast: close is the share of a point's clean margin under which AutoAttack's remaining stages run on it, a number >= 0, got {close!r} (e.g. aa-fast:close=0.25; a large value such as 1e9 runs them on every survivor)"
+                "aa-fast: close is the share of a point's clean margin under which AutoAttack's remaining stages "
+                f"run on it, a number >= 0, got {close!r} (e.g. aa-fast:close=0.25; a large value such as 1e9 runs "
+                "them on every survivor)"
             )
         if isinstance(square_stop, bool) or not isinstance(square_stop, (int, float)) or square_stop < 0:
             raise ConfigError(
-                f"aa-fast: square_stop is how many times faster than lately a point's Square margin must be able to fall to keep searching, a number >= 0 (0: never stop early), got {square_stop!r} (e.g. aa-fast:square_stop=2)"
+                "aa-fast: square_stop is how many times faster than lately a point's Square margin must be able to "
+                f"fall to keep searching, a number >= 0 (0: never stop early), got {square_stop!r} "
+                "(e.g. aa-fast:square_stop=2)"
             )
         self.targets, self.ranking, self.steps, self.square_queries, self.batch_size = (
             targets,
@@ -154,14 +161,17 @@ class AAFast(Attack):
         )
         if isinstance(restart_close, bool) or not isinstance(restart_close, (int, float)) or restart_close < 0:
             raise ConfigError(
-                f"aa-fast: restart_close is the share of a target's clean gap z_y - z_t under which that target gets more random starts, a number >= 0, got {restart_close!r} (e.g. aa-fast:restart_close=0.05; 0 turns the restarts off)"
+                "aa-fast: restart_close is the share of a target's clean gap z_y - z_t under which that target "
+                f"gets more random starts, a number >= 0, got {restart_close!r} (e.g. aa-fast:restart_close=0.05; 0 "
+                "turns the restarts off)"
             )
         self.close, self.square_stop, self.square_every = close, square_stop, square_every
         self.restarts, self.restart_close = restarts, restart_close
         self.escalate, self.escalate_above = escalate, escalate_above
         if square not in SQUARE_IMPLEMENTATIONS:
             raise ConfigError(
-                f"aa-fast: square is the Square implementation, one of {', '.join(SQUARE_IMPLEMENTATIONS)}, got {square!r} (e.g. aa-fast:square=pyautoattack)"
+                f"aa-fast: square is the Square implementation, one of {', '.join(SQUARE_IMPLEMENTATIONS)}, got "
+                f"{square!r} (e.g. aa-fast:square=pyautoattack)"
             )
         self.square = square
 
@@ -215,7 +225,8 @@ class AAFast(Attack):
                     checks.check_square_sr(cascade.accuracies, logger=logger)
                     masked = self.escalate and "square" in stages and cascade.square_beat_gradients(self.escalate_above)
                     chosen, why = cascade.choose_for_remaining(self.close, every_survivor=masked)
-                    # Where gradients are masked FAB-T breaks most survivors: it goes first there, APGD-T first elsewhere.
+                    # Where gradients are masked FAB-T breaks most survivors: it goes first there, APGD-T first
+                    # elsewhere.
                     for stage in sorted(remaining, key=lambda stage: stage != "fab-t") if masked else remaining:
                         if not (cascade.robust & chosen).any():
                             break
@@ -252,12 +263,14 @@ class AAFast(Attack):
             "implementation": f"pyautoattack {pyautoattack.__version__}: "
             + " -> ".join(self._describe(stage, targets) for stage in stages)
             + (
-                f"; on survivors within {self.close:g} of their clean margin, and on every survivor where Square beat the gradient stages: {' -> '.join(self._describe(stage, targets) for stage in remaining)}"
+                f"; on survivors within {self.close:g} of their clean margin, and on every survivor where Square "
+                f"beat the gradient stages: {' -> '.join(self._describe(stage, targets) for stage in remaining)}"
                 if remaining
                 else ""
             )
             + (
-                f"; APGD-T with up to {self.restarts} fresh random starts on each target whose gap came within {self.restart_close:g} of its clean gap"
+                f"; APGD-T with up to {self.restarts} fresh random starts on each target whose gap came within "
+                f"{self.restart_close:g} of its clean gap"
                 if targets and self.restarts and self.restart_close > 0
                 else ""
             ),
@@ -551,7 +564,8 @@ class _Cascade:
         square_closer = self.closest < self.gradient_closest
         return (
             self.robust & (near | square_closer),
-            f"closest example's margin at most {close:g} x the clean margin, or Square came closer than the gradient stages",
+            f"closest example's margin at most {close:g} x the clean margin, or Square came closer than the "
+            "gradient stages",
         )
 
     def boundary_pairs(self, close: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -112,7 +112,8 @@ class AutoAttack(Attack):
         ensemble.attacks_to_run = [attack for attack in ensemble.attacks_to_run if attack not in left_out]
         if not ensemble.attacks_to_run:
             raise ConfigError(
-                f"autoattack: none of the sub-attacks {left_out} works with {num_classes} classes; choose version='custom' with apgd-ce, fab or square"
+                f"autoattack: none of the sub-attacks {left_out} works with {num_classes} classes; choose "
+                "version='custom' with apgd-ce, fab or square"
             )
         details = {
             "sub_attacks": list(ensemble.attacks_to_run),

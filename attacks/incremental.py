@@ -392,7 +392,8 @@ class IncrementalForward:
         return self.head(_write_over(self.maps[-1].index_select(0, points), zero, zero, pieces).permute(0, 3, 1, 2))
 
     def commit(self, accepted: torch.Tensor) -> None:
-        """The last :meth:`propose`'s proposals (``accepted``, a mask over its points) become those points' current examples."""
+        """The last :meth:`propose`'s proposals (``accepted``, a mask over its points) become those points'
+        current examples."""
         every = accepted.repeat(len(self.points) // len(accepted))
         chosen = self.points[every]
         for maps, changes in zip(self.maps, self.pending):

@@ -69,8 +69,9 @@ def p_selection(query: int, *, p_init: float, queries: int, rescale_schedule: bo
 def incremental_pays(windows: int, side: int, height: int, width: int) -> bool:
     """Whether the incremental forward pass (attacks/incremental.py) is used for queries of ``windows``
     windows of ``side``: one window covering at most 1/12 of the image. Measured with a one-off script
-    on ``mnist-cnn`` (28 x 28, 100 points, one thread, AMD EPYC), per query: 2.3x faster than the traced model at side 3, 1.9x at 5,
-    1.5x at 7, 1.2x at 9, slower at 13; two windows (l_2): 1.0x at side 3, slower above."""
+    on ``mnist-cnn`` (28 x 28, 100 points, one thread, AMD EPYC), per query: 2.3x faster than the traced
+    model at side 3, 1.9x at 5, 1.5x at 7, 1.2x at 9, slower at 13; two windows (l_2): 1.0x at side 3,
+    slower above."""
     return windows == 1 and side * side * 12 <= height * width
 
 
@@ -95,7 +96,8 @@ class _Queries:
     def margins(
         self, proposal: torch.Tensor, todo: torch.Tensor, corners, side: int, best: torch.Tensor
     ) -> torch.Tensor:
-        """The margins of ``proposal``, the points ``todo``'s examples changed inside ``side`` x ``side`` windows at ``corners``."""
+        """The margins of ``proposal``, the points ``todo``'s examples changed inside ``side`` x ``side``
+        windows at ``corners``."""
         self.local = self.incremental is not None and incremental_pays(len(corners), side, self.height, self.width)
         if not self.local:
             return label_margins(self.forward(proposal), self.labels[todo])
@@ -362,11 +364,13 @@ class Square(Attack):
         for option, value, least in (("queries", queries, 0), ("batch_size", batch_size, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ConfigError(
-                    f"square: {option} must be an integer >= {least}, got {value!r} (e.g. square:{option}={max(least, 1000)})"
+                    f"square: {option} must be an integer >= {least}, got {value!r} "
+                    f"(e.g. square:{option}={max(least, 1000)})"
                 )
         if isinstance(p_init, bool) or not isinstance(p_init, (int, float)) or not 0 < p_init <= 1:
             raise ConfigError(
-                f"square: p_init is the share of the image the first windows cover, in (0, 1], got {p_init!r} (e.g. square:p_init=0.8)"
+                f"square: p_init is the share of the image the first windows cover, in (0, 1], got {p_init!r} "
+                "(e.g. square:p_init=0.8)"
             )
         for option, value in (("rescale_schedule", rescale_schedule), ("trace", trace), ("incremental", incremental)):
             if not isinstance(value, bool):
@@ -386,7 +390,8 @@ class Square(Attack):
         grid = image_shape(images.shape[1:])
         if norm == "l2" and min(grid[1:]) < 5:
             raise ConfigError(
-                f"square: l_2 Square tiles the image with 5 x 5 windows and needs images of at least 5 x 5 pixels, got inputs of shape {tuple(images.shape[1:])}"
+                "square: l_2 Square tiles the image with 5 x 5 windows and needs images of at least 5 x 5 pixels, "
+                f"got inputs of shape {tuple(images.shape[1:])}"
             )
         forward, incremental, how = None, None, "eager"
         queries_used: list[dict] = []
@@ -406,7 +411,9 @@ class Square(Attack):
                     if self.incremental and norm == "linf":
                         incremental, built = IncrementalForward.build(model, x0.reshape(len(x0), *grid))
                         how += f"; {built}"
-                call = lambda flat, forward=forward, shape=x0.shape[1:]: forward(flat.reshape(len(flat), *shape))  # noqa: E731
+                call = lambda flat, forward=forward, shape=x0.shape[1:]: forward(  # noqa: E731
+                    flat.reshape(len(flat), *shape)
+                )
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + index * 1009 + start)
                 options = {
                     "eps": eps,

@@ -4,12 +4,14 @@ For each model and threat (l_inf 0.3 and l_2 2.0 by default), on the first N tes
 invarbench's ``autoattack`` (pyautoattack standard: APGD-CE, APGD-T with 9 targets, FAB-T, Square 5000)
 and of ``aa-fast``, run one after the other on the same correctly classified points (which one goes
 first alternates between models), their robust accuracies, the difference, and the per-point
-disagreements (indices one broke and the other did not). Targets: no point broken only by AutoAttack on any pair; at least
-5x over the summed time of all pairs, and 3x on every pair where AutoAttack takes more than 60 s. Forward
+disagreements (indices one broke and the other did not). Targets: no point broken only by AutoAttack on
+any pair; at least 5x over the summed time of all pairs, and 3x on every pair where AutoAttack takes more
+than 60 s. Forward
 and backward passes of both are counted (``passes``, in points). Blocks of the test set with ``--start``;
 re-running with the same ``--out`` continues after the pairs already measured.
 
-    python benchmarks/aa_fast_vs_autoattack.py [--n 1000] [--start 0] [--models NAME ...] [--threats linf:0.3 l2:2.0] [--out benchmarks/results/aa_fast.json]
+    python benchmarks/aa_fast_vs_autoattack.py [--n 1000] [--start 0] [--models NAME ...]
+        [--threats linf:0.3 l2:2.0] [--out benchmarks/results/aa_fast.json]
 """
 
 from __future__ import annotations
@@ -103,14 +105,18 @@ def compare(
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | threat | n | clean | AutoAttack | aa-fast | aa-fast - AA (points) | AutoAttack s | aa-fast s | speed-up | only AA broke | only aa-fast broke |",
+        "| model | threat | n | clean | AutoAttack | aa-fast | aa-fast - AA (points) | AutoAttack s | aa-fast s | "
+        "speed-up | only AA broke | only aa-fast broke |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['model']} | {row['threat']} | {row['n']} | {100 * row['clean_accuracy']:.1f}% | {100 * row['autoattack_robust_accuracy']:.1f}% | {100 * row['aa_fast_robust_accuracy']:.1f}% "
-            f"| {row['difference_points']:+.1f} | {row['autoattack_seconds']:.1f} | {row['aa_fast_seconds']:.1f} | {row['speedup']:.2f}x "
-            f"| {len(row['only_autoattack_broke'])} {row['only_autoattack_broke'][:10]} | {len(row['only_aa_fast_broke'])} {row['only_aa_fast_broke'][:10]} |"
+            f"| {row['model']} | {row['threat']} | {row['n']} | {100 * row['clean_accuracy']:.1f}% | "
+            f"{100 * row['autoattack_robust_accuracy']:.1f}% | {100 * row['aa_fast_robust_accuracy']:.1f}% "
+            f"| {row['difference_points']:+.1f} | {row['autoattack_seconds']:.1f} | {row['aa_fast_seconds']:.1f} | "
+            f"{row['speedup']:.2f}x "
+            f"| {len(row['only_autoattack_broke'])} {row['only_autoattack_broke'][:10]} | "
+            f"{len(row['only_aa_fast_broke'])} {row['only_aa_fast_broke'][:10]} |"
         )
     return "\n".join(lines)
 
@@ -182,7 +188,8 @@ def main() -> None:
             write_report(args, rows)
     print()
     print(
-        f"first {args.n} MNIST test points, {torch.get_num_threads()} threads, pyautoattack {pyautoattack.__version__}, aa-fast options {rows[0]['aa_fast_options']['implementation'] if rows else ''}"
+        f"first {args.n} MNIST test points, {torch.get_num_threads()} threads, pyautoattack "
+        f"{pyautoattack.__version__}, aa-fast options {rows[0]['aa_fast_options']['implementation'] if rows else ''}"
     )
     print(table(rows))
     slow = [row["speedup"] for row in rows if row["autoattack_seconds"] > 60]
