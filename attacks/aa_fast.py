@@ -7,9 +7,8 @@ Per eps, on the points still robust:
    ``targets`` most promising classes, ranked at the clean point: by default by the logit margin
    z_y - z_t (pyautoattack's own order, so its first ``targets`` targets), or with ``ranking="malt"`` by
    MALT's (Melamed et al., 2023) margin normalised by its gradient, (z_y - z_t) / ||grad z_y - grad z_t||_dual,
-   a linear estimate of the distance to class t's decision boundary. Measured on MNIST zoo models (see
-   docs/perturbation.md), the top 3 by logits caught at least as many of the points that any target
-   breaks as the top 3 by MALT;
+   a linear estimate of the distance to class t's decision boundary (docs/perturbation.md compares the
+   two on the zoo);
 3. Square (a gradient-free search) with ``square_queries`` queries, invarbench's own (attacks/square.py:
    the same algorithm, each point's own windows, seeded, forward passes through an inference-optimised
    copy of the model where one matches it) or with ``square="pyautoattack"`` pyautoattack's
@@ -26,8 +25,8 @@ Per eps, on the points still robust:
 5. boundary restarts: every (point, target) still robust whose gap z_y - z_t came within
    ``restart_close`` (0.05) of its clean gap in any stage's example gets targeted APGD with fresh random
    starts, up to ``restarts`` (16) times. AutoAttack's single run breaks some such points by the luck of
-   its start (test point 74 of ``mnist-cnn-pgd-linf-0.1`` at l_2 2: 3 of 10 seeds); more starts make
-   aa-fast break them more often than AutoAttack does.
+   its start (docs/perturbation.md names one); more starts make aa-fast break them more often than
+   AutoAttack does.
 
 Each stage runs only on the points every earlier stage left robust, one eps at a time from the
 smallest; a point broken at a smaller eps is broken at the larger ones by the same example. Each
@@ -341,10 +340,9 @@ class _Cascade:
 
     ``box`` is the model as the cascade runs it (a channels-last copy where one matches it), ``given`` the
     model as given: the remaining stages (AutoAttack's own APGD-T and FAB-T) run on that one, so that
-    on the points they attack they compute what AutoAttack computes. FAB-T's path is sensitive to the
-    last bits of the logits (on ``mnist-cnn-pgd-linf-0.3`` at l_2 2, test point 13, it broke the point on
-    the model as given and not on the channels-last copy). ``points`` are the points' indices in the
-    evaluation, which the statistics name."""
+    on the points they attack they compute what AutoAttack computes: FAB-T's path is sensitive to the
+    last bits of the logits, and a point it breaks on the model as given it may miss on the copy.
+    ``points`` are the points' indices in the evaluation, which the statistics name."""
 
     def __init__(self, box, unit, labels, *, given, norm, eps, seed, batch_size, device, logger, points=None):
         self.box, self.given, self.x, self.y = box, given, unit, labels
@@ -666,8 +664,7 @@ class _Cascade:
 def channels_last_copy(model: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, str]:
     """A copy of ``model`` in channels-last memory format, where its logits on ``example`` match the
     model's (:func:`invarbench.evaluation.same_logits`); else ``model``; and which one. On the CPU,
-    oneDNN's pooling and convolutions are faster in that format: measured with a one-off script on
-    ``mnist-cnn`` (100 points, one thread), pyautoattack's APGD-CE took 8.7 s against 10.7 s."""
+    oneDNN's pooling and convolutions are faster in that format."""
     if example.dim() != 4 or example.device.type != "cpu":
         return model, "as given"
     try:

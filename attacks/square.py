@@ -28,10 +28,8 @@ What differs from pyautoattack's implementation:
 - at l_inf, once the window covers at most 1/12 of the image (from query 500 of 5000 on MNIST), a
   proposal's logits come from the incremental forward pass (attacks/incremental.py, ``incremental=True``)
   where the model is a convolutional network it can read: only the part of each layer's maps that the
-  window reaches is computed again. It is checked against the model's logits like the traced copy.
-  Measured once with a one-off script on ``mnist-cnn-pgd-linf-0.3`` (first 100 test points, l_inf 0.3,
-  5000 queries, one thread): Square took 77.5 s with it and 118.8 s without, and broke the same 7
-  points; ``benchmarks/aa_fast_vs_autoattack.py`` measures it inside aa-fast.
+  window reaches is computed again. It is checked against the model's logits like the traced copy;
+  ``benchmarks/aa_fast_vs_autoattack.py`` measures it inside aa-fast.
 
 l_2 (:func:`square_l2`) follows the paper the same way: the centred-rectangles pattern, two windows per query,
 the mass of both moved into the first, the perturbation kept at norm eps.
@@ -68,10 +66,8 @@ def p_selection(query: int, *, p_init: float, queries: int, rescale_schedule: bo
 
 def incremental_pays(windows: int, side: int, height: int, width: int) -> bool:
     """Whether the incremental forward pass (attacks/incremental.py) is used for queries of ``windows``
-    windows of ``side``: one window covering at most 1/12 of the image. Measured with a one-off script
-    on ``mnist-cnn`` (28 x 28, 100 points, one thread, AMD EPYC), per query: 2.3x faster than the traced
-    model at side 3, 1.9x at 5, 1.5x at 7, 1.2x at 9, slower at 13; two windows (l_2): 1.0x at side 3,
-    slower above."""
+    windows of ``side``: one window covering at most 1/12 of the image (on MNIST's CNN, larger windows or
+    two of them, as at l_2, recompute so much of each map that the traced model is as fast)."""
     return windows == 1 and side * side * 12 <= height * width
 
 
