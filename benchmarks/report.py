@@ -95,12 +95,55 @@ def _pgd_overhead(report: dict) -> str:
     )
 
 
+def _passes(row: dict, attack: str) -> dict | None:
+    """A row's counted forward and backward passes (in points). aa-fast's own Square ran its queries through a
+    traced copy of the model that the pass counter did not see until ``square_counted``: its recorded
+    queries per point (one forward pass each, the start included) are added."""
+    counted = row.get(f"{attack}_passes")
+    if not counted or attack != "aa_fast" or row["aa_fast_options"].get("square_counted", True):
+        return counted
+    if row["aa_fast_options"].get("square_implementation") != "invarbench":
+        return counted
+    square = sum(
+        sum(entry.get("queries", []))
+        for entry in row["aa_fast_options"]["stage_statistics"]
+        if entry["stage"] == "square"
+    )
+    return {**counted, "forward": counted["forward"] + square}
+
+
+def _aa_fast_overall(reports: list[dict]) -> str:
+    """The targets over every measurement with counted passes: the summed speed-up, the smallest speed-up
+    where AutoAttack took more than 60 s, and the points broken only by AutoAttack."""
+    rows = [row for report in reports if "start" in report for row in report["rows"] if row.get("autoattack_passes")]
+    if not rows:
+        return ""
+    reference = sum(row["autoattack_seconds"] for row in rows)
+    fast = sum(row["aa_fast_seconds"] for row in rows)
+    slow = [row["speedup"] for row in rows if row["autoattack_seconds"] > 60]
+    missed = sorted(
+        f"{row['model']} {row['threat']}: {', '.join(map(str, row['only_autoattack_broke']))}"
+        for row in rows
+        if row["only_autoattack_broke"]
+    )
+    points = sum(row["n"] for row in rows)
+    forward = [sum(_passes(row, attack)["forward"] for row in rows) for attack in ("autoattack", "aa_fast")]
+    backward = [sum(_passes(row, attack)["backward"] for row in rows) for attack in ("autoattack", "aa_fast")]
+    return (
+        f"Over the {len(rows)} measured pairs above ({points} points in all): AutoAttack {reference:.0f} s, aa-fast"
+        f" {fast:.0f} s, summed speed-up {reference / fast:.2f}x (target >= 5);"
+        f" smallest speed-up where AutoAttack took more than 60 s: {min(slow):.2f}x (target >= 3);"
+        f" forward passes {forward[0] / forward[1]:.2f}x and backward passes {backward[0] / backward[1]:.2f}x fewer;"
+        f" points broken only by AutoAttack: {'; '.join(missed) if missed else 'none'} (target: none).\n"
+    )
+
+
 def _aa_fast(report: dict) -> str:
     start = report.get("start", 0)
     block = f"First {report['n']}" if not start else f"Test points {start} to {start + report['n'] - 1} ({report['n']})"
 
     def passes(row: dict, attack: str) -> str:
-        counted = row.get(f"{attack}_passes")
+        counted = _passes(row, attack)
         return f"{counted['forward']:,} / {counted['backward']:,}" if counted else "not counted"
 
     lines = [
@@ -337,8 +380,15 @@ MEASURED_ON_GPU = ("pgd_sweep", "aa_fast")
 GPU_ONLY = ("device_tests", "invariance_speed")
 
 
-def _rendered(renderer, paths: list[Path]) -> str:
-    return "\n".join(renderer(json.loads(path.read_text(encoding="utf-8"))) for path in paths)
+#: Benchmarks whose measurements also get one summary over all of them (after their tables).
+OVERALL = {"aa_fast": _aa_fast_overall}
+
+
+def _rendered(renderer, paths: list[Path], overall=None) -> str:
+    reports = [json.loads(path.read_text(encoding="utf-8")) for path in paths]
+    text = "\n".join(renderer(report) for report in reports)
+    summary = overall(reports) if overall and reports else ""
+    return f"{text}\n{summary}" if summary else text
 
 
 def render(results: Path = RESULTS) -> dict[str, str]:
@@ -351,7 +401,10 @@ def render(results: Path = RESULTS) -> dict[str, str]:
         on_gpu = [path for path in paths if path.stem == f"{stem}-{GPU_SUFFIX}"]
         on_cpu = [path for path in paths if path not in on_gpu]
         if stem not in GPU_ONLY:
-            tables[name] = _rendered(renderer, on_cpu) or f"Not measured yet: run `python benchmarks/{script}`.\n"
+            tables[name] = (
+                _rendered(renderer, on_cpu, OVERALL.get(stem))
+                or f"Not measured yet: run `python benchmarks/{script}`.\n"
+            )
         if stem in GPU_ONLY or stem in MEASURED_ON_GPU:
             tables[name if stem in GPU_ONLY else f"{name}-{GPU_SUFFIX}"] = (
                 _rendered(renderer, on_gpu)
