@@ -259,6 +259,7 @@ class AAFast(Attack):
             "n_target_classes": targets,
             "stage_statistics": statistics,
             "passes": counter.as_dict(),
+            "square_counted": True,
             "implementation": f"pyautoattack {pyautoattack.__version__}: "
             + " -> ".join(self._describe(stage, targets) for stage in stages)
             + (
@@ -508,6 +509,10 @@ class _Cascade:
                     **local,
                 )
                 used.append(queries.cpu())
+                # Its queries ran through the traced copy (or the incremental pass), not through ``box``: one
+                # forward pass per query and point, the start included.
+                if self.box.counter is not None:
+                    self.box.counter.forward += int(queries.sum())
                 return best
 
             self._on_survivors(square, selected)

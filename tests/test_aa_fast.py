@@ -116,6 +116,10 @@ def test_each_stage_attacks_only_the_points_earlier_stages_left_robust(monkeypat
         elif current is not None:
             assert event <= stage_of[current]["attacked"], (current, event)
     assert int(result.success.sum()) == sum(entry["broken"] for entry in statistics)
+    # Square's queries run through a traced copy of the model; they are counted among the forward passes.
+    square_queries = sum(sum(entry["queries"]) for entry in statistics if entry["stage"] == "square")
+    assert square_queries > 0 and result.options["square_counted"]
+    assert result.options["passes"]["forward"] >= square_queries + len(labels)
     assert (
         (result.norms[result.success] <= 0.007 + 1e-6).all()
         and (result.adversarials >= 0).all()
