@@ -14,8 +14,8 @@ Per eps, on the points still robust:
    copy of the model where one matches it) or with ``square="pyautoattack"`` pyautoattack's
    ``SquareAttack``; so robustness that masked gradients hide is still found. A point's search ends
    early (:class:`SquareStopping`) only where its margin stayed above the lowest margin the gradient
-   stages reached on it and could not reach zero in the queries left at ``square_stop`` times its fall
-   over the last ``square_every`` queries;
+   stages reached on it and above ``close`` times its clean margin, and could not reach zero in the queries
+   left at ``square_stop`` times its fall over the last ``square_every`` queries;
 4. the guarantee: AutoAttack's remaining targeted stages, APGD-T against the other targets and FAB-T
    against every target, on each survivor where they can matter: its closest example (the lowest
    margin any stage reached) is within ``close`` (0.25) of its clean margin, or Square came closer
@@ -79,9 +79,10 @@ class AAFast(Attack):
 
     ``targets=0`` or ``square_queries=0`` leaves that stage out. ``close`` is the guarantee's threshold: a
     survivor whose closest example's margin is at most ``close`` times its clean margin gets the remaining
-    stages. ``square_stop`` ends a point's Square search early where, at a checkpoint, its margin stayed
-    above the gradient stages' and could not reach zero in the queries left even falling ``square_stop``
-    times as fast as over the last ``square_every`` queries (0 runs every search to the end).
+    stages and a Square search to its end. ``square_stop`` ends a point's Square search early where, at a
+    checkpoint, its margin stayed above the gradient stages' and above ``close`` times its clean margin, and
+    could not reach zero in the queries left even falling ``square_stop`` times as fast as over the last
+    ``square_every`` queries (0 runs every search to the end).
     ``restarts`` and ``restart_close``: targeted APGD with fresh random starts, at most ``restarts`` times, on
     each (point, target) whose gap z_y - z_t came within ``restart_close`` of its clean gap. ``escalate``
     runs the remaining stages on every survivor where Square broke more than ``escalate_above`` of the
@@ -308,16 +309,17 @@ class AAFast(Attack):
             "implementation": self.square,
             "stop": self.square_stop,
             "every": self.square_every,
+            "close": self.close,
         }
 
 
 class SquareStopping:
     """When a point's Square search ends before its budget: at every ``every``-th query from the
-    ``2 * every``-th on, where its margin is still above the lowest margin the gradient stages reached
-    (``floor``: Square is not beating them on it) and could not reach zero in the queries left even if it
-    fell ``factor`` times as fast as over the last ``every`` queries. Square's margins fall ever more
-    slowly as its windows shrink, so the straight line drawn from the last stretch already overestimates
-    what is left to gain; ``factor`` is the margin of safety on top."""
+    ``2 * every``-th on, where its margin is still above ``floor`` and could not reach zero in the queries
+    left even if it fell ``factor`` times as fast as over the last ``every`` queries. aa-fast's floor is
+    the larger of the lowest margin the gradient stages reached (Square is not beating them) and ``close``
+    times the clean margin: a search that came near the boundary runs to the end, as Square's margin can
+    sit on a plateau for hundreds of queries and then fall again."""
 
     def __init__(self, floor: torch.Tensor, *, queries: int, every: int, factor: float):
         self.floor, self.queries, self.every, self.factor = floor, queries, every, factor
@@ -488,8 +490,9 @@ class _Cascade:
 
             def square(x, y, picked):
                 stop = (
+                    # A search near the boundary (margin within ``close`` of the clean one) runs to the end.
                     SquareStopping(
-                        self.gradient_closest[picked],
+                        torch.maximum(self.gradient_closest[picked], options["close"] * self.clean_margin[picked]),
                         queries=options["queries"],
                         every=options["every"],
                         factor=options["stop"],

@@ -358,3 +358,22 @@ def test_aa_fast_breaks_the_points_only_late_targets_break_on_the_zoo_model():
     assert left >= 1 and late and late[0]["attacked"] == left, result.options["stage_statistics"]
     assert sum(entry["broken"] for entry in late) == left, result.options["stage_statistics"]
     assert result.options["passes"]["forward"] > 0 and result.options["passes"]["backward"] > 0
+
+
+@pytest.mark.mnist
+def test_a_square_search_near_the_boundary_runs_to_the_end_on_the_zoo_model():
+    """Test point 5152 of mnist-cnn-pgd-linf-0.3 at l_inf 0.3: AutoAttack's Square broke it (4 of 4 seeds,
+    and invarbench's Square at queries 3800-4800 when run to the end), while aa-fast's Square, ended early
+    at query 1751 by the straight-line rule, did not: its margin sat on plateaus for hundreds of queries.
+    A search whose margin is within ``close`` of the clean one now runs to the end."""
+    from invarbench.datasets import load_dataset
+    from invarbench.models import load_model
+
+    images, labels = load_dataset("mnist").evaluation_subset(5153)
+    point = slice(5152, 5153)
+    result = create_attack("aa-fast")(
+        load_model("mnist-cnn-pgd-linf-0.3"), images[point], labels[point], norm="linf", epsilons=(0.3,)
+    )
+    square = next(entry for entry in result.options["stage_statistics"] if entry["stage"] == "square")
+    assert result.success[0].tolist() == [True], result.options["stage_statistics"]
+    assert square["broken"] == 1 and square["queries"][0] > 1751 and square["ended_early"] == 0
