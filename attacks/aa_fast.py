@@ -621,11 +621,10 @@ class _Cascade:
                 adversarial, highest = _single_run(apgd, x, y, aimed.to(self.device))
                 with torch.no_grad():
                     for candidate in (adversarial, highest):
-                        margin = label_margins(self.given(candidate.detach()), y).cpu()
-                        for position, point in enumerate(picked.tolist()):
-                            if self.robust[point] and margin[position] < 0:
-                                self.robust[point] = False
-                                self.adversarial[point] = candidate[position].detach().cpu()
+                        # A point may stand in several pairs of the batch: any example that fools the model will do.
+                        fooled = (label_margins(self.given(candidate.detach()), y).cpu() < 0) & self.robust[picked]
+                        self.robust[picked[fooled]] = False
+                        self.adversarial[picked[fooled]] = candidate.detach().cpu()[fooled]
         entry.update(
             broken=before - int(self.robust.sum()),
             restarts_run=runs,

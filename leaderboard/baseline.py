@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from invarbench.attacks import ThreatModel
 from invarbench.config import HEADLINE_THREATS
 from invarbench.errors import InvarbenchError
 from invarbench.io import atomic_write_text
@@ -32,11 +33,11 @@ TOLERANCE = 0.001
 
 def headline_pairs(dataset: str) -> list[tuple[str, float]]:
     """The data set's headline (norm, eps) pairs, e.g. ``[("linf", 0.3), ("l2", 2.0)]`` for MNIST."""
-    pairs = []
-    for text in HEADLINE_THREATS.get(dataset, ()):
-        norm, _, values = text.partition(":")
-        pairs += [(norm, float(eps)) for eps in values.split(",")]
-    return pairs
+    return [
+        (threat.norm, eps)
+        for threat in map(ThreatModel.parse, HEADLINE_THREATS.get(dataset, ()))
+        for eps in threat.epsilons
+    ]
 
 
 def _worst_case(entry: dict[str, Any], norm: str, eps: float) -> dict[str, Any] | None:

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import jinja2
+import pandas as pd
 
 from invarbench.io import atomic_write_text
 from invarbench.leaderboard import OUTPUT_DIR, SITE_DIR
@@ -54,7 +55,9 @@ def _links(page_dir: Path) -> dict[str, str]:
 DETAIL_COLUMNS = ("architecture", "recipe", "trained against", "n")
 
 
-def _dataset_sections(entries: list[dict], plot_files: list[Path], site_dir: Path) -> list[dict]:
+def _dataset_sections(
+    entries: list[dict], headlines: dict[str, pd.DataFrame], plot_files: list[Path], site_dir: Path
+) -> list[dict]:
     """Per data set, what the index leads with: the headline table (clean accuracy, worst case per eps,
     invariance accuracy, flags), the trade-off and robustness plots, and the invariance summary with its
     oracle's calibration said once."""
@@ -62,7 +65,7 @@ def _dataset_sections(entries: list[dict], plot_files: list[Path], site_dir: Pat
     for dataset in sorted({entry["dataset"] for entry in entries}):
         models = sorted({entry["model"] for entry in entries if entry["dataset"] == dataset})
         links = {model: f"models/{model}.html" for model in models}
-        headline = perturbation_table(entries, dataset, summary=True)
+        headline = headlines[dataset]
         sizes = sorted(set(headline["n"])) if "n" in headline else []
         headline = headline.drop(columns=[column for column in DETAIL_COLUMNS if column in headline])
         headline = headline.rename(columns=lambda column: column.replace("invariance accuracy ", "invariance "))
@@ -132,10 +135,12 @@ def build_site(
     for gallery in sorted(entries_dir.glob("*.gallery.png")):
         galleries.setdefault(gallery.name.split("__")[0], []).append(gallery)
     models = sorted({entry["model"] for entry in entries})
+    # The headline table of each data set, for the index and each model page's row.
+    headlines = {dataset: perturbation_table(entries, dataset, summary=True) for dataset in datasets}
     index = TEMPLATES.get_template("index.html.j2").render(
         title="invarbench leaderboard",
         links=_links(site_dir),
-        sections=_dataset_sections(entries, plot_files, site_dir),
+        sections=_dataset_sections(entries, headlines, plot_files, site_dir),
         models=models,
         entry_count=len(entries),
     )
@@ -170,7 +175,7 @@ def build_site(
                 ),
             )
             for dataset in sorted(model_datasets)
-            for frame in [perturbation_table(entries, dataset, summary=True)]
+            for frame in [headlines[dataset]]
             if "model" in frame and (frame["model"] == model).any()
         ]
         reference = model_entries[0]["reference"]

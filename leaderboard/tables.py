@@ -17,12 +17,11 @@ from typing import Any
 
 import pandas as pd
 
-from invarbench.attacks import ThreatModel
 from invarbench.attacks.autoattack import reliability_flag
-from invarbench.config import HEADLINE_THREATS, RUNNER_OPTIONS, AttackSpec
+from invarbench.config import RUNNER_OPTIONS, AttackSpec
 from invarbench.io import atomic_write_text
 from invarbench.leaderboard import OUTPUT_DIR
-from invarbench.leaderboard.baseline import comparison_frame, load_baselines
+from invarbench.leaderboard.baseline import comparison_frame, headline_pairs, load_baselines
 from invarbench.leaderboard.entries import ENTRIES_DIR, curve_median_norm, load_entries
 from invarbench.leaderboard.plots import build_plots
 from invarbench.leaderboard.reference import describe, load_reference
@@ -37,11 +36,7 @@ def _percent(value: float | None) -> str:
 
 
 def _headline(dataset: str) -> list[tuple[str, str]]:
-    return [
-        (threat.norm, f"{eps:g}")
-        for threat in map(ThreatModel.parse, HEADLINE_THREATS.get(dataset, ()))
-        for eps in threat.epsilons
-    ]
+    return [(norm, f"{eps:g}") for norm, eps in headline_pairs(dataset)]
 
 
 NORM_ORDER = ("linf", "l2")
