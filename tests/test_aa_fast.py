@@ -318,6 +318,35 @@ def test_boundary_restarts_go_to_the_targets_whose_gap_came_near_zero():
     assert cascade.boundary_pairs(0.2)[0].tolist() == [0, 1]
 
 
+def test_fab_t_attacks_only_the_targets_whose_gap_came_near_zero_on_a_linear_model():
+    """On a linear model the l_inf distance to class t's boundary is (z_y - z_t) / ||w_y - w_t||_1: at an eps
+    between the nearest and the second-nearest boundary only the nearest class breaks the point. FAB-T runs
+    against that target where an earlier example came within ``close`` of its gap, and against no other."""
+    cascade, labels = linear_cascade(4)
+    model, layer, x, _ = linear_images(count=4)
+    w, b = layer.weight.detach(), layer.bias.detach()
+    z = x.flatten(1) @ w.T + b
+    distance = (z.gather(1, labels.view(-1, 1)) - z) / (w[labels].unsqueeze(1) - w.unsqueeze(0)).abs().sum(2)
+    distance[torch.arange(4), labels] = float("inf")
+    nearest = distance[0].argsort()
+    cascade.eps = float(distance[0, nearest[0]] + distance[0, nearest[1]]) / 2
+    rank = int((z[0] > z[0, nearest[0]]).sum())  # 1 for the largest other logit
+    chosen = torch.tensor([True, False, False, False])
+    # No example came near any target: FAB-T runs on nothing and the point stays robust.
+    cascade.run_stage("fab-t", chosen=chosen, steps=20, targets=9, close=0.25)
+    untouched = cascade.statistics[-1]
+    assert untouched["targets_attacked"] == [0] * 9 and bool(cascade.robust[0])
+    cascade.closest_gaps[0, nearest[0]] = 0.2 * cascade.clean_gaps[0, nearest[0]]
+    cascade.closest_gaps[0, nearest[1]] = 0.3 * cascade.clean_gaps[0, nearest[1]]
+    cascade.run_stage("fab-t", chosen=chosen, steps=20, targets=9, close=0.25)
+    entry = cascade.statistics[-1]
+    assert entry["targets_attacked"] == [int(r == rank) for r in range(1, 10)], (entry, rank)
+    assert entry["broken_per_target"][rank - 1] == 1 and not cascade.robust[0]
+    assert cascade.robust[1:].all()
+    size = (cascade.adversarial[0] - cascade.x[0]).abs().max()
+    assert size <= cascade.eps + 1e-6
+
+
 def test_square_stopping_ends_only_searches_that_cannot_reach_zero_and_stay_above_the_gradients():
     floor = torch.tensor([1.0, 1.0, 5.0, 1.0])
     stopping = SquareStopping(floor, queries=1000, every=100, factor=1.5)
