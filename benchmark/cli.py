@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from datetime import date
@@ -13,6 +14,7 @@ from pathlib import Path
 from invarbench import __version__
 from invarbench.api import DEFAULT_RUNS_DIR, format_table
 from invarbench.errors import ConfigError, InvarbenchError
+from invarbench.kernels import KERNEL_VARIABLES, entry_levels, kernel_environment, level_groups
 
 # Each command imports what it runs inside its function, so that `invarbench --help` loads no torch, pandas
 # or jinja2 (tests/test_cli_help.py); the other modules import at the top (tests/test_imports.py).
@@ -230,13 +232,47 @@ def _leaderboard_reference(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from invarbench.leaderboard.check import check_entries
-
     if args.update and args.device:
         raise ConfigError(
             "--update rewrites an entry's records, which must come from the entry's own device; drop --device (or"
             " --update)"
         )
+    if args.device != "cuda" and "torch" not in sys.modules and not any(var in os.environ for var in KERNEL_VARIABLES):
+        groups = level_groups(entry_levels(args.entries, args.names))
+        if len(groups) > 1:
+            return _check_per_level(args, groups)
+        level = next(iter(groups), None)
+        if level is not None:
+            # Before torch loads: the kernels round as they did when the entries were made (invarbench.kernels).
+            os.environ.update(kernel_environment(level))
+            print(f"checking with {level} kernels, the level the entries were made with ({_kernel_settings(level)})")
+    return _check_here(args)
+
+
+def _kernel_settings(level: str) -> str:
+    return " ".join(f"{name}={value}" for name, value in kernel_environment(level).items())
+
+
+def _check_per_level(args: argparse.Namespace, groups: dict[str | None, list[str]]) -> int:
+    """Entries made with different kernel levels are checked in one child process per level, since each
+    library reads its level once, when torch first runs a kernel."""
+    options = ["--entries", str(args.entries)] + (["--points", str(args.points)] if args.points else [])
+    options += (["--update"] if args.update else []) + (["--no-progress"] if args.no_progress else [])
+    worst = EXIT_OK
+    for level, stems in groups.items():
+        print(
+            f"checking {len(stems)} entries with {level or 'this machine'}'s kernels"
+            + (f" ({_kernel_settings(level)})" if level else "")
+        )
+        env = {**os.environ, **(kernel_environment(level) if level else {})}
+        done = subprocess.run([sys.executable, "-m", "invarbench.cli", "check", *stems, *options], env=env, check=False)
+        worst = max(worst, done.returncode)
+    return worst
+
+
+def _check_here(args: argparse.Namespace) -> int:
+    from invarbench.leaderboard.check import check_entries
+
     results = check_entries(
         args.entries,
         names=args.names,
