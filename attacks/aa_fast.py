@@ -86,7 +86,10 @@ class AAFast(Attack):
     ``restarts`` and ``restart_close``: targeted APGD with fresh random starts, at most ``restarts`` times, on
     each (point, target) whose gap z_y - z_t came within ``restart_close`` of its clean gap. ``fab_close``:
     FAB-T attacks a chosen survivor's target only where that target's gap came within ``fab_close`` of its
-    clean gap (every target where Square beat the gradient stages). ``escalate``
+    clean gap (every target where Square beat the gradient stages). ``square_restarts``: Square again from
+    the clean point with a fresh seed, at most that many times, on each survivor whose Square search came
+    within ``close`` of its clean margin (Square's luck: a search that ran to its end beside the boundary
+    may cross it with another random path). ``escalate``
     runs the remaining stages on every survivor where Square broke more than ``escalate_above`` of the
     points the gradient stages left. Models with fewer than 4 classes skip the targeted stages (their
     loss needs 4; recorded in the results).
@@ -105,6 +108,7 @@ class AAFast(Attack):
         restarts: int = 16,
         restart_close: float = 0.05,
         fab_close: float = 0.25,
+        square_restarts: int = 2,
         square_stop: float = 1.5,
         square_every: int = 250,
         escalate: bool = True,
@@ -122,6 +126,7 @@ class AAFast(Attack):
             ("square_queries", square_queries, 0),
             ("square_every", square_every, 1),
             ("restarts", restarts, 0),
+            ("square_restarts", square_restarts, 0),
             ("batch_size", batch_size, 1),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -176,7 +181,7 @@ class AAFast(Attack):
             )
         self.fab_close = fab_close
         self.close, self.square_stop, self.square_every = close, square_stop, square_every
-        self.restarts, self.restart_close = restarts, restart_close
+        self.restarts, self.restart_close, self.square_restarts = restarts, restart_close, square_restarts
         self.escalate, self.escalate_above = escalate, escalate_above
         if square not in SQUARE_IMPLEMENTATIONS:
             raise ConfigError(
@@ -248,6 +253,10 @@ class AAFast(Attack):
                         )
                     if targets and self.restarts and self.restart_close > 0:
                         cascade.restart_on_boundary(close=self.restart_close, restarts=self.restarts, steps=self.steps)
+                    if "square" in stages and self.square_restarts:
+                        cascade.restart_square(
+                            restarts=self.square_restarts, **self._stage_options("square", targets, norm)
+                        )
                 messages.extend(f"eps {eps:g}: {message}" for message in raised)
                 statistics.extend({"eps": eps, **entry} for entry in cascade.statistics)
                 broken_below.update(cascade.broken())
@@ -283,6 +292,12 @@ class AAFast(Attack):
                 f"; APGD-T with up to {self.restarts} fresh random starts on each target whose gap came within "
                 f"{self.restart_close:g} of its clean gap"
                 if targets and self.restarts and self.restart_close > 0
+                else ""
+            )
+            + (
+                f"; Square again with up to {self.square_restarts} fresh seeds on each survivor whose Square search "
+                f"came within {self.close:g} of its clean margin"
+                if "square" in stages and self.square_restarts
                 else ""
             ),
         }
@@ -383,6 +398,7 @@ class _Cascade:
         self.robust = self.clean_margin > 0
         self.closest = self.clean_margin.clone()
         self.gradient_closest = self.clean_margin.clone()
+        self.square_closest = self.clean_margin.clone()
         self.accuracies = {"clean": self.robust.float().mean().item()}
         self.statistics: list[dict] = []
         self.square_forward = "eager"
@@ -496,12 +512,65 @@ class _Cascade:
                 self._on_survivors(lambda x, y, _: fab.perturb(x, y), selected, self.given)
             else:
                 extra.update(self._fab_near_targets(fab, selected, options["targets"], options["close"]))
-        elif options["implementation"] == "invarbench":
-            forward, incremental, self.square_forward = _unit_forward(
-                self.box, self.x[selected][:8].to(self.device), local=self.norm == "Linf"
+        else:
+            extra.update(self._square(selected, self.seed, options))
+        self.accuracies[stage] = self.robust.float().mean().item()
+        entry = {
+            "stage": stage,
+            "attacked": attacked,
+            "broken": attacked - int((self.robust & selected).sum()),
+            "seconds": round(time.perf_counter() - started, 3),
+            "points": ran_on,
+        }
+        if why is not None:
+            entry["why"] = why
+        if stage == "square":
+            entry["implementation"] = options["implementation"] + (
+                f", {self.square_forward} forward" if options["implementation"] == "invarbench" else ""
             )
-            generator = torch.Generator().manual_seed(self.seed)
-            survivors = selected.nonzero().flatten()
+        self.statistics.append({**entry, **extra})
+
+    def restart_square(self, *, restarts: int, **options) -> None:
+        """Square again from the clean points, with seeds ``seed + 1``, ``seed + 2``, ..., at most
+        ``restarts`` times, on each survivor whose Square search came within ``close`` of its clean margin:
+        Square breaks such a point or not by its random path (AutoAttack's own Square among them), so it
+        gets more paths than AutoAttack gives it. A point's restarts end once it is broken."""
+        near = self.robust & (self.square_closest <= options["close"] * self.clean_margin)
+        if not near.any():
+            return
+        started, before = time.perf_counter(), int(self.robust.sum())
+        entry = {
+            "stage": "square restarts",
+            "attacked": int(near.sum()),
+            "points": self.points[near.nonzero().flatten()].tolist(),
+            "why": f"its Square search came within {options['close']:g} x its clean margin",
+        }
+        runs, broken, queries = 0, [], []
+        for restart in range(restarts):
+            if not (near & self.robust).any():
+                break
+            runs += 1
+            alive = int(self.robust.sum())
+            queries.append(self._square(near, self.seed + 1 + restart, options).get("queries"))
+            broken.append(alive - int(self.robust.sum()))
+        entry.update(
+            broken=before - int(self.robust.sum()),
+            broken_per_restart=broken,
+            queries_per_restart=queries,
+            restarts_run=runs,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        self.accuracies["square restarts"] = self.robust.float().mean().item()
+        self.statistics.append(entry)
+
+    def _square(self, selected: torch.Tensor, seed: int, options: dict) -> dict:
+        """One Square search, seeded with ``seed``, on the ``selected`` survivors; returns its statistics."""
+        extra: dict = {}
+        if options["implementation"] == "invarbench":
+            forward, incremental, self.square_forward = _unit_forward(
+                self.box, self.x[selected & self.robust][:8].to(self.device), local=self.norm == "Linf"
+            )
+            generator = torch.Generator().manual_seed(seed)
             search = square_linf if self.norm == "Linf" else square_l2
             local = {"incremental": incremental} if self.norm == "Linf" else {}
             used: list[torch.Tensor] = []
@@ -518,7 +587,7 @@ class _Cascade:
                     if options["stop"]
                     else None
                 )
-                best, _, queries = search(
+                best, margin, queries = search(
                     forward,
                     x,
                     y,
@@ -530,12 +599,14 @@ class _Cascade:
                     **local,
                 )
                 used.append(queries.cpu())
+                self.square_closest[picked] = torch.minimum(self.square_closest[picked], margin.cpu())
                 # Its queries ran through the traced copy (or the incremental pass), not through ``box``: one
                 # forward pass per query and point, the start included.
                 if self.box.counter is not None:
                     self.box.counter.forward += int(queries.sum())
                 return best
 
+            survivors = (selected & self.robust).nonzero().flatten()
             self._on_survivors(square, selected)
             queries_used = torch.cat(used) if used else torch.zeros(0, dtype=torch.long)
             extra["queries"] = queries_used.tolist()
@@ -550,27 +621,27 @@ class _Cascade:
                 eps=self.eps,
                 norm=self.norm,
                 n_restarts=1,
-                seed=self.seed,
+                seed=seed,
                 verbose=False,
                 device=self.device,
                 resc_schedule=False,
             )
-            self._on_survivors(lambda x, y, _: square.perturb(x, y), selected)
-        self.accuracies[stage] = self.robust.float().mean().item()
-        entry = {
-            "stage": stage,
-            "attacked": attacked,
-            "broken": attacked - int((self.robust & selected).sum()),
-            "seconds": round(time.perf_counter() - started, 3),
-            "points": ran_on,
-        }
-        if why is not None:
-            entry["why"] = why
-        if stage == "square":
-            entry["implementation"] = options["implementation"] + (
-                f", {self.square_forward} forward" if options["implementation"] == "invarbench" else ""
-            )
-        self.statistics.append({**entry, **extra})
+
+            def square_perturb(x, y, picked):
+                # As its perturb runs one restart on points it classifies correctly (every survivor), but
+                # returning the example of lowest margin on the others too.
+                square.init_hyperparam(x)
+                torch.random.manual_seed(seed)
+                if x.is_cuda:
+                    torch.cuda.random.manual_seed(seed)
+                _, closest = square.attack_single_run(x, y)
+                with torch.no_grad():
+                    margin = label_margins(self.box(closest), y).cpu()
+                self.square_closest[picked] = torch.minimum(self.square_closest[picked], margin)
+                return closest
+
+            self._on_survivors(square_perturb, selected)
+        return extra
 
     def _fab_near_targets(self, fab: FABAttack_PT, selected: torch.Tensor, targets: int, close: float) -> dict:
         """FAB-T, rank by rank as AutoAttack runs it (targets ordered by the clean logits of the model as
