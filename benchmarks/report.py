@@ -276,6 +276,33 @@ def _leaderboard_cost(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _leaderboard_time(report: dict) -> str:
+    """Per model and track: the jobs' wall time and each attack's summed job time; the whole command's time."""
+    rows = report["rows"]
+    executor = rows[0]["executor"] if rows else {}
+    arguments = {track: " ".join(words) for track, words in report["arguments"].items()}
+    lines = [
+        f"{_origin(report)} `time make leaderboard` on the models {', '.join(f'`{m}`' for m in report['models'])}:"
+        f" {executor.get('name', '?')} with {executor.get('workers', '?')} workers x"
+        f" {executor.get('threads_per_worker', '?')} thread(s). Perturbation: `{arguments['perturbation']}`;"
+        f" invariance: `{arguments['invariance']}`.",
+        "",
+        "| model | track | jobs wall (s) | summed job time per attack (s) |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        per_attack = ", ".join(f"{attack} {seconds:.0f}" for attack, seconds in row["attack_seconds"].items())
+        lines.append(f"| `{row['model']}` | {row['track']} | {row['jobs_wall_seconds']:.0f} | {per_attack} |")
+    jobs = sum(row["jobs_wall_seconds"] for row in rows)
+    wall = report["wall_seconds"]
+    lines += [
+        "",
+        f"Whole command: {wall:.0f} s ({wall / 3600:.2f} h; target at most 2 h, aim 1.5 h), of which the runs' jobs"
+        f" {jobs:.0f} s; the rest is loading, storing, entries, tables and site.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _device_tests(report: dict) -> str:
     if report.get("status") == "error":
         return f"The cuda tests did not run: {report['error']}\n"
@@ -367,6 +394,7 @@ RENDERERS = {
     "aa_fast": ("speed-aa-fast", "aa_fast_vs_autoattack.py", _aa_fast),
     "ray_scaling": ("speed-ray-scaling", "ray_scaling.py", _ray_scaling),
     "leaderboard_cost": ("speed-leaderboard-cost", "leaderboard_cost.py", _leaderboard_cost),
+    "leaderboard_time": ("speed-leaderboard-time", "leaderboard_time.py --wall SECONDS", _leaderboard_time),
     "checkpoint_weight": ("checkpoint-weight", "checkpoint_weight.py", _checkpoint_weight),
     "device_tests": ("device-tests", "device_check.py", _device_tests),
     "invariance_speed": ("speed-invariance", "device_check.py", _invariance_speed),

@@ -1,0 +1,90 @@
+"""Where `make leaderboard`'s time went: per model and track, the jobs' wall time and each attack's summed
+job time, read from the run folders `make leaderboard` wrote, beside the whole command's wall time.
+
+    time make leaderboard
+    python benchmarks/leaderboard_time.py --wall SECONDS [--runs DIR] [--models NAME ...]
+
+``--wall`` is the real time `time make leaderboard` printed (the whole command: data, runs, entries,
+tables, site), recorded as given. Every run's manifest must say ``complete``. A run resumed after a kill
+counts in its jobs wall time only the jobs of its last start; its manifest's first start and its end
+(``created``, ``finished``) are recorded beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+from invarbench.environment import measurement_header
+from invarbench.io import atomic_write_text
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# The run names `make leaderboard` gives each model's runs (Makefile: --name zoo-1000-MODEL, invariance-500-MODEL).
+RUN_NAMES = {"perturbation": "zoo-1000-{model}", "invariance": "invariance-500-{model}"}
+
+
+def makefile_words(name: str, makefile: Path = ROOT / "Makefile") -> list[str]:
+    """The words of ``NAME := ...`` or ``NAME ?= ...`` in the Makefile (one line, no make functions)."""
+    for line in makefile.read_text(encoding="utf-8").splitlines():
+        for operator in (":=", "?="):
+            if line.startswith(f"{name} {operator}"):
+                return shlex.split(line.partition(operator)[2])
+    raise SystemExit(f"{makefile} has no line `{name} := ...` or `{name} ?= ...`")
+
+
+def run_row(run_dir: Path, model: str, track: str) -> dict:
+    """One run's figures from its manifest: jobs wall, summed job time per attack, executor, resumes."""
+    manifest_path = run_dir / "manifest.json"
+    if not manifest_path.exists():
+        raise SystemExit(
+            f"{run_dir} has no manifest.json: `make leaderboard` has not run {model}'s {track} track there; "
+            f"run it, or pass --runs with the folder it wrote to"
+        )
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if manifest.get("status") != "complete":
+        status = manifest.get("status")
+        raise SystemExit(f"{manifest_path}: status {status!r}; finish the run (`make leaderboard`) first")
+    timings = manifest["timings_seconds"]
+    per_attack = timings.get(model) or next(iter(timings.values()))
+    return {
+        "model": model,
+        "track": track,
+        "run": run_dir.name,
+        "jobs_wall_seconds": round(manifest["jobs_wall_seconds"], 1),
+        "attack_seconds": {attack: round(seconds, 1) for attack, seconds in per_attack.items()},
+        "executor": manifest.get("executor", {}),
+        "created": manifest.get("created"),
+        "finished": manifest.get("finished"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--wall", type=float, required=True, help="the real time of `time make leaderboard`, seconds")
+    parser.add_argument("--runs", type=Path, default=Path.home() / ".cache" / "invarbench" / "runs")
+    parser.add_argument("--models", nargs="+", default=None, help="default: the Makefile's ZOO")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "leaderboard_time.json")
+    args = parser.parse_args()
+    models = args.models or makefile_words("ZOO")
+    rows = [
+        run_row(args.runs / pattern.format(model=model), model, track)
+        for model in models
+        for track, pattern in RUN_NAMES.items()
+    ]
+    report = {
+        **measurement_header("leaderboard_time", threads=rows[0]["executor"].get("threads_per_worker")),
+        "wall_seconds": args.wall,
+        "models": models,
+        "arguments": {track: makefile_words(track.upper()) for track in RUN_NAMES},
+        "rows": rows,
+    }
+    atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
+    jobs = sum(row["jobs_wall_seconds"] for row in rows)
+    print(f"{len(rows)} runs, jobs wall {jobs:.0f} s of the command's {args.wall:.0f} s; written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""benchmarks/leaderboard_time.py reads `make leaderboard`'s run folders into the breakdown docs/speed.md shows."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(runs: Path, name: str, model: str, attacks: dict, wall: float, status: str = "complete") -> None:
+    folder = runs / name
+    folder.mkdir(parents=True)
+    manifest = {
+        "status": status,
+        "created": "2026-12-05T10:00:00+00:00",
+        "finished": "2026-12-05T10:30:00+00:00",
+        "executor": {"name": "ray", "workers": 2, "threads_per_worker": 1},
+        "timings_seconds": {model: attacks},
+        "jobs_wall_seconds": wall,
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_the_breakdown_sums_each_models_runs_and_names_a_missing_one(tmp_path, monkeypatch, capsys):
+    timing, report = _module("leaderboard_time"), _module("report")
+    runs = tmp_path / "runs"
+    _run(runs, "zoo-1000-a", "a", {"pgd": 30.0, "aa-fast:eps=[0.3, 2.0]": 500.0}, 300.0)
+    _run(runs, "invariance-500-a", "a", {"metameric": 80.0}, 45.0)
+    out = tmp_path / "leaderboard_time.json"
+    argv = ["leaderboard_time.py", "--wall", "400", "--runs", str(runs), "--models", "a", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    timing.main()
+    written = json.loads(out.read_text())
+    assert [(row["track"], row["jobs_wall_seconds"]) for row in written["rows"]] == [
+        ("perturbation", 300.0),
+        ("invariance", 45.0),
+    ]
+    assert written["arguments"]["perturbation"][:2] == ["--threat", "linf:0.1,0.2,0.3,0.4"]
+    table = report._leaderboard_time(written)
+    assert "| `a` | perturbation | 300 | pgd 30, aa-fast:eps=[0.3, 2.0] 500 |" in table
+    assert "Whole command: 400 s (0.11 h" in table and "of which the runs' jobs 345 s" in table
+    # A model whose run is missing or unfinished stops the script with the folder named.
+    monkeypatch.setattr(sys, "argv", [*argv[:-4], "--models", "a", "b", "--out", str(out)])
+    with pytest.raises(SystemExit, match="zoo-1000-b has no manifest.json"):
+        timing.main()
+    _run(runs, "zoo-1000-b", "b", {"pgd": 1.0}, 1.0, status="running")
+    with pytest.raises(SystemExit, match="status 'running'; finish the run"):
+        timing.main()
