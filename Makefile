@@ -61,6 +61,10 @@ ZOO ?= mnist-cnn-standard mnist-cnn-pgd-linf-0.1 mnist-firevnet-ce mnist-firevne
 # `leaderboard build` compares the regenerated ones with (docs/leaderboard.md).
 PERTURBATION := --threat linf:0.1,0.2,0.3,0.4 --threat l2:1.0,2.0 --attack pgd --attack fmn:cascade=false --attack aa-fast:eps=0.3+2.0 --n 1000 --seed 0
 INVARIANCE := --threat linf:0.3,0.4 --attack pgd --attack invariance-linf --attack invariance-l0 --attack metameric --n 500 --seed 0
+# The spheres models (exact oracle): pgd at the training eps, and the l_inf invariance search, N=1000.
+SPHERES ?= spheres-mlp-standard spheres-mlp-pgd-linf
+SPHERES_PERTURBATION := --threat linf:0.025 --attack pgd --n 1000 --seed 0
+SPHERES_INVARIANCE := --threat linf:0.025 --attack invariance-linf --n 1000 --seed 0
 # Jobs run as Ray tasks, one worker per core with one thread each (entries record executor and workers).
 RAY := --executor ray --workers $(shell nproc) --threads-per-worker 1
 
@@ -71,6 +75,12 @@ leaderboard: $(STAMP)
 		$(INVARBENCH) leaderboard add $(RUNS)/zoo-1000-$$model --replace; \
 		$(INVARBENCH) run $$model $(INVARIANCE) $(RAY) --out $(RUNS) --name invariance-500-$$model; \
 		$(INVARBENCH) leaderboard add $(RUNS)/invariance-500-$$model --replace --track invariance; \
+	done
+	set -e; for model in $(SPHERES); do \
+		$(INVARBENCH) run $$model $(SPHERES_PERTURBATION) $(RAY) --out $(RUNS) --name spheres-1000-$$model; \
+		$(INVARBENCH) leaderboard add $(RUNS)/spheres-1000-$$model --replace; \
+		$(INVARBENCH) run $$model $(SPHERES_INVARIANCE) $(RAY) --out $(RUNS) --name invariance-1000-$$model; \
+		$(INVARBENCH) leaderboard add $(RUNS)/invariance-1000-$$model --replace --track invariance; \
 	done
 	$(INVARBENCH) leaderboard build $(foreach page,README.md $(sort $(wildcard docs/*.md)),--readme $(page))
 

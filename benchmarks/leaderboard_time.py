@@ -22,8 +22,18 @@ from invarbench.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# The run names `make leaderboard` gives each model's runs (Makefile: --name zoo-1000-MODEL, invariance-500-MODEL).
-RUN_NAMES = {"perturbation": "zoo-1000-{model}", "invariance": "invariance-500-{model}"}
+# Per list of models in the Makefile, the run names `make leaderboard` gives each model's runs (its --name) and
+# the Makefile variable holding that run's arguments.
+GROUPS = {
+    "ZOO": {
+        "perturbation": ("zoo-1000-{model}", "PERTURBATION"),
+        "invariance": ("invariance-500-{model}", "INVARIANCE"),
+    },
+    "SPHERES": {
+        "perturbation": ("spheres-1000-{model}", "SPHERES_PERTURBATION"),
+        "invariance": ("invariance-1000-{model}", "SPHERES_INVARIANCE"),
+    },
+}
 
 
 def makefile_words(name: str, makefile: Path = ROOT / "Makefile") -> list[str]:
@@ -65,20 +75,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wall", type=float, required=True, help="the real time of `time make leaderboard`, seconds")
     parser.add_argument("--runs", type=Path, default=Path.home() / ".cache" / "invarbench" / "runs")
-    parser.add_argument("--models", nargs="+", default=None, help="default: the Makefile's ZOO")
+    parser.add_argument("--models", nargs="+", default=None, help="default: the Makefile's ZOO and SPHERES")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "leaderboard_time.json")
     args = parser.parse_args()
-    models = args.models or makefile_words("ZOO")
-    rows = [
-        run_row(args.runs / pattern.format(model=model), model, track)
-        for model in models
-        for track, pattern in RUN_NAMES.items()
-    ]
+    lists = {group: makefile_words(group) for group in GROUPS}
+    models = args.models or [model for group in GROUPS for model in lists[group]]
+    rows = []
+    for model in models:
+        # A model named in no list is read as a zoo model.
+        group = next((group for group in GROUPS if model in lists[group]), "ZOO")
+        for track, (pattern, variable) in GROUPS[group].items():
+            rows.append({**run_row(args.runs / pattern.format(model=model), model, track), "settings": variable})
     report = {
         **measurement_header("leaderboard_time", threads=rows[0]["executor"].get("threads_per_worker")),
         "wall_seconds": args.wall,
         "models": models,
-        "arguments": {track: makefile_words(track.upper()) for track in RUN_NAMES},
+        "arguments": {variable: makefile_words(variable) for runs in GROUPS.values() for _, variable in runs.values()},
         "rows": rows,
     }
     atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")

@@ -280,19 +280,23 @@ def _leaderboard_time(report: dict) -> str:
     """Per model and track: the jobs' wall time and each attack's summed job time; the whole command's time."""
     rows = report["rows"]
     executor = rows[0]["executor"] if rows else {}
-    arguments = {track: " ".join(words) for track, words in report["arguments"].items()}
+    used = {row["settings"] for row in rows}
+    settings = "; ".join(
+        f"{variable} `{' '.join(words)}`" for variable, words in report["arguments"].items() if variable in used
+    )
     lines = [
         f"{_origin(report)} `time make leaderboard` on the models {', '.join(f'`{m}`' for m in report['models'])}:"
         f" {executor.get('name', '?')} with {executor.get('workers', '?')} workers x"
-        f" {executor.get('threads_per_worker', '?')} thread(s). Perturbation: `{arguments['perturbation']}`;"
-        f" invariance: `{arguments['invariance']}`.",
+        f" {executor.get('threads_per_worker', '?')} thread(s). The Makefile's settings: {settings}.",
         "",
-        "| model | track | jobs wall (s) | summed job time per attack (s) |",
-        "|---|---|---|---|",
+        "| model | track | settings | jobs wall (s) | summed job time per attack (s) |",
+        "|---|---|---|---|---|",
     ]
     for row in rows:
         per_attack = ", ".join(f"{attack} {seconds:.0f}" for attack, seconds in row["attack_seconds"].items())
-        lines.append(f"| `{row['model']}` | {row['track']} | {row['jobs_wall_seconds']:.0f} | {per_attack} |")
+        lines.append(
+            f"| `{row['model']}` | {row['track']} | {row['settings']} | {row['jobs_wall_seconds']:.0f} | {per_attack} |"
+        )
     jobs = sum(row["jobs_wall_seconds"] for row in rows)
     wall = report["wall_seconds"]
     lines += [

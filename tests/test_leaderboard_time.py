@@ -45,9 +45,10 @@ def test_the_breakdown_sums_each_models_runs_and_names_a_missing_one(tmp_path, m
         ("perturbation", 300.0),
         ("invariance", 45.0),
     ]
-    assert written["arguments"]["perturbation"][:2] == ["--threat", "linf:0.1,0.2,0.3,0.4"]
+    assert written["arguments"]["PERTURBATION"][:2] == ["--threat", "linf:0.1,0.2,0.3,0.4"]
     table = report._leaderboard_time(written)
-    assert "| `a` | perturbation | 300 | pgd 30, aa-fast:eps=[0.3, 2.0] 500 |" in table
+    assert "| `a` | perturbation | PERTURBATION | 300 | pgd 30, aa-fast:eps=[0.3, 2.0] 500 |" in table
+    assert "INVARIANCE `--threat linf:0.3,0.4" in table and "SPHERES_" not in table
     assert "Whole command: 400 s (0.11 h" in table and "of which the runs' jobs 345 s" in table
     # A model whose run is missing or unfinished stops the script with the folder named.
     monkeypatch.setattr(sys, "argv", [*argv[:-4], "--models", "a", "b", "--out", str(out)])
@@ -56,3 +57,11 @@ def test_the_breakdown_sums_each_models_runs_and_names_a_missing_one(tmp_path, m
     _run(runs, "zoo-1000-b", "b", {"pgd": 1.0}, 1.0, status="running")
     with pytest.raises(SystemExit, match="status 'running'; finish the run"):
         timing.main()
+    # A spheres model's runs carry the names and settings of the Makefile's spheres loop.
+    _run(runs, "spheres-1000-spheres-mlp-standard", "spheres-mlp-standard", {"pgd": 2.0}, 2.0)
+    _run(runs, "invariance-1000-spheres-mlp-standard", "spheres-mlp-standard", {"invariance-linf": 3.0}, 3.0)
+    monkeypatch.setattr(sys, "argv", [*argv[:-4], "--models", "a", "spheres-mlp-standard", "--out", str(out)])
+    timing.main()
+    written = json.loads(out.read_text())
+    assert [row["settings"] for row in written["rows"]][2:] == ["SPHERES_PERTURBATION", "SPHERES_INVARIANCE"]
+    assert "SPHERES_PERTURBATION `--threat linf:0.025 --attack pgd" in report._leaderboard_time(written)
