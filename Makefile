@@ -42,7 +42,7 @@ format: $(STAMP)
 test: lint browser
 	$(INVARBENCH) data fetch mnist
 	$(PYTHON) -m pytest
-	# Regression check on a small subset: the first 100 points of one entry of every kind (perturbation with AutoAttack; each invariance attack with gradient metamers of a robust model; exact metamers), with their settings and seeds.
+	# Regression check on a small subset: the first 100 points of one entry of every kind (perturbation with pgd, fmn and aa-fast; each invariance attack with gradient metamers of a robust model; exact metamers), with their settings and seeds.
 	$(INVARBENCH) check mnist-cnn-standard__mnist__perturbation mnist-cnn-pgd-linf-0.3__mnist__invariance mnist-firevnet-ice__mnist__invariance --points 100 --no-progress
 
 # The quick unit suite while developing: no MNIST, no browser, nothing slow (markers in pyproject.toml).
