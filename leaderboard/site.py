@@ -126,9 +126,9 @@ def build_site(
     if (site_dir / "assets").exists():
         shutil.rmtree(site_dir / "assets")
     datasets = sorted({entry["dataset"] for entry in entries})
-    plot_files = sorted(path for dataset in datasets for path in output_dir.glob(f"{dataset}-*.png"))
+    plot_files = sorted(path for dataset in datasets for path in output_dir.glob(f"{dataset}-*.svg"))
     if not plot_files or not (output_dir / "models").is_dir():
-        plot_files = [path for path in build_plots(entries, output_dir) if path.suffix == ".png"]
+        plot_files = [path for path in build_plots(entries, output_dir) if path.suffix == ".svg"]
         plot_files = sorted(path for path in plot_files if path.parent == output_dir)
     written: list[Path] = []
     galleries: dict[str, list[Path]] = {}

@@ -290,7 +290,7 @@ def test_cifar10_end_to_end_run_entry_table_check(tmp_path, monkeypatch, capsys,
     assert code == 0, err
     table = (tables / "cifar10-perturbation-summary.md").read_text()
     assert "| linf 0.0313725 | l2 0.5 |" in table and "cifar-cnn" in table
-    assert (tables / "cifar10-robustness-linf.png").exists() and (tables / "cifar10-robustness-l2.svg").exists()
+    assert (tables / "cifar10-robustness-linf.svg").exists() and (tables / "cifar10-robustness-l2.svg").exists()
     assert not list(tables.glob("mnist-*")), "tables are per data set"
     code, out, err = run_cli(capsys, "check", "--entries", entries, "--no-progress")
     assert code == 0, out + err
