@@ -68,20 +68,21 @@ SPHERES_INVARIANCE := --threat linf:0.025 --attack invariance-linf --n 1000 --se
 # Jobs run as Ray tasks, one worker per core with one thread each (entries record executor and workers).
 RAY := --executor ray --workers $(shell nproc) --threads-per-worker 1
 
+# $(call regenerate,MODELS,PERTURBATION-ARGUMENTS,PERTURBATION-RUN,INVARIANCE-ARGUMENTS,INVARIANCE-RUN): for each
+# model, the perturbation run (RUN-MODEL under RUNS) and the invariance run, each added to the entries when done.
+define regenerate
+set -e; for model in $(1); do \
+	$(INVARBENCH) run $$model $(2) $(RAY) --out $(RUNS) --name $(3)-$$model; \
+	$(INVARBENCH) leaderboard add $(RUNS)/$(3)-$$model --replace; \
+	$(INVARBENCH) run $$model $(4) $(RAY) --out $(RUNS) --name $(5)-$$model; \
+	$(INVARBENCH) leaderboard add $(RUNS)/$(5)-$$model --replace --track invariance; \
+done
+endef
+
 leaderboard: $(STAMP)
 	$(INVARBENCH) data fetch mnist
-	set -e; for model in $(ZOO); do \
-		$(INVARBENCH) run $$model $(PERTURBATION) $(RAY) --out $(RUNS) --name zoo-1000-$$model; \
-		$(INVARBENCH) leaderboard add $(RUNS)/zoo-1000-$$model --replace; \
-		$(INVARBENCH) run $$model $(INVARIANCE) $(RAY) --out $(RUNS) --name invariance-500-$$model; \
-		$(INVARBENCH) leaderboard add $(RUNS)/invariance-500-$$model --replace --track invariance; \
-	done
-	set -e; for model in $(SPHERES); do \
-		$(INVARBENCH) run $$model $(SPHERES_PERTURBATION) $(RAY) --out $(RUNS) --name spheres-1000-$$model; \
-		$(INVARBENCH) leaderboard add $(RUNS)/spheres-1000-$$model --replace; \
-		$(INVARBENCH) run $$model $(SPHERES_INVARIANCE) $(RAY) --out $(RUNS) --name invariance-1000-$$model; \
-		$(INVARBENCH) leaderboard add $(RUNS)/invariance-1000-$$model --replace --track invariance; \
-	done
+	$(call regenerate,$(ZOO),$(PERTURBATION),zoo-1000,$(INVARIANCE),invariance-500)
+	$(call regenerate,$(SPHERES),$(SPHERES_PERTURBATION),spheres-1000,$(SPHERES_INVARIANCE),invariance-1000)
 	$(INVARBENCH) leaderboard build $(foreach page,README.md $(sort $(wildcard docs/*.md)),--readme $(page))
 
 # The official AutoAttack (pyautoattack standard) at the headline threats on each zoo model's regression
