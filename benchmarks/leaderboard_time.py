@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -22,18 +23,29 @@ from invarbench.io import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# Per list of models in the Makefile, the run names `make leaderboard` gives each model's runs (its --name) and
-# the Makefile variable holding that run's arguments.
-GROUPS = {
-    "ZOO": {
-        "perturbation": ("zoo-1000-{model}", "PERTURBATION"),
-        "invariance": ("invariance-500-{model}", "INVARIANCE"),
-    },
-    "SPHERES": {
-        "perturbation": ("spheres-1000-{model}", "SPHERES_PERTURBATION"),
-        "invariance": ("invariance-1000-{model}", "SPHERES_INVARIANCE"),
-    },
-}
+# `make leaderboard` calls its canned recipe once per list of models: $(call regenerate,$(LIST),$(PERTURBATION
+# ARGUMENTS),perturbation run name,$(INVARIANCE ARGUMENTS),invariance run name).
+REGENERATE = re.compile(r"\$\(call regenerate,\$\((\w+)\),\$\((\w+)\),([\w.-]+),\$\((\w+)\),([\w.-]+)\)")
+
+
+def regenerate_calls(makefile: Path = ROOT / "Makefile") -> dict[str, dict[str, tuple[str, str]]]:
+    """Per list of models (``ZOO``, ``SPHERES``), per track: the run name ``make leaderboard`` gives each
+    model's run (``--name``, with ``{model}``) and the Makefile variable holding that run's arguments, read
+    from the ``regenerate`` calls of the Makefile, so that they are written down once."""
+    calls = {
+        models: {
+            "perturbation": (f"{perturbation_name}-{{model}}", perturbation),
+            "invariance": (f"{invariance_name}-{{model}}", invariance),
+        }
+        for models, perturbation, perturbation_name, invariance, invariance_name in REGENERATE.findall(
+            makefile.read_text(encoding="utf-8")
+        )
+    }
+    if not calls:
+        raise SystemExit(
+            f"{makefile} has no `$(call regenerate,...)` line: which runs make leaderboard makes is unknown"
+        )
+    return calls
 
 
 def makefile_words(name: str, makefile: Path = ROOT / "Makefile") -> list[str]:
@@ -78,19 +90,20 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=None, help="default: the Makefile's ZOO and SPHERES")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "leaderboard_time.json")
     args = parser.parse_args()
-    lists = {group: makefile_words(group) for group in GROUPS}
-    models = args.models or [model for group in GROUPS for model in lists[group]]
+    groups = regenerate_calls()
+    lists = {group: makefile_words(group) for group in groups}
+    models = args.models or [model for group in groups for model in lists[group]]
     rows = []
     for model in models:
         # A model named in no list is read as a zoo model.
-        group = next((group for group in GROUPS if model in lists[group]), "ZOO")
-        for track, (pattern, variable) in GROUPS[group].items():
+        group = next((group for group in groups if model in lists[group]), "ZOO")
+        for track, (pattern, variable) in groups[group].items():
             rows.append({**run_row(args.runs / pattern.format(model=model), model, track), "settings": variable})
     report = {
         **measurement_header("leaderboard_time", threads=rows[0]["executor"].get("threads_per_worker")),
         "wall_seconds": args.wall,
         "models": models,
-        "arguments": {variable: makefile_words(variable) for runs in GROUPS.values() for _, variable in runs.values()},
+        "arguments": {variable: makefile_words(variable) for runs in groups.values() for _, variable in runs.values()},
         "rows": rows,
     }
     atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")

@@ -65,3 +65,19 @@ def test_the_breakdown_sums_each_models_runs_and_names_a_missing_one(tmp_path, m
     written = json.loads(out.read_text())
     assert [row["settings"] for row in written["rows"]][2:] == ["SPHERES_PERTURBATION", "SPHERES_INVARIANCE"]
     assert "SPHERES_PERTURBATION `--threat linf:0.025 --attack pgd" in report._leaderboard_time(written)
+
+
+def test_the_run_names_are_read_from_the_makefiles_regenerate_calls(tmp_path):
+    """The breakdown finds `make leaderboard`'s runs by the names the Makefile's `regenerate` calls give them,
+    read from the Makefile, not from a second copy; a Makefile without such a call is an error naming it."""
+    timing = _module("leaderboard_time")
+    calls = timing.regenerate_calls()
+    assert calls["ZOO"] == {
+        "perturbation": ("zoo-1000-{model}", "PERTURBATION"),
+        "invariance": ("invariance-500-{model}", "INVARIANCE"),
+    }
+    assert calls["SPHERES"]["invariance"] == ("invariance-1000-{model}", "SPHERES_INVARIANCE")
+    makefile = tmp_path / "Makefile"
+    makefile.write_text("leaderboard:\n\techo nothing\n")
+    with pytest.raises(SystemExit, match="no `\\$\\(call regenerate"):
+        timing.regenerate_calls(makefile)
