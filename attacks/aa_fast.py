@@ -22,11 +22,18 @@ Per eps, on the points still robust:
    than the gradient stages on it; and on every survivor where Square broke more than
    ``escalate_above`` (5%) of the points the gradient stages left (gradient masking; pyautoattack warns
    from 0.2%; ``escalate=false`` leaves this out), then with FAB-T first;
-5. boundary restarts: every (point, target) still robust whose gap z_y - z_t came within
-   ``restart_close`` (0.05) of its clean gap in any stage's example gets targeted APGD with fresh random
-   starts, up to ``restarts`` (16) times. AutoAttack's single run breaks some such points by the luck of
-   its start (docs/perturbation.md names one); more starts make aa-fast break them more often than
-   AutoAttack does.
+5. FAB restarts: every (survivor, target) whose FAB-T example, inside the ball or not, lay within
+   ``fab_near`` (1.2) x eps gets FAB-T again from a random start, up to ``fab_restarts`` (3) times: FAB-T
+   from the clean point can end just outside the ball where a random start ends well inside (test point
+   103 of ``mnist-cnn-pgd-linf-0.3`` at l_2 2: 2.34 from the clean point, 1.75 from a random start);
+6. boundary restarts: every point still robust with a target whose gap z_y - z_t came within
+   ``restart_close`` (0.15) of its clean gap in any stage's example gets APGD-CE, and targeted APGD against
+   each such target, with fresh random starts, up to ``restarts`` (16) times. AutoAttack's single run
+   breaks some such points by the luck of its start (one APGD-CE start breaks test point 108 of
+   ``mnist-cnn-pgd-linf-0.1`` at l_2 2 15% of the time); more starts make aa-fast break them more often
+   than AutoAttack does;
+7. Square restarts: every survivor whose Square search came within ``close`` of its clean margin gets
+   Square again from the clean point with fresh seeds, up to ``square_restarts`` (2) times.
 
 Each stage runs only on the points every earlier stage left robust, one eps at a time from the
 smallest; a point broken at a smaller eps is broken at the larger ones by the same example. Each
@@ -83,8 +90,10 @@ class AAFast(Attack):
     checkpoint, its margin stayed above the gradient stages' and above ``close`` times its clean margin, and
     could not reach zero in the queries left even falling ``square_stop`` times as fast as over the last
     ``square_every`` queries (0 runs every search to the end).
-    ``restarts`` and ``restart_close``: targeted APGD with fresh random starts, at most ``restarts`` times, on
-    each (point, target) whose gap z_y - z_t came within ``restart_close`` of its clean gap. ``fab_close``:
+    ``restarts`` and ``restart_close``: APGD-CE and targeted APGD with fresh random starts, at most ``restarts``
+    times, on each (point, target) whose gap z_y - z_t came within ``restart_close`` of its clean gap.
+    ``fab_restarts`` and ``fab_near``: FAB-T from random starts, at most ``fab_restarts`` times, against each
+    (survivor, target) whose FAB-T example lay within ``fab_near`` x eps. ``fab_close``:
     FAB-T attacks a chosen survivor's target only where that target's gap came within ``fab_close`` of its
     clean gap (every target where Square beat the gradient stages). ``square_restarts``: Square again from
     the clean point with a fresh seed, at most that many times, on each survivor whose Square search came
@@ -106,8 +115,10 @@ class AAFast(Attack):
         square_queries: int = 5000,
         close: float = 0.25,
         restarts: int = 16,
-        restart_close: float = 0.05,
+        restart_close: float = 0.15,
         fab_close: float = 0.25,
+        fab_restarts: int = 3,
+        fab_near: float = 1.2,
         square_restarts: int = 2,
         square_stop: float = 1.5,
         square_every: int = 250,
@@ -127,6 +138,7 @@ class AAFast(Attack):
             ("square_every", square_every, 1),
             ("restarts", restarts, 0),
             ("square_restarts", square_restarts, 0),
+            ("fab_restarts", fab_restarts, 0),
             ("batch_size", batch_size, 1),
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -179,7 +191,13 @@ class AAFast(Attack):
                 f"target on a chosen survivor, a number >= 0, got {fab_close!r} (e.g. aa-fast:fab_close=0.25; a "
                 "large value such as 1e9 attacks every target, as AutoAttack does)"
             )
-        self.fab_close = fab_close
+        if isinstance(fab_near, bool) or not isinstance(fab_near, (int, float)) or fab_near < 1:
+            raise ConfigError(
+                "aa-fast: fab_near is how far outside the eps-ball, as a multiple of eps, FAB-T's minimal-norm example "
+                f"against a target may lie for that target to get FAB-T's random restarts, a number >= 1, got "
+                f"{fab_near!r} (e.g. aa-fast:fab_near=1.25; aa-fast:fab_restarts=0 turns them off)"
+            )
+        self.fab_close, self.fab_restarts, self.fab_near = fab_close, fab_restarts, fab_near
         self.close, self.square_stop, self.square_every = close, square_stop, square_every
         self.restarts, self.restart_close, self.square_restarts = restarts, restart_close, square_restarts
         self.escalate, self.escalate_above = escalate, escalate_above
@@ -251,6 +269,8 @@ class AAFast(Attack):
                             why=why,
                             **self._stage_options(stage, targets, norm, classes=model.num_classes, masked=masked),
                         )
+                    if "fab-t" in remaining and self.fab_restarts:
+                        cascade.restart_fab(near=self.fab_near, restarts=self.fab_restarts, steps=self.steps)
                     if targets and self.restarts and self.restart_close > 0:
                         cascade.restart_on_boundary(close=self.restart_close, restarts=self.restarts, steps=self.steps)
                     if "square" in stages and self.square_restarts:
@@ -289,8 +309,14 @@ class AAFast(Attack):
                 else ""
             )
             + (
-                f"; APGD-T with up to {self.restarts} fresh random starts on each target whose gap came within "
-                f"{self.restart_close:g} of its clean gap"
+                f"; FAB-T from up to {self.fab_restarts} random starts against each target whose FAB-T example "
+                f"lay within {self.fab_near:g} x eps"
+                if "fab-t" in remaining and self.fab_restarts
+                else ""
+            )
+            + (
+                f"; APGD-CE and APGD-T with up to {self.restarts} fresh random starts on each target whose gap came "
+                f"within {self.restart_close:g} of its clean gap"
                 if targets and self.restarts and self.restart_close > 0
                 else ""
             )
@@ -399,6 +425,8 @@ class _Cascade:
         self.closest = self.clean_margin.clone()
         self.gradient_closest = self.clean_margin.clone()
         self.square_closest = self.clean_margin.clone()
+        # Per point and class: the size of the smallest example FAB-T found that fools the model (inf: none).
+        self.fab_sizes = torch.full_like(self.clean_gaps, float("inf"))
         self.accuracies = {"clean": self.robust.float().mean().item()}
         self.statistics: list[dict] = []
         self.square_forward = "eager"
@@ -447,18 +475,7 @@ class _Cascade:
         if attacked == 0:
             pass
         elif stage == "apgd-ce":
-            apgd = APGDAttack(
-                self.box,
-                n_iter=options["steps"],
-                norm=self.norm,
-                n_restarts=1,
-                eps=self.eps,
-                seed=self.seed,
-                loss="ce",
-                rho=0.75,
-                device=self.device,
-                logger=self.logger,
-            )
+            apgd = self._apgd(self.box, steps=options["steps"], seed=self.seed)
             self._on_survivors(lambda x, y, _: _single_run(apgd, x, y), selected, gradient=True)
         elif stage in ("apgd-t", "apgd-t-rest"):
             ranks = options["ranks"]
@@ -474,17 +491,7 @@ class _Cascade:
                     ranking=options["ranking"],
                 )[:, : ranks.stop].cpu()
             box = self.given if stage == "apgd-t-rest" else self.box
-            apgd = APGDAttack_targeted(
-                box,
-                n_iter=options["steps"],
-                norm=self.norm,
-                n_restarts=1,
-                eps=self.eps,
-                seed=self.seed,
-                rho=0.75,
-                device=self.device,
-                logger=self.logger,
-            )
+            apgd = self._apgd(box, steps=options["steps"], seed=self.seed, targeted=True)
             broken = []
             for rank in ranks:
                 before = int(self.robust.sum())
@@ -508,10 +515,8 @@ class _Cascade:
                 device=self.device,
                 n_target_classes=options["targets"],
             )
-            if options.get("close") is None:
-                self._on_survivors(lambda x, y, _: fab.perturb(x, y), selected, self.given)
-            else:
-                extra.update(self._fab_near_targets(fab, selected, options["targets"], options["close"]))
+            # Target by target as FAB-T's ``perturb`` runs them (close=None: every target).
+            extra.update(self._fab_near_targets(fab, selected, options["targets"], options.get("close")))
         else:
             extra.update(self._square(selected, self.seed, options))
         self.accuracies[stage] = self.robust.float().mean().item()
@@ -529,6 +534,21 @@ class _Cascade:
                 f", {self.square_forward} forward" if options["implementation"] == "invarbench" else ""
             )
         self.statistics.append({**entry, **extra})
+
+    def _apgd(self, model: UnitBox, *, steps: int, seed: int, targeted: bool = False) -> APGDAttack:
+        """pyautoattack's APGD on ``model`` as AutoAttack configures it (1 restart, rho 0.75): APGD-CE, or
+        with ``targeted`` APGD on the DLR-targeted loss."""
+        options = {
+            "n_iter": steps,
+            "norm": self.norm,
+            "n_restarts": 1,
+            "eps": self.eps,
+            "seed": seed,
+            "rho": 0.75,
+            "device": self.device,
+            "logger": self.logger,
+        }
+        return APGDAttack_targeted(model, **options) if targeted else APGDAttack(model, loss="ce", **options)
 
     def restart_square(self, *, restarts: int, **options) -> None:
         """Square again from the clean points, with seeds ``seed + 1``, ``seed + 2``, ..., at most
@@ -643,39 +663,126 @@ class _Cascade:
             self._on_survivors(square_perturb, selected)
         return extra
 
-    def _fab_near_targets(self, fab: FABAttack_PT, selected: torch.Tensor, targets: int, close: float) -> dict:
+    def _fab_near_targets(self, fab: FABAttack_PT, selected: torch.Tensor, targets: int, close: float | None) -> dict:
         """FAB-T, rank by rank as AutoAttack runs it (targets ordered by the clean logits of the model as
         given), against each target only on the selected survivors whose gap z_y - z_t to it came within
-        ``close`` of its clean gap: FAB-T is the most expensive stage per point, and a target no stage came
-        near is where it breaks nothing."""
+        ``close`` of its clean gap (``None``: every target, as FAB-T's ``perturb``): FAB-T is the most
+        expensive stage per point, and a target no stage came near is where it breaks nothing. The size of
+        each minimal-norm example FAB-T finds, inside the ball or not, is kept (``fab_sizes``)."""
         survivors = selected.nonzero().flatten()
-        with torch.no_grad():
-            clean = logits(self.given, self.x[survivors], batch_size=self.batch_size).cpu()
-        ranked = clean.argsort(dim=-1, descending=True)
-        ratio = self.closest_gaps[survivors] / self.clean_gaps[survivors].clamp_min(1e-12)
+        ranked = self._ranked_by_given(survivors)
+        ratio = self.closest_gaps / self.clean_gaps.clamp_min(1e-12)
         attacked, broken = [], []
         torch.random.manual_seed(self.seed)
         for rank in range(1, targets + 1):
             near = torch.zeros_like(selected)
-            near[survivors] = ratio.gather(1, ranked[:, rank : rank + 1]).flatten() <= close
+            near[survivors] = (
+                True
+                if close is None
+                else ratio[survivors].gather(1, ranked[survivors, rank : rank + 1]).flatten() <= close
+            )
             attacked.append(int((near & self.robust).sum()))
             before = int(self.robust.sum())
             fab.target_class = rank + 1
-            self._on_survivors(lambda x, y, _: self._fab_single_run(fab, x, y), near, self.given)
+            self._on_survivors(
+                lambda x, y, picked, rank=rank: self._fab_single_run(fab, x, y, picked, ranked[picked, rank]),
+                near,
+                self.given,
+            )
             broken.append(before - int(self.robust.sum()))
         return {
             "targets_attacked": attacked,
             "broken_per_target": broken,
-            "target_rule": f"a target whose gap z_y - z_t came within {close:g} of its clean gap",
+            "target_rule": "every target"
+            if close is None
+            else f"a target whose gap z_y - z_t came within {close:g} of its clean gap",
         }
 
-    def _fab_single_run(self, fab: FABAttack_PT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One targeted FAB run from the clean points (no random start, as ``perturb`` runs its first). FAB
-        is a minimum-norm attack: like ``perturb``, keep only the examples inside the eps-ball."""
-        adversarial = fab.attack_single_run(x, y, use_rand_start=False, is_targeted=True)
+    def _ranked_by_given(self, picked: torch.Tensor) -> torch.Tensor:
+        """(N, classes) class indices by descending clean logit of the model as given, filled for ``picked``
+        (-1 elsewhere): the order in which FAB-T's ``target_class`` picks its target."""
+        ranked = torch.full_like(self.clean_gaps, -1, dtype=torch.long)
+        with torch.no_grad():
+            clean = logits(self.given, self.x[picked], batch_size=self.batch_size).cpu()
+        ranked[picked] = clean.argsort(dim=-1, descending=True)
+        return ranked
+
+    def _fab_single_run(
+        self,
+        fab: FABAttack_PT,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        picked: torch.Tensor,
+        aimed: torch.Tensor,
+        *,
+        random_start: bool = False,
+    ) -> torch.Tensor:
+        """One targeted FAB run, from the clean points (as ``perturb`` runs its first) or from a random start
+        (as its restarts), against classes ``aimed`` (points ``picked`` of the cascade). FAB is a minimum-norm
+        attack: like ``perturb``, keep only the examples inside the eps-ball; the size of each example that
+        fools the model goes into ``fab_sizes``."""
+        adversarial = fab.attack_single_run(x, y, use_rand_start=random_start, is_targeted=True)
         change = (adversarial - x).flatten(1)
         size = change.abs().amax(1) if self.norm == "Linf" else change.norm(dim=1)
+        with torch.no_grad():
+            fooled = (self.given(adversarial).argmax(1) != y).cpu()
+        found = torch.where(fooled, size.cpu(), torch.full_like(size.cpu(), float("inf")))
+        self.fab_sizes[picked, aimed] = torch.minimum(self.fab_sizes[picked, aimed], found)
         return torch.where((size <= self.eps).view(-1, *[1] * (x.dim() - 1)), adversarial, x)
+
+    def restart_fab(self, *, near: float, restarts: int, steps: int) -> None:
+        """FAB-T from random starts (seeds ``seed + 1``, ...), at most ``restarts`` times, against each
+        (survivor, target) whose FAB-T example lay within ``near`` x eps: FAB-T from the clean point can end
+        just outside the ball where a random start ends inside it (AutoAttack's own FAB-T breaks some such
+        points by the last bits of its arithmetic). A pair ends once its point is broken."""
+        pairs = (self.fab_sizes <= near * self.eps) & self.robust.view(-1, 1)
+        points = pairs.any(1).nonzero().flatten()
+        if len(points) == 0:
+            return
+        started, before = time.perf_counter(), int(self.robust.sum())
+        entry = {
+            "stage": "fab restarts",
+            "attacked": len(points),
+            "points": self.points[points].tolist(),
+            "pairs": [[int(self.points[p]), int(t)] for p, t in zip(*pairs.nonzero(as_tuple=True))],
+            "why": f"FAB-T's example against the target lay within {near:g} x eps",
+        }
+        ranked = self._ranked_by_given(points)
+        runs = 0
+        for restart in range(restarts):
+            if not (pairs & self.robust.view(-1, 1)).any():
+                break
+            runs += 1
+            fab = FABAttack_PT(
+                self.given,
+                norm=self.norm,
+                n_restarts=1,
+                n_iter=steps,
+                eps=self.eps,
+                seed=self.seed + 1 + restart,
+                targeted=True,
+                device=self.device,
+                n_target_classes=self.clean_gaps.shape[1] - 1,
+            )
+            torch.random.manual_seed(self.seed + 1 + restart)
+            for rank in range(1, self.clean_gaps.shape[1]):
+                chosen = torch.zeros_like(self.robust)
+                chosen[points] = pairs[points].gather(1, ranked[points, rank : rank + 1]).flatten()
+                if not (chosen & self.robust).any():
+                    continue
+                fab.target_class = rank + 1
+                self._on_survivors(
+                    lambda x, y, picked, rank=rank, fab=fab: self._fab_single_run(
+                        fab, x, y, picked, ranked[picked, rank], random_start=True
+                    ),
+                    chosen,
+                    self.given,
+                )
+        entry.update(
+            broken=before - int(self.robust.sum()), restarts_run=runs, seconds=round(time.perf_counter() - started, 3)
+        )
+        self.accuracies["fab restarts"] = self.robust.float().mean().item()
+        self.statistics.append(entry)
 
     def square_beat_gradients(self, fraction: float) -> bool:
         """Square broke more than ``fraction`` of the points after every gradient stage: a sign of gradient masking."""
@@ -706,10 +813,11 @@ class _Cascade:
         return points, targets
 
     def restart_on_boundary(self, *, close: float, restarts: int, steps: int) -> None:
-        """Targeted APGD with fresh random starts, ``restarts`` times, on each pair of
-        :meth:`boundary_pairs` (on the model as given, as AutoAttack runs it): AutoAttack's own runs
-        break such points by the luck of their start, so they get more starts than AutoAttack gives
-        them. A point's pairs end once it is broken."""
+        """APGD-CE and targeted APGD with fresh random starts, ``restarts`` times: APGD-CE on each point of
+        :meth:`boundary_pairs`, targeted APGD on each of its pairs (on the model as given, as AutoAttack runs
+        them). AutoAttack's own runs break such points by the luck of their start (on the zoo, one APGD-CE
+        start breaks some of them 15% of the time), so they get more starts than AutoAttack gives them. A
+        point's starts end once it is broken."""
         points, targets = self.boundary_pairs(close)
         started = time.perf_counter()
         entry = {
@@ -719,6 +827,8 @@ class _Cascade:
             "pairs": [[int(self.points[point]), int(target)] for point, target in zip(points, targets)],
             "why": f"a target's gap came within {close:g} x its clean gap",
         }
+        near = torch.zeros_like(self.robust)
+        near[points] = True
         before = int(self.robust.sum())
         runs = 0
         for restart in range(restarts):
@@ -727,17 +837,12 @@ class _Cascade:
             if len(points) == 0:
                 break
             runs += 1
-            apgd = APGDAttack_targeted(
-                self.given,
-                n_iter=steps,
-                norm=self.norm,
-                n_restarts=1,
-                eps=self.eps,
-                seed=self.seed + 1 + restart,
-                rho=0.75,
-                device=self.device,
-                logger=self.logger,
-            )
+            seed = self.seed + 1 + restart
+            untargeted = self._apgd(self.given, steps=steps, seed=seed)
+            self._on_survivors(lambda x, y, _, untargeted=untargeted: _single_run(untargeted, x, y), near, self.given)
+            alive = self.robust[points]
+            points, targets = points[alive], targets[alive]
+            apgd = self._apgd(self.given, steps=steps, seed=seed, targeted=True)
             for batch in _batches(len(points), self.batch_size):
                 picked, aimed = points[batch], targets[batch]
                 x, y = self.x[picked].to(self.device), self.y[picked].to(self.device)
