@@ -31,7 +31,8 @@ Per eps, on the points still robust:
    each such target, with fresh random starts, up to ``restarts`` (16) times. AutoAttack's single run
    breaks some such points by the luck of its start (one APGD-CE start breaks test point 108 of
    ``mnist-cnn-pgd-linf-0.1`` at l_2 2 15% of the time); more starts make aa-fast break them more often
-   than AutoAttack does;
+   than AutoAttack does. With ``restart_decay`` < 1 (default 1: off), start k goes only to the pairs whose
+   gap stayed within ``restart_close`` x ``restart_decay``^k of the clean gap (A3's discarding);
 7. Square restarts: every survivor whose Square search came within ``close`` of its clean margin gets
    Square again from the clean point with fresh seeds, up to ``square_restarts`` (2) times.
 
@@ -91,7 +92,8 @@ class AAFast(Attack):
     could not reach zero in the queries left even falling ``square_stop`` times as fast as over the last
     ``square_every`` queries (0 runs every search to the end).
     ``restarts`` and ``restart_close``: APGD-CE and targeted APGD with fresh random starts, at most ``restarts``
-    times, on each (point, target) whose gap z_y - z_t came within ``restart_close`` of its clean gap.
+    times, on each (point, target) whose gap z_y - z_t came within ``restart_close`` of its clean gap;
+    ``restart_decay`` < 1 gives start k only to the pairs still within ``restart_close * restart_decay**k``.
     ``fab_restarts`` and ``fab_near``: FAB-T from random starts, at most ``fab_restarts`` times, against each
     (survivor, target) whose FAB-T example lay within ``fab_near`` x eps. ``fab_close``:
     FAB-T attacks a chosen survivor's target only where that target's gap came within ``fab_close`` of its
@@ -116,6 +118,7 @@ class AAFast(Attack):
         close: float = 0.25,
         restarts: int = 16,
         restart_close: float = 0.15,
+        restart_decay: float = 1.0,
         fab_close: float = 0.25,
         fab_restarts: int = 3,
         fab_near: float = 1.2,
@@ -185,6 +188,12 @@ class AAFast(Attack):
                 f"gets more random starts, a number >= 0, got {restart_close!r} (e.g. aa-fast:restart_close=0.05; 0 "
                 "turns the restarts off)"
             )
+        if isinstance(restart_decay, bool) or not isinstance(restart_decay, (int, float)) or not 0 < restart_decay <= 1:
+            raise ConfigError(
+                "aa-fast: restart_decay is the factor by which a boundary pair's threshold shrinks at each restart "
+                f"(A3-style discarding of the pairs furthest from the boundary), in (0, 1], got {restart_decay!r} "
+                "(e.g. aa-fast:restart_decay=0.8; 1 gives every pair all its restarts)"
+            )
         if isinstance(fab_close, bool) or not isinstance(fab_close, (int, float)) or fab_close < 0:
             raise ConfigError(
                 "aa-fast: fab_close is the share of a target's clean gap z_y - z_t under which FAB-T attacks that "
@@ -200,6 +209,7 @@ class AAFast(Attack):
         self.fab_close, self.fab_restarts, self.fab_near = fab_close, fab_restarts, fab_near
         self.close, self.square_stop, self.square_every = close, square_stop, square_every
         self.restarts, self.restart_close, self.square_restarts = restarts, restart_close, square_restarts
+        self.restart_decay = restart_decay
         self.escalate, self.escalate_above = escalate, escalate_above
         if square not in SQUARE_IMPLEMENTATIONS:
             raise ConfigError(
@@ -272,7 +282,9 @@ class AAFast(Attack):
                     if "fab-t" in remaining and self.fab_restarts:
                         cascade.restart_fab(near=self.fab_near, restarts=self.fab_restarts, steps=self.steps)
                     if targets and self.restarts and self.restart_close > 0:
-                        cascade.restart_on_boundary(close=self.restart_close, restarts=self.restarts, steps=self.steps)
+                        cascade.restart_on_boundary(
+                            close=self.restart_close, restarts=self.restarts, steps=self.steps, decay=self.restart_decay
+                        )
                     if "square" in stages and self.square_restarts:
                         cascade.restart_square(
                             restarts=self.square_restarts, **self._stage_options("square", targets, norm)
@@ -317,6 +329,11 @@ class AAFast(Attack):
             + (
                 f"; APGD-CE and APGD-T with up to {self.restarts} fresh random starts on each target whose gap came "
                 f"within {self.restart_close:g} of its clean gap"
+                + (
+                    f" (after restart k only where it stays within {self.restart_close:g} x {self.restart_decay:g}^k)"
+                    if self.restart_decay < 1
+                    else ""
+                )
                 if targets and self.restarts and self.restart_close > 0
                 else ""
             )
@@ -812,12 +829,15 @@ class _Cascade:
         points, targets = near.nonzero(as_tuple=True)
         return points, targets
 
-    def restart_on_boundary(self, *, close: float, restarts: int, steps: int) -> None:
+    def restart_on_boundary(self, *, close: float, restarts: int, steps: int, decay: float = 1.0) -> None:
         """APGD-CE and targeted APGD with fresh random starts, ``restarts`` times: APGD-CE on each point of
         :meth:`boundary_pairs`, targeted APGD on each of its pairs (on the model as given, as AutoAttack runs
         them). AutoAttack's own runs break such points by the luck of their start (on the zoo, one APGD-CE
         start breaks some of them 15% of the time), so they get more starts than AutoAttack gives them. A
-        point's starts end once it is broken."""
+        point's starts end once it is broken. With ``decay`` < 1, start ``k`` (from 0) goes only to the pairs
+        whose gap, over every example so far, came within ``close * decay**k`` of its clean gap (A3's
+        discarding, Liu et al. 2022: starts are spent where the boundary is nearest); a point's APGD-CE start
+        goes with its pairs."""
         points, targets = self.boundary_pairs(close)
         started = time.perf_counter()
         entry = {
@@ -825,18 +845,22 @@ class _Cascade:
             "attacked": len(set(points.tolist())),
             "points": sorted({int(self.points[point]) for point in points}),
             "pairs": [[int(self.points[point]), int(target)] for point, target in zip(points, targets)],
-            "why": f"a target's gap came within {close:g} x its clean gap",
+            "why": f"a target's gap came within {close:g} x its clean gap"
+            + (f", after restart k within {close:g} x {decay:g}^k" if decay < 1 else ""),
         }
-        near = torch.zeros_like(self.robust)
-        near[points] = True
         before = int(self.robust.sum())
-        runs = 0
+        runs, pairs_per_restart, broken_per_restart = 0, [], []
         for restart in range(restarts):
-            alive = self.robust[points]
-            points, targets = points[alive], targets[alive]
+            ratio = self.closest_gaps / self.clean_gaps.clamp_min(1e-12)
+            kept = self.robust[points] & (ratio[points, targets] <= close * decay**restart)
+            points, targets = points[kept], targets[kept]
             if len(points) == 0:
                 break
             runs += 1
+            alive_before = int(self.robust.sum())
+            pairs_per_restart.append(len(points))
+            near = torch.zeros_like(self.robust)
+            near[points] = True
             seed = self.seed + 1 + restart
             untargeted = self._apgd(self.given, steps=steps, seed=seed)
             self._on_survivors(lambda x, y, _, untargeted=untargeted: _single_run(untargeted, x, y), near, self.given)
@@ -849,13 +873,20 @@ class _Cascade:
                 adversarial, highest = _single_run(apgd, x, y, aimed.to(self.device))
                 with torch.no_grad():
                     for candidate in (adversarial, highest):
-                        # A point may stand in several pairs of the batch: any example that fools the model will do.
-                        fooled = (label_margins(self.given(candidate.detach()), y).cpu() < 0) & self.robust[picked]
+                        output = self.given(candidate.detach()).cpu()
+                        gaps = output.gather(1, y.cpu().view(-1, 1)) - output
+                        # A point may stand in several pairs of the batch: the lowest gap of each counts.
+                        self.closest_gaps.index_reduce_(0, picked, gaps, "amin")
+                        # Any example that fools the model will do.
+                        fooled = (label_margins(output, y.cpu()) < 0) & self.robust[picked]
                         self.robust[picked[fooled]] = False
                         self.adversarial[picked[fooled]] = candidate.detach().cpu()[fooled]
+            broken_per_restart.append(alive_before - int(self.robust.sum()))
         entry.update(
             broken=before - int(self.robust.sum()),
             restarts_run=runs,
+            pairs_per_restart=pairs_per_restart,
+            broken_per_restart=broken_per_restart,
             seconds=round(time.perf_counter() - started, 3),
         )
         self.accuracies["boundary restarts"] = self.robust.float().mean().item()

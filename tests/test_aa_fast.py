@@ -207,6 +207,8 @@ def test_aa_fast_respects_the_active_mask_and_bad_options():
         {"steps": 0},
         {"escalate": "yes"},
         {"escalate_above": 1.5},
+        {"restart_decay": 0},
+        {"restart_decay": 1.5},
     ):
         with pytest.raises(ConfigError, match="aa-fast"):
             create_attack("aa-fast", **options)
@@ -323,6 +325,24 @@ def test_boundary_restarts_go_to_the_targets_whose_gap_came_near_zero():
     points, targets = cascade.boundary_pairs(0.05)
     assert list(zip(points.tolist(), targets.tolist())) == [(0, t0)]
     assert cascade.boundary_pairs(0.2)[0].tolist() == [0, 1]
+
+
+def test_restart_decay_spends_the_later_restarts_on_the_pairs_nearest_the_boundary():
+    """With ``decay`` < 1, start k goes only to the pairs whose gap came within ``close * decay**k`` of its
+    clean gap (A3's discarding); with ``decay`` 1 every pair gets every start. At an eps far too small to
+    break anything, the restarts' own examples leave the gaps where they were set."""
+    for decay, expected in ((0.5, [2, 1, 1, 1]), (1.0, [2, 2, 2, 2])):
+        cascade, labels = linear_cascade(2)
+        cascade.eps = 1e-6
+        clean = cascade.clean_gaps.clone()
+        t0, t1 = (int((labels[point] + 1) % clean.shape[1]) for point in range(2))
+        cascade.closest_gaps[0, t0] = 0.01 * clean[0, t0]  # within 0.15 * 0.5**3: every start
+        cascade.closest_gaps[1, t1] = 0.12 * clean[1, t1]  # within 0.15, not within 0.075: the first start only
+        cascade.restart_on_boundary(close=0.15, restarts=4, steps=5, decay=decay)
+        entry = cascade.statistics[-1]
+        assert entry["pairs_per_restart"] == expected and entry["restarts_run"] == 4, (decay, entry)
+        assert entry["broken"] == 0 and entry["broken_per_restart"] == [0] * 4 and cascade.robust.all()
+        assert ("0.5^k" in entry["why"]) == (decay < 1)
 
 
 def test_fab_restarts_go_to_the_targets_whose_fab_t_example_lay_near_the_ball(monkeypatch):
