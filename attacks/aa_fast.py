@@ -765,11 +765,12 @@ class _Cascade:
             "why": f"FAB-T's example against the target lay within {near:g} x eps",
         }
         ranked = self._ranked_by_given(points)
-        runs = 0
+        runs, broken_per_restart = 0, []
         for restart in range(restarts):
             if not (pairs & self.robust.view(-1, 1)).any():
                 break
             runs += 1
+            alive_before = int(self.robust.sum())
             fab = FABAttack_PT(
                 self.given,
                 norm=self.norm,
@@ -795,8 +796,12 @@ class _Cascade:
                     chosen,
                     self.given,
                 )
+            broken_per_restart.append(alive_before - int(self.robust.sum()))
         entry.update(
-            broken=before - int(self.robust.sum()), restarts_run=runs, seconds=round(time.perf_counter() - started, 3)
+            broken=before - int(self.robust.sum()),
+            restarts_run=runs,
+            broken_per_restart=broken_per_restart,
+            seconds=round(time.perf_counter() - started, 3),
         )
         self.accuracies["fab restarts"] = self.robust.float().mean().item()
         self.statistics.append(entry)

@@ -373,7 +373,7 @@ def test_fab_restarts_go_to_the_targets_whose_fab_t_example_lay_near_the_ball(mo
     ranked = cascade._ranked_by_given(torch.tensor([0]))
     rank = int((ranked[0] == t0).nonzero())
     assert calls == [(seed, rank + 1, 1, True) for seed in (1, 2, 3)]
-    assert entry["broken"] == 0 and bool(cascade.robust[0])
+    assert entry["broken"] == 0 and entry["broken_per_restart"] == [0, 0, 0] and bool(cascade.robust[0])
     # Nothing near: no stage entry at all.
     cascade.fab_sizes.fill_(float("inf"))
     cascade.restart_fab(near=1.2, restarts=3, steps=10)
