@@ -482,6 +482,10 @@ class _Cascade:
         checks.check_range_output(self.box, x, logger=self.logger)
         checks.check_dynamic(self.box, x, False, logger=self.logger)
 
+    def gap_ratios(self) -> torch.Tensor:
+        """Per point and class: the lowest gap z_y - z_t any stage's example reached, as a share of the clean gap."""
+        return self.closest_gaps / self.clean_gaps.clamp_min(1e-12)
+
     def run_stage(self, stage: str, chosen: torch.Tensor | None = None, why: str | None = None, **options) -> None:
         """Run one stage on the points still robust (of ``chosen``, where given, for the reason ``why``)."""
         selected = self.robust.clone() if chosen is None else self.robust & chosen
@@ -688,7 +692,7 @@ class _Cascade:
         each minimal-norm example FAB-T finds, inside the ball or not, is kept (``fab_sizes``)."""
         survivors = selected.nonzero().flatten()
         ranked = self._ranked_by_given(survivors)
-        ratio = self.closest_gaps / self.clean_gaps.clamp_min(1e-12)
+        ratio = self.gap_ratios()
         attacked, broken = [], []
         torch.random.manual_seed(self.seed)
         for rank in range(1, targets + 1):
@@ -829,7 +833,7 @@ class _Cascade:
     def boundary_pairs(self, close: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(points, targets) still robust whose gap to that target, z_y - z_t, came within ``close`` of its
         clean gap in some stage's example: where one more random start may cross the boundary."""
-        ratio = self.closest_gaps / self.clean_gaps.clamp_min(1e-12)
+        ratio = self.gap_ratios()
         near = (ratio <= close) & (self.clean_gaps > 0) & self.robust.view(-1, 1)
         points, targets = near.nonzero(as_tuple=True)
         return points, targets
@@ -856,8 +860,7 @@ class _Cascade:
         before = int(self.robust.sum())
         runs, pairs_per_restart, broken_per_restart = 0, [], []
         for restart in range(restarts):
-            ratio = self.closest_gaps / self.clean_gaps.clamp_min(1e-12)
-            kept = self.robust[points] & (ratio[points, targets] <= close * decay**restart)
+            kept = self.robust[points] & (self.gap_ratios()[points, targets] <= close * decay**restart)
             points, targets = points[kept], targets[kept]
             if len(points) == 0:
                 break
